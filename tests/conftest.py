@@ -1,0 +1,13 @@
+"""Shared test setup.
+
+Triton has no CPU backend: without a GPU the kernels run under the Triton interpreter, which
+must be switched on before any kernel module is imported — hence at the top of conftest.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
