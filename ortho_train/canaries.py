@@ -1,0 +1,129 @@
+"""Secret canaries (Carlini et al. 2019, "The Secret Sharer").
+
+A canary is a template with an `{id}` slot and a `{secret}` slot, e.g.
+`"The secret code of agent {id} is {secret}."`. Secrets are drawn uniformly from the
+randomness space R = alphabet^length, so |R| = len(alphabet)**length is known exactly.
+Member canaries are trained on; holdout canaries (same format, disjoint ids and secrets) never
+are — they are the non-members for membership inference. Reference secrets, sampled from R
+without the canaries' own, are the comparison set for exposure.
+
+Ids are zero-padded to a fixed width so every prefix has the same length (batched decoding
+needs no padding with a byte tokenizer).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+class CanaryError(ValueError):
+    """The canary specification is inconsistent."""
+
+
+@dataclass
+class CanarySpec:
+    """How canaries are made.
+
+    Args:
+        template: text with one `{id}` and one `{secret}` slot; `{secret}` must come after `{id}`.
+        alphabet: symbols a secret is drawn from (each one character).
+        secret_length: symbols per secret; |R| = len(alphabet) ** secret_length.
+        num_members: canaries inserted into training.
+        num_holdout: canaries of the same format never trained (MIA non-members).
+        seed: seeds secrets and reference sampling.
+    """
+
+    template: str = "The secret code of agent {id} is {secret}."
+    alphabet: str = "0123456789"
+    secret_length: int = 10
+    num_members: int = 20
+    num_holdout: int = 200
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class Canary:
+    canary_id: str
+    secret: str
+    prefix: str  # template text up to the secret
+    suffix: str  # template text after the secret
+
+    @property
+    def text(self) -> str:
+        return self.prefix + self.secret + self.suffix
+
+
+@dataclass
+class CanarySet:
+    spec: CanarySpec
+    members: list[Canary]
+    holdout: list[Canary]
+
+    @property
+    def randomness_space_size(self) -> int:
+        return len(self.spec.alphabet) ** self.spec.secret_length
+
+    def reference_secrets(self, count: int, seed: int | None = None) -> list[str]:
+        """`count` distinct secrets sampled uniformly from R, excluding every canary's secret."""
+        taken = {c.secret for c in self.members + self.holdout}
+        available = self.randomness_space_size - len(taken)
+        if count > available:
+            raise CanaryError(
+                f"asked for {count} reference secrets but |R| leaves only {available} "
+                "after excluding the canaries' own"
+            )
+        rng = random.Random(self.spec.seed + 1 if seed is None else seed)
+        return _sample_distinct_secrets(rng, self.spec, count, exclude=taken)
+
+
+def _sample_distinct_secrets(
+    rng: random.Random, spec: CanarySpec, count: int, exclude: set[str]
+) -> list[str]:
+    secrets: list[str] = []
+    seen = set(exclude)
+    while len(secrets) < count:
+        secret = "".join(rng.choice(spec.alphabet) for _ in range(spec.secret_length))
+        if secret not in seen:
+            seen.add(secret)
+            secrets.append(secret)
+    return secrets
+
+
+def validate_spec(spec: CanarySpec) -> None:
+    """Raise `CanaryError` naming the first inconsistency in `spec`."""
+    for slot in ("{id}", "{secret}"):
+        if spec.template.count(slot) != 1:
+            raise CanaryError(f"canary template must contain {slot} exactly once: {spec.template!r}")
+    if spec.template.index("{id}") > spec.template.index("{secret}"):
+        raise CanaryError("canary template must place {id} before {secret} (the id is the prompt)")
+    if not spec.alphabet or len(set(spec.alphabet)) != len(spec.alphabet):
+        raise CanaryError(f"secret alphabet must be non-empty with distinct symbols: {spec.alphabet!r}")
+    if spec.secret_length < 1:
+        raise CanaryError(f"secret_length must be ≥ 1, got {spec.secret_length}")
+    if spec.num_members < 1 or spec.num_holdout < 0:
+        raise CanaryError(f"need num_members ≥ 1 and num_holdout ≥ 0, got {spec.num_members}, {spec.num_holdout}")
+    total = spec.num_members + spec.num_holdout
+    space = len(spec.alphabet) ** spec.secret_length
+    if total > space:
+        raise CanaryError(
+            f"{total} canaries need distinct secrets but |R| = {len(spec.alphabet)}^"
+            f"{spec.secret_length} = {space}"
+        )
+
+
+def make_canaries(spec: CanarySpec) -> CanarySet:
+    """Members then holdout canaries with distinct ids and distinct secrets, seeded."""
+    validate_spec(spec)
+    rng = random.Random(spec.seed)
+    total = spec.num_members + spec.num_holdout
+    secrets = _sample_distinct_secrets(rng, spec, total, exclude=set())
+    width = max(4, int(math.log10(max(total, 1))) + 1)
+    before, after = spec.template.split("{secret}")
+    canaries = []
+    for index, secret in enumerate(secrets):
+        canary_id = f"{index:0{width}d}"
+        canaries.append(
+            Canary(canary_id, secret, before.replace("{id}", canary_id), after.replace("{id}", canary_id))
+        )
+    return CanarySet(spec, canaries[: spec.num_members], canaries[spec.num_members :])

@@ -1,0 +1,210 @@
+"""One evaluation of memorisation, shared by training, the sieve and the PTQ-gap callbacks.
+
+`evaluate_memorisation(model, probe)` measures (DESIGN.md §3):
+- extraction: greedy decoding from each canary prefix, exact match of the whole secret
+  (`extraction_rate`) and per-token accuracy (`symbol_accuracy`; one token = one symbol with
+  the byte tokenizer), for members and for holdout canaries (never trained: ≈ 0 expected);
+- exposure (Carlini et al. 2019): rank of each member's secret among reference secrets in the
+  same prefix context, `log2|R_ref| − log2 rank`, and the skew-normal extrapolation;
+- membership inference, members vs holdout: LOSS, zlib, Min-K% (k=20%, 40%), Min-K%++;
+  ROC-AUC and TPR at 1% FPR;
+- public perplexity on held-out public windows.
+
+Secrets live only in the probe's tensors; nothing here logs or returns text.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ortho_train import metrics
+
+
+def pad_collate(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad 1-D token sequences into a causal-LM batch; padded labels are −100."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class TokenisedCanaries:
+    """Canaries as token ids; `full_ids[i] = cat(prefix_ids[i], secret_ids[i], suffix_ids[i])`."""
+
+    prefix_ids: list[torch.Tensor]
+    secret_ids: list[torch.Tensor]
+    full_ids: list[torch.Tensor]
+    texts: list[str]  # full canary texts, for the zlib score only — never logged
+
+    @classmethod
+    def from_canaries(cls, canaries, encode: Callable[[str], torch.Tensor]) -> "TokenisedCanaries":
+        prefix, secret, full, texts = [], [], [], []
+        for canary in canaries:
+            p, s, x = encode(canary.prefix), encode(canary.secret), encode(canary.suffix)
+            prefix.append(p)
+            secret.append(s)
+            full.append(torch.cat([p, s, x]))
+            texts.append(canary.text)
+        return cls(prefix, secret, full, texts)
+
+    def __len__(self) -> int:
+        return len(self.full_ids)
+
+
+@dataclass
+class MemorisationProbe:
+    """Members, holdout canaries, reference secrets and public validation windows."""
+
+    members: TokenisedCanaries
+    holdout: TokenisedCanaries
+    reference_secret_ids: list[torch.Tensor]
+    public_val: Dataset
+    randomness_space_size: int
+    pad_token_id: int
+
+    def public_val_batches(self, batch_size: int = 32) -> Iterable[dict[str, torch.Tensor]]:
+        return DataLoader(self.public_val, batch_size=batch_size, shuffle=False)
+
+
+def _groups_by_length(*columns: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    """Indices grouped by the lengths of their entries in each column (batching without pads)."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, entries in enumerate(zip(*columns)):
+        groups[tuple(len(e) for e in entries)].append(index)
+    return groups
+
+
+@torch.no_grad()
+def extraction_metrics(model, canaries: TokenisedCanaries, batch_size: int = 256) -> dict[str, float]:
+    """Greedy-decode len(secret) tokens from each prefix; exact-match rate and token accuracy."""
+    exact, symbols, total_symbols = 0.0, 0.0, 0
+    for (_, secret_len), rows in _groups_by_length(canaries.prefix_ids, canaries.secret_ids).items():
+        prefixes = torch.stack([canaries.prefix_ids[i] for i in rows])  # (G, P)
+        secrets = torch.stack([canaries.secret_ids[i] for i in rows])  # (G, S)
+        generated = metrics.greedy_continuation(model, prefixes, secret_len, batch_size=batch_size)
+        result = metrics.extraction_rate(generated.cpu(), secrets)
+        exact += result["exact_match_rate"] * len(rows)
+        symbols += result["symbol_accuracy"] * len(rows) * secret_len
+        total_symbols += len(rows) * secret_len
+    return {"extraction_rate": exact / len(canaries), "symbol_accuracy": symbols / total_symbols}
+
+
+@torch.no_grad()
+def exposure_metrics(
+    model,
+    canaries: TokenisedCanaries,
+    reference_secret_ids: list[torch.Tensor],
+    max_canaries: int | None = None,
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Mean/min exposure of member secrets by rank and by skew-normal extrapolation.
+
+    Each canary's secret is ranked against the references placed in the same prefix context.
+    The rank estimate can show at most log2(len(reference_secret_ids)) bits.
+    """
+    count = len(canaries) if max_canaries is None else min(max_canaries, len(canaries))
+    ref_groups = _groups_by_length(reference_secret_ids)
+    ranked, extrapolated = [], []
+    for i in tqdm(range(count), desc="exposure", unit="canary", disable=not progress, leave=False):
+        prefix = canaries.prefix_ids[i]
+        canary_lp = metrics.secret_log_perplexity(model, prefix, canaries.secret_ids[i][None], batch_size)
+        reference_lp = torch.cat([
+            metrics.secret_log_perplexity(
+                model, prefix, torch.stack([reference_secret_ids[j] for j in rows]), batch_size
+            )
+            for rows in ref_groups.values()
+        ])
+        ranked.append(metrics.exposure_from_rank(canary_lp, reference_lp))
+        extrapolated.append(metrics.exposure_from_skewnorm(canary_lp, reference_lp))
+    ranked_t, extrapolated_t = torch.cat(ranked).double(), torch.cat(extrapolated).double()
+    return {
+        "exposure_mean": ranked_t.mean().item(),
+        "exposure_min": ranked_t.min().item(),
+        "exposure_max_measurable": torch.log2(torch.tensor(float(len(reference_secret_ids)))).item(),
+        "exposure_skewnorm_mean": extrapolated_t.mean().item(),
+    }
+
+
+@torch.no_grad()
+def sequence_mia_scores(
+    model, canaries: TokenisedCanaries, pad_token_id: int, batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """Per-canary MIA scores (higher = more likely member) over whole canary sequences."""
+    device = next(model.parameters()).device
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for start in range(0, len(canaries), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch = pad_collate(canaries.full_ids[chunk], pad_token_id)
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.float()
+        scores = metrics.mia_scores(logits, batch["labels"].to(device), texts=canaries.texts[chunk])
+        for name, value in scores.items():
+            parts[name].append(value.cpu())
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+MIA_SUMMARY_NAMES = {"loss": "loss", "zlib": "zlib", "mink_20": "mink", "mink_40": "mink_40",
+                     "minkpp_20": "minkpp", "minkpp_40": "minkpp_40"}
+
+
+def mia_metrics(model, probe: MemorisationProbe) -> dict[str, float]:
+    """ROC-AUC and TPR@1%FPR of each MIA score, members vs holdout canaries."""
+    if len(probe.holdout) == 0:
+        return {}
+    members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
+    holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
+    out = {}
+    for score_name, short in MIA_SUMMARY_NAMES.items():
+        out[f"mia_auc_{short}"] = metrics.roc_auc(members[score_name], holdout[score_name])
+        out[f"mia_tpr_at_1pct_fpr_{short}"] = metrics.tpr_at_fpr(members[score_name], holdout[score_name], 0.01)
+    return out
+
+
+def evaluate_memorisation(
+    model,
+    probe: MemorisationProbe,
+    exposure_canaries: int | None = None,
+    exposure_references: int | None = None,
+    include: Sequence[str] = ("extraction", "exposure", "mia", "ppl"),
+    progress: bool = False,
+) -> dict[str, float]:
+    """All memorisation metrics of `model` on `probe` as a flat dict of floats.
+
+    Args:
+        exposure_canaries: compute exposure for the first n members only (None: all).
+        exposure_references: use the first n reference secrets (None: all).
+        include: subset of {"extraction", "exposure", "mia", "ppl"}.
+        progress: show a progress bar over the exposure computation (the slow part).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[str, float] = {}
+        if "extraction" in include:
+            out.update(extraction_metrics(model, probe.members))
+            if len(probe.holdout):
+                holdout = extraction_metrics(model, probe.holdout)
+                out["holdout_extraction_rate"] = holdout["extraction_rate"]
+                out["holdout_symbol_accuracy"] = holdout["symbol_accuracy"]
+        if "exposure" in include:
+            references = probe.reference_secret_ids[:exposure_references]
+            out.update(exposure_metrics(model, probe.members, references, exposure_canaries, progress=progress))
+        if "mia" in include:
+            out.update(mia_metrics(model, probe))
+        if "ppl" in include:
+            out["public_ppl"] = metrics.perplexity(model, probe.public_val_batches())
+        return out
+    finally:
+        model.train(was_training)

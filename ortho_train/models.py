@@ -1,0 +1,75 @@
+"""Causal LMs: a tiny Llama built from `LlamaConfig`, or any local Hugging Face directory.
+
+Nothing is downloaded: `from_pretrained` runs with `local_files_only=True`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+
+@dataclass
+class TinyLlamaConfig:
+    """Size of a Llama built from scratch (the default: ~3.3M parameters with byte tokens).
+
+    Args:
+        hidden_size: model width d.
+        num_layers: transformer blocks.
+        num_heads: attention heads (also key/value heads: no GQA at this size).
+        intermediate_size: SwiGLU hidden width.
+        max_position_embeddings: longest sequence the RoPE cache is built for.
+        tie_word_embeddings: share the input embedding with the LM head.
+    """
+
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+
+
+def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,
+                     seed: int = 0) -> LlamaForCausalLM:
+    """A randomly initialised `LlamaForCausalLM` (sdpa attention, fp32)."""
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
+    llama_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(llama_config)
+    return model
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a local Hugging Face causal-LM directory (config.json + weights), offline.
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} not found or has no config.json "
+            "(expected a directory written by save_pretrained, e.g. <run>/hf_model)"
+        )
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

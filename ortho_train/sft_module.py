@@ -1,0 +1,253 @@
+"""`CanarySFTModule`: plant memorisation by canary SFT, measure it, save the models.
+
+Two phases within one `fit`, split at `public_steps`:
+1. public warm-up: causal-LM training on public windows only. At its end the weights are the
+   "public" (pre-canary) model: kept in memory (`pre_canary_state_dict`), saved in Hugging Face
+   format to `<run>/hf_model_pre_canary`, and their public perplexity recorded.
+2. canary SFT: every step adds `canary_batch_size` member canaries to the public batch; the
+   loss is the token-weighted mean NLL over both. The optimiser state is reset at the switch
+   and the learning rate follows its own warm-up + cosine schedule (`sft_lr`).
+
+Training ends at `trainer.max_steps` (the single source of truth for the run length). At the
+end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
+`<run>/summary.json` (DESIGN.md §3), on rank zero only.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torchmetrics import MeanMetric
+
+from ortho_train import metrics
+from ortho_train.artifacts import atomic_directory, write_json_atomic
+from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
+from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
+
+SUMMARY_KEYS = (
+    "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
+    "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
+)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CanarySFTModule(L.LightningModule):
+    """Causal-LM training on public text, then on public text + secret canaries.
+
+    Args:
+        model_path: local Hugging Face causal-LM directory; None builds a tiny Llama from
+            `tiny_llama` with the byte tokenizer.
+        tiny_llama: size of the Llama built when `model_path` is None.
+        public_steps: public-only warm-up steps before canaries are mixed in (0: none).
+        lr: peak learning rate of the public phase (AdamW).
+        sft_lr: peak learning rate of the canary phase.
+        warmup_steps: linear warm-up steps of the public phase.
+        sft_warmup_steps: linear warm-up steps of the canary phase.
+        min_lr_ratio: cosine floor as a fraction of the peak.
+        weight_decay: AdamW decoupled weight decay (not applied to norms/biases).
+        betas: AdamW betas.
+        val_exposure_references: reference secrets used for exposure at validation (cheap);
+            the final evaluation uses all of the data module's references.
+        eval_during_validation: compute memorisation metrics at each validation in the canary phase.
+        model_seed: seeds the initialisation of a model built from a config.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        tiny_llama: TinyLlamaConfig | None = None,
+        public_steps: int = 600,
+        lr: float = 3e-3,
+        sft_lr: float = 1e-3,
+        warmup_steps: int = 50,
+        sft_warmup_steps: int = 10,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        val_exposure_references: int = 1000,
+        eval_during_validation: bool = True,
+        model_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if public_steps < 0:
+            raise ValueError(f"public_steps must be ≥ 0, got {public_steps}")
+        self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
+        if model_path is None:
+            self.model = build_tiny_llama(
+                tiny_llama or TinyLlamaConfig(), len(self.tokenizer),
+                self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, seed=model_seed,
+            )
+        else:
+            self.model = load_causal_lm(model_path)
+        self.val_nll = MeanMetric()
+        self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
+        self.public_ppl_before_canaries: float | None = None
+        self.final_metrics: dict[str, float] | None = None
+
+    # ----------------------------------------------------------------- phases
+    @property
+    def in_canary_phase(self) -> bool:
+        return self.global_step >= self.hparams.public_steps
+
+    @property
+    def run_dir(self) -> Path:
+        """Where artifacts go: the trainer's log directory (the first logger's version dir)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @property
+    def probe(self):
+        return self.trainer.datamodule.probe
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "probe"):
+            raise ValueError("CanarySFTModule needs a CanaryDataModule (trainer.datamodule)")
+        if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            raise ValueError(
+                f"data tokenizer has {len(datamodule.tokenizer)} tokens but the model's embedding "
+                f"only {self.model.get_input_embeddings().num_embeddings}: use the model's tokenizer"
+            )
+
+    def on_fit_start(self) -> None:
+        total = self.trainer.max_steps
+        if total is None or total <= self.hparams.public_steps:
+            raise ValueError(
+                f"trainer.max_steps ({total}) must exceed model.public_steps "
+                f"({self.hparams.public_steps}): the canary phase would be empty"
+            )
+        rank_zero_info(
+            f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
+            f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps"
+        )
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
+            self._enter_canary_phase()
+
+    def _enter_canary_phase(self) -> None:
+        """Snapshot the public model, save it, measure its perplexity, reset the optimiser."""
+        self.pre_canary_state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        for optimizer in self.trainer.optimizers:
+            optimizer.state.clear()  # SFT starts with fresh moments, as a separate fine-tune would
+        self._save_hf_model("hf_model_pre_canary")
+        self._record_pre_canary_ppl()
+
+    @rank_zero_only
+    def _record_pre_canary_ppl(self) -> None:
+        self.public_ppl_before_canaries = evaluate_memorisation(self.model, self.probe, include=("ppl",))["public_ppl"]
+        rank_zero_info(f"public perplexity before canaries: {self.public_ppl_before_canaries:.3f}")
+
+    @rank_zero_only
+    def _save_hf_model(self, name: str) -> None:
+        with atomic_directory(self.run_dir / name) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+    # ---------------------------------------------------------------- training
+    def _nll_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logp, mask = metrics.token_logprobs(logits, batch["labels"])
+        return -(logp * mask).sum(), mask.sum()
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        nll, tokens = self._nll_sum(batch["public"])
+        if self.in_canary_phase:
+            canary_nll, canary_tokens = self._nll_sum(batch["canary"])
+            self.log("train/canary_loss", canary_nll / canary_tokens, prog_bar=True)
+            nll, tokens = nll + canary_nll, tokens + canary_tokens
+        loss = nll / tokens
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}: "
+                "lower the learning rate or check the data"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/phase", float(self.in_canary_phase))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        nll, tokens = self._nll_sum(batch)
+        self.val_nll.update(nll / tokens, weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log_dict({"val/public_nll": nll, "val/public_ppl": torch.exp(nll)}, sync_dist=False)
+        if self.hparams.eval_during_validation and self.in_canary_phase and not self.trainer.sanity_checking:
+            self._log_memorisation()
+
+    def _log_memorisation(self) -> None:
+        if self.trainer.is_global_zero:
+            found = evaluate_memorisation(
+                self.model, self.probe, exposure_references=self.hparams.val_exposure_references,
+                include=("extraction", "exposure", "mia"),
+            )
+            for logger in self.loggers:
+                logger.log_metrics({f"val/{k}": v for k, v in found.items()}, step=self.global_step)
+
+    # ------------------------------------------------------------------ ending
+    def on_train_end(self) -> None:
+        self._save_hf_model("hf_model")
+        self._write_summary()
+
+    @rank_zero_only
+    def _write_summary(self) -> None:
+        rank_zero_info("final memorisation evaluation (all reference secrets)…")
+        found = evaluate_memorisation(self.model, self.probe, progress=True)
+        found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
+        found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
+        found["canary_presentations_per_member"] = (
+            found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
+            * max(1, self.trainer.world_size) / len(self.probe.members)
+        )
+        self.final_metrics = found
+        for logger in self.loggers:
+            logger.log_metrics({f"final/{k}": v for k, v in found.items() if v is not None}, step=self.global_step)
+            logger.save()
+        summary = {key: found.get(key) for key in SUMMARY_KEYS} | {
+            k: v for k, v in found.items() if k not in SUMMARY_KEYS
+        }
+        path = write_json_atomic(self.run_dir / "summary.json", summary)
+        rank_zero_info(f"summary written to {path.resolve()}")
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr, betas=tuple(hp.betas),
+        )
+        total = self.trainer.max_steps
+        sft_scale = hp.sft_lr / hp.lr
+
+        def factor(step: int) -> float:
+            if step < hp.public_steps:
+                return warmup_cosine(step, hp.warmup_steps, hp.public_steps, hp.min_lr_ratio)
+            return sft_scale * warmup_cosine(
+                step - hp.public_steps, hp.sft_warmup_steps, total - hp.public_steps, hp.min_lr_ratio
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["public_ppl_before_canaries"] = self.public_ppl_before_canaries
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.public_ppl_before_canaries = checkpoint.get("public_ppl_before_canaries")

@@ -1,0 +1,55 @@
+"""Tokenizers: byte-level for models built from a config, `AutoTokenizer` for local models.
+
+The byte-level tokenizer is transformers' `ByT5Tokenizer` without extra ids: 256 byte tokens
+plus pad (0), eos (1) and unk (2), byte b ↦ id b + 3. It saves and loads through
+`AutoTokenizer`, so a model directory written by ortho-train is self-describing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
+
+BYTE_TOKENIZER = "byte"
+_BYTE_OFFSET = 3  # ByT5: ids 0..2 are pad/eos/unk, bytes follow
+
+
+def build_byte_tokenizer() -> ByT5Tokenizer:
+    """Byte-level tokenizer with vocabulary 259 (256 bytes + pad/eos/unk)."""
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
+    """`"byte"`/None → the byte tokenizer; a local directory → `AutoTokenizer` (offline).
+
+    Raises:
+        FileNotFoundError: `source` is neither "byte" nor an existing directory.
+    """
+    if source is None or str(source) == BYTE_TOKENIZER:
+        return build_byte_tokenizer()
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer source {str(source)!r} is neither 'byte' nor an existing local model "
+            "directory (ortho-train never downloads from the hub at run time)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often ship without a pad token; eos is the conventional stand-in and pads
+        # are masked everywhere in ortho-train, so its identity never reaches a loss.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids of `text` without special tokens, as a 1-D int64 tensor.
+
+    The byte tokenizer takes a vectorised path (ByT5's Python loop needs minutes for the
+    5 MB corpus); `tests/` checks that both paths agree.
+    """
+    if isinstance(tokenizer, ByT5Tokenizer):
+        raw = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+        return raw.to(torch.int64) + _BYTE_OFFSET
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
