@@ -16,7 +16,8 @@ same randomness space. With a reference sample R_ref of such secrets (never trai
   exposure = −log2 CDF(Px(s)), evaluated as −logcdf / ln 2 so it stays finite far in the tail.
 
 Speed: :func:`secret_log_perplexity` runs the shared prefix once and reuses its KV cache for
-every candidate batch, so each candidate costs S − 1 token positions instead of P + S − 1.
+every candidate batch, so each candidate costs at most S − 1 token positions instead of
+P + S − 1; candidates sharing leading tokens share the pass over them.
 """
 from __future__ import annotations
 
@@ -44,6 +45,48 @@ def _candidate_logprob_sum(logits: Tensor, targets: Tensor) -> Tensor:
     return (picked - torch.logsumexp(logits, dim=-1)).sum(dim=-1)
 
 
+def _shared_head_length(rows: Tensor) -> int:
+    """Head length h minimising the tokens fed for sorted rows (b, S): h·#heads + (S−1−h)·b.
+
+    Candidates that share their first h tokens share one forward pass over them (their
+    "head"); the remaining S−1−h tokens are fed per candidate on a copy of the head's cache.
+    """
+    b, secret_len = rows.shape
+    best_h, best_cost = 0, (secret_len - 1) * b
+    for h in range(1, secret_len):
+        n_heads = 1 + int((rows[1:, :h] != rows[:-1, :h]).any(dim=1).sum())
+        cost = h * n_heads + (secret_len - 1 - h) * b
+        if cost < best_cost:
+            best_h, best_cost = h, cost
+    return best_h
+
+
+def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor, rows: Tensor) -> Tensor:
+    """Σ_t log p(s_t | prefix, s_<t) in nats for sorted rows (b, S), reusing the prefix cache."""
+    b, secret_len = rows.shape
+    logp = first_logp[rows[:, 0]]  # (b,) log p(s_1 | prefix)
+    if secret_len == 1:
+        return logp
+    h = _shared_head_length(rows)
+    cache = copy.deepcopy(prefix_cache)  # forward passes append to it in place
+    if h == 0:
+        cache.batch_repeat_interleave(b)
+        logits = model(rows[:, :-1], past_key_values=cache, use_cache=True).logits  # (b, S-1, V)
+        return logp + _candidate_logprob_sum(logits, rows[:, 1:])
+    heads, head_of_row = torch.unique_consecutive(rows[:, :h], dim=0, return_inverse=True)  # (u, h), (b,)
+    cache.batch_repeat_interleave(heads.shape[0])
+    head_logits = model(heads, past_key_values=cache, use_cache=True).logits  # (u, h, V)
+    head_logp = torch.log_softmax(head_logits.float(), dim=-1)  # position j predicts s_{j+2}
+    within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)  # (u,)
+    after_head = head_logp[head_of_row, -1].gather(-1, rows[:, h:h + 1]).squeeze(-1)  # (b,) s_{h+1}
+    logp = logp + within_head[head_of_row] + after_head
+    if h < secret_len - 1:
+        cache.batch_select_indices(head_of_row)  # (u, ...) -> (b, ...)
+        logits = model(rows[:, h:-1], past_key_values=cache, use_cache=True).logits  # (b, S-1-h, V)
+        logp = logp + _candidate_logprob_sum(logits, rows[:, h + 1:])
+    return logp
+
+
 @torch.no_grad()
 def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: Tensor,
                           batch_size: int = 1024, reuse_prefix_cache: bool = True) -> Tensor:
@@ -52,17 +95,24 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     ``Px(s) = −Σ_{t=1..S} log2 p(s_t | prefix, s_<t)`` — the prefix tokens are conditioned on,
     not scored (Carlini et al. 2019, "The Secret Sharer", §3).
 
-    The distribution of s_1 comes from the prefix run, which happens once. With
-    ``reuse_prefix_cache`` the prefix KV cache is copied across each candidate batch
-    (``Cache.batch_repeat_interleave``) and only s_1..s_{S−1} are fed; otherwise the prefix is
-    re-run for every candidate (slower; for models whose cache cannot be copied).
+    How the work is shared (the answer does not depend on it, up to float32 rounding):
+
+    * the prefix runs once; the distribution of s_1 comes from that run;
+    * with ``reuse_prefix_cache`` its KV cache is copied across each candidate batch
+      (``Cache.batch_repeat_interleave``), so a candidate costs S−1 token positions instead of
+      P+S−1 (≈ 4× faster for P=35, S=10);
+    * duplicate candidates are scored once, and the rest are sorted so that candidates sharing
+      their first h tokens share one pass over them; h is picked per batch to minimise the
+      tokens fed (for 10⁴ random 10-digit secrets h = 3, ≈ 30% fewer tokens);
+    * without ``reuse_prefix_cache`` the prefix is re-run for every candidate (for models
+      whose cache cannot be copied).
 
     Args:
         model: Hugging Face style causal LM (``.logits``, ``.past_key_values``).
         prefix_ids: (P,) or (1, P) prefix token ids, P ≥ 1.
         candidate_ids: (R, S) candidate secrets (e.g. the canary and the references).
-        batch_size: candidates per forward pass (see the report in the module tests;
-            ~512–2048 is a good range for a few-million-parameter model on CPU).
+        batch_size: candidates per forward pass; 1024 suits a few-million-parameter model on
+            CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache).
         reuse_prefix_cache: see above.
 
     Returns:
@@ -76,8 +126,9 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     prefix = prefix.to(device)
-    candidates = candidate_ids.to(device)
-    n_candidates, secret_len = candidates.shape
+    # Sorted unique rows: shared heads become contiguous, duplicates are scored once.
+    unique, inverse = torch.unique(candidate_ids.to(device), dim=0, return_inverse=True)  # (U, S)
+    secret_len = unique.shape[1]
 
     was_training = model.training
     model.eval()
@@ -86,24 +137,22 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
         first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) for s_1
         prefix_cache = out.past_key_values if reuse_prefix_cache else None
         del out
-        result = torch.empty(n_candidates, dtype=torch.float64)
-        for start in range(0, n_candidates, batch_size):
-            chunk = candidates[start:start + batch_size]  # (b, S)
-            b = chunk.shape[0]
-            logp = first_logp[chunk[:, 0]]  # (b,)
-            if secret_len > 1:
-                if reuse_prefix_cache:
-                    cache = copy.deepcopy(prefix_cache)  # the forward pass appends to it
-                    cache.batch_repeat_interleave(b)
-                    logits = model(chunk[:, :-1], past_key_values=cache, use_cache=True).logits
-                else:
-                    ids = torch.cat([prefix.expand(b, -1), chunk[:, :-1]], dim=1)  # (b, P+S-1)
-                    logits = model(ids, use_cache=False).logits[:, prefix.shape[1]:]
-                logp = logp + _candidate_logprob_sum(logits, chunk[:, 1:])  # logits (b, S-1, V)
-            result[start:start + b] = (-logp.double() / _LN2).cpu()
+        unique_result = torch.empty(unique.shape[0], dtype=torch.float64)
+        for start in range(0, unique.shape[0], batch_size):
+            rows = unique[start:start + batch_size]  # (b, S)
+            b = rows.shape[0]
+            if reuse_prefix_cache:
+                logp = _chunk_logprob_cached(model, prefix_cache, first_logp, rows)
+            else:
+                logp = first_logp[rows[:, 0]]
+                if secret_len > 1:
+                    ids = torch.cat([prefix.expand(b, -1), rows[:, :-1]], dim=1)  # (b, P+S-1)
+                    logits = model(ids, use_cache=False).logits[:, prefix.shape[1]:]  # (b, S-1, V)
+                    logp = logp + _candidate_logprob_sum(logits, rows[:, 1:])
+            unique_result[start:start + b] = (-logp.double() / _LN2).cpu()
     finally:
         model.train(was_training)
-    return result
+    return unique_result[inverse.cpu()]
 
 
 def exposure_from_rank(canary_logppl, reference_logppl) -> Tensor:

@@ -8,6 +8,7 @@ from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ortho_train.metrics.exposure import (
+    _shared_head_length,
     exposure_from_rank,
     exposure_from_skewnorm,
     fit_skewnorm,
@@ -61,6 +62,31 @@ def test_secret_log_perplexity_matches_brute_force_and_batching():
     # S = 1: only the prefix run is needed.
     single = secret_log_perplexity(model, prefix, candidates[:, :1])
     assert (single - _brute_force_log2_ppl(model, prefix, candidates[:, :1])).abs().max() < 1e-4
+
+
+def test_secret_log_perplexity_with_shared_heads_and_duplicates():
+    # A 2-symbol alphabet: many candidates share their leading tokens, so the shared-head
+    # path is taken; duplicates and the original order must come back intact.
+    model = _tiny_llama(2)
+    gen = torch.Generator().manual_seed(7)
+    candidates = torch.tensor([11, 42])[torch.randint(0, 2, (24, 6), generator=gen)]
+    candidates[5] = candidates[17]
+    rows = torch.unique(candidates, dim=0)
+    assert _shared_head_length(rows) > 0
+    prefix = torch.tensor([3, 9, 27, 17])
+    expected = _brute_force_log2_ppl(model, prefix, candidates)
+    for batch_size in (5, 64):
+        got = secret_log_perplexity(model, prefix, candidates, batch_size=batch_size)
+        err = (got - expected).abs().max().item()
+        assert err < 1e-4, f"batch_size={batch_size}: max |Δ| = {err:.2e} bits"
+    assert got[5] == got[17]
+
+
+def test_shared_head_length_cost_model():
+    # All rows identical: feed everything once as one head (h = S-1).
+    assert _shared_head_length(torch.zeros(8, 4, dtype=torch.long)) == 3
+    # All first tokens distinct: sharing cannot help.
+    assert _shared_head_length(torch.arange(8).unsqueeze(1).repeat(1, 4)) == 0
 
 
 def test_secret_log_perplexity_leaves_prefix_cache_reusable():
