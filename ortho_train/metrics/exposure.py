@@ -61,7 +61,8 @@ def _shared_head_length(rows: Tensor) -> int:
     return best_h
 
 
-def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor, rows: Tensor) -> Tensor:
+def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
+                          rows: Tensor) -> Tensor:
     """Σ_t log p(s_t | prefix, s_<t) in nats for sorted rows (b, S), reusing the prefix cache."""
     b, secret_len = rows.shape
     logp = first_logp[rows[:, 0]]  # (b,) log p(s_1 | prefix)
@@ -73,11 +74,13 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor, ro
         cache.batch_repeat_interleave(b)
         logits = model(rows[:, :-1], past_key_values=cache, use_cache=True).logits  # (b, S-1, V)
         return logp + _candidate_logprob_sum(logits, rows[:, 1:])
-    heads, head_of_row = torch.unique_consecutive(rows[:, :h], dim=0, return_inverse=True)  # (u, h), (b,)
+    # (u, h) distinct heads and, for each of the b rows, the index of its head
+    heads, head_of_row = torch.unique_consecutive(rows[:, :h], dim=0, return_inverse=True)
     cache.batch_repeat_interleave(heads.shape[0])
     head_logits = model(heads, past_key_values=cache, use_cache=True).logits  # (u, h, V)
     head_logp = torch.log_softmax(head_logits.float(), dim=-1)  # position j predicts s_{j+2}
-    within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1).sum(-1)  # (u,)
+    within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, h-1)
+    within_head = within_head.sum(-1)  # (u,) s_2..s_h
     after_head = head_logp[head_of_row, -1].gather(-1, rows[:, h:h + 1]).squeeze(-1)  # (b,) s_{h+1}
     logp = logp + within_head[head_of_row] + after_head
     if h < secret_len - 1:
@@ -210,8 +213,8 @@ def fit_skewnorm(reference_logppl) -> tuple[float, float, float]:
 def _skewnorm_logcdf_quad(z: float, a: float) -> float:
     """log CDF of the standard skew-normal by quadrature in log space (for the far tail).
 
-    With g(t) = log(2 φ(t) Φ(a t)):  log F(z) = g(z) + log ∫_0^∞ exp(g(z−u) − g(z)) du; the
-    integrand is 1 at u = 0 and decays at rate |g'(z)|, so nothing under- or overflows.
+    With g(t) = log(2 φ(t) Φ(a t)):  log F(z) = g(z) + log ∫_0^∞ exp(g(z−u) − g(z)) du;
+    the integrand is 1 at u = 0 and decays at rate |g'(z)|, so nothing under- or overflows.
     """
     def g(t: float) -> float:
         return math.log(2.0) + stats.norm.logpdf(t) + special.log_ndtr(a * t)

@@ -37,12 +37,14 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
     n_prefixes = prefix_ids.shape[0]
     if n_tokens <= 0 or n_prefixes == 0:
         return prefix_ids.new_empty((n_prefixes, max(n_tokens, 0)))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else prefix_ids.device
     was_training = model.training
     model.eval()
     try:
         chunks = []
         for start in range(0, n_prefixes, batch_size):
-            ids = prefix_ids[start:start + batch_size]  # (b, P)
+            ids = prefix_ids[start:start + batch_size].to(device)  # (b, P)
             out = model(ids, use_cache=True)
             cache = out.past_key_values
             step = out.logits[:, -1, :].argmax(dim=-1)  # (b,)

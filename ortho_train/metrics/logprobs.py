@@ -85,7 +85,7 @@ class TokenDistributionStats(NamedTuple):
 
     logp: Tensor  # (B, T-1) log p(x_t) of the actual next token, 0 where masked
     mu: Tensor  # (B, T-1) μ_t = E_{z~p_t}[log p_t(z)], 0 where masked
-    sigma: Tensor  # (B, T-1) σ_t = sqrt(Var_{z~p_t}[log p_t(z)]) clamped at sigma_min, 1 where masked
+    sigma: Tensor  # (B, T-1) σ_t = sqrt(Var_{z~p_t}[log p_t(z)]) ≥ sigma_min, 1 where masked
     mask: Tensor  # (B, T-1) bool
 
 
@@ -111,9 +111,12 @@ def token_distribution_stats(logits: Tensor, labels: Tensor, ignore_index: int =
     logits, target, mask = _shift(logits, labels, ignore_index, attention_mask)
     log_p = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
     p = log_p.exp()
-    finite = p > 0  # p == 0 ⇔ log p = −inf (or underflow): contributes nothing to either sum
-    mu = torch.where(finite, p * log_p, 0.0).sum(-1)  # (B, T-1)
-    centred = torch.where(finite, log_p - mu.unsqueeze(-1), 0.0)  # (B, T-1, V)
+    # p == 0 (log p = −inf, or underflow) contributes nothing to either sum; zeroing log p
+    # first (rather than masking p·log p afterwards) keeps NaN out of the backward pass too.
+    finite = p > 0
+    log_p_safe = torch.where(finite, log_p, 0.0)  # (B, T-1, V)
+    mu = (p * log_p_safe).sum(-1)  # (B, T-1)
+    centred = torch.where(finite, log_p_safe - mu.unsqueeze(-1), 0.0)  # (B, T-1, V)
     var = (p * centred.square()).sum(-1)  # (B, T-1)
     sigma = var.sqrt().clamp(min=sigma_min)
     logp = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)

@@ -39,11 +39,13 @@ from ortho_train.metrics.logprobs import IGNORE_INDEX, token_distribution_stats
 def _lowest_k_mean(values: Tensor, mask: Tensor, k: float) -> Tensor:
     """Mean of the lowest max(1, ⌊k·n_b⌋) masked entries per row; NaN for rows with n_b = 0."""
     n = mask.sum(dim=-1)  # (B,)
+    if values.shape[-1] == 0:
+        return torch.full(n.shape, math.nan, dtype=torch.float64, device=values.device)
     sorted_vals = values.masked_fill(~mask, math.inf).sort(dim=-1).values  # (B, T-1), masked last
     # 1e-9 keeps ⌊0.2·10⌋ = 2 despite binary rounding of k.
     kk = torch.floor(k * n.double() + 1e-9).long().clamp(min=1)  # (B,)
     csum = sorted_vals.double().cumsum(dim=-1)
-    idx = (kk - 1).clamp(max=max(values.shape[-1] - 1, 0)).unsqueeze(-1)
+    idx = (kk - 1).clamp(max=values.shape[-1] - 1).unsqueeze(-1)
     out = csum.gather(-1, idx).squeeze(-1) / kk
     return out.masked_fill(n == 0, math.nan)
 

@@ -53,13 +53,15 @@ def rouge_l_f1(prediction_tokens, reference_tokens) -> float:
 def _as_sequences(ids) -> list[Tensor]:
     if isinstance(ids, Tensor):
         if ids.ndim != 2:
-            raise ValueError(f"expected a (B, L) tensor or a list of 1-D tensors, got {tuple(ids.shape)}")
+            raise ValueError("expected a (B, L) tensor or a list of 1-D tensors, "
+                             f"got {tuple(ids.shape)}")
         return list(ids)
     return [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in ids]
 
 
 def greedy_rouge_l_f1(model: nn.Module, prompt_ids, target_ids, batch_size: int = 64,
-                      max_new_tokens: int | None = None, stop_ids: Sequence[int] = ()) -> list[float]:
+                      max_new_tokens: int | None = None,
+                      stop_ids: Sequence[int] = ()) -> list[float]:
     """Per-example ROUGE-L F1 between the greedy continuation of each prompt and its target.
 
     Prompts may differ in length (a list of 1-D tensors): they are grouped by length and each
@@ -106,7 +108,8 @@ def knowmem(model: nn.Module, question_ids, answer_ids, batch_size: int = 64,
     """KnowMem (MUSE §3): mean ROUGE-L F1 between the greedy answer to each (few-shot
     formatted) question and the true answer; decoding stops at ``stop_ids`` (e.g. newline/EOS).
     """
-    scores = greedy_rouge_l_f1(model, question_ids, answer_ids, batch_size, max_new_tokens, stop_ids)
+    scores = greedy_rouge_l_f1(model, question_ids, answer_ids, batch_size, max_new_tokens,
+                               stop_ids)
     return sum(scores) / len(scores)
 
 
@@ -116,8 +119,9 @@ def privleak(auc_unlearned: float, auc_reference: float | None) -> float:
     Both AUCs come from the same MIA (MUSE: Min-40% on forget vs holdout); ``AUC_ref`` from a
     reference (retrained) model that never saw the forget set. ≈ 0 is ideal; positive means
     the forget set still looks member-like (under-unlearning), negative means it looks less
-    member-like than a never-trained model would make it (over-unlearning). Raises ``ValueError`` without a real reference: substituting 0.5
-    would silently report a number that measures nothing.
+    member-like than a never-trained model would make it (over-unlearning). Raises
+    ``ValueError`` without a real reference: substituting 0.5 would silently report a number
+    that measures nothing.
     """
     if auc_reference is None or not math.isfinite(auc_reference) or auc_reference <= 0:
         raise ValueError(f"privleak needs the AUC of a reference model that never saw the forget "

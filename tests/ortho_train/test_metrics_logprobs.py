@@ -85,8 +85,11 @@ def test_token_distribution_stats_degenerate_distributions():
     logits[0, 0] = torch.tensor([0.0, -math.inf, -math.inf, 1.0])  # banned tokens: no NaN
     logits[0, 1] = torch.tensor([200.0, 0.0, 0.0, 0.0])  # one-hot: σ clamped, not 0
     labels = torch.tensor([[0, 3, 0]])
+    logits.requires_grad_()
     stats = token_distribution_stats(logits, labels, sigma_min=1e-6)
     assert torch.isfinite(stats.mu).all() and torch.isfinite(stats.sigma).all()
+    (stats.mu[0, 0] + stats.sigma[0, 0]).backward()
+    assert torch.isfinite(logits.grad).all(), logits.grad
     assert stats.sigma[0, 1].item() == pytest.approx(1e-6)
     p = torch.softmax(torch.tensor([0.0, 1.0], dtype=torch.float64), 0)
     assert stats.mu[0, 0].item() == pytest.approx((p * p.log()).sum().item(), abs=1e-6)

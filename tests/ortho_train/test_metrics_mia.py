@@ -135,7 +135,8 @@ def test_tpr_at_fpr_known_value():
 
 
 def test_mia_report_keys_and_values():
-    members = {"loss": torch.linspace(1, 2, 20), "mink_20": torch.zeros(20), "only_here": torch.ones(20)}
+    members = {"loss": torch.linspace(1, 2, 20), "mink_20": torch.zeros(20),
+               "only_here": torch.ones(20)}
     nonmembers = {"loss": torch.linspace(-2, -1, 200), "mink_20": torch.zeros(200)}
     report = mia_report(members, nonmembers)
     assert report == {"auc_loss": 1.0, "tpr@1%fpr_loss": 1.0,
