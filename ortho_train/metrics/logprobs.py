@@ -118,7 +118,7 @@ def token_distribution_stats(logits: Tensor, labels: Tensor, ignore_index: int =
     mu = (p * log_p_safe).sum(-1)  # (B, T-1)
     centred = torch.where(finite, log_p_safe - mu.unsqueeze(-1), 0.0)  # (B, T-1, V)
     var = (p * centred.square()).sum(-1)  # (B, T-1)
-    sigma = var.sqrt().clamp(min=sigma_min)
+    sigma = var.clamp(min=sigma_min**2).sqrt()  # clamp first: sqrt'(0) = inf would NaN the grads
     logp = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return TokenDistributionStats(
         logp=logp.masked_fill(~mask, 0.0),
