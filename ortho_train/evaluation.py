@@ -14,6 +14,7 @@ Secrets live only in the probe's tensors; nothing here logs or returns text.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -105,34 +106,45 @@ def exposure_metrics(
     canaries: TokenisedCanaries,
     reference_secret_ids: list[torch.Tensor],
     max_canaries: int | None = None,
+    skewnorm_references: int = 1000,
     batch_size: int = 1024,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Mean/min exposure of member secrets by rank and by skew-normal extrapolation.
+    """Exposure of member secrets: exact rank against all references, and skew-normal.
 
-    Each canary's secret is ranked against the references placed in the same prefix context.
-    The rank estimate can show at most log2(len(reference_secret_ids)) bits.
+    Each canary's secret is ranked against the references placed in the same prefix context
+    (branch-and-bound count, exact); the rank estimate shows at most log2(#references) bits.
+    The skew-normal extrapolation is fitted to the first `skewnorm_references` references,
+    scored in full.
     """
     count = len(canaries) if max_canaries is None else min(max_canaries, len(canaries))
     ref_groups = _groups_by_length(reference_secret_ids)
+    fit_groups = _groups_by_length(reference_secret_ids[:skewnorm_references])
     ranked, extrapolated = [], []
     for i in tqdm(range(count), desc="exposure", unit="canary", disable=not progress, leave=False):
         prefix = canaries.prefix_ids[i]
         canary_lp = metrics.secret_log_perplexity(model, prefix, canaries.secret_ids[i][None], batch_size)
-        reference_lp = torch.cat([
+        below = sum(
+            metrics.count_references_below(
+                model, prefix, canary_lp.item(), torch.stack([reference_secret_ids[j] for j in rows]),
+                batch_size=batch_size,
+            )
+            for rows in ref_groups.values()
+        )
+        ranked.append(metrics.exposure_from_count(below, len(reference_secret_ids)))
+        fit_lp = torch.cat([
             metrics.secret_log_perplexity(
                 model, prefix, torch.stack([reference_secret_ids[j] for j in rows]), batch_size
             )
-            for rows in ref_groups.values()
+            for rows in fit_groups.values()
         ])
-        ranked.append(metrics.exposure_from_rank(canary_lp, reference_lp))
-        extrapolated.append(metrics.exposure_from_skewnorm(canary_lp, reference_lp))
-    ranked_t, extrapolated_t = torch.cat(ranked).double(), torch.cat(extrapolated).double()
+        extrapolated.append(metrics.exposure_from_skewnorm(canary_lp, fit_lp).item())
+    ranked_t = torch.tensor(ranked, dtype=torch.float64)
     return {
         "exposure_mean": ranked_t.mean().item(),
         "exposure_min": ranked_t.min().item(),
-        "exposure_max_measurable": torch.log2(torch.tensor(float(len(reference_secret_ids)))).item(),
-        "exposure_skewnorm_mean": extrapolated_t.mean().item(),
+        "exposure_max_measurable": math.log2(len(reference_secret_ids)),
+        "exposure_skewnorm_mean": sum(extrapolated) / len(extrapolated),
     }
 
 

@@ -95,6 +95,7 @@ class CanarySFTModule(L.LightningModule):
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None
         self.final_metrics: dict[str, float] | None = None
+        self._run_dir: Path | None = None
 
     # ----------------------------------------------------------------- phases
     @property
@@ -103,8 +104,14 @@ class CanarySFTModule(L.LightningModule):
 
     @property
     def run_dir(self) -> Path:
-        """Where artifacts go: the trainer's log directory (the first logger's version dir)."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """Where artifacts go: the trainer's log directory (the first logger's version dir).
+
+        Resolved once at fit start on every rank: `trainer.log_dir` is a collective
+        (broadcast from rank zero), so it must not be called inside rank-zero-only code.
+        """
+        if self._run_dir is None:
+            raise RuntimeError("run_dir is known once fit has started")
+        return self._run_dir
 
     @property
     def probe(self):
@@ -121,6 +128,7 @@ class CanarySFTModule(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         total = self.trainer.max_steps
         if total is None or total <= self.hparams.public_steps:
             raise ValueError(
@@ -184,7 +192,8 @@ class CanarySFTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         nll = self.val_nll.compute()
         self.val_nll.reset()
-        self.log_dict({"val/public_nll": nll, "val/public_ppl": torch.exp(nll)}, sync_dist=False)
+        # MeanMetric.compute() already reduced across ranks; sync_dist averages equal values.
+        self.log_dict({"val/public_nll": nll, "val/public_ppl": torch.exp(nll)}, sync_dist=True)
         if self.hparams.eval_during_validation and self.in_canary_phase and not self.trainer.sanity_checking:
             self._log_memorisation()
 

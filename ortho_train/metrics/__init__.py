@@ -4,6 +4,8 @@ Log-prob helpers shared with the unlearning losses, perplexity, extraction, expo
 membership inference and MUSE-style VerbMem/KnowMem/PrivLeak. See DESIGN.md §3.
 """
 from ortho_train.metrics.exposure import (
+    count_references_below,
+    exposure_from_count,
     exposure_from_rank,
     exposure_from_skewnorm,
     fit_skewnorm,
@@ -34,6 +36,8 @@ __all__ = [
     "IGNORE_INDEX",
     "TokenDistributionStats",
     "bits_per_token",
+    "count_references_below",
+    "exposure_from_count",
     "exposure_from_rank",
     "exposure_from_skewnorm",
     "extraction_rate",

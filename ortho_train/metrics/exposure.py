@@ -257,3 +257,47 @@ def exposure_from_skewnorm(canary_logppl, reference_logppl,
     """
     a, loc, scale = params if params is not None else fit_skewnorm(reference_logppl)
     return torch.from_numpy(-skewnorm_logcdf(canary_logppl, a, loc, scale) / _LN2)
+
+
+@torch.no_grad()
+def count_references_below(model: nn.Module, prefix_ids: Tensor, canary_logppl: float,
+                           reference_ids: Tensor, levels: tuple[int, ...] = (2, 4),
+                           batch_size: int = 1024, margin_bits: float = 1e-3) -> int:
+    """``#{r : Px(r) < Px(canary)}`` exactly, by branch and bound over secret prefixes.
+
+    Px is a sum of non-negative per-token terms, so a reference whose first h tokens already
+    cost more than the canary's whole secret can never rank below it. At each level h the
+    distinct h-token heads of the surviving references are scored (few: ≤ |alphabet|^h) and
+    references whose head exceeds ``Px(canary) + margin_bits`` are dropped; the survivors are
+    scored in full. A memorised canary (Px ≈ 0) prunes nearly everything at h = 2, which makes
+    the rank against 10⁴ references ~50× cheaper than scoring them all; an unmemorised one
+    costs at most the full scoring plus the (small) head passes. ``margin_bits`` absorbs
+    float32 rounding between the head and full passes, so pruning never changes the count.
+
+    Args:
+        prefix_ids: (P,) prefix the secrets follow.
+        canary_logppl: Px(canary) in bits (from :func:`secret_log_perplexity`).
+        reference_ids: (R, S) reference secrets.
+
+    Returns:
+        The number of references strictly more likely than the canary; use
+        :func:`exposure_from_count` for the exposure.
+    """
+    survivors = reference_ids
+    for h in levels:
+        if h >= survivors.shape[1] or survivors.shape[0] == 0:
+            break
+        heads, head_of_row = torch.unique(survivors[:, :h], dim=0, return_inverse=True)  # (u, h)
+        head_cost = secret_log_perplexity(model, prefix_ids, heads, batch_size)  # (u,) bits
+        survivors = survivors[head_cost[head_of_row] <= canary_logppl + margin_bits]
+    if survivors.shape[0] == 0:
+        return 0
+    full = secret_log_perplexity(model, prefix_ids, survivors, batch_size)
+    return int((full < canary_logppl).sum())
+
+
+def exposure_from_count(count_below: int, num_references: int) -> float:
+    """``log2|R_ref| − log2(1 + count_below)``: :func:`exposure_from_rank` given the count."""
+    if num_references < 1 or not 0 <= count_below <= num_references:
+        raise ValueError(f"need 0 ≤ count_below ≤ num_references ≥ 1, got {count_below}, {num_references}")
+    return math.log2(num_references) - math.log2(1 + count_below)

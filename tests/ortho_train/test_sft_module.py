@@ -1,0 +1,100 @@
+"""CanarySFTModule: phases, schedule, loss, guard rails."""
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from ortho_train.datamodule import CanaryDataModule
+from ortho_train.models import TinyLlamaConfig, load_causal_lm
+from ortho_train.sft_module import CanarySFTModule, warmup_cosine
+
+
+def test_warmup_cosine_shape():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def _module(**kwargs):
+    return CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), **kwargs)
+
+
+def _datamodule():
+    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+                          num_member_canaries=2, num_holdout_canaries=4, num_reference_secrets=50)
+    dm.setup("fit")
+    return dm
+
+
+class _StepProbe(L.Callback):
+    """Records the learning rate and whether canaries counted, per step."""
+
+    def __init__(self):
+        self.lrs, self.phases = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.phases.append(module.in_canary_phase)
+
+
+def test_phases_schedule_and_pre_canary_snapshot(tmp_path):
+    module = _module(public_steps=4, lr=1e-2, sft_lr=1e-3, warmup_steps=2, sft_warmup_steps=1,
+                     eval_during_validation=False)
+    probe = _StepProbe()
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[probe], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    dm = _datamodule()
+    trainer.fit(module, datamodule=dm)
+    assert probe.phases == [False] * 4 + [True] * 4
+    # the public phase peaks at lr, the SFT phase at sft_lr
+    assert max(probe.lrs[:4]) == pytest.approx(1e-2)
+    assert max(probe.lrs[4:]) <= 1e-3 + 1e-12
+    saved = load_causal_lm(tmp_path / "hf_model_pre_canary")
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(tensor, module.pre_canary_state_dict[name]), name
+    assert module.public_ppl_before_canaries is not None and math.isfinite(module.public_ppl_before_canaries)
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_warmup_ignores_canaries_and_sft_adds_them():
+    module = _module(public_steps=1)
+    dm = _datamodule()
+    batch = {"public": next(iter(dm.public_train_dataloader())),
+             "canary": next(iter(dm.train_dataloader()["canary"]))}
+
+    class FakeTrainer:
+        global_step = 0
+
+    module._trainer = FakeTrainer()
+    module.log = lambda *a, **k: None
+    public_only = module.training_step(batch, 0)
+    nll, tokens = module._nll_sum(batch["public"])
+    assert public_only.item() == pytest.approx((nll / tokens).item())
+    FakeTrainer.global_step = 1
+    mixed = module.training_step(batch, 0)
+    canary_nll, canary_tokens = module._nll_sum(batch["canary"])
+    assert mixed.item() == pytest.approx(((nll + canary_nll) / (tokens + canary_tokens)).item())
+
+
+def test_non_finite_loss_is_a_clear_error():
+    module = _module(public_steps=1)
+    dm = _datamodule()
+    batch = {"public": next(iter(dm.public_train_dataloader()))}
+    with torch.no_grad():
+        module.model.lm_head.weight.fill_(float("nan"))
+
+    class FakeTrainer:
+        global_step = 0
+
+    module._trainer = FakeTrainer()
+    with pytest.raises(FloatingPointError, match="non-finite training loss"):
+        module.training_step(batch, 0)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither 'byte' nor an existing"):
+        CanarySFTModule(model_path=str(tmp_path / "nope"))

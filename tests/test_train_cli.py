@@ -1,0 +1,114 @@
+"""train.py / LightningCLI: every shipped config parses; a tiny fit end to end; DDP on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ortho_train.sft_module import SUMMARY_KEYS
+from train import OrthoTrainCLI, cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+class ParseOnlyCLI(OrthoTrainCLI):
+    """Parses and validates a config (class paths resolved, types checked) without building it."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_parses(config):
+    first_line = config.read_text().splitlines()[0]
+    assert first_line.startswith("#"), f"{config.name} must start with a comment giving its launch command"
+    assert f"configs/{config.name}" in config.read_text().split("\n\n")[0]
+    from ortho_train.datamodule import CanaryDataModule
+
+    ParseOnlyCLI(model_class=None, datamodule_class=CanaryDataModule, subclass_mode_model=True,
+                 args=["--config", str(config)], run=False)
+
+
+def _run_files(run_dir: Path):
+    return [p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".ckpt", ".safetensors")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        cli = cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml")])
+    finally:
+        os.chdir(old)
+    return cli, workdir / "runs/tiny/version_0"
+
+
+def test_tiny_fit_writes_models_summary_and_logs(tiny_run):
+    cli, run_dir = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= summary.keys()
+    for key in SUMMARY_KEYS:
+        assert isinstance(summary[key], float), key
+    assert 0.0 <= summary["extraction_rate"] <= 1.0 and 0.0 <= summary["mia_auc_loss"] <= 1.0
+    # the public warm-up improved on the untrained model, and the pre-canary model was measured
+    assert 1.0 < summary["public_ppl_before_canaries"] < 259
+    for name in ("hf_model", "hf_model_pre_canary"):
+        assert (run_dir / name / "model.safetensors").is_file()
+        assert (run_dir / name / "tokenizer_config.json").is_file()
+    assert list((run_dir / "checkpoints").glob("*.ckpt"))
+    csv_header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "val/extraction_rate" in csv_header and "final/public_ppl" in csv_header
+    assert list(run_dir.glob("events.out.tfevents*"))
+
+
+def test_saved_models_reload_with_plain_transformers(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cli, run_dir = tiny_run
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf_model")
+    ids = tokenizer("To be", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = cli.model.model.eval()(ids).logits
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+    pre = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model_pre_canary")
+    assert not torch.equal(pre.lm_head.weight, model.lm_head.weight)  # canary phase changed it
+    snapshot = cli.model.pre_canary_state_dict
+    assert torch.equal(pre.lm_head.weight, snapshot["lm_head.weight"])
+
+
+def test_no_canary_secret_reaches_any_log(tiny_run):
+    cli, run_dir = tiny_run
+    canaries = cli.datamodule.canaries
+    secrets = [c.secret for c in canaries.members + canaries.holdout]
+    for path in _run_files(run_dir):
+        content = path.read_bytes()
+        for secret in secrets:
+            assert secret.encode() not in content, f"a canary secret appears in {path.name}"
+
+
+def test_max_steps_must_leave_a_canary_phase(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="must exceed model.public_steps"):
+        cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=12"])
+
+
+def test_ddp_two_processes_on_cpu_write_once(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/tiny.yaml"),
+         "--trainer.strategy=ddp", "--trainer.devices=2", "--model.init_args.eval_during_validation=false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
+    runs = sorted((tmp_path / "runs/tiny").iterdir())
+    assert [r.name for r in runs] == ["version_0"]
+    assert (runs[0] / "summary.json").is_file() and (runs[0] / "hf_model/model.safetensors").is_file()
+    assert (result.stdout + result.stderr).count("summary written to") == 1
