@@ -32,6 +32,7 @@ from kernels.streams import OrthoStream, QuantisedBase
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+_CPU_OP = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
 # --------------------------------------------------------------------------- reference
@@ -80,8 +81,8 @@ class CpuInt4Runtime:
         xb = x2d.to(torch.bfloat16)
         if self.k_pad:
             xb = F.pad(xb, (0, self.k_pad))  # (M, K')
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            xb.contiguous(), self.packed, self.group_size, self.scale_and_zeros)  # (M, N')
+        y = _CPU_OP.default(xb.contiguous(), self.packed, self.group_size,
+                            self.scale_and_zeros)  # (M, N')
         return y[:, : self.shape[0]] if self.n_pad else y
 
 
@@ -91,7 +92,7 @@ def cpu_fast_path_unsupported(base: QuantisedBase) -> str | None:
         return f"bits={base.bits}: the CPU op is INT4-only"
     if base.group_size not in CPU_GROUP_SIZES:
         return f"group_size={base.group_size}: the CPU op accepts only {CPU_GROUP_SIZES}"
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+    if _CPU_OP is None:
         return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
     if base.device.type != "cpu":
         return f"base is on {base.device}"
@@ -129,16 +130,29 @@ _WARNED: set[str] = set()
 
 
 def _stamp(*tensors: torch.Tensor) -> tuple:
-    return tuple((id(t), t._version) for t in tensors)
+    try:  # this runs on every call: keep it lean
+        return tuple([(id(t), t._version) for t in tensors])
+    except RuntimeError:  # inference tensors keep no version counter (edits go unseen)
+        return tuple([(id(t), -1 if t.is_inference() else t._version) for t in tensors])
+
+
+def _cpu_runtime(base: QuantisedBase) -> CpuInt4Runtime | str:
+    """The cached runtime operands of a base, or the reason the CPU op cannot take it."""
+    def build():
+        reason = cpu_fast_path_unsupported(base)
+        return reason if reason is not None else CpuInt4Runtime(base)
+
+    stamp = _stamp(base.qweight, base.scales, base.zeros) + (
+        base.shape, base.group_size, base.bits)
+    return _CPU_BASE_CACHE.get(base.qweight, stamp, build)
 
 
 def prepare_cpu(base: QuantisedBase) -> CpuInt4Runtime:
     """Convert (once; cached) a base to torch's CPU INT4 layout. Raises if unsupported."""
-    reason = cpu_fast_path_unsupported(base)
-    if reason is not None:
-        raise ValueError(f"CPU fast path unavailable: {reason}")
-    stamp = _stamp(base.qweight, base.scales, base.zeros) + (base.shape, base.group_size)
-    return _CPU_BASE_CACHE.get(base.qweight, stamp, lambda: CpuInt4Runtime(base))
+    runtime = _cpu_runtime(base)
+    if isinstance(runtime, str):
+        raise ValueError(f"CPU fast path unavailable: {runtime}")
+    return runtime
 
 
 def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
@@ -155,9 +169,9 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
     return _CSR_CACHE.get(ortho.indices, stamp, build)
 
 
-def _cpu_forward(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
+def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
                  alpha: float) -> torch.Tensor:
-    y = prepare_cpu(base).matmul(x2d)  # (M, N) bf16
+    y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
         return y.to(x2d.dtype)
     csr = _ortho_csr(ortho, torch_sparse=True)
@@ -174,7 +188,8 @@ def _ortho_active(ortho: OrthoStream | None, alpha: float) -> bool:
     return ortho is not None and alpha != 0 and ortho.nnz > 0
 
 
-def _resolve_backend(backend: str, x: torch.Tensor, base: QuantisedBase) -> str:
+def _resolve_backend(backend: str, x: torch.Tensor, base: QuantisedBase):
+    """(backend, CPU runtime or None); the CPU op's limits turn "cpu" into "reference"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -185,22 +200,23 @@ def _resolve_backend(backend: str, x: torch.Tensor, base: QuantisedBase) -> str:
     if backend == "triton" and base.bits != 4:
         raise ValueError(f"the Triton kernel is INT4-only, base has bits={base.bits}; "
                          f"use backend='reference'")
-    if backend == "cpu":
-        reason = cpu_fast_path_unsupported(base)
-        if reason is not None:
-            if reason not in _WARNED:
-                _WARNED.add(reason)
-                warnings.warn(f"dual_stream_linear: CPU fast path unavailable ({reason}); "
-                              f"using the reference path", stacklevel=3)
-            backend = "reference"
-    return backend
+    if backend != "cpu":
+        return backend, None
+    runtime = _cpu_runtime(base)
+    if isinstance(runtime, str):
+        if runtime not in _WARNED:
+            _WARNED.add(runtime)
+            warnings.warn(f"dual_stream_linear: CPU fast path unavailable ({runtime}); "
+                          f"using the reference path", stacklevel=3)
+        return "reference", None
+    return "cpu", runtime
 
 
-def _forward(x2d, base, ortho, alpha, backend, variant="auto"):
+def _forward(x2d, base, ortho, alpha, backend, runtime, variant):
     if backend == "reference":
         return dual_stream_linear_ref(x2d, base, ortho, alpha)
     if backend == "cpu":
-        return _cpu_forward(x2d, base, ortho, alpha)
+        return _cpu_forward(x2d, runtime, ortho, alpha)
     from kernels import _triton_dual_stream  # lazy: Triton only where it is used
 
     csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
@@ -213,9 +229,9 @@ class DualStreamFunction(torch.autograd.Function):
     """Forward on the chosen path; backward dX = dY · W_eff with W_eff dense (frozen streams)."""
 
     @staticmethod
-    def forward(ctx, x2d, base, ortho, alpha, backend, variant):
+    def forward(ctx, x2d, base, ortho, alpha, backend, runtime, variant):
         ctx.streams = (base, ortho, alpha)
-        return _forward(x2d, base, ortho, alpha, backend, variant)
+        return _forward(x2d, base, ortho, alpha, backend, runtime, variant)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -223,7 +239,7 @@ class DualStreamFunction(torch.autograd.Function):
         dtype = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
         w = effective_weight(base, ortho, alpha, dtype)  # (N, K)
         grad_x = (grad_y.to(dtype) @ w).to(grad_y.dtype)  # (M, K)
-        return grad_x, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None
 
 
 def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None = None,
@@ -252,13 +268,13 @@ def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream 
                          f"base {base.shape} on {base.device}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    backend = _resolve_backend(backend, x, base)
+    backend, runtime = _resolve_backend(backend, x, base)
     ortho = ortho if _ortho_active(ortho, alpha) else None  # the kill switch, on the host
-    x2d = x.reshape(-1, k)  # (M, K)
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)  # (M, K)
     if torch.is_grad_enabled() and x.requires_grad:
-        y2d = DualStreamFunction.apply(x2d, base, ortho, alpha, backend, variant)
+        y2d = DualStreamFunction.apply(x2d, base, ortho, alpha, backend, runtime, variant)
     else:
-        y2d = _forward(x2d, base, ortho, alpha, backend, variant)
+        y2d = _forward(x2d, base, ortho, alpha, backend, runtime, variant)
     if bias is not None:
         y2d = y2d + bias.to(y2d.dtype)
-    return y2d.reshape(*x.shape[:-1], n)  # (..., N)
+    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)  # (..., N)
