@@ -171,6 +171,10 @@ def dual_stream_forward(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.
         block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
         block_k = _pick_block_k(group_size, 128 if block_m == 1 else 64)
         block_n = max(16, 4096 // (block_m * block_k))
+        if x2d.is_cuda:  # decoding is bandwidth-bound: keep every SM busy (~2 programs each)
+            sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+            while block_n > 16 and triton.cdiv(n, block_n) * triton.cdiv(m, block_m) < 2 * sms:
+                block_n //= 2
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
         _dual_stream_gemv_kernel[grid](*args, GROUP_SIZE=group_size, HAS_ORTHO=has_ortho,
                                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

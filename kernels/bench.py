@@ -3,12 +3,14 @@
     python -m kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T]
 
 Shapes are weight shapes (N, K) = (out_features, in_features) as `nn.Linear.weight` stores
-them; X is (M, K). For every (shape, M) all rows are timed in interleaved rounds (row 1,
-row 2, ..., row 1, ...) after a warm-up, so that drift from other jobs on the machine hits
-every row alike; each row reports the median. `ratio_to_fp32` divides by the fp32
-`nn.Linear` median of the same (shape, M) in the same run. `floor_ms` is the memory
-bandwidth floor: bytes the row must move (stored weight streams + X + Y) divided by the
-copy bandwidth measured at start-up; `x_floor` = ms / floor_ms.
+them; X is (M, K). For every (shape, M) all rows are timed in interleaved rounds (every
+row once per round, in a shuffled order) after a warm-up, so that drift from other jobs on
+the machine and cache warmth from the previous row hit every row alike; each row reports
+the median over the rounds (at least 5; fewer than --rounds when --budget would be
+exceeded). `ratio_to_fp32` divides by the fp32 `nn.Linear` median of the same (shape, M)
+in the same run. `floor_ms` is the memory bandwidth floor: bytes the row must move (stored
+weight streams + X + Y) divided by the copy bandwidth measured at start-up; `x_floor` =
+ms / floor_ms.
 
 On CPU the ortho-train rows use the CPU fast path (torch's INT4 op, bf16 activations) and
 fp32 X; the ortho stream sits at uniformly random positions. On CUDA (untested here: this
@@ -21,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import random
 import statistics
 import time
 
@@ -57,7 +60,8 @@ def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
 
 
 def time_rows(rows: list[dict], device: torch.device, rounds: int, budget_s: float) -> None:
-    """Interleaved timing: warm-up, then `rounds` passes over all rows; sets row['ms']."""
+    """Interleaved timing: warm-up, then `rounds` passes over all rows in shuffled order;
+    sets row['ms'] (median) and row['rounds']."""
     for row in rows:  # warm-up (also populates caches) and a per-round cost estimate
         for _ in range(2):
             row["fn"]()
@@ -69,8 +73,9 @@ def time_rows(rows: list[dict], device: torch.device, rounds: int, budget_s: flo
     per_round = time.perf_counter() - t0
     rounds = max(5, min(rounds, int(budget_s / max(per_round, 1e-9))))
     samples = {id(r): [] for r in rows}
-    for _ in range(rounds):
-        for row in rows:
+    order = random.Random(0)
+    for _ in range(rounds):  # shuffled: no row always follows the same (cache-warming) row
+        for row in order.sample(rows, len(rows)):
             _sync(device)
             t = time.perf_counter()
             row["fn"]()
@@ -257,7 +262,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the table (list of row dicts) to this path")
     p.add_argument("--quick", action="store_true", help="4096x4096 at M=1 only, fewer rounds")
-    p.add_argument("--rounds", type=int, default=21, help="timed rounds per (shape, M)")
+    p.add_argument("--rounds", type=int, default=41, help="timed rounds per (shape, M)")
     p.add_argument("--budget", type=float, default=30.0, help="max seconds per (shape, M)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-nf4", action="store_true", help="skip bitsandbytes")
@@ -266,7 +271,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes, ms = (SHAPES[:1], MS[:1]) if args.quick else (SHAPES, MS)
-    rounds = min(args.rounds, 11) if args.quick else args.rounds
+    rounds = min(args.rounds, 21) if args.quick else args.rounds
     print("| shape NxK | M | row | ms (median) | /fp32 | bits/w | floor ms | x floor |"
           + (" GB/s | vs fp16/bound |" if device.type == "cuda" else ""))
     results, bw = run(shapes, ms, rounds, args.budget, device, not args.no_nf4)
