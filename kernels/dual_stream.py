@@ -262,9 +262,10 @@ def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream 
                          f"got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
-    if x.device != base.device:
+    on_cuda = x.is_cuda
+    if (on_cuda or base.qweight.is_cuda) and x.device != base.device:  # cheap on CPU
         raise ValueError(f"x is on {x.device} but the base on {base.device}")
-    if ortho is not None and (ortho.shape != base.shape or ortho.device != base.device):
+    if ortho is not None and (ortho.shape != base.shape or ortho.indices.is_cuda != on_cuda):
         raise ValueError(f"ortho stream {ortho.shape} on {ortho.device} does not match the "
                          f"base {base.shape} on {base.device}")
     if bias is not None and tuple(bias.shape) != (n,):
