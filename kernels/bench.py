@@ -127,7 +127,7 @@ def build_rows(w: torch.Tensor, m: int, streams: dict, nf4, device: torch.device
     if not cuda:
         rt = prepare_cpu(base)
         xb = x32.to(torch.bfloat16)
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu
+        op = torch._weight_int4pack_mm_for_cpu  # the C binding: the cheapest call
         add("torch int4 CPU op alone", lambda: op(xb, rt.packed, GROUP, rt.scale_and_zeros),
             b_base, 2)
     xin = x32.half() if cuda else x32
@@ -259,7 +259,7 @@ def null_test_identical(device: torch.device) -> bool:
     same = torch.equal(dual_stream_linear(x, base, nan, 0.0), dual_stream_linear(x, base, None))
     if device.type == "cpu":  # and equals torch's op alone, cast back
         rt = prepare_cpu(base)
-        raw = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), rt.packed, GROUP,
+        raw = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), rt.packed, GROUP,
                                                          rt.scale_and_zeros)
         same = same and torch.equal(dual_stream_linear(x, base, nan, 0.0), raw.float())
     return same

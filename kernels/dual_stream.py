@@ -32,7 +32,8 @@ from kernels.streams import OrthoStream, QuantisedBase
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
-_CPU_OP = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+# the C-bound function, not torch.ops.aten...: no Python frame per call on the hot path
+_CPU_OP = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 
 
 # --------------------------------------------------------------------------- reference
@@ -78,11 +79,14 @@ class CpuInt4Runtime:
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) bf16, base stream only."""
-        xb = x2d.bfloat16()  # .bfloat16()/.float() dispatch faster than .to(dtype)
+        # Every Python-level step here costs ~4x its hot-loop time right after the op has
+        # streamed the weight through the caches, so the path avoids no-op dispatches.
+        xb = x2d if x2d.dtype is torch.bfloat16 else x2d.bfloat16()
         if self.k_pad:
             xb = F.pad(xb, (0, self.k_pad))  # (M, K')
-        y = _CPU_OP.default(xb.contiguous(), self.packed, self.group_size,
-                            self.scale_and_zeros)  # (M, N')
+        if not xb.is_contiguous():
+            xb = xb.contiguous()
+        y = _CPU_OP(xb, self.packed, self.group_size, self.scale_and_zeros)  # (M, N')
         return y[:, : self.shape[0]] if self.n_pad else y
 
 
@@ -93,7 +97,7 @@ def cpu_fast_path_unsupported(base: QuantisedBase) -> str | None:
     if base.group_size not in CPU_GROUP_SIZES:
         return f"group_size={base.group_size}: the CPU op accepts only {CPU_GROUP_SIZES}"
     if _CPU_OP is None:
-        return f"torch {torch.__version__} has no aten._weight_int4pack_mm_for_cpu"
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
     if base.device.type != "cpu":
         return f"base is on {base.device}"
     return None
@@ -129,11 +133,16 @@ _CSR_CACHE = _TensorKeyedCache()
 _WARNED: set[str] = set()
 
 
-def _stamp(*tensors: torch.Tensor) -> tuple:
-    try:  # this runs on every call: keep it lean
-        return tuple([(id(t), t._version) for t in tensors])
-    except RuntimeError:  # inference tensors keep no version counter (edits go unseen)
-        return tuple([(id(t), -1 if t.is_inference() else t._version) for t in tensors])
+def _version(t: torch.Tensor) -> int:
+    # inference tensors keep no version counter (in-place edits there go unseen)
+    return -1 if t.is_inference() else t._version
+
+
+def _stamp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> tuple:
+    try:  # runs on every call: kept flat
+        return (id(a), a._version, id(b), b._version, id(c), c._version if c is not None else 0)
+    except RuntimeError:
+        return (id(a), _version(a), id(b), _version(b), id(c), _version(c) if c is not None else 0)
 
 
 def _cpu_runtime(base: QuantisedBase) -> CpuInt4Runtime | str:
@@ -173,7 +182,9 @@ def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream 
                  alpha: float) -> torch.Tensor:
     y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
-        return y.float() if x2d.dtype == torch.float32 else y.to(x2d.dtype)
+        if x2d.dtype is torch.bfloat16:
+            return y
+        return y.float() if x2d.dtype is torch.float32 else y.to(x2d.dtype)
     csr = _ortho_csr(ortho, torch_sparse=True)
     xf = x2d.float()
     if x2d.shape[0] == 1:
@@ -189,13 +200,13 @@ def _ortho_active(ortho: OrthoStream | None, alpha: float) -> bool:
     return ortho is not None and alpha != 0 and ortho.nnz > 0
 
 
-def _resolve_backend(backend: str, x: torch.Tensor, base: QuantisedBase):
+def _resolve_backend(backend: str, on_cuda: bool, base: QuantisedBase):
     """(backend, CPU runtime or None); the CPU op's limits turn "cpu" into "reference"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if x.is_cuda else "cpu"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        backend = "triton" if on_cuda else "cpu"
+    if backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
                          "before kernels are imported, for tests)")
     if backend == "triton" and base.bits != 4:
@@ -257,7 +268,8 @@ def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream 
         raise TypeError(f"ortho must be an OrthoStream or None, got {type(ortho).__name__}")
     alpha = float(alpha)
     n, k = base.shape
-    if x.dim() == 0 or x.shape[-1] != k:
+    ndim = x.dim()
+    if ndim == 0 or x.shape[-1] != k:
         raise ValueError(f"x must have shape (..., {k}) for a base of shape {base.shape}, "
                          f"got {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -270,13 +282,14 @@ def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream 
                          f"base {base.shape} on {base.device}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    backend, runtime = _resolve_backend(backend, x, base)
-    ortho = ortho if _ortho_active(ortho, alpha) else None  # the kill switch, on the host
-    x2d = x if x.dim() == 2 else x.reshape(-1, k)  # (M, K)
+    backend, runtime = _resolve_backend(backend, on_cuda, base)
+    if ortho is not None and (alpha == 0 or ortho.indices.numel() == 0):
+        ortho = None  # the kill switch, decided on the host: nothing below sees the stream
+    x2d = x if ndim == 2 else x.reshape(-1, k)  # (M, K)
     if torch.is_grad_enabled() and x.requires_grad:
         y2d = DualStreamFunction.apply(x2d, base, ortho, alpha, backend, runtime, variant)
     else:
         y2d = _forward(x2d, base, ortho, alpha, backend, runtime, variant)
     if bias is not None:
         y2d = y2d + bias.to(y2d.dtype)
-    return y2d if x.dim() == 2 else y2d.reshape(*x.shape[:-1], n)  # (..., N)
+    return y2d if ndim == 2 else y2d.reshape(*x.shape[:-1], n)  # (..., N)
