@@ -1,0 +1,295 @@
+"""The dual-stream linear, Y = X · dequant(W_base)ᵀ + α · X · W_orthoᵀ (+ bias).
+
+One signature, three paths (`backend`):
+- "reference": dequantise to a dense fp32 (fp64 for fp64 X) weight, add α·ortho, one matmul.
+  Exact up to the matmul's rounding; it defines correctness.
+- "cpu": torch's INT4 weight-only CPU op (`aten._weight_int4pack_mm_for_cpu`, bf16
+  activations, bf16 scale/zero, fp32 accumulation, bf16 output) plus an MKL CSR product
+  in fp32 for the ortho stream. The operands are prepared once and cached per base.
+- "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
+  TRITON_INTERPRET=1.
+"auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
+base (bits != 4, group size not in {32, 64, 128, 256}, op missing) it warns once with the
+reason and uses the reference.
+
+The kill switch: α == 0 or an empty ortho stream is decided here on the host. The ortho
+tensors are then not touched at all (no CSR build, no sparse launch, no `HAS_ORTHO` code),
+so the result is bit for bit the base-only result even when ortho values are NaN.
+
+Gradients: an `autograd.Function` returns dL/dX = dL/dY · (dequant(W_base) + α·W_ortho) on
+every path, computed densely in fp32 (the base and ortho streams are frozen).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from kernels.streams import OrthoStream, QuantisedBase
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+CPU_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+# the C-bound function, not torch.ops.aten...: no Python frame per call on the hot path
+_CPU_OP = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
+
+
+# --------------------------------------------------------------------------- reference
+def effective_weight(base: QuantisedBase, ortho: OrthoStream | None, alpha: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense dequant(W_base) + α·W_ortho as `dtype` (N, K); the ortho term only if active."""
+    w = base.dequantise(dtype)
+    if _ortho_active(ortho, alpha):
+        w = w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.to(dtype),
+                                     alpha=alpha).reshape(base.shape)  # (N, K)
+    return w
+
+
+def dual_stream_linear_ref(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
+                           alpha: float) -> torch.Tensor:
+    """Reference (M, K) -> (M, N): dense dequantise-and-matmul in fp32 (fp64 for fp64 X)."""
+    dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    w = effective_weight(base, ortho, alpha, dtype)  # (N, K)
+    return (x2d.to(dtype) @ w.T).to(x2d.dtype)
+
+
+# --------------------------------------------------------------------------- CPU fast path
+class CpuInt4Runtime:
+    """Operands of torch's CPU INT4 op for one base, padded to the op's constraints.
+
+    The op wants N % 16 == 0, K % group == 0 and K even: extra rows get zero scales and
+    are sliced off the output; K is padded to whole groups and X with zeros there, so the
+    padded weights never contribute.
+    """
+
+    def __init__(self, base: QuantisedBase):
+        from kernels.packing import to_int4pack_cpu_layout
+
+        n, k = base.shape
+        g = base.group_size
+        self.shape, self.group_size = (n, k), g
+        self.n_pad = -n % 16
+        self.k_pad = base.n_groups * g - k  # ragged last group -> whole group (even K too)
+        codes = F.pad(base.codes(), (0, self.k_pad, 0, self.n_pad), value=8)  # (N', K')
+        scales = F.pad(base.scales, (0, 0, 0, self.n_pad))  # (N', G)
+        zeros = F.pad(base.zeros, (0, 0, 0, self.n_pad), value=8.0)  # (N', G)
+        self.packed, self.scale_and_zeros = to_int4pack_cpu_layout(codes, scales, zeros, g)
+
+    def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N) bf16, base stream only."""
+        # Every Python-level step here costs ~4x its hot-loop time right after the op has
+        # streamed the weight through the caches, so the path avoids no-op dispatches.
+        xb = x2d if x2d.dtype is torch.bfloat16 else x2d.bfloat16()
+        if self.k_pad:
+            xb = F.pad(xb, (0, self.k_pad))  # (M, K')
+        if not xb.is_contiguous():
+            xb = xb.contiguous()
+        y = _CPU_OP(xb, self.packed, self.group_size, self.scale_and_zeros)  # (M, N')
+        return y[:, : self.shape[0]] if self.n_pad else y
+
+
+def cpu_fast_path_unsupported(base: QuantisedBase) -> str | None:
+    """Why torch's CPU INT4 op cannot run this base, or None if it can."""
+    if base.bits != 4:
+        return f"bits={base.bits}: the CPU op is INT4-only"
+    if base.group_size not in CPU_GROUP_SIZES:
+        return f"group_size={base.group_size}: the CPU op accepts only {CPU_GROUP_SIZES}"
+    if _CPU_OP is None:
+        return f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu"
+    if base.device.type != "cpu":
+        return f"base is on {base.device}"
+    return None
+
+
+class _TensorKeyedCache:
+    """Cache keyed on a tensor's identity, dropped when that tensor is freed.
+
+    (weakref.WeakKeyDictionary cannot hold tensors: it compares keys with ==.) An entry
+    also records a stamp of the other tensors it was built from (identity and in-place
+    version), so a module may wrap its buffers in fresh QuantisedBase/OrthoStream objects
+    on every call and still hit, while `load_state_dict` or in-place edits invalidate it.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def get(self, key: torch.Tensor, stamp: tuple, build):
+        entry = self._entries.get(id(key))
+        if entry is None or entry[0]() is not key or entry[1] != stamp:
+            if entry is None or entry[0]() is not key:
+                weakref.finalize(key, self._entries.pop, id(key), None)
+            entry = (weakref.ref(key), stamp, build())
+            self._entries[id(key)] = entry
+        return entry[2]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_CPU_BASE_CACHE = _TensorKeyedCache()
+_CSR_CACHE = _TensorKeyedCache()
+_WARNED: set[str] = set()
+
+
+def _version(t: torch.Tensor) -> int:
+    # inference tensors keep no version counter (in-place edits there go unseen)
+    return -1 if t.is_inference() else t._version
+
+
+def _stamp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> tuple:
+    try:  # runs on every call: kept flat
+        return (id(a), a._version, id(b), b._version, id(c), c._version if c is not None else 0)
+    except RuntimeError:
+        return (id(a), _version(a), id(b), _version(b), id(c), _version(c) if c is not None else 0)
+
+
+def _cpu_runtime(base: QuantisedBase) -> CpuInt4Runtime | str:
+    """The cached runtime operands of a base, or the reason the CPU op cannot take it."""
+    def build():
+        reason = cpu_fast_path_unsupported(base)
+        return reason if reason is not None else CpuInt4Runtime(base)
+
+    stamp = _stamp(base.qweight, base.scales, base.zeros) + (
+        base.shape, base.group_size, base.bits)
+    return _CPU_BASE_CACHE.get(base.qweight, stamp, build)
+
+
+def prepare_cpu(base: QuantisedBase) -> CpuInt4Runtime:
+    """Convert (once; cached) a base to torch's CPU INT4 layout. Raises if unsupported."""
+    runtime = _cpu_runtime(base)
+    if isinstance(runtime, str):
+        raise ValueError(f"CPU fast path unavailable: {runtime}")
+    return runtime
+
+
+def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
+    """Cached CSR of the ortho stream: a torch fp32 sparse_csr tensor (CPU) or raw int32/fp16."""
+    def build():
+        crow, col, values, shape = ortho.to_csr()
+        if not torch_sparse:
+            return crow, col, values
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            return torch.sparse_csr_tensor(crow, col, values.float(), shape)
+
+    stamp = _stamp(ortho.indices, ortho.values) + (ortho.shape, torch_sparse)
+    return _CSR_CACHE.get(ortho.indices, stamp, build)
+
+
+def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
+                 alpha: float) -> torch.Tensor:
+    y = runtime.matmul(x2d)  # (M, N) bf16
+    if ortho is None:
+        if x2d.dtype is torch.bfloat16:
+            return y
+        return y.float() if x2d.dtype is torch.float32 else y.to(x2d.dtype)
+    csr = _ortho_csr(ortho, torch_sparse=True)
+    xf = x2d.float()
+    if x2d.shape[0] == 1:
+        sparse = torch.mv(csr, xf[0]).unsqueeze(0)  # (1, N)
+    else:
+        sparse = torch.sparse.mm(csr, xf.T.contiguous()).T  # (N, M) -> (M, N); MKL is
+        # faster on a contiguous dense operand than on the transposed view
+    return y.float().add_(sparse, alpha=alpha).to(x2d.dtype)
+
+
+# --------------------------------------------------------------------------- dispatch
+def _ortho_active(ortho: OrthoStream | None, alpha: float) -> bool:
+    return ortho is not None and alpha != 0 and ortho.nnz > 0
+
+
+def _resolve_backend(backend: str, on_cuda: bool, base: QuantisedBase):
+    """(backend, CPU runtime or None); the CPU op's limits turn "cpu" into "reference"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if on_cuda else "cpu"
+    if backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set "
+                         "before kernels are imported, for tests)")
+    if backend == "triton" and base.bits != 4:
+        raise ValueError(f"the Triton kernel is INT4-only, base has bits={base.bits}; "
+                         f"use backend='reference'")
+    if backend != "cpu":
+        return backend, None
+    runtime = _cpu_runtime(base)
+    if isinstance(runtime, str):
+        if runtime not in _WARNED:
+            _WARNED.add(runtime)
+            warnings.warn(f"dual_stream_linear: CPU fast path unavailable ({runtime}); "
+                          f"using the reference path", stacklevel=3)
+        return "reference", None
+    return "cpu", runtime
+
+
+def _forward(x2d, base, ortho, alpha, backend, runtime, variant):
+    if backend == "reference":
+        return dual_stream_linear_ref(x2d, base, ortho, alpha)
+    if backend == "cpu":
+        return _cpu_forward(x2d, runtime, ortho, alpha)
+    from kernels import _triton_dual_stream  # lazy: Triton only where it is used
+
+    csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
+    return _triton_dual_stream.dual_stream_forward(
+        x2d.contiguous(), base.qweight, base.scales, base.zeros, base.shape, base.group_size,
+        csr, alpha, variant)
+
+
+class DualStreamFunction(torch.autograd.Function):
+    """Forward on the chosen path; backward dX = dY · W_eff with W_eff dense (frozen streams)."""
+
+    @staticmethod
+    def forward(ctx, x2d, base, ortho, alpha, backend, runtime, variant):
+        ctx.streams = (base, ortho, alpha)
+        return _forward(x2d, base, ortho, alpha, backend, runtime, variant)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        base, ortho, alpha = ctx.streams
+        dtype = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+        w = effective_weight(base, ortho, alpha, dtype)  # (N, K)
+        grad_x = (grad_y.to(dtype) @ w).to(grad_y.dtype)  # (M, K)
+        return grad_x, None, None, None, None, None, None
+
+
+def dual_stream_linear(x: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None = None,
+                       alpha: float = 1.0, bias: torch.Tensor | None = None,
+                       backend: str = "auto", *, variant: str = "auto") -> torch.Tensor:
+    """Y = X · dequant(W_base)ᵀ + α · X · W_orthoᵀ + bias for X (..., K) -> Y (..., N).
+
+    alpha is a Python number (a host decision: α == 0 skips the ortho stream entirely).
+    variant ("auto", "gemv", "mm") selects the Triton kernel and is ignored elsewhere.
+    """
+    if not isinstance(base, QuantisedBase):
+        raise TypeError(f"base must be a QuantisedBase, got {type(base).__name__}")
+    if ortho is not None and not isinstance(ortho, OrthoStream):
+        raise TypeError(f"ortho must be an OrthoStream or None, got {type(ortho).__name__}")
+    alpha = float(alpha)
+    n, k = base.shape
+    ndim = x.dim()
+    if ndim == 0 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape (..., {k}) for a base of shape {base.shape}, "
+                         f"got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    on_cuda = x.is_cuda
+    if (on_cuda or base.qweight.is_cuda) and x.device != base.device:  # cheap on CPU
+        raise ValueError(f"x is on {x.device} but the base on {base.device}")
+    if ortho is not None and (ortho.shape != base.shape or ortho.indices.is_cuda != on_cuda):
+        raise ValueError(f"ortho stream {ortho.shape} on {ortho.device} does not match the "
+                         f"base {base.shape} on {base.device}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    backend, runtime = _resolve_backend(backend, on_cuda, base)
+    if ortho is not None and (alpha == 0 or ortho.indices.numel() == 0):
+        ortho = None  # the kill switch, decided on the host: nothing below sees the stream
+    x2d = x if ndim == 2 else x.reshape(-1, k)  # (M, K)
+    if torch.is_grad_enabled() and x.requires_grad:
+        y2d = DualStreamFunction.apply(x2d, base, ortho, alpha, backend, runtime, variant)
+    else:
+        y2d = _forward(x2d, base, ortho, alpha, backend, runtime, variant)
+    if bias is not None:
+        y2d = y2d + bias.to(y2d.dtype)
+    return y2d if ndim == 2 else y2d.reshape(*x.shape[:-1], n)  # (..., N)
