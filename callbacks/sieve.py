@@ -100,7 +100,8 @@ class SieveCallback(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if (self.every_n_steps and step % self.every_n_steps == 0 and pl_module.in_canary_phase
+        started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
+        if (self.every_n_steps and step % self.every_n_steps == 0 and started
                 and step < trainer.max_steps and trainer.is_global_zero):
             self._table(trainer, pl_module, suffix=f"_step{step}")
 
@@ -155,7 +156,9 @@ class SieveCallback(L.Callback):
         notes = [f"exposure ranked against {refs} reference secrets "
                  f"(max measurable log2 = exposure ceiling); MIA = LOSS attack, members vs holdout",
                  "bits/weight over the sieved linears only (embeddings, norms"
-                 + ("" if c.spec.include_lm_head else ", LM head") + " stay fp32 in every row)",
+                 + ("" if c.spec.include_lm_head else ", LM head") + " stay fp32 in every row); "
+                 "α=0 rows count the base stream alone (the base file is that model), α>0 rows "
+                 "both streams (48-bit COO entries)",
                  f"posthoc/delta: {c.spec.quant.name} g{c.spec.quant.group_size}, {c.spec.selection} "
                  f"selection", f"table built in {seconds:.0f} s"]
         if pl_module.isolation is not None:

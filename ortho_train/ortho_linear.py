@@ -120,9 +120,9 @@ class OrthoLinear(nn.Module):
                                          alpha=alpha).reshape(w.shape)  # (N, K)
         return w
 
-    def stored_bits(self) -> tuple[int, int]:
-        """(bits stored, weights represented): packed codes + fp16 scales/zeros + COO entries."""
-        bits = self.base().effective_bits(self.ortho() if self.nnz else None)
+    def stored_bits(self, with_ortho: bool = True) -> tuple[int, int]:
+        """(bits stored, weights represented): packed codes + fp16 scales/zeros (+ COO entries)."""
+        bits = self.base().effective_bits(self.ortho() if (self.nnz and with_ortho) else None)
         return round(bits * self.in_features * self.out_features), self.in_features * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

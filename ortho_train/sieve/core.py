@@ -13,8 +13,9 @@
   the support S fixed before fine-tuning, value W_ft − dequant(base). At α = 1 that is W_ft
   on S and the base off S; at α = 0 exactly the quantised pre-fine-tuning weight.
 
-All return a `SievedLayer` with the two streams and a few stats: ortho density, the layer
-loss tr(ΔW H ΔWᵀ) at α = 0 and α = 1 (ΔW = W_eff − W_target), optionally the HOP report.
+All return a `SievedLayer` with the two streams and stats: ortho density and nnz; with
+`report=True` also the layer loss tr(ΔW H ΔWᵀ) at α = 0 and α = 1 (ΔW = W_eff − W_target)
+and the per-column HOP report of the base error.
 """
 from __future__ import annotations
 
@@ -92,12 +93,11 @@ def _finish(base: QuantisedBase, values: torch.Tensor, mask: torch.Tensor, targe
     if not bool(torch.isfinite(ortho.values).all()):
         raise ValueError("an ortho value overflows fp16 (|value| > 65504)")
     stats = {"density": ortho.density, "nnz": ortho.nnz}
-    if hessian is not None:
+    if report and hessian is not None:  # diagnostics, as costly as part of the sweep: opt-in
         deq = base.dequantise()
         stats["h_error_alpha0"] = _h_error(deq - target, hessian)
         stats["h_error_alpha1"] = _h_error(deq + ortho.to_dense() - target, hessian)
-        if report:
-            stats["hop"] = hop_report(deq - target, hessian, spec.hop_beta, spec.quant.damp)
+        stats["hop"] = hop_report(deq - target, hessian, spec.hop_beta, spec.quant.damp)
     return SievedLayer(base, ortho, stats)
 
 

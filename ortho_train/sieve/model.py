@@ -118,13 +118,17 @@ def stream_stats(model: nn.Module) -> dict[str, float]:
     """Bits per weight and ortho density over the `OrthoLinear` layers of a model.
 
     bits_per_weight = stored bits (packed codes + fp16 scales/zeros + 48-bit COO entries)
-    / weights represented; embeddings, norms and dense linears are not counted.
+    / weights represented; base_bits_per_weight the same without the ortho stream (what the
+    base file alone, the α = 0 model, stores). Embeddings, norms and dense linears are not
+    counted.
     """
     layers = ortho_layers(model)
     if not layers:
         raise ValueError("the model has no OrthoLinear layers")
-    bits = weights = nnz = 0
+    bits = base_bits = weights = nnz = 0
     for layer in layers.values():
         b, n = layer.stored_bits()
-        bits, weights, nnz = bits + b, weights + n, nnz + layer.nnz
-    return {"bits_per_weight": bits / weights, "ortho_density": nnz / weights}
+        b0, _ = layer.stored_bits(with_ortho=False)
+        bits, base_bits, weights, nnz = bits + b, base_bits + b0, weights + n, nnz + layer.nnz
+    return {"bits_per_weight": bits / weights, "base_bits_per_weight": base_bits / weights,
+            "ortho_density": nnz / weights}

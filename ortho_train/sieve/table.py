@@ -8,7 +8,8 @@ mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
 - sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
   every α of the list.
 bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
-entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row.
+entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
+row counts the base stream only (the base file alone is that model); α > 0 rows count both.
 """
 from __future__ import annotations
 
@@ -143,7 +144,8 @@ class KillSwitchTable:
         stats = stream_stats(dual)
         for alpha in self.config.alphas:
             set_alpha(dual, alpha)
-            self._row(variant, dual, alpha, rho, stats["bits_per_weight"], stats["ortho_density"], base)
+            bits = stats["bits_per_weight"] if alpha != 0 else stats["base_bits_per_weight"]
+            self._row(variant, dual, alpha, rho, bits, stats["ortho_density"], base)
 
     # ------------------------------------------------------------------- rows
     def reference(self, name: str) -> None:
