@@ -11,6 +11,12 @@ Two phases within one `fit`, split at `public_steps`:
 Training ends at `trainer.max_steps` (the single source of truth for the run length). At the
 end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
 `<run>/summary.json` (DESIGN.md §3), on rank zero only.
+
+Isolated mode (`isolation`, issue #3): at the switch the module fixes a sparse support S per
+linear layer *before* any canary is trained on, quantises the public weights into the base
+stream, and from then on only the entries on S move (`ortho_train.sieve.isolation`). The
+public attribute `isolated_support` then holds the masks, the bases and the frozen values,
+which the `SieveCallback` turns into the `isolated` sieve.
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from torchmetrics import MeanMetric
 from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.evaluation import pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
+from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
+from ortho_train.sieve.support import SUPPORT_SEES
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
 SUMMARY_KEYS = (
@@ -61,6 +70,8 @@ class CanarySFTModule(L.LightningModule):
             the final evaluation uses all of the data module's references.
         eval_during_validation: compute memorisation metrics at each validation in the canary phase.
         model_seed: seeds the initialisation of a model built from a config.
+        isolation: restrict the canary phase to a sparse support fixed at the switch (None:
+            dense SFT). See `ortho_train.sieve.isolation.IsolationConfig`.
     """
 
     def __init__(
@@ -78,6 +89,7 @@ class CanarySFTModule(L.LightningModule):
         val_exposure_references: int = 1000,
         eval_during_validation: bool = True,
         model_seed: int = 0,
+        isolation: IsolationConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +107,9 @@ class CanarySFTModule(L.LightningModule):
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None
         self.final_metrics: dict[str, float] | None = None
+        self.isolation = isolation
+        self.isolated_support: IsolatedSupport | None = None
+        self._grad_hooks: list = []
         self._run_dir: Path | None = None
 
     # ----------------------------------------------------------------- phases
@@ -151,6 +166,49 @@ class CanarySFTModule(L.LightningModule):
             optimizer.state.clear()  # SFT starts with fresh moments, as a separate fine-tune would
         self._save_hf_model("hf_model_pre_canary")
         self._record_pre_canary_ppl()
+        if self.isolation is not None:
+            self._isolate()
+
+    # --------------------------------------------------------------- isolation
+    def _public_batches(self):
+        return self.trainer.datamodule.public_train_dataloader()
+
+    def _canary_batches(self):
+        """Every member canary once per batch (deterministic: no shuffling, no RNG)."""
+        probe = self.probe
+        batch = pad_collate(probe.members.full_ids, probe.pad_token_id)
+        return [batch] * self.isolation.saliency_batches
+
+    def _batch_nll(self, model, batch) -> torch.Tensor:
+        device = self.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        nll, tokens = self._nll_sum(batch)
+        return nll / tokens
+
+    def _isolate(self) -> None:
+        """Fix S, quantise the public weights, freeze the rest (same on every rank)."""
+        with torch.random.fork_rng():  # drawing calibration batches must not shift training RNG
+            support = build_isolation(self.model, self.isolation, self._public_batches,
+                                      self._canary_batches, self._batch_nll)
+        self.isolated_support = self.trainer.strategy.broadcast(support, src=0)
+        self._activate_isolation()
+        cfg = self.isolation
+        rank_zero_info(
+            f"isolated SFT: support={cfg.support} (sees {SUPPORT_SEES[cfg.support]}), "
+            f"rho={cfg.rho}, {len(self.isolated_support.masks)} layers, base {cfg.quant.method} "
+            f"INT{cfg.quant.bits}/g{cfg.quant.group_size}, train_on_base={cfg.train_on_base}"
+        )
+
+    def _activate_isolation(self) -> None:
+        apply_isolation(self.model, self.isolated_support)
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = self.isolated_support.mask_gradients(self.model)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.isolated_support is not None:
+            self.isolated_support.restore_off_support(self.model)  # undoes weight decay off S
 
     @rank_zero_only
     def _record_pre_canary_ppl(self) -> None:
@@ -217,13 +275,22 @@ class CanarySFTModule(L.LightningModule):
         found = evaluate_memorisation(self.model, self.probe, progress=True)
         found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
         found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
+        if self.isolated_support is not None:
+            cfg = self.isolation
+            found["isolation"] = {
+                "support": cfg.support, "support_sees": SUPPORT_SEES[cfg.support], "rho": cfg.rho,
+                "density": self.isolated_support.density,
+                "off_support_max_drift": self.isolated_support.off_support_drift(self.model),
+                "base": f"int{cfg.quant.bits}_{cfg.quant.method}", "train_on_base": cfg.train_on_base,
+            }
         found["canary_presentations_per_member"] = (
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
             * max(1, self.trainer.world_size) / len(self.probe.members)
         )
         self.final_metrics = found
         for logger in self.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in found.items() if v is not None}, step=self.global_step)
+            logger.log_metrics({f"final/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
+                               step=self.global_step)
             logger.save()
         summary = {key: found.get(key) for key in SUMMARY_KEYS} | {
             k: v for k, v in found.items() if k not in SUMMARY_KEYS
@@ -257,6 +324,13 @@ class CanarySFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["public_ppl_before_canaries"] = self.public_ppl_before_canaries
+        if self.isolated_support is not None:
+            checkpoint["isolated_support"] = self.isolated_support.state()
+            checkpoint["pre_canary_state_dict"] = self.pre_canary_state_dict
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.public_ppl_before_canaries = checkpoint.get("public_ppl_before_canaries")
+        if "isolated_support" in checkpoint:
+            self.isolated_support = IsolatedSupport.from_state(checkpoint["isolated_support"])
+            self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
+            self._activate_isolation()

@@ -1,0 +1,199 @@
+"""`SieveCallback`: the kill-switch table of a canary fine-tune, every N steps and/or at fit end.
+
+Sieves copies of the module's model with public calibration batches and evaluates each α in
+`alphas` beside references (fp32, INT4 RTN/GPTQ, NF4, the pre-fine-tuning model and its INT4
+base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho density
+(`ortho_train.sieve.table`). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
+(`sieve_table_step<N>.*` for periodic tables), logs every number to the loggers as
+`sieve/<row>/<metric>`, prints the table at the end of the fit, and with `save_isolated`
+saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
+
+Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
+`isolated_support`, `isolation`, `run_dir`, `in_canary_phase`; data from the datamodule's
+`probe` and `public_train_dataloader()`. Runs on rank zero.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ortho_train.artifacts import write_json_atomic, write_text_atomic
+from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.quantisation import QuantSpec
+from ortho_train.sieve.artifacts import save_sieved
+from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.model import build_dual_stream_model, sieve_model
+from ortho_train.sieve.table import KillSwitchTable, TableConfig, to_markdown
+
+
+class SieveCallback(L.Callback):
+    """Kill-switch table of the model being fine-tuned (see the module docstring).
+
+    Args:
+        every_n_steps: also build a table every N optimiser steps of the canary phase (0: never).
+        at_fit_end: build the table when training ends.
+        variants: sieves to run: posthoc, delta, isolated.
+        references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
+            (any int{2,3,4,8}_{rtn,gptq,pre_sft}).
+        alphas: α values evaluated for each sieve.
+        rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
+        method: base quantiser of the posthoc/delta sieves and int references: gptq or rtn.
+        bits: base bits of the posthoc/delta sieves.
+        group_size: quantisation group size.
+        selection: 'top' (top-ρ per layer) or 'adaptive' (τ = μ + β·σ).
+        beta: β of the adaptive selection.
+        dqc: DQC compensation of the ortho values.
+        include_lm_head: sieve the LM head too.
+        calibration_batches: public training batches for the Hessians.
+        metrics: subset of extraction, exposure, mia, ppl.
+        exposure_references: reference secrets for exposure (fewer = faster; None: all).
+        exposure_canaries: members whose exposure is measured (None: all).
+        save_isolated: save the isolated sieve as base/ortho safetensors at fit end.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        at_fit_end: bool = True,
+        variants: list[str] | None = None,
+        references: list[str] | None = None,
+        alphas: list[float] | None = None,
+        rhos: list[float] | None = None,
+        method: str = "gptq",
+        bits: int = 4,
+        group_size: int = 128,
+        selection: str = "top",
+        beta: float = 2.0,
+        dqc: bool = False,
+        include_lm_head: bool = False,
+        calibration_batches: int = 8,
+        metrics: list[str] | None = None,
+        exposure_references: int | None = 1000,
+        exposure_canaries: int | None = None,
+        save_isolated: bool = True,
+    ):
+        super().__init__()
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
+        if calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be ≥ 1, got {calibration_batches}")
+        defaults = TableConfig()
+        spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
+                         dqc=dqc, include_lm_head=include_lm_head)
+        self.config = TableConfig(
+            variants=list(variants or defaults.variants),
+            references=list(references or defaults.references),
+            alphas=[float(a) for a in (alphas or defaults.alphas)],
+            rhos=[float(r) for r in (rhos or defaults.rhos)], spec=spec,
+            include=list(metrics or defaults.include),
+            exposure_references=exposure_references, exposure_canaries=exposure_canaries,
+        )
+        self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
+        self.calibration_batches, self.save_isolated = calibration_batches, save_isolated
+        self.tables: dict[int, list[dict]] = {}
+        self.markdown: str | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
+        if (self.every_n_steps and step % self.every_n_steps == 0 and started
+                and step < trainer.max_steps and trainer.is_global_zero):
+            self._table(trainer, pl_module, suffix=f"_step{step}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end and trainer.is_global_zero:
+            self._table(trainer, pl_module, suffix="", final=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.markdown is not None and trainer.is_global_zero:
+            print("\nkill-switch table (sieve_table.md):\n" + self.markdown, flush=True)
+
+    # ------------------------------------------------------------------- work
+    def _calibration(self, trainer, model) -> dict[str, torch.Tensor]:
+        modules = linear_layers(model, include_lm_head=True)
+        with torch.random.fork_rng():  # drawing batches must not shift the training RNG
+            return collect_hessians(model, trainer.datamodule.public_train_dataloader(), modules,
+                                    self.calibration_batches)
+
+    def _table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
+        start = time.perf_counter()
+        model = copy.deepcopy(pl_module.model).eval()
+        pre_model = None
+        if pl_module.pre_canary_state_dict is not None:
+            pre_model = copy.deepcopy(pl_module.model)
+            pre_model.load_state_dict(pl_module.pre_canary_state_dict)
+            pre_model.eval()
+        support = pl_module.isolated_support
+        isolated = None
+        if support is not None:
+            isolated = (support.masks, support.bases, pl_module.isolation.rho)
+        rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")
+        table = KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
+                                lambda m: self._calibration(trainer, m), isolated, rank_zero_info)
+        rows = table.run()
+        self.tables[trainer.global_step] = rows
+        run_dir = pl_module.run_dir
+        notes = self._notes(pl_module, time.perf_counter() - start)
+        markdown = to_markdown(rows, notes)
+        write_json_atomic(run_dir / f"sieve_table{suffix}.json", rows)
+        write_text_atomic(run_dir / f"sieve_table{suffix}.md", markdown)
+        self._log(trainer, rows)
+        if final:
+            self.markdown = markdown
+            if self.save_isolated and isolated is not None:
+                self._save_isolated(pl_module, model, isolated, run_dir)
+        rank_zero_info(f"SieveCallback: table written to {run_dir / f'sieve_table{suffix}.md'}")
+        return rows
+
+    def _notes(self, pl_module, seconds: float) -> list[str]:
+        c = self.config
+        refs = "all" if c.exposure_references is None else c.exposure_references
+        notes = [f"exposure ranked against {refs} reference secrets "
+                 f"(max measurable log2 = exposure ceiling); MIA = LOSS attack, members vs holdout",
+                 "bits/weight over the sieved linears only (embeddings, norms"
+                 + ("" if c.spec.include_lm_head else ", LM head") + " stay fp32 in every row); "
+                 "α=0 rows count the base stream alone (the base file is that model), α>0 rows "
+                 "both streams (48-bit COO entries)",
+                 f"posthoc/delta: {c.spec.quant.name} g{c.spec.quant.group_size}, {c.spec.selection} "
+                 f"selection", f"table built in {seconds:.0f} s"]
+        if pl_module.isolation is not None:
+            iso = pl_module.isolation
+            notes.append(f"isolated: support {iso.support}, ρ={iso.rho}, base "
+                         f"int{iso.quant.bits}_{iso.quant.method}, train_on_base={iso.train_on_base}")
+        return notes
+
+    @staticmethod
+    def _label(row: dict) -> str:
+        label = row["variant"]
+        if row["rho"] is not None and row["variant"] in ("posthoc", "delta", "isolated"):
+            label += f"_rho{row['rho']:g}"
+        if row["alpha"] is not None:
+            label += f"_a{row['alpha']:g}"
+        return label
+
+    def _log(self, trainer, rows: list[dict]) -> None:
+        values = {}
+        for row in rows:
+            for key in ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl",
+                        "bits_per_weight", "ortho_density"):
+                if isinstance(row.get(key), (int, float)):
+                    values[f"sieve/{self._label(row)}/{key}"] = float(row[key])
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+            logger.save()
+
+    def _save_isolated(self, pl_module, model, isolated, run_dir) -> None:
+        supports, bases, rho = isolated
+        spec = SieveSpec(QuantSpec(bits=next(iter(bases.values())).bits), rho=rho)
+        layers = sieve_model(model, "isolated", spec, supports=supports, bases=bases)
+        dual = build_dual_stream_model(model, layers, alpha=1.0)
+        path = save_sieved(dual, run_dir / "sieved_isolated",
+                           metadata={"variant": "isolated", "rho": rho,
+                                     "support": pl_module.isolation.support},
+                           tokenizer=getattr(pl_module, "tokenizer", None))
+        rank_zero_info(f"SieveCallback: isolated sieve saved to {path} (base.safetensors alone = α=0)")

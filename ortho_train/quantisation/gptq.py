@@ -1,0 +1,148 @@
+"""GPTQ (Frantar et al., 2023) on the group-wise INT-k convention of `kernels.packing`.
+
+Minimises the layer-output error ‖(Q − W) X‖² = Σ_rows (q − w) H (q − w)ᵀ column by column:
+quantise column j, then push its error onto the columns not yet quantised,
+
+    e_j = (w_j − q_j) / U_jj,        W[:, j+1:] −= e_j · U[j, j+1:]
+
+with U the upper Cholesky factor of H⁻¹ (`ortho_train.curvature.inverse_cholesky_upper`).
+Columns are processed in lazy blocks: updates inside a block are applied at once, the rest
+of the matrix gets one rank-B update per block.
+
+Group parameters (scale, zero) follow `kernels.group_quantise` exactly (range widened to
+contain 0, fp16 scale rounded up), so the codes pack with `kernels.pack_bits` and
+dequantise with `kernels.group_dequantise`. They are taken, as in GPTQ, from the
+error-updated weights when the sweep reaches a group's first column, or with
+`static_groups` once from the original weights (required with `act_order`, so inference
+needs no g_idx permutation: codes come back in the original column order).
+
+Departures from reference GPTQ: dead columns (H_jj = 0) are quantised from their weights
+rather than zeroed, so a column idle on calibration data keeps its function elsewhere; the
+lazy block is a whole number of groups, so group statistics always see updated weights.
+
+Outliers (the sieve, DESIGN §6): with `outlier_threshold` τ, an entry whose error-compensated
+weight w has impact (w − q)² / U_jj² > τ is kept exact: its error is not propagated (the
+ortho stream will hold w − dequant(q)), the compensated w is recorded. τ = inf is plain GPTQ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels import group_quantise
+from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
+
+
+@dataclass
+class GPTQResult:
+    """codes uint8 (N, K), scales/zeros fp16 (N, G), original column order.
+
+    With outliers: `outlier_mask` bool (N, K), `compensated` fp32 (N, K) — the weights at
+    the moment each column was quantised (their values at outlier positions go to the
+    ortho stream) — and `impact` fp32 (N, K) = (compensated − dequant)² / U_jj².
+    `u_diag` (K,) is U_jj, `error` the H-weighted error Σ e_j² (proxy GPTQ minimises).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    u_diag: torch.Tensor
+    error: float
+    outlier_mask: torch.Tensor | None = None
+    compensated: torch.Tensor | None = None
+    impact: torch.Tensor | None = None
+
+
+def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (scale, zero) (N, 1) of one group slice (N, g), by `kernels.group_quantise`."""
+    _, scales, zeros = group_quantise(w, bits=bits, group_size=w.shape[1])
+    return scales.float(), zeros.float()
+
+
+def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  static_groups: bool = False,
+                  outlier_threshold=None) -> GPTQResult:
+    """GPTQ-quantise a weight (N, K) with its calibration Hessian (K, K). See module doc.
+
+    outlier_threshold: None (plain GPTQ), a float τ, or a callable u_diag (K,) -> τ evaluated
+    once U is known (U_jj in the original column order).
+    """
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w must be a 2-D floating tensor, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(f"hessian must be ({k}, {k}) for a weight of shape {tuple(w.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains NaN or Inf; cannot quantise")
+    if group_size < 1 or block_size < 1:
+        raise ValueError(f"group_size and block_size must be positive, got {group_size}, {block_size}")
+    static_groups = static_groups or act_order
+    qmax = 2**bits - 1
+    n_groups = math.ceil(k / group_size)
+    block = max(1, block_size // group_size) * group_size  # whole groups per lazy block
+
+    h, _ = prepare_hessian(hessian.to(w.device), damp)
+    weight = w.float().clone()
+    scales = torch.empty(n, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    if static_groups:
+        _, s16, z16 = group_quantise(weight, bits=bits, group_size=group_size)
+        scales.copy_(s16.float())
+        zeros.copy_(z16.float())
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
+    if perm is not None:
+        weight = weight[:, perm]  # (N, K) permuted columns
+        h = h[perm][:, perm]  # (K, K)
+    u = inverse_cholesky_upper(h).float()  # (K, K)
+    col_of = perm.tolist() if perm is not None else list(range(k))
+    u_diag = torch.diagonal(u).clone()
+    if perm is not None:
+        u_diag = torch.empty_like(u_diag).scatter_(0, perm, u_diag)  # original column order
+    if callable(outlier_threshold):  # e.g. a quantile of impacts that need U_jj first
+        outlier_threshold = float(outlier_threshold(u_diag))
+
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    track = outlier_threshold is not None
+    if track:
+        outliers = torch.zeros(n, k, dtype=torch.bool, device=w.device)
+        compensated = torch.empty(n, k, dtype=torch.float32, device=w.device)
+        impact = torch.empty_like(compensated)
+    total_error = torch.zeros((), dtype=torch.float64, device=w.device)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = weight[:, i1:i2].clone()  # (N, B)
+        err1 = torch.zeros_like(w1)  # (N, B)
+        u1 = u[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            col = col_of[i1 + i]
+            g = col // group_size
+            if not static_groups and col % group_size == 0:
+                s, z = _group_params(w1[:, i: i + group_size], bits)
+                scales[:, g: g + 1], zeros[:, g: g + 1] = s, z
+            s, z = scales[:, g], zeros[:, g]  # (N,)
+            wcol = w1[:, i]  # (N,)
+            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+            deq = (q - z) * s
+            d = u1[i, i]
+            err = (wcol - deq) / d  # (N,)
+            codes[:, col] = q.to(torch.uint8)
+            if track:
+                hit = err.square()  # (w − q)² / U_jj²
+                out = hit > outlier_threshold
+                compensated[:, col] = wcol
+                impact[:, col] = hit
+                outliers[:, col] = out
+                err = err.masked_fill(out, 0.0)
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]  # (N, 1)·(1, B−i)
+            err1[:, i] = err
+        weight[:, i2:] -= err1 @ u[i1:i2, i2:]  # (N, B)·(B, K−i2)
+        total_error += err1.square().sum()
+
+    return GPTQResult(codes, scales.to(torch.float16), zeros.to(torch.float16), u_diag,
+                      float(total_error),
+                      outliers if track else None, compensated if track else None,
+                      impact if track else None)

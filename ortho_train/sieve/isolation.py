@@ -1,0 +1,185 @@
+"""Isolation by construction: fine-tune only a sparse support S fixed before the private data.
+
+At the switch to private fine-tuning (DESIGN §6, issue #3 item 4):
+1. base_l = Q(W_pre,l) for every sieved linear l (GPTQ on public calibration text, or RTN);
+2. S_l = top-ρ entries of a score chosen in advance (`ortho_train.sieve.support`);
+3. with `train_on_base`, the weights off S are set to dequant(base_l) and training runs on top
+   of the quantised base (quantisation-aware): then α = 1 *is* the trained model, up to the
+   fp16 rounding of the ortho values. Without it they stay at W_pre and α = 1 differs from the
+   trained model by the quantisation of the off-S weights;
+4. every other parameter (embeddings, norms, and the LM head unless it is sieved) is frozen.
+
+During training the gradient of each sieved weight is masked to S before clipping (so the
+clip norm sees only S and the AdamW moments off S stay zero), and after every optimiser step
+the off-S entries are written back from a frozen copy, so decoupled weight decay cannot move
+them either: off S the weights stay bit-identical (`off_support_drift` checks it).
+
+Afterwards `sieve_isolated(W_ft, base, S)` gives ortho = W_ft − dequant(base) on S: α = 0 is
+exactly Q(W_pre), the quantised public model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from kernels import QuantisedBase
+from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.quantisation import QuantSpec, quantise_weight
+from ortho_train.sieve.support import (
+    SUPPORTS,
+    gradient_saliency,
+    impact_support,
+    random_support,
+    saliency_support,
+)
+
+
+@dataclass
+class IsolationConfig:
+    """Canary SFT restricted to a sparse support per linear layer.
+
+    Args:
+        support: 'impact', 'saliency_public', 'saliency_canary' or 'random'
+            (see ortho_train.sieve.support for what each one sees).
+        rho: support fraction per layer (0.05 = 5%).
+        quant: quantiser of the base stream Q(W_pre).
+        calibration_batches: public batches for the Hessians (GPTQ base, impact support).
+        saliency_batches: batches for gradient saliency (public batches, or canary batches
+            each holding every member canary once).
+        train_on_base: train with the off-support weights at dequant(Q(W_pre)).
+        include_lm_head: the LM head is sieved too (quantised base + ortho on its support).
+        seed: seed of the random support.
+    """
+
+    support: str = "saliency_canary"
+    rho: float = 0.05
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    calibration_batches: int = 8
+    saliency_batches: int = 1
+    train_on_base: bool = True
+    include_lm_head: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.support not in SUPPORTS:
+            raise ValueError(f"isolation support must be one of {SUPPORTS}, got {self.support!r}")
+        if not 0.0 < self.rho <= 1.0:
+            raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
+        if self.calibration_batches < 1 or self.saliency_batches < 1:
+            raise ValueError("calibration_batches and saliency_batches must be ≥ 1")
+
+
+@dataclass
+class IsolatedSupport:
+    """Per sieved linear (by name relative to the model): support mask, base, frozen values."""
+
+    masks: dict[str, torch.Tensor]
+    bases: dict[str, QuantisedBase]
+    frozen: dict[str, torch.Tensor]
+
+    @property
+    def density(self) -> float:
+        return sum(int(m.sum()) for m in self.masks.values()) / sum(m.numel() for m in self.masks.values())
+
+    def weights(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {name: model.get_submodule(name).weight for name in self.masks}
+
+    @torch.no_grad()
+    def restore_off_support(self, model: nn.Module) -> None:
+        """W ← where(S, W, frozen): undo any change off S (e.g. AdamW weight decay)."""
+        for name, weight in self.weights(model).items():
+            mask = self.masks[name].to(weight.device)
+            torch.where(mask, weight, self.frozen[name].to(weight.device), out=weight.data)
+
+    def mask_gradients(self, model: nn.Module) -> list:
+        """Tensor hooks zeroing the gradient off S; returns the handles."""
+        handles = []
+        for name, weight in self.weights(model).items():
+            mask = self.masks[name].to(weight.device)
+            handles.append(weight.register_hook(lambda grad, m=mask: grad * m))
+        return handles
+
+    @torch.no_grad()
+    def off_support_drift(self, model: nn.Module) -> float:
+        """max |W − frozen| off S over all sieved layers (0.0 when isolation held)."""
+        drift = 0.0
+        for name, weight in self.weights(model).items():
+            off = ~self.masks[name].to(weight.device)
+            diff = (weight - self.frozen[name].to(weight.device)).abs()[off]
+            drift = max(drift, float(diff.max()) if diff.numel() else 0.0)
+        return drift
+
+    def state(self) -> dict:
+        """Plain tensors for a checkpoint."""
+        return {
+            "masks": self.masks, "frozen": self.frozen,
+            "bases": {n: {"qweight": b.qweight, "scales": b.scales, "zeros": b.zeros,
+                          "shape": b.shape, "group_size": b.group_size, "bits": b.bits}
+                      for n, b in self.bases.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> "IsolatedSupport":
+        bases = {n: QuantisedBase(b["qweight"], b["scales"], b["zeros"], tuple(b["shape"]),
+                                  b["group_size"], b["bits"]) for n, b in state["bases"].items()}
+        return cls(state["masks"], bases, state["frozen"])
+
+
+def build_isolation(model: nn.Module, config: IsolationConfig,
+                    public_batches: Callable[[], Iterable[dict]],
+                    canary_batches: Callable[[], Iterable[dict]],
+                    loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> IsolatedSupport:
+    """Bases, supports and frozen values for `model` at its pre-fine-tuning weights.
+
+    `public_batches()` / `canary_batches()` return fresh iterables of LM batches; only the
+    ones the chosen support needs are drawn (canary batches only for 'saliency_canary').
+    The model's weights are not changed here (see `apply_isolation`).
+    """
+    modules = linear_layers(model, include_lm_head=config.include_lm_head)
+    if not modules:
+        raise ValueError("the model has no nn.Linear layers to isolate")
+    need_h = config.quant.method == "gptq" or config.support == "impact"
+    hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
+                if need_h else {})
+    bases = {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
+             for name, m in modules.items()}
+
+    if config.support == "impact":
+        masks = {name: impact_support(m.weight, bases[name], hessians[name], config.rho, config.quant.damp)
+                 for name, m in modules.items()}
+    elif config.support == "random":
+        generator = torch.Generator().manual_seed(config.seed)
+        masks = {name: random_support(tuple(m.weight.shape), config.rho, generator).to(m.weight.device)
+                 for name, m in modules.items()}
+    else:
+        source = canary_batches if config.support == "saliency_canary" else public_batches
+        batches = _take(source(), config.saliency_batches)
+        masks = saliency_support(gradient_saliency(model, modules, batches, loss_fn), config.rho)
+
+    frozen = {}
+    for name, m in modules.items():
+        off = bases[name].dequantise() if config.train_on_base else m.weight.detach().float()
+        frozen[name] = off.to(m.weight.dtype).clone()
+    return IsolatedSupport(masks, bases, frozen)
+
+
+def _take(batches: Iterable[dict], count: int) -> list[dict]:
+    out = []
+    for batch in batches:
+        if len(out) >= count:
+            break
+        out.append(batch)
+    return out
+
+
+@torch.no_grad()
+def apply_isolation(model: nn.Module, isolated: IsolatedSupport) -> None:
+    """Freeze everything but the sieved linears' weights and set their off-S entries."""
+    trainable = {id(w) for w in isolated.weights(model).values()}
+    for param in model.parameters():
+        if id(param) not in trainable:
+            param.requires_grad_(False)
+    isolated.restore_off_support(model)

@@ -1,0 +1,236 @@
+"""The kill-switch table: sieve a fine-tuned model every way and measure each α (no Lightning).
+
+Rows (one per model evaluated), keys `variant, alpha, rho, extraction_rate, exposure_mean,
+mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
+- references: `fp32` (the fine-tuned model), `intK_rtn` / `intK_gptq` (it, quantised),
+  `nf4` / `fp4` (bitsandbytes), `pre_sft` (the public model before fine-tuning) and
+  `intK_pre_sft` (its base stream: Q(W_pre), the model α = 0 of `delta`/`isolated` is);
+- sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
+  every α of the list.
+bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
+entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
+row counts the base stream only (the base file alone is that model); α > 0 rows count both.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kernels import QuantisedBase
+from ortho_train.curvature import linear_layers
+from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.ortho_linear import set_alpha
+from ortho_train.quantisation import QuantSpec, bnb_bits_per_weight, bnb_fake_quantise
+from ortho_train.sieve.core import SievedLayer, SieveSpec
+from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
+
+ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_auc_loss",
+            "public_ppl", "bits_per_weight", "ortho_density")
+EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "base", "seconds")
+_INT_REF = re.compile(r"int([2348])_(rtn|gptq|pre_sft)")
+
+
+@dataclass
+class TableConfig:
+    """What the kill-switch table contains and how it is measured."""
+
+    variants: list[str] = field(default_factory=lambda: ["posthoc", "delta", "isolated"])
+    references: list[str] = field(default_factory=lambda: ["fp32", "int4_rtn", "int4_gptq", "nf4",
+                                                           "pre_sft", "int4_pre_sft"])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    rhos: list[float] = field(default_factory=lambda: [0.01])
+    spec: SieveSpec = field(default_factory=SieveSpec)
+    include: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
+    exposure_references: int | None = 1000
+    exposure_canaries: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in self.references:
+            if name not in ("fp32", "nf4", "fp4", "pre_sft") and not _INT_REF.fullmatch(name):
+                raise ValueError(f"unknown reference {name!r}: use fp32, nf4, fp4, pre_sft or "
+                                 f"int{{2,3,4,8}}_{{rtn,gptq,pre_sft}}")
+        for variant in self.variants:
+            if variant not in ("posthoc", "delta", "isolated"):
+                raise ValueError(f"unknown sieve variant {variant!r}")
+
+
+def _fake_quantised(model: nn.Module, quant_type: str, include_lm_head: bool) -> nn.Module:
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for linear in linear_layers(out, include_lm_head).values():
+            linear.weight.copy_(bnb_fake_quantise(linear.weight, quant_type))
+    return out
+
+
+class KillSwitchTable:
+    """Builds and evaluates the rows; `run()` returns them as a list of dicts.
+
+    Args:
+        model: the fine-tuned model (not modified; copies are sieved).
+        pre_model: the pre-fine-tuning model (same architecture) or None.
+        probe: the `MemorisationProbe` of the run.
+        hessians_of: callable(model) -> {layer: H} over public calibration text.
+        isolated: (supports, bases, rho) of an isolated fine-tune, or None.
+        log: callable(str) for progress lines.
+    """
+
+    def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
+                 hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
+                 isolated: tuple[dict, dict[str, QuantisedBase], float] | None = None,
+                 log: Callable[[str], None] = print):
+        self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
+        self.hessians_of, self.isolated, self.log = hessians_of, isolated, log
+        self._hessians: dict[int, dict] = {}
+        self.rows: list[dict] = []
+
+    # ----------------------------------------------------------------- pieces
+    def hessians(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if id(model) not in self._hessians:
+            self._hessians[id(model)] = self.hessians_of(model)
+        return self._hessians[id(model)]
+
+    def _spec(self, bits: int | None = None, method: str | None = None, rho: float | None = None) -> SieveSpec:
+        s = self.config.spec
+        quant = QuantSpec(method or s.quant.method, bits or s.quant.bits, s.quant.group_size,
+                          s.quant.damp, s.quant.block_size, s.quant.act_order, s.quant.static_groups)
+        return SieveSpec(quant, s.rho if rho is None else rho, s.selection, s.beta, s.dqc,
+                         s.dqc_gamma, s.hop_beta, s.include_lm_head)
+
+    def _require_pre(self, what: str) -> nn.Module:
+        if self.pre_model is None:
+            raise ValueError(f"{what} needs the pre-fine-tuning model (none was given)")
+        return self.pre_model
+
+    def pre_bases(self, bits: int) -> tuple[dict[str, QuantisedBase], str]:
+        """Q(W_pre): the isolated fine-tune's own bases when it has them at these bits."""
+        if self.isolated is not None:
+            bases = self.isolated[1]
+            first = next(iter(bases.values()))
+            if first.bits == bits:
+                return bases, "isolated SFT base"
+        pre = self._require_pre("a pre-fine-tuning base")
+        spec = self._spec(bits)
+        layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.method == "gptq" else None)
+        return {n: layer.base for n, layer in layers.items()}, spec.quant.name
+
+    def _evaluate(self, model: nn.Module) -> dict:
+        c = self.config
+        return evaluate_memorisation(model, self.probe, exposure_canaries=c.exposure_canaries,
+                                     exposure_references=c.exposure_references, include=tuple(c.include))
+
+    def _row(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
+             base: str | None) -> dict:
+        start = time.perf_counter()
+        found = self._evaluate(model)
+        row = {"variant": variant, "alpha": alpha, "rho": rho,
+               **{k: found.get(k) for k in ROW_KEYS[3:7]},
+               "bits_per_weight": bits, "ortho_density": density,
+               "holdout_extraction_rate": found.get("holdout_extraction_rate"),
+               "symbol_accuracy": found.get("symbol_accuracy"), "base": base,
+               "seconds": round(time.perf_counter() - start, 1)}
+        self.rows.append(row)
+        self.log(format_row(row))
+        return row
+
+    def _sieved_rows(self, variant: str, layers: dict[str, SievedLayer], rho: float, base: str) -> None:
+        dual = build_dual_stream_model(self.model, layers)
+        stats = stream_stats(dual)
+        for alpha in self.config.alphas:
+            set_alpha(dual, alpha)
+            bits = stats["bits_per_weight"] if alpha != 0 else stats["base_bits_per_weight"]
+            self._row(variant, dual, alpha, rho, bits, stats["ortho_density"], base)
+
+    # ------------------------------------------------------------------- rows
+    def reference(self, name: str) -> None:
+        inc_head = self.config.spec.include_lm_head
+        if name == "fp32":
+            self._row("fp32", self.model, None, None, 32.0, 0.0, None)
+        elif name == "pre_sft":
+            self._row("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
+        elif name in ("nf4", "fp4"):
+            self._row(name, _fake_quantised(self.model, name, inc_head), None, None,
+                      bnb_bits_per_weight(), 0.0, f"bitsandbytes {name} blocksize 64")
+        else:
+            bits, kind = _INT_REF.fullmatch(name).groups()
+            bits = int(bits)
+            if kind == "pre_sft":
+                bases, how = self.pre_bases(bits)
+                layers = {n: SievedLayer(b, _empty(b), {}) for n, b in bases.items()}
+                dual = build_dual_stream_model(self._require_pre(name), layers)
+            else:
+                spec = self._spec(bits, kind)
+                layers = quantised_layers(self.model, spec, self.hessians(self.model) if kind == "gptq" else None)
+                dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
+            self._row(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
+
+    def variant(self, variant: str) -> None:
+        if variant == "isolated":
+            if self.isolated is None:
+                self.log("isolated: skipped (the model was not fine-tuned with isolation)")
+                return
+            supports, bases, rho = self.isolated
+            spec = self._spec(next(iter(bases.values())).bits)
+            layers = sieve_model(self.model, "isolated", spec, supports=supports, bases=bases)
+            self._sieved_rows("isolated", layers, rho, "isolated SFT base")
+            return
+        for rho in self.config.rhos:
+            spec = self._spec(rho=rho)
+            if variant == "posthoc":
+                layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model))
+                base = f"{spec.quant.name} of the fine-tuned weights"
+            else:
+                pre = self._require_pre("the delta sieve")
+                bases, how = self.pre_bases(spec.quant.bits)
+                layers = sieve_model(self.model, "delta", spec, self.hessians(pre),
+                                     pre_state=pre.state_dict(), bases=bases)
+                base = how
+            self._sieved_rows(variant, layers, rho, base)
+
+    def run(self) -> list[dict]:
+        for name in self.config.references:
+            self.reference(name)
+        for variant in self.config.variants:
+            self.variant(variant)
+        return self.rows
+
+
+def _empty(base: QuantisedBase):
+    from kernels import OrthoStream
+
+    return OrthoStream.empty(base.shape, base.device)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['variant']:>13} α={_fmt(row['alpha'], 2)} ρ={_fmt(row['rho'], 3)}: "
+            f"extraction {_fmt(row['extraction_rate'], 2)}, exposure {_fmt(row['exposure_mean'], 2)}, "
+            f"MIA AUC {_fmt(row['mia_auc_loss'])}, PPL {_fmt(row['public_ppl'])}, "
+            f"{_fmt(row['bits_per_weight'], 2)} bits/w, density {_fmt(row['ortho_density'], 4)} "
+            f"({row['seconds']} s)")
+
+
+def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
+    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) | public PPL "
+            "| bits/weight | ortho density | base |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {_fmt(r['alpha'], 2)} | {_fmt(r['rho'], 3)} | "
+            f"{_fmt(r['extraction_rate'], 2)} | {_fmt(r.get('holdout_extraction_rate'), 2)} | "
+            f"{_fmt(r['exposure_mean'], 2)} | {_fmt(r['mia_auc_loss'])} | {_fmt(r['public_ppl'])} | "
+            f"{_fmt(r['bits_per_weight'], 2)} | {_fmt(r['ortho_density'], 4)} | {r.get('base') or ''} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"

@@ -1,0 +1,118 @@
+"""SieveCallback: the kill-switch table of a tiny isolated canary fine-tune, end to end."""
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from callbacks.sieve import SieveCallback
+from ortho_train.datamodule import CanaryDataModule
+from ortho_train.models import TinyLlamaConfig
+from ortho_train.ortho_linear import ortho_layers
+from ortho_train.quantisation import QuantSpec
+from ortho_train.sft_module import CanarySFTModule
+from ortho_train.sieve import load_sieved
+from ortho_train.sieve.isolation import IsolationConfig
+from ortho_train.sieve.table import ROW_KEYS
+
+REFERENCES = ["fp32", "int4_rtn", "int4_gptq", "nf4", "pre_sft", "int4_pre_sft"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sieve_cb")
+    module = CanarySFTModule(
+        tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
+        sft_warmup_steps=1, eval_during_validation=False, val_exposure_references=20,
+        isolation=IsolationConfig(support="random", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+                                  calibration_batches=2),
+    )
+    callback = SieveCallback(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05],
+                             method="rtn", group_size=32, calibration_batches=2,
+                             metrics=["extraction", "exposure", "mia", "ppl"], exposure_references=10)
+    logger = CSVLogger(tmp, name="cb")
+    trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False)
+    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+                          num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50)
+    trainer.fit(module, datamodule=dm)
+    return module, callback, module.run_dir
+
+
+def test_table_rows_keys_and_variants(run):
+    module, callback, run_dir = run
+    rows = json.loads((run_dir / "sieve_table.json").read_text())
+    assert [r["variant"] for r in rows] == REFERENCES + ["posthoc"] * 2 + ["delta"] * 2 + ["isolated"] * 2
+    for row in rows:
+        assert set(ROW_KEYS) <= row.keys()
+        for key in ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl", "bits_per_weight"):
+            assert isinstance(row[key], float), (row["variant"], key)
+    by = {(r["variant"], r["alpha"]): r for r in rows}
+    assert by[("int4_rtn", None)]["bits_per_weight"] == pytest.approx(4 + 32 / 32)
+    assert by[("nf4", None)]["bits_per_weight"] == 4.5 and by[("fp32", None)]["bits_per_weight"] == 32
+    assert by[("isolated", 0.0)]["rho"] == 0.05
+    assert by[("isolated", 1.0)]["ortho_density"] == pytest.approx(0.05, abs=0.002)
+    # α=0 of the isolated sieve *is* the quantised public model, α=0 of RTN posthoc *is* INT4 RTN
+    for key in ("public_ppl", "extraction_rate", "mia_auc_loss", "exposure_mean"):
+        assert by[("isolated", 0.0)][key] == by[("int4_pre_sft", None)][key], key
+        assert by[("posthoc", 0.0)][key] == by[("int4_rtn", None)][key], key
+    # α=0 is the base file alone; α=1 adds 48-bit COO entries
+    assert by[("posthoc", 0.0)]["bits_per_weight"] == by[("int4_rtn", None)]["bits_per_weight"]
+    assert by[("posthoc", 1.0)]["bits_per_weight"] == pytest.approx(
+        5.0 + 48 * by[("posthoc", 1.0)]["ortho_density"])
+    md = (run_dir / "sieve_table.md").read_text()
+    assert md.startswith("| variant | α | ρ |") and "isolated" in md
+    assert callback.markdown == md
+
+
+def test_logs_and_isolated_artifacts(run):
+    module, callback, run_dir = run
+    assert set(callback.tables) == {7}
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "sieve/isolated_rho0.05_a0/public_ppl" in header and "sieve/fp32/extraction_rate" in header
+    dual = load_sieved(run_dir / "sieved_isolated")
+    base_only = load_sieved(run_dir / "sieved_isolated", with_ortho=False)
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        trained = module.model.eval()(ids).logits
+        assert (dual(ids).logits - trained).abs().max() < 2e-3
+        assert sum(m.nnz for m in ortho_layers(base_only).values()) == 0
+
+
+def test_no_secret_in_table_files(run):
+    module, _, run_dir = run
+    dm = module.trainer.datamodule
+    secrets = [c.secret for c in dm.canaries.members + dm.canaries.holdout]
+    for path in run_dir.glob("sieve_table*"):
+        text = path.read_text()
+        assert not any(s in text for s in secrets), path.name
+
+
+def test_periodic_tables(tmp_path):
+    module = CanarySFTModule(tiny_llama=TinyLlamaConfig(16, 1, 2, 32), public_steps=2, warmup_steps=1,
+                             sft_warmup_steps=1, eval_during_validation=False,
+                             isolation=IsolationConfig(support="random", rho=0.1,
+                                                       quant=QuantSpec("rtn", 4, 16)))
+    callback = SieveCallback(every_n_steps=2, references=["fp32"], variants=["isolated"], alphas=[0.0],
+                             metrics=["ppl"], group_size=16, calibration_batches=1)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    dm = CanaryDataModule(seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
+                          num_member_canaries=2, num_holdout_canaries=2, num_reference_secrets=10)
+    trainer.fit(module, datamodule=dm)
+    assert set(callback.tables) == {4, 5}  # canary steps 2..4; the last table at fit end
+    rows = json.loads((tmp_path / "sieve_table_step4.json").read_text())
+    assert [(r["variant"], r["alpha"]) for r in rows] == [("fp32", None), ("isolated", 0.0)]
+    assert (tmp_path / "sieve_table.json").is_file() and (tmp_path / "sieve_table_step4.md").is_file()
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown reference"):
+        SieveCallback(references=["int5_rtn"])
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SieveCallback(every_n_steps=-1)
+    with pytest.raises(ValueError, match="variant"):
+        SieveCallback(variants=["magic"])

@@ -1,0 +1,113 @@
+"""Isolation by construction: supports fixed before SFT, nothing moves off S, α=0 is Q(W_pre)."""
+import lightning as L
+import pytest
+import torch
+
+from ortho_train.curvature import linear_layers
+from ortho_train.datamodule import CanaryDataModule
+from ortho_train.evaluation import pad_collate
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.ortho_linear import set_alpha
+from ortho_train.quantisation import QuantSpec
+from ortho_train.sft_module import CanarySFTModule
+from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model
+from ortho_train.sieve.core import SievedLayer
+from ortho_train.sieve.isolation import IsolationConfig, build_isolation
+from kernels import OrthoStream
+
+
+def _datamodule():
+    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+                          num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def isolated_fit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("iso")
+    module = CanarySFTModule(
+        tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
+        sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
+        isolation=IsolationConfig(support="saliency_canary", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+                                  calibration_batches=2),
+    )
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0)
+    dm = _datamodule()
+    trainer.fit(module, datamodule=dm)
+    return module, dm
+
+
+def test_no_weight_moves_off_the_support(isolated_fit):
+    module, _ = isolated_fit
+    support = module.isolated_support
+    pre = module.pre_canary_state_dict
+    moved_on_s = 0
+    for name, weight in support.weights(module.model).items():
+        mask = support.masks[name]
+        assert torch.equal(weight.detach()[~mask], support.frozen[name][~mask]), name  # bit-identical
+        assert torch.equal(support.frozen[name], support.bases[name].dequantise())  # train_on_base
+        moved_on_s += int((weight.detach()[mask] != pre[f"{name}.weight"][mask]).sum())
+    assert moved_on_s > 0.5 * sum(int(m.sum()) for m in support.masks.values())
+    sieved = {f"{n}.weight" for n in support.masks}
+    for key, value in module.model.state_dict().items():
+        if key not in sieved:  # embeddings, norms, LM head: frozen
+            assert torch.equal(value, pre[key]), key
+    assert module.final_metrics["isolation"]["off_support_max_drift"] == 0.0
+    assert module.final_metrics["isolation"]["density"] == pytest.approx(0.05, abs=0.002)
+
+
+@torch.no_grad()
+def test_alpha_zero_is_the_quantised_public_model_and_alpha_one_the_trained_one(isolated_fit):
+    module, dm = isolated_fit
+    support = module.isolated_support
+    trained = module.model.eval()
+    layers = sieve_model(trained, "isolated", SieveSpec(), supports=support.masks, bases=support.bases)
+    dual = build_dual_stream_model(trained, layers)
+    pre = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(dm.tokenizer), 0, 1)
+    pre.load_state_dict(module.pre_canary_state_dict)
+    public_int4 = build_dual_stream_model(pre, {n: SievedLayer(b, OrthoStream.empty(b.shape), {})
+                                                for n, b in support.bases.items()}).eval()
+    ids = pad_collate(dm.probe.members.full_ids, 0)["input_ids"]
+    set_alpha(dual, 0.0)
+    assert torch.equal(dual(ids).logits, public_int4(ids).logits)
+    set_alpha(dual, 1.0)
+    assert (dual(ids).logits - trained(ids).logits).abs().max() < 2e-3  # fp16 ortho values
+
+
+def test_every_support_choice_is_exact_top_rho_and_they_differ():
+    torch.manual_seed(0)
+    dm = _datamodule()
+    model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(dm.tokenizer), 0, 1)
+    public = lambda: dm.public_train_dataloader()  # noqa: E731
+    canary = lambda: [pad_collate(dm.probe.members.full_ids, 0)]  # noqa: E731
+
+    def loss(m, batch):
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {}
+    for support in ("impact", "saliency_public", "saliency_canary", "random"):
+        cfg = IsolationConfig(support=support, rho=0.05, quant=QuantSpec("rtn", 4, 32), calibration_batches=2)
+        iso = build_isolation(model, cfg, public, canary, loss)
+        for name, mask in iso.masks.items():
+            assert int(mask.sum()) == int(torch.tensor(0.05 * mask.numel()).ceil()), (support, name)
+        masks[support] = torch.cat([m.flatten() for m in iso.masks.values()])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])  # building supports does not touch the model
+    names = list(masks)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            overlap = (masks[a] & masks[b]).sum() / masks[a].sum()
+            assert overlap < 0.9, f"{a} and {b} pick nearly the same support ({overlap:.2f})"
+    assert set(iso.masks) == set(linear_layers(model))
+
+
+def test_bad_isolation_settings():
+    with pytest.raises(ValueError, match="support"):
+        IsolationConfig(support="oracle")
+    with pytest.raises(ValueError, match="rho"):
+        IsolationConfig(rho=0.0)
