@@ -220,3 +220,47 @@ def evaluate_memorisation(
         return out
     finally:
         model.train(was_training)
+
+
+def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
+    """The canaries at `indices`, in that order."""
+    return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
+                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
+
+
+UNLEARNING_NAMES = {"extraction_rate": "forget_extraction", "symbol_accuracy": "forget_symbol_accuracy",
+                    "exposure_mean": "forget_exposure", "exposure_skewnorm_mean": "forget_exposure_skewnorm",
+                    "holdout_extraction_rate": "holdout_extraction", "public_ppl": "public_ppl"}
+
+
+def evaluate_unlearning(
+    model,
+    forget_probe: MemorisationProbe,
+    retain_members: TokenisedCanaries | None = None,
+    exposure_references: int | None = None,
+    include: Sequence[str] = ("extraction", "exposure", "mia", "verbmem", "ppl"),
+) -> dict[str, float]:
+    """Forget and retain metrics of an unlearned model (DESIGN.md §3, MUSE), flat floats.
+
+    `forget_probe` has the forget canaries as its members. Keys: `forget_extraction`,
+    `forget_symbol_accuracy`, `forget_exposure` (rank, against the first `exposure_references`
+    references), `forget_exposure_skewnorm`, `forget_mia_auc_{loss,zlib,mink,mink_40,minkpp,
+    minkpp_40}` (forget vs holdout), `forget_verbmem` (ROUGE-L F1 of the greedy continuation of
+    each prefix against its secret + suffix), `holdout_extraction`, `retain_extraction` (the
+    members not forgotten, if any) and `public_ppl`.
+    """
+    found = evaluate_memorisation(model, forget_probe, exposure_references=exposure_references,
+                                  include=[name for name in include if name != "verbmem"])
+    out = {}
+    for key, value in found.items():
+        if key.startswith("mia_auc_"):
+            out[f"forget_{key}"] = value
+        elif key in UNLEARNING_NAMES:
+            out[UNLEARNING_NAMES[key]] = value
+    if "verbmem" in include:
+        members = forget_probe.members
+        continuations = [full[len(prefix):] for prefix, full in zip(members.prefix_ids, members.full_ids)]
+        out["forget_verbmem"] = metrics.verbmem(model, members.prefix_ids, continuations)
+    if "extraction" in include and retain_members is not None and len(retain_members):
+        out["retain_extraction"] = extraction_metrics(model, retain_members)["extraction_rate"]
+    return out
