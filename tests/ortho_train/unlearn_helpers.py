@@ -5,8 +5,10 @@ windows until greedy decoding reproduces every secret; a few seconds on one CPU 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from ortho_train.datamodule import CanaryDataModule
@@ -14,6 +16,25 @@ from ortho_train.evaluation import extraction_metrics, pad_collate
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.tokenization import build_byte_tokenizer
+
+@contextmanager
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a busy core
+    makes every two-thread op wait for it (measured here: 87 s instead of 8 s for the fixture)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Import into a test module to run its tests single-threaded."""
+    with one_thread():
+        yield
+
 
 DATA = dict(seq_len=64, batch_size=4, canary_batch_size=4, val_windows=4, secret_length=4, num_member_canaries=4,
             num_holdout_canaries=16, num_reference_secrets=100, canary_seed=7)
@@ -55,3 +76,14 @@ def train_tiny_canary_model(out_dir: Path, max_steps: int = 400, extra_steps: in
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+_CACHE: dict[str, Path] = {}
+
+
+def cached_tiny_canary_model(tmp_path_factory) -> Path:
+    """One memorised tiny model per test session (pass pytest's `tmp_path_factory`)."""
+    if "model" not in _CACHE:
+        with one_thread():
+            _CACHE["model"] = train_tiny_canary_model(tmp_path_factory.mktemp("tiny_canary_model"))
+    return _CACHE["model"]
