@@ -130,8 +130,10 @@ class UnlearnModule(L.LightningModule):
         self.tokenizer = load_tokenizer(model_path)
         self.original_weights = ptq.effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)
-        # The frozen reference is kept out of the module tree: not trained, not checkpointed.
-        self._reference = copy.deepcopy(self.model).eval().requires_grad_(False) if self.objective.needs_reference else None
+        # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
+        # registration): not trained, not checkpointed, not switched to train mode by Lightning.
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False) if self.objective.needs_reference else None
+        object.__setattr__(self, "_reference", reference)
         if mode == "lora":
             self.model = _wrap_lora(self.model, self.lora_settings)
         elif mode == "mansu":
