@@ -9,8 +9,8 @@ decision boundary of the quantisation grid. The grid at a weight depends on its 
   interval of its level k: between the midpoints ``(c_{k−1}+c_k)/2`` and ``(c_k+c_{k+1})/2``,
   width ``absmax · (c_{k+1} − c_{k−1})/2`` (at the two end levels, where one midpoint is
   missing, the spacing to the one neighbour ``absmax · |c_k − c_{k∓1}|``).
-- INT4 RTN (asymmetric, groups of `group_size` along the input dim): uniform bins of width
-  ``scale = (max − min)/15`` of the group.
+- INT4 RTN (asymmetric, groups of `group_size` along the input dim, `kernels.packing`):
+  uniform bins of width ``scale = (max(0, max) − min(0, min))/15`` of the group.
 
 Bin-crossing fraction = share of updated weights (ΔW ≠ 0) with ``|ΔW| > width/2``, the width
 taken at the original weight. It is a diagnostic, not the exact outcome: a move of half a bin
@@ -63,7 +63,8 @@ def blockwise_bin_width(w: Tensor, quant_type: str = "nf4", blocksize: int = 64)
 
 
 def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:
-    """Per-weight INT-k RTN bin width: the scale ``(max − min)/(2^k − 1)`` of its input-dim group.
+    """Per-weight INT-k RTN bin width: the scale of its input-dim group, as `kernels.packing`
+    computes it, ``(max(0, max w) − min(0, min w)) / (2^k − 1)`` (the range always holds 0).
 
     A ragged last group (d_in not a multiple of group_size) is its own, shorter group.
     """
@@ -71,10 +72,10 @@ def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:
         raise ValueError(f"group_bin_width expects a (d_out, d_in) weight, got {tuple(w.shape)}")
     d_out, d_in = w.shape
     pad = (-d_in) % group_size
-    # Replicating the last column leaves the ragged group's min and max unchanged.
-    padded = torch.nn.functional.pad(w.detach().float().unsqueeze(0), (0, pad), mode="replicate")[0]
+    # zero padding cannot change a range that already contains 0
+    padded = torch.nn.functional.pad(w.detach().float(), (0, pad))
     groups = padded.view(d_out, -1, group_size)  # (d_out, n_groups, group_size)
-    scale = (groups.amax(-1) - groups.amin(-1)) / (2**bits - 1)  # (d_out, n_groups)
+    scale = (groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)) / (2**bits - 1)  # (d_out, n_groups)
     return scale.repeat_interleave(group_size, dim=1)[:, :d_in]  # (d_out, d_in)
 
 

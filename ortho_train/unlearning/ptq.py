@@ -102,7 +102,7 @@ def _int4_round_trip(w: Tensor, group_size: int) -> Tensor:
         raise RuntimeError("INT4 needs kernels.packing (group_quantise/group_dequantise), which this "
                            "branch does not have yet: merge main or drop 'int4' from the formats") from error
     codes, scales, zeros = group_quantise(w.float(), bits=4, group_size=group_size)
-    return group_dequantise(codes, scales, zeros, bits=4, group_size=group_size).to(w.dtype).view_as(w)
+    return group_dequantise(codes, scales, zeros, group_size).to(w.dtype).view_as(w)
 
 
 def fake_quantise(w: Tensor, fmt: str, settings: QuantSettings) -> Tensor:

@@ -50,8 +50,9 @@ def test_nearest_level_agrees_with_bitsandbytes_rounding():
 
 
 def test_group_bin_width_int4_golden_with_ragged_group():
-    w = torch.tensor([[0.0, 1.5, 3.0, 0.0, 15.0]])  # groups of 2: [0,1.5] [3,0] [15]
-    torch.testing.assert_close(bins.group_bin_width(w, group_size=2), torch.tensor([[0.1, 0.1, 0.2, 0.2, 0.0]]))
+    w = torch.tensor([[0.0, 1.5, 3.0, 0.0, 15.0], [1.0, 2.5, -3.0, -1.5, 0.0]])  # groups of 2, last ragged
+    expected = torch.tensor([[0.1, 0.1, 0.2, 0.2, 1.0], [2.5 / 15, 2.5 / 15, 0.2, 0.2, 0.0]])  # range holds 0
+    torch.testing.assert_close(bins.group_bin_width(w, group_size=2), expected)
 
 
 def test_bin_crossing_and_dequantised_change_counts():
