@@ -58,8 +58,10 @@ class PTQGapCallback(L.Callback):
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
         every_n_steps: evaluate every n optimiser steps (0: only before and after training).
         evaluate_before: also measure the starting model (keys `*_before`).
-        exposure_references: reference secrets for exposure during training (None: all).
-        final_exposure_references: reference secrets for exposure at the end (None: all).
+        exposure_references: reference secrets for the rank exposure during training (None: all).
+        final_exposure_references: reference secrets for the rank exposure before and at the end
+            (None: all; after unlearning each costs a full scoring per forget canary).
+        skewnorm_references: references the skew-normal exposure is fitted to.
         max_extraction_gap: largest tolerated forget extraction gap (quantised − fp).
         fail_on_gap: raise `PTQGapError` at fit end when a gap exceeds `max_extraction_gap`.
     """
@@ -75,8 +77,9 @@ class PTQGapCallback(L.Callback):
         lora_deployments: list[str] | None = None,
         every_n_steps: int = 0,
         evaluate_before: bool = True,
-        exposure_references: int | None = 1000,
-        final_exposure_references: int | None = None,
+        exposure_references: int | None = 200,
+        final_exposure_references: int | None = 1000,
+        skewnorm_references: int = 200,
         max_extraction_gap: float = 0.05,
         fail_on_gap: bool = False,
     ):
@@ -93,6 +96,7 @@ class PTQGapCallback(L.Callback):
         self.evaluate_before = evaluate_before
         self.exposure_references = exposure_references
         self.final_exposure_references = final_exposure_references
+        self.skewnorm_references = skewnorm_references
         self.max_extraction_gap = max_extraction_gap
         self.fail_on_gap = fail_on_gap
         self.results: dict | None = None
@@ -113,7 +117,8 @@ class PTQGapCallback(L.Callback):
         """`{metric}_{variant}` for variant fp and each quantised copy, and `ptq_gap_*`."""
         def evaluate(model):
             return evaluate_unlearning(model, module.forget_probe, module.retain_members,
-                                       exposure_references=exposure_references)
+                                       exposure_references=exposure_references,
+                                       skewnorm_references=self.skewnorm_references)
 
         found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
         for name, fmt, deployment in self.variants(module):
