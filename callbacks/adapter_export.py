@@ -75,10 +75,20 @@ def card_markdown(card: dict) -> str:
                      f"(updated weights {diag.get('updated_weights')})")
     rows = card.get("ptq_table", [])
     if rows:
-        columns = [c for c in rows[0] if c != "metric"]
-        lines += ["", "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for row in rows:
-            lines.append(f"| {row['metric']} | " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+        # one line per model (variant), one column per metric: the PTQ gap reads down a column
+        variants = ["fp"] + [c for c in rows[0] if c not in ("metric", "fp", "before_fp")
+                             and not c.startswith(("gap_", "before_"))]
+        lines += ["", "| model | " + " | ".join(row["metric"] for row in rows) + " | extraction gap |",
+                  "|---" * (len(rows) + 2) + "|"]
+        for when in ("before", "after"):
+            for variant in variants:
+                key = variant if when == "after" else f"before_{variant}"
+                if all(row.get(key) is None for row in rows):
+                    continue
+                gap = next((row.get(f"gap_{variant}") for row in rows if row["metric"] == "forget_extraction"), None)
+                gap_cell = _cell(gap) if when == "after" and variant != "fp" else ""
+                lines.append(f"| {variant} ({when}) | " + " | ".join(_cell(row.get(key)) for row in rows)
+                             + f" | {gap_cell} |")
     else:
         lines += ["", "PTQ gap not measured (no PTQGapCallback ran before this export)."]
     return "\n".join(lines) + "\n"

@@ -201,12 +201,19 @@ class UnlearnModule(L.LightningModule):
         return perplexity(self.model, [batch])
 
     def _attribution_data(self):
+        """All forget batches; enough public batches for the attribution (and the MANSU retain
+        gradients), then the retain canaries."""
         dm = self.trainer.datamodule
         forget = list(dm.forget_dataloader(shuffle=False))
+        wanted = max(self.hparams.attribution_batches, 1)
+        if self.mode == "mansu":
+            per_batch = dm.hparams.batch_size
+            wanted = max(wanted, self.mansu_settings.attribution_batches,
+                         -(-self.mansu_settings.retain_sequences // per_batch))
         retain = []
         for batch in dm.public_train_dataloader():
             retain.append(batch)
-            if len(retain) == max(self.hparams.attribution_batches, 1):
+            if len(retain) == wanted:
                 break
         canaries = dm.retain_canary_dataloader()  # members kept: part of what must not change
         return forget, retain + (list(canaries) if canaries is not None else [])

@@ -74,7 +74,8 @@ def test_metrics_card_states_method_losses_quantisation_and_gap(lora_run):
     assert rows["public_ppl"]["fp"] == gap["public_ppl_fp"]
     assert card["training"]["steps"] == 3
     markdown = (run_dir / "metrics_card.md").read_text()
-    assert "lora / npo_gdr" in markdown and "| forget_extraction |" in markdown and "nf4_adapter" in markdown
+    assert "lora / npo_gdr" in markdown and "| model | forget_extraction |" in markdown
+    assert "| nf4_adapter (after) |" in markdown and "| fp (after) |" in markdown
 
 
 def test_full_run_without_ptq_exports_the_model_and_says_so(model_dir, tmp_path):
