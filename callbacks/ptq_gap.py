@@ -150,7 +150,7 @@ class PTQGapCallback(L.Callback):
         out["quantised_linear_weights"] = sum(w.numel() for w in weights.values())
         out["bin_crossing_fraction"] = out[f"bin_crossing_fraction_{self.formats[0]}"]
         deltas = [(weights[n] - module.original_weights[n]).abs() for n in weights]
-        moved = torch.cat([d.reshape(-1) for d in deltas])
+        moved = torch.cat([d.reshape(-1) for d in deltas])  # (all quantised weights,)
         moved = moved[moved > 0]
         out["median_abs_update"] = float(moved.median()) if moved.numel() else 0.0
         return out

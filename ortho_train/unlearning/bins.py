@@ -59,7 +59,7 @@ def blockwise_bin_width(w: Tensor, quant_type: str = "nf4", blocksize: int = 64)
     normalised = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)
     level = torch.bucketize(normalised.contiguous(), mids)  # (n_blocks, blocksize) nearest level
     width = widths[level] * absmax  # (n_blocks, blocksize)
-    return width.reshape(-1)[:n].view(w.shape)
+    return width.reshape(-1)[:n].view(w.shape)  # (n_blocks, blocksize) -> w.shape
 
 
 def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:

@@ -40,6 +40,7 @@ def build_mansu_plan(model: nn.Module, forget_batches: Sequence[Mapping[str, Ten
         raise ValueError("MANSU: the forget set is empty")
     retain_scores = unit_attribution(model, retain_batches[:settings.attribution_batches], sequence_nll, names)
     row_masks = select_components(forget_scores, retain_scores, settings.component_fraction)
+    # row mask (d_out,) -> entry mask (d_out, d_in): a component is a whole weight row
     masks = {n: row_masks[n].to(params[n].device).unsqueeze(1).expand_as(params[n]).clone() for n in names}
     selected = [n for n in names if masks[n].any()]
     if not selected:

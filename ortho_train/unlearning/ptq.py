@@ -116,7 +116,7 @@ def fake_quantise(w: Tensor, fmt: str, settings: QuantSettings) -> Tensor:
     data = w.detach().float().contiguous().cpu()
     packed, state = bnb_functional.quantize_4bit(data, blocksize=settings.blocksize, quant_type=fmt,
                                                  compress_statistics=settings.double_quant)
-    return bnb_functional.dequantize_4bit(packed, state).float().view(w.shape)
+    return bnb_functional.dequantize_4bit(packed, state).float().view(w.shape)  # (d_out, d_in)
 
 
 def _to_linear4bit(linear: nn.Linear, fmt: str, settings: QuantSettings) -> nn.Module:
