@@ -8,9 +8,16 @@ during the public-only warm-up), so the mixing ratio is exact and seeded.
 Splits: train (public windows + member canaries), val (held-out public windows), and the
 `MemorisationProbe` (members, holdout canaries never trained, reference secrets) that every
 evaluation in ortho-train shares.
+
+Unlearning (`train_split="unlearn"`): the forget set F is the member canaries listed in
+`forget_members` (all members by default), labelled on their answer tokens only (`forget_target`:
+the secret by default; the prefix is the prompt); the retain set R is the public windows plus
+the remaining members; holdout canaries stay the non-members for MIA. Training batches are then
+`{"forget": …, "retain": …[, "retain_canary": …]}`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import lightning as L
@@ -19,8 +26,37 @@ from torch.utils.data import DataLoader, Dataset
 
 from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
 from ortho_train.corpus import CorpusError, load_corpus
-from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate
+from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
 from ortho_train.tokenization import encode_text, load_tokenizer
+
+
+FORGET_TARGETS = ("secret", "secret_suffix", "full")
+
+
+def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[int]:
+    if forget_members is None:
+        return list(range(num_members))
+    if len(forget_members) == 0:
+        raise ValueError("the forget set is empty (forget_members=[]): list member indices, or None for all")
+    bad = [i for i in forget_members if not 0 <= i < num_members]
+    if bad:
+        raise ValueError(f"forget_members {bad} out of range: there are {num_members} member canaries")
+    if len(set(forget_members)) != len(forget_members):
+        raise ValueError(f"forget_members has duplicates: {forget_members}")
+    return list(forget_members)
+
+
+def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad `(ids, answer_start, answer_end)` items; labels are −100 outside [start, end)."""
+    longest = max(len(ids) for ids, _, _ in items) if length is None else length
+    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for row, (ids, start, end) in enumerate(items):
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, start:end] = ids[start:end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class PublicWindows(Dataset):
@@ -77,6 +113,9 @@ class CanaryDataModule(L.LightningDataModule):
         num_reference_secrets: secrets sampled from R for exposure (≥ 10,000 for rank exposure).
         canary_seed: seeds secrets and references.
         num_workers: DataLoader workers.
+        train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
+        forget_members: indices of the member canaries to forget (None: all members).
+        forget_target: answer tokens of a forget canary: 'secret', 'secret_suffix' or 'full'.
     """
 
     def __init__(
@@ -98,6 +137,9 @@ class CanaryDataModule(L.LightningDataModule):
         num_reference_secrets: int = 10_000,
         canary_seed: int = 1234,
         num_workers: int = 0,
+        train_split: str = "sft",
+        forget_members: list[int] | None = None,
+        forget_target: str = "secret",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -110,11 +152,50 @@ class CanaryDataModule(L.LightningDataModule):
             seed=canary_seed,
         )
         self.canaries: CanarySet = make_canaries(self.canary_spec)  # validates the spec early
+        if train_split not in ("sft", "unlearn"):
+            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
+        if forget_target not in FORGET_TARGETS:
+            raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
+        self.forget_indices = _forget_indices(forget_members, num_member_canaries)
         self.tokenizer = load_tokenizer(tokenizer)
         self._train_public: PublicWindows | None = None
         self._val_public: PublicWindows | None = None
         self._member_sequences: list[torch.Tensor] = []
         self._probe: MemorisationProbe | None = None
+
+    @property
+    def forget_probe(self) -> MemorisationProbe:
+        """The probe with the forget canaries as members (holdout and references unchanged)."""
+        probe = self.probe
+        return replace(probe, members=subset_canaries(probe.members, self.forget_indices))
+
+    @property
+    def retain_members(self) -> TokenisedCanaries:
+        """Member canaries that are not forgotten (possibly none)."""
+        keep = [i for i in range(len(self.probe.members)) if i not in set(self.forget_indices)]
+        return subset_canaries(self.probe.members, keep)
+
+    def forget_dataloader(self, shuffle: bool = True) -> DataLoader:
+        """Forget canaries, labelled on their answer tokens only (−100 on prompt and pads)."""
+        members, target = self.probe.members, self.hparams.forget_target
+        items = []
+        for i in self.forget_indices:
+            prompt, secret, full = (len(members.prefix_ids[i]), len(members.secret_ids[i]), len(members.full_ids[i]))
+            start, end = (0, full) if target == "full" else (prompt, prompt + secret if target == "secret" else full)
+            items.append((members.full_ids[i], start, end))
+        batch = min(self.hparams.canary_batch_size, len(items))
+        collate = partial(answer_collate, pad_token_id=self.tokenizer.pad_token_id)
+        return self._loader(SequenceList(items), batch, shuffle=shuffle, collate=collate)
+
+    def retain_canary_dataloader(self) -> DataLoader | None:
+        """Remaining members (labels on every token, as in SFT), padded to `seq_len`; None if none."""
+        members = self.retain_members
+        if len(members) == 0:
+            return None
+        items = [(ids, 0, len(ids)) for ids in members.full_ids]
+        collate = partial(answer_collate, pad_token_id=self.tokenizer.pad_token_id, length=self.hparams.seq_len)
+        return self._loader(SequenceList(items), min(self.hparams.canary_batch_size, len(items)), shuffle=True,
+                            collate=collate, drop_last=True)
 
     def _tokenise_canaries(self, canaries) -> TokenisedCanaries:
         return TokenisedCanaries.from_canaries(canaries, lambda text: encode_text(self.tokenizer, text))
@@ -166,6 +247,12 @@ class CanaryDataModule(L.LightningDataModule):
         return self._loader(self._train_public, self.hparams.batch_size, shuffle=True, drop_last=True)
 
     def train_dataloader(self) -> dict[str, DataLoader]:
+        if self.hparams.train_split == "unlearn":
+            loaders = {"forget": self.forget_dataloader(), "retain": self.public_train_dataloader()}
+            retain_canaries = self.retain_canary_dataloader()
+            if retain_canaries is not None:
+                loaders["retain_canary"] = retain_canaries
+            return loaders
         pad_id = self.tokenizer.pad_token_id
         canary_loader = self._loader(
             SequenceList(self._member_sequences),

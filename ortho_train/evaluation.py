@@ -220,3 +220,57 @@ def evaluate_memorisation(
         return out
     finally:
         model.train(was_training)
+
+
+def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
+    """The canaries at `indices`, in that order."""
+    return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
+                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
+
+
+def evaluate_unlearning(
+    model,
+    forget_probe: MemorisationProbe,
+    retain_members: TokenisedCanaries | None = None,
+    exposure_references: int | None = None,
+    skewnorm_references: int = 200,
+    include: Sequence[str] = ("extraction", "exposure", "mia", "verbmem", "ppl"),
+) -> dict[str, float]:
+    """Forget and retain metrics of an unlearned model (DESIGN.md §3, MUSE), flat floats.
+
+    `forget_probe` has the forget canaries as its members. Keys: `forget_extraction`,
+    `forget_symbol_accuracy`, `holdout_extraction`, `retain_extraction` (the members not
+    forgotten, if any); `forget_exposure` (rank against the first `exposure_references`
+    references: at most log2 of their number) and `forget_exposure_skewnorm` (fitted to the
+    first `skewnorm_references`); `forget_mia_auc_{loss,zlib,mink,mink_40,minkpp,minkpp_40}`
+    (forget vs holdout); `forget_verbmem` (ROUGE-L F1 of the greedy continuation of each prefix
+    against its secret + suffix); `public_ppl`. After unlearning the secrets are no longer
+    likely, so exposure scores nearly every reference in full: its cost grows with the number
+    of references, which is why both counts are parameters here.
+    """
+    was_training = model.training
+    model.eval()
+    members = forget_probe.members
+    out: dict[str, float] = {}
+    try:
+        if "extraction" in include:
+            found = extraction_metrics(model, members)
+            out["forget_extraction"], out["forget_symbol_accuracy"] = found["extraction_rate"], found["symbol_accuracy"]
+            if len(forget_probe.holdout):
+                out["holdout_extraction"] = extraction_metrics(model, forget_probe.holdout)["extraction_rate"]
+            if retain_members is not None and len(retain_members):
+                out["retain_extraction"] = extraction_metrics(model, retain_members)["extraction_rate"]
+        if "exposure" in include:
+            references = forget_probe.reference_secret_ids[:exposure_references]
+            found = exposure_metrics(model, members, references, skewnorm_references=skewnorm_references)
+            out["forget_exposure"], out["forget_exposure_skewnorm"] = found["exposure_mean"], found["exposure_skewnorm_mean"]
+        if "mia" in include:
+            out.update({f"forget_{k}": v for k, v in mia_metrics(model, forget_probe).items() if k.startswith("mia_auc_")})
+        if "verbmem" in include:
+            continuations = [full[len(prefix):] for prefix, full in zip(members.prefix_ids, members.full_ids)]
+            out["forget_verbmem"] = metrics.verbmem(model, members.prefix_ids, continuations)
+        if "ppl" in include:
+            out["public_ppl"] = metrics.perplexity(model, forget_probe.public_val_batches())
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,206 @@
+"""`PTQGapCallback`: does the forgetting survive 4-bit post-training quantisation?
+
+Every `every_n_steps` optimiser steps and at the end of training it quantises a *copy* of the
+module's model in each requested format (NF4/FP4 with bitsandbytes `Linear4bit`, INT4 RTN
+with the project's group quantiser) and evaluates, on the full-precision model and on every
+quantised copy, the forget metrics (extraction rate, exposure, MIA AUC forget vs holdout,
+VerbMem ROUGE-L) and retain utility (public perplexity; extraction of members kept). For a
+LoRA model each format is measured in two deployments: `<fmt>` = merge the adapter, then
+quantise everything; `<fmt>_adapter` = quantised base + full-precision adapter.
+
+PTQ gap = metric(quantised) − metric(full precision) (DESIGN.md §3): a positive extraction
+gap means quantisation brought forgotten secrets back. The bin-crossing fraction is the share
+of updated quantised-layer weights whose |ΔW| exceeds half the bin width of their block;
+`dequantised_change_fraction_<fmt>` is the exact share whose quantised value changed.
+
+At the end `ptq_gap.json` goes to the log dir (atomically). With `fail_on_gap`, a forget
+extraction gap above `max_extraction_gap` in any deployment fails the run: `PTQGapError` is
+raised from `on_fit_end`, after every artifact is written.
+
+Reads the module's public attributes: `model`, `forget_probe`, `retain_members`,
+`original_weights`, `run_dir`.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from ortho_train.artifacts import write_json_atomic
+from ortho_train.evaluation import evaluate_unlearning
+from ortho_train.unlearning import bins, ptq
+
+GAP_METRICS = ("forget_extraction", "forget_symbol_accuracy", "forget_exposure", "forget_mia_auc_loss",
+               "forget_mia_auc_mink", "forget_verbmem", "holdout_extraction", "retain_extraction", "public_ppl")
+
+
+class PTQGapError(RuntimeError):
+    """Forgetting did not survive quantisation (raised when `fail_on_gap` is set)."""
+
+
+def gap_name(metric: str) -> str:
+    """`forget_extraction` → `extraction` (the spelling of the `ptq_gap_<name>_<variant>` keys)."""
+    return metric.removeprefix("forget_")
+
+
+class PTQGapCallback(L.Callback):
+    """Measure the PTQ gap of forget and retain metrics during and after unlearning.
+
+    Args:
+        formats: quantisation formats among 'nf4', 'fp4', 'int4'.
+        blocksize: NF4/FP4 block size.
+        double_quant: bitsandbytes double quantisation of the block absmax.
+        compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
+        int4_group_size: INT4 RTN group size.
+        skip_modules: linears left in full precision (transformers' default: the LM head).
+        lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
+        every_n_steps: evaluate every n optimiser steps (0: only before and after training).
+        evaluate_before: also measure the starting model (keys `*_before`).
+        exposure_references: reference secrets for the rank exposure during training (None: all).
+        final_exposure_references: reference secrets for the rank exposure before and at the end
+            (None: all; after unlearning each costs a full scoring per forget canary).
+        skewnorm_references: references the skew-normal exposure is fitted to.
+        max_extraction_gap: largest tolerated forget extraction gap (quantised − fp).
+        fail_on_gap: raise `PTQGapError` at fit end when a gap exceeds `max_extraction_gap`.
+    """
+
+    def __init__(
+        self,
+        formats: list[str] | None = None,
+        blocksize: int = 64,
+        double_quant: bool = False,
+        compute_dtype: str = "float32",
+        int4_group_size: int = 128,
+        skip_modules: list[str] | None = None,
+        lora_deployments: list[str] | None = None,
+        every_n_steps: int = 0,
+        evaluate_before: bool = True,
+        exposure_references: int | None = 200,
+        final_exposure_references: int | None = 1000,
+        skewnorm_references: int = 200,
+        max_extraction_gap: float = 0.05,
+        fail_on_gap: bool = False,
+    ):
+        self.formats = list(formats or ["nf4", "fp4"])
+        unknown = [f for f in self.formats if f not in ptq.FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(f"unknown quantisation formats {unknown}: choose from {ptq.FORMATS}")
+        self.deployments = list(lora_deployments or ["merged", "adapter"])
+        if not self.deployments or set(self.deployments) - {"merged", "adapter"}:
+            raise ValueError(f"lora_deployments must be a non-empty subset of ['merged', 'adapter'], got {self.deployments}")
+        self.settings = ptq.QuantSettings(blocksize, double_quant, compute_dtype, int4_group_size,
+                                          list(skip_modules if skip_modules is not None else ["lm_head"]))
+        self.every_n_steps = every_n_steps
+        self.evaluate_before = evaluate_before
+        self.exposure_references = exposure_references
+        self.final_exposure_references = final_exposure_references
+        self.skewnorm_references = skewnorm_references
+        self.max_extraction_gap = max_extraction_gap
+        self.fail_on_gap = fail_on_gap
+        self.results: dict | None = None
+        self.failure: str | None = None
+        self._before: dict[str, float] = {}
+
+    # ------------------------------------------------------------ measuring
+    def variants(self, module) -> list[tuple[str, str, str]]:
+        """(name, format, deployment) of every quantised model to measure."""
+        lora = ptq.is_peft_model(module.model)
+        out = []
+        for fmt in self.formats:
+            for deployment in (self.deployments if lora else ["merged"]):
+                out.append((fmt if deployment == "merged" else f"{fmt}_adapter", fmt, deployment))
+        return out
+
+    def measure(self, module, exposure_references: int | None) -> dict[str, float]:
+        """`{metric}_{variant}` for variant fp and each quantised copy, and `ptq_gap_*`."""
+        def evaluate(model):
+            return evaluate_unlearning(model, module.forget_probe, module.retain_members,
+                                       exposure_references=exposure_references,
+                                       skewnorm_references=self.skewnorm_references)
+
+        found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
+        for name, fmt, deployment in self.variants(module):
+            quantised = ptq.quantised_copy(module.model, fmt, self.settings, deployment)
+            for key, value in evaluate(quantised).items():
+                found[f"{key}_{name}"] = value
+                if key in GAP_METRICS and f"{key}_fp" in found:
+                    found[f"ptq_gap_{gap_name(key)}_{name}"] = value - found[f"{key}_fp"]
+            del quantised
+        return found
+
+    def weight_diagnostics(self, module) -> dict[str, float]:
+        """Bin-crossing fraction per format and the exact share of changed quantised values."""
+        weights = ptq.effective_linear_weights(module.model, self.settings.skip_modules)
+        out: dict[str, float] = {}
+        for fmt in self.formats:
+            crossing = updated = changed = 0
+            for name, w1 in weights.items():
+                w0 = module.original_weights[name]
+                width = bins.bin_width(w0, fmt, self.settings.blocksize, self.settings.int4_group_size)
+                c, u = bins.bin_crossing_counts(w0, w1, width)
+                crossing, updated = crossing + c, updated + u
+                q0, q1 = ptq.fake_quantise(w0, fmt, self.settings), ptq.fake_quantise(w1, fmt, self.settings)
+                changed += bins.dequantised_change_counts(q0, q1, w0, w1)[0]
+            out[f"bin_crossing_fraction_{fmt}"] = crossing / updated if updated else 0.0
+            out[f"dequantised_change_fraction_{fmt}"] = changed / updated if updated else 0.0
+            out[f"updated_weights_{fmt}"] = updated
+        out["updated_weights"] = out[f"updated_weights_{self.formats[0]}"]
+        out["quantised_linear_weights"] = sum(w.numel() for w in weights.values())
+        out["bin_crossing_fraction"] = out[f"bin_crossing_fraction_{self.formats[0]}"]
+        deltas = [(weights[n] - module.original_weights[n]).abs() for n in weights]
+        moved = torch.cat([d.reshape(-1) for d in deltas])  # (all quantised weights,)
+        moved = moved[moved > 0]
+        out["median_abs_update"] = float(moved.median()) if moved.numel() else 0.0
+        return out
+
+    def _log(self, trainer, values: dict[str, float], prefix: str) -> None:
+        numbers = {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
+        for logger in trainer.loggers:
+            logger.log_metrics(numbers, step=trainer.global_step)
+
+    # ---------------------------------------------------------------- hooks
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.evaluate_before:
+            self._before = self.measure(pl_module, self.final_exposure_references)
+            self._log(trainer, self._before, "ptq_before")
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, self.measure(pl_module, self.exposure_references), "ptq")
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        start = time.perf_counter()
+        results = self.measure(pl_module, self.final_exposure_references)
+        results |= self.weight_diagnostics(pl_module)
+        results |= {f"{k}_before": v for k, v in self._before.items() if not k.startswith("ptq_gap_")}
+        worst = {name: results[f"ptq_gap_extraction_{name}"] for name, _, _ in self.variants(pl_module)}
+        failing = {k: v for k, v in worst.items() if v > self.max_extraction_gap}
+        results["variants"] = list(worst)
+        results["max_extraction_gap"] = self.max_extraction_gap
+        results["forgetting_survives"] = not failing
+        if failing:
+            self.failure = (f"forgetting does not survive quantisation: forget extraction gap "
+                            f"{', '.join(f'{k} {v:+.3f}' for k, v in failing.items())} exceeds "
+                            f"+{self.max_extraction_gap:.3f} (full precision "
+                            f"{results['forget_extraction_fp']:.3f})")
+        results["status"] = "failed" if (failing and self.fail_on_gap) else "ok"
+        results["quantisation"] = {fmt: self.settings.describe(fmt) for fmt in self.formats}
+        results["steps"] = trainer.global_step
+        results["seconds"] = time.perf_counter() - start
+        self.results = results
+        write_json_atomic(pl_module.run_dir / "ptq_gap.json", results)
+        self._log(trainer, {k: v for k, v in results.items() if not k.endswith("_before")}, "ptq_final")
+        rank_zero_info(f"PTQ gap written to {pl_module.run_dir / 'ptq_gap.json'}: forget extraction fp "
+                       f"{results['forget_extraction_fp']:.3f}, "
+                       + ", ".join(f"{k} {results[f'forget_extraction_{k}']:.3f}" for k in worst))
+        if self.failure:
+            rank_zero_info(f"PTQGapCallback: {self.failure}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.fail_on_gap and self.failure:
+            raise PTQGapError(self.failure)

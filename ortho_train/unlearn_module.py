@@ -1,0 +1,344 @@
+"""`UnlearnModule`: remove planted canaries from a fine-tuned model (DESIGN.md §10, seeds 003/004).
+
+The model comes from a Hugging Face directory (the quickstart's `hf_model` by default); the
+data module must run with `train_split: unlearn`, so each step sees a forget batch (answer
+tokens labelled) and a retain batch (public windows, plus the members not forgotten). The
+loss is one of `ortho_train.unlearning.LOSSES`; a frozen copy of the starting model scores the
+batches when the loss needs a reference (NPO, KLR). Modes:
+
+- `lora`: peft LoRA adapters on `lora.target_modules`, base frozen (seed 003);
+- `full`: every parameter trains;
+- `mansu`: only the weight rows of the forget-specific components train, and every applied
+  update is projected off the retain-gradient span, bounded by the diagonal Fisher and floored
+  at one quantisation bin per weight (seed 004; `ortho_train.unlearning.mansu`).
+
+Divergence guard: a non-finite loss, or a retain (public validation) perplexity above
+`max_retain_ppl_factor` × its value at the start (checked every `guard_every_n_steps`), stops
+training, restores the last weights that passed the check and records why in `divergence`.
+
+Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `forget_probe`,
+`retain_members`, `original_weights`, `method_card`, `divergence`, `final_report`, `run_dir`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from ortho_train.metrics import perplexity
+from ortho_train.models import count_parameters, load_causal_lm
+from ortho_train.tokenization import load_tokenizer
+from ortho_train.unlearning import attribution, ptq
+from ortho_train.unlearning.common import sequence_nll
+from ortho_train.unlearning.mansu import MansuPlan, MansuSettings
+from ortho_train.unlearning.mansu_setup import build_mansu_plan
+from ortho_train.unlearning.objective import UnlearningObjective
+
+MODES = ("lora", "full", "mansu")
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA adapters.
+
+    Args:
+        rank: adapter rank r.
+        alpha: scaling numerator (the update is alpha/r · B A).
+        target_modules: linear names (last dotted component) that get an adapter.
+        dropout: dropout on the adapter input.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    dropout: float = 0.0
+
+
+def _wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = sorted(set(settings.target_modules) - linears)
+    if not settings.target_modules or missing:
+        raise ValueError(f"LoRA target modules {missing or '[]'} match no linear layer of the model; "
+                         f"its linear layers are named {sorted(linears)}")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
+                        lora_dropout=settings.dropout, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+class UnlearnModule(L.LightningModule):
+    """Unlearning of the forget canaries by LoRA, full-parameter or MANSU updates.
+
+    Args:
+        model_path: fine-tuned Hugging Face model directory (with its tokenizer).
+        mode: 'lora', 'full' or 'mansu'.
+        loss: 'ga', 'gdr', 'klr', 'npo', 'npo_gdr' or 'npo_klr'.
+        beta: NPO inverse temperature.
+        retain_weight: λ of the retain term (GDR/KLR).
+        lr: peak learning rate.
+        optimizer: 'adamw' or 'sgd'.
+        weight_decay: AdamW decoupled weight decay on the trained matrices.
+        warmup_steps: linear learning-rate warm-up (constant afterwards).
+        lora: adapter settings (mode 'lora').
+        mansu: MANSU settings (mode 'mansu').
+        max_retain_ppl_factor: stop when retain perplexity exceeds this × its start (None: off).
+        guard_every_n_steps: how often the retain perplexity is checked (and a good state kept).
+        guard_windows: held-out public windows used for that check.
+        attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
+    """
+
+    def __init__(
+        self,
+        model_path: str = "runs/quickstart/version_0/hf_model",
+        mode: str = "lora",
+        loss: str = "npo_gdr",
+        beta: float = 0.1,
+        retain_weight: float = 1.0,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lora: LoraSettings | None = None,
+        mansu: MansuSettings | None = None,
+        max_retain_ppl_factor: float | None = 1.5,
+        guard_every_n_steps: int = 10,
+        guard_windows: int = 16,
+        attribution_batches: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if mode == "mansu" and weight_decay:
+            raise ValueError("mode 'mansu' needs weight_decay=0: decay would move weights outside the plan")
+        if max_retain_ppl_factor is not None and max_retain_ppl_factor <= 1:
+            raise ValueError(f"max_retain_ppl_factor must be > 1 (or None), got {max_retain_ppl_factor}")
+        self.mode = mode
+        self.objective = UnlearningObjective(loss, beta, retain_weight)
+        self.lora_settings = lora or LoraSettings()
+        self.mansu_settings = mansu or MansuSettings()
+        self.model = load_causal_lm(model_path).train()  # clear FileNotFoundError for a missing directory
+        self.tokenizer = load_tokenizer(model_path)
+        self.original_weights = ptq.effective_linear_weights(self.model)
+        self.linear_names = list(self.original_weights)
+        # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
+        # registration): not trained, not checkpointed, not switched to train mode by Lightning.
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False) if self.objective.needs_reference else None
+        object.__setattr__(self, "_reference", reference)
+        if mode == "lora":
+            self.model = _wrap_lora(self.model, self.lora_settings)
+        elif mode == "mansu":
+            self.model.requires_grad_(False)
+            for linear in ptq.quantisable_linears(self.model).values():
+                linear.weight.requires_grad_(True)
+        self.divergence: str | None = None
+        self.final_report: dict = {}
+        self.mansu_plan: MansuPlan | None = None
+        self.forget_probe = None
+        self.retain_members = None
+        self._run_dir: Path | None = None
+        self._good_state: dict[str, torch.Tensor] = {}
+        self._good_step = 0
+        self._start_retain_ppl: float | None = None
+        self._attribution_before: dict | None = None
+        self._mansu_before: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def run_dir(self) -> Path:
+        if self._run_dir is None:
+            raise RuntimeError("run_dir is known once fit has started")
+        return self._run_dir
+
+    @property
+    def method_card(self) -> dict:
+        """What was run: method, loss, hyper-parameters (for the metrics card)."""
+        hp = self.hparams
+        card = {"mode": self.mode, "loss": hp.loss, "beta": hp.beta, "retain_weight": hp.retain_weight,
+                "lr": hp.lr, "optimizer": hp.optimizer, "weight_decay": hp.weight_decay,
+                "model_path": hp.model_path, "trainable_parameters": self.trainable_parameter_count}
+        if self.mode == "lora":
+            card["lora"] = asdict(self.lora_settings)
+        if self.mode == "mansu":
+            card["mansu"] = asdict(self.mansu_settings)
+        return card
+
+    @property
+    def trainable_parameter_count(self) -> int:
+        if self.mansu_plan is not None:
+            return int(self.mansu_plan.theta0.numel())
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "forget_probe"):
+            raise ValueError("UnlearnModule needs a CanaryDataModule (trainer.datamodule)")
+        if datamodule.hparams.train_split != "unlearn":
+            raise ValueError("UnlearnModule needs the data module with train_split='unlearn' "
+                             "(forget/retain batches); set data.train_split: unlearn")
+        if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
+        self.forget_probe = datamodule.forget_probe
+        self.retain_members = datamodule.retain_members
+
+    def _guard_batches(self):
+        windows = self.forget_probe.public_val
+        count = min(self.hparams.guard_windows, len(windows))
+        return [windows[i] for i in range(count)]
+
+    def _retain_ppl(self) -> float:
+        rows = self._guard_batches()
+        batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+        return perplexity(self.model, [batch])
+
+    def _attribution_data(self):
+        """All forget batches; enough public batches for the attribution (and the MANSU retain
+        gradients), then the retain canaries."""
+        dm = self.trainer.datamodule
+        forget = list(dm.forget_dataloader(shuffle=False))
+        wanted = max(self.hparams.attribution_batches, 1)
+        if self.mode == "mansu":
+            per_batch = dm.hparams.batch_size
+            wanted = max(wanted, self.mansu_settings.attribution_batches,
+                         -(-self.mansu_settings.retain_sequences // per_batch))
+        retain = []
+        for batch in dm.public_train_dataloader():
+            retain.append(batch)
+            if len(retain) == wanted:
+                break
+        canaries = dm.retain_canary_dataloader()  # members kept: part of what must not change
+        return forget, retain + (list(canaries) if canaries is not None else [])
+
+    def on_fit_start(self) -> None:
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self._reference is not None:
+            self._reference.to(self.device)
+        self._start_retain_ppl = self._retain_ppl()
+        if self.hparams.attribution_batches > 0 or self.mode == "mansu":
+            forget, retain = self._attribution_data()
+            self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
+            if self.mode == "mansu":
+                self.mansu_plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
+                                                   self.mansu_settings, self.linear_names, self._mansu_params())
+                rank_zero_info(f"MANSU plan: {self.mansu_plan.info}")
+        self._keep_good_state()
+        rank_zero_info(f"UnlearnModule[{self.mode}, {self.hparams.loss}]: {count_parameters(self.model) / 1e6:.2f}M "
+                       f"parameters, {self.trainable_parameter_count} trainable; retain ppl at start "
+                       f"{self._start_retain_ppl:.3f}")
+
+    def _mansu_params(self) -> dict[str, nn.Parameter]:
+        return {name: linear.weight for name, linear in ptq.quantisable_linears(self.model).items()}
+
+    # --------------------------------------------------------------- training
+    def _logits(self, model, batch) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    @staticmethod
+    def _retain_batch(batch) -> dict[str, torch.Tensor]:
+        parts = [batch["retain"]] + ([batch["retain_canary"]] if "retain_canary" in batch else [])
+        # both are padded to seq_len by the data module: stack along the batch dimension
+        return {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask", "labels")}  # (B+b, T)
+
+    def training_step(self, batch, batch_idx: int):
+        objective, forget = self.objective, batch["forget"]
+        forget_logits = self._logits(self.model, forget)
+        ref_forget = ref_retain = retain = retain_logits = None
+        if objective.needs_retain:
+            retain = self._retain_batch(batch)
+            retain_logits = self._logits(self.model, retain)
+        with torch.no_grad():
+            if objective.forget_term == "npo":
+                ref_forget = self._logits(self._reference, forget)
+            if objective.retain_term == "klr":
+                ref_retain = self._logits(self._reference, retain)
+        parts = objective(forget_logits, forget["labels"], ref_forget, retain_logits,
+                          retain["labels"] if retain is not None else None, ref_retain)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            self._stop(f"non-finite loss ({loss.item()}) at step {self.global_step}")
+            return None  # Lightning skips backward and the optimiser step
+        self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.mansu_plan is not None:
+            params = self._mansu_params()
+            for name, param in params.items():  # only the planned entries may move
+                if param.grad is not None:
+                    mask = self.mansu_plan.masks.get(name)
+                    param.grad.mul_(mask.to(param.grad) if mask is not None else 0.0)
+            self._mansu_before = self.mansu_plan.gather(params)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.divergence is not None:
+            return
+        if self.mansu_plan is not None and self._mansu_before is not None:
+            found = self.mansu_plan.constrain_(self._mansu_params(), self._mansu_before)
+            self._mansu_before = None
+            self.log_dict({"mansu/predicted_retain_damage": found["damage"],
+                           "mansu/min_floor_ratio": found["min_floor_ratio"]})
+        every = self.hparams.guard_every_n_steps
+        if every > 0 and self.global_step % every == 0:
+            self._check_retain()
+
+    def _check_retain(self) -> None:
+        ppl = self._retain_ppl()
+        self.log("guard/retain_ppl", ppl)
+        factor = self.hparams.max_retain_ppl_factor
+        if not torch.isfinite(torch.tensor(ppl)) or (factor is not None and ppl > factor * self._start_retain_ppl):
+            self._stop(f"retain perplexity {ppl:.3f} exceeds {factor} × its start ({self._start_retain_ppl:.3f}) "
+                       f"at step {self.global_step}")
+        else:
+            self._keep_good_state()
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _keep_good_state(self) -> None:
+        self._good_state = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()}
+        self._good_step = self.global_step
+
+    @torch.no_grad()
+    def _stop(self, reason: str) -> None:
+        for name, param in self._trainable().items():
+            param.copy_(self._good_state[name].to(param.device))
+        self.divergence = f"{reason}; restored the weights of step {self._good_step}"
+        self.trainer.should_stop = True
+        rank_zero_warn(f"UnlearnModule divergence guard stopped training: {self.divergence}")
+
+    def on_train_end(self) -> None:
+        report = {"retain_ppl_start": self._start_retain_ppl, "retain_ppl_end": self._retain_ppl(),
+                  "steps": self.global_step, "divergence": self.divergence}
+        if self._attribution_before is not None:
+            forget, _ = self._attribution_data()
+            after = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
+            report["cad"] = attribution.attribution_divergence(self._attribution_before, after)
+            if self.mansu_plan is not None:
+                rows = self.mansu_plan.info["row_masks"]
+                report["selected_attribution_retained"] = attribution.selected_attribution_retained(
+                    self._attribution_before, after, rows)
+        if self.mansu_plan is not None:
+            report["mansu"] = {k: v for k, v in self.mansu_plan.info.items() if k != "row_masks"}
+        self.final_report = report
+        rank_zero_info(f"UnlearnModule final: { {k: v for k, v in report.items() if k != 'mansu'} }")
+
+    # -------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = list(self._trainable().values())
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(hp.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

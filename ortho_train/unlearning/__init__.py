@@ -1,0 +1,30 @@
+"""Unlearning: losses (pure functions of logits and labels), PTQ helpers and MANSU pieces.
+
+One file per method (`ga`, `gdr`, `klr`, `npo`), shared maths in `common`; `objective` picks a
+loss by name. `bins` and `ptq` measure whether an update survives 4-bit quantisation;
+`attribution`, `mansu` and `mansu_setup` implement MANSU (seed 004). No Lightning here.
+"""
+from ortho_train.unlearning.common import masked_kl, prompt_masked_labels, sequence_nll, token_mean_nll
+from ortho_train.unlearning.ga import ga_loss
+from ortho_train.unlearning.gdr import gdr_loss, retain_ce_loss
+from ortho_train.unlearning.klr import klr_loss, retain_kl_loss
+from ortho_train.unlearning.npo import npo_gdr_loss, npo_klr_loss, npo_loss, npo_loss_from_nll
+from ortho_train.unlearning.objective import LOSSES, UnlearningObjective
+
+__all__ = [
+    "LOSSES",
+    "UnlearningObjective",
+    "ga_loss",
+    "gdr_loss",
+    "klr_loss",
+    "masked_kl",
+    "npo_gdr_loss",
+    "npo_klr_loss",
+    "npo_loss",
+    "npo_loss_from_nll",
+    "prompt_masked_labels",
+    "retain_ce_loss",
+    "retain_kl_loss",
+    "sequence_nll",
+    "token_mean_nll",
+]

@@ -1,0 +1,174 @@
+"""Post-training quantisation of a (possibly LoRA-adapted) model for the PTQ-gap check.
+
+Formats (DESIGN.md §5): NF4 and FP4 with bitsandbytes (block of 64, fp32 absmax per block,
+optional double quantisation of the absmax, a compute dtype), and INT4 RTN with the project's
+group quantiser (`kernels.packing`). As in transformers' `BitsAndBytesConfig` loading, every
+`nn.Linear` is quantised except `skip_modules` (default: the LM head); embeddings and norms
+stay in full precision.
+
+NF4/FP4 copies are built with real `bitsandbytes.nn.Linear4bit` modules (moving them to the
+CPU triggers the quantisation), so the forward pass is the one a bitsandbytes deployment runs.
+`fake_quantise` gives the same quantise→dequantise round trip on a bare tensor for the
+bin-crossing and "did the quantised weight change" diagnostics.
+
+Two LoRA deployments (seed 003) are different models and are measured separately:
+- "merged": merge the adapter into the fp weights, then quantise everything;
+- "adapter": quantise the base linears and keep the adapter in full precision on top.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+FORMATS = ("nf4", "fp4", "int4")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class QuantSettings:
+    """How a model is quantised.
+
+    Args:
+        blocksize: NF4/FP4 block size (bitsandbytes: 64).
+        double_quant: quantise the per-block absmax too (bitsandbytes `compress_statistics`,
+            transformers `bnb_4bit_use_double_quant`).
+        compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
+        int4_group_size: INT4 RTN group size along the input dimension.
+        skip_modules: names of linears kept in full precision (any dotted name component).
+    """
+
+    blocksize: int = 64
+    double_quant: bool = False
+    compute_dtype: str = "float32"
+    int4_group_size: int = 128
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"bitsandbytes 4-bit blocksize must be a power of two in [64, 4096], got {self.blocksize}")
+
+    def describe(self, fmt: str) -> dict:
+        if fmt == "int4":
+            return {"format": "int4", "method": "rtn", "group_size": self.int4_group_size, "symmetric": False,
+                    "skip_modules": list(self.skip_modules)}
+        return {"format": fmt, "library": "bitsandbytes", "blocksize": self.blocksize,
+                "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
+                "skip_modules": list(self.skip_modules)}
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def plain_name(name: str) -> str:
+    """Module name in the unwrapped Hugging Face model (peft prefixes and `.base_layer` removed)."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".base_layer", "")
+
+
+def quantisable_linears(model: nn.Module, skip_modules=("lm_head",)) -> dict[str, nn.Linear]:
+    """`nn.Linear` modules a 4-bit deployment quantises, by their full name in `model`.
+
+    Excludes the skipped names, peft adapter matrices (`lora_*`) and already quantised layers.
+    """
+    import bitsandbytes as bnb
+
+    skip = set(skip_modules)
+    found = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if (type(module) is nn.Linear and not isinstance(module, bnb.nn.Linear4bit)
+                and not skip.intersection(parts) and not any(p.startswith("lora_") for p in parts)):
+            found[name] = module
+    return found
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _int4_round_trip(w: Tensor, group_size: int) -> Tensor:
+    try:
+        from kernels.packing import group_dequantise, group_quantise
+    except ImportError as error:  # lands on main with the kernels issue
+        raise RuntimeError("INT4 needs kernels.packing (group_quantise/group_dequantise), which this "
+                           "branch does not have yet: merge main or drop 'int4' from the formats") from error
+    codes, scales, zeros = group_quantise(w.float(), bits=4, group_size=group_size)
+    return group_dequantise(codes, scales, zeros, group_size).to(w.dtype).view_as(w)
+
+
+def fake_quantise(w: Tensor, fmt: str, settings: QuantSettings) -> Tensor:
+    """Quantise then dequantise one weight tensor (float32 result, same shape)."""
+    if fmt == "int4":
+        return _int4_round_trip(w.detach().float(), settings.int4_group_size)
+    if fmt not in ("nf4", "fp4"):
+        raise ValueError(f"unknown quantisation format {fmt!r}: expected one of {FORMATS}")
+    import bitsandbytes.functional as bnb_functional
+
+    data = w.detach().float().contiguous().cpu()
+    packed, state = bnb_functional.quantize_4bit(data, blocksize=settings.blocksize, quant_type=fmt,
+                                                 compress_statistics=settings.double_quant)
+    return bnb_functional.dequantize_4bit(packed, state).float().view(w.shape)  # (d_out, d_in)
+
+
+def _to_linear4bit(linear: nn.Linear, fmt: str, settings: QuantSettings) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    dtype = DTYPES[settings.compute_dtype]
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=dtype, compress_statistics=settings.double_quant, quant_type=fmt)
+    layer.weight = bnb.nn.Params4bit(linear.weight.detach().float().cpu().clone(), requires_grad=False,
+                                     blocksize=settings.blocksize, compress_statistics=settings.double_quant,
+                                     quant_type=fmt)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer.to(device)  # the move quantises the weight (bitsandbytes `Params4bit.to`)
+
+
+def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings) -> nn.Module:
+    """Quantise every quantisable linear of `model` in place; returns `model`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantisation format {fmt!r}: expected one of {FORMATS}")
+    for name, linear in quantisable_linears(model, settings.skip_modules).items():
+        if fmt == "int4":
+            linear.weight.data = fake_quantise(linear.weight, "int4", settings).to(linear.weight.dtype)
+        else:
+            _set_module(model, name, _to_linear4bit(linear, fmt, settings))
+    return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain (unwrapped) copy of `model` with any LoRA adapter merged into its weights."""
+    clone = copy.deepcopy(model)
+    return clone.merge_and_unload() if is_peft_model(clone) else clone
+
+
+@torch.no_grad()
+def quantised_copy(model: nn.Module, fmt: str, settings: QuantSettings, deployment: str = "merged") -> nn.Module:
+    """A quantised copy of `model`, in eval mode; `model` itself is untouched.
+
+    Args:
+        deployment: for a peft model, 'merged' (merge the adapter, then quantise) or 'adapter'
+            (quantise the base linears, keep the adapter in full precision); ignored otherwise.
+    """
+    if deployment not in ("merged", "adapter"):
+        raise ValueError(f"deployment must be 'merged' or 'adapter', got {deployment!r}")
+    clone = merged_copy(model) if deployment == "merged" else copy.deepcopy(model)
+    return quantise_linears_(clone, fmt, settings).eval()
+
+
+@torch.no_grad()
+def effective_linear_weights(model: nn.Module, skip_modules=("lm_head",)) -> dict[str, Tensor]:
+    """Full-precision weights of the quantisable linears as deployed (LoRA merged), by plain name, on CPU."""
+    plain = merged_copy(model) if is_peft_model(model) else model
+    return {plain_name(name): linear.weight.detach().float().cpu().clone()
+            for name, linear in quantisable_linears(plain, skip_modules).items()}

@@ -1,0 +1,137 @@
+"""PTQGapCallback on a tiny memorised model, with outcomes known by construction.
+
+- "Quantisation undoes unlearning": gradient ascent with every quantised weight clamped inside
+  the NF4 rounding interval of its starting value (and block maxima fixed) forgets in full
+  precision, yet its NF4 copy is bit-for-bit the NF4 copy of the starting model — so NF4
+  extraction must equal the starting model's, no quantised value changed, and `fail_on_gap`
+  must fail the run after writing `ptq_gap.json`.
+- "Forgetting survives": MANSU moves every updated weight by at least one NF4 bin, so the
+  bin-crossing fraction is 1 and quantisation cannot round the update away.
+"""
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.adapter_export import AdapterExportCallback
+from callbacks.ptq_gap import PTQGapCallback, PTQGapError
+from ortho_train.evaluation import evaluate_unlearning
+from ortho_train.unlearn_module import UnlearnModule
+from ortho_train.unlearning import bins, ptq
+from ortho_train.unlearning.mansu import MansuSettings
+from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return cached_tiny_canary_model(tmp_path_factory)
+
+
+class StayInNF4Bins(L.Callback):
+    """After each step, clamp every quantised weight into its starting NF4 rounding interval."""
+
+    def on_train_start(self, trainer, module):
+        mids, _ = bins.level_widths(bins.code_levels("nf4"))
+        lower, upper = torch.cat([torch.tensor([-1.0]), mids]), torch.cat([mids, torch.tensor([1.0])])
+        self.bounds = {}
+        for name, linear in ptq.quantisable_linears(module.model).items():
+            blocks = linear.weight.detach().reshape(-1, 64)  # (n_blocks, 64)
+            absmax = blocks.abs().amax(dim=1, keepdim=True)
+            level = torch.bucketize((blocks / absmax).contiguous(), mids)
+            lo, hi = lower[level] * absmax, upper[level] * absmax
+            lo, hi = lo + 0.01 * (hi - lo), hi - 0.01 * (hi - lo)  # stay strictly inside
+            fixed = blocks.abs() == absmax  # moving a block maximum would rescale the block
+            self.bounds[name] = (torch.where(fixed, blocks, lo).view_as(linear.weight),
+                                 torch.where(fixed, blocks, hi).view_as(linear.weight))
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for name, linear in ptq.quantisable_linears(module.model).items():
+            lo, hi = self.bounds[name]
+            linear.weight.copy_(torch.maximum(torch.minimum(linear.weight, hi), lo))
+
+
+def _trainer(tmp_path, steps, callbacks):
+    return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=callbacks)
+
+
+def test_gap_detected_and_run_failed_when_quantisation_undoes_unlearning(model_dir, tmp_path):
+    module = UnlearnModule(str(model_dir), mode="full", loss="ga", lr=3e-3, guard_every_n_steps=0,
+                           attribution_batches=0)
+    for name, param in module.model.named_parameters():  # only what NF4 quantises may move
+        param.requires_grad_(name.rsplit(".", 2)[-2] in LINEARS)
+    ptq_callback = PTQGapCallback(formats=["nf4"], exposure_references=50, final_exposure_references=50,
+                                  fail_on_gap=True)
+    export = AdapterExportCallback()
+    dm = tiny_datamodule(model_dir)
+    with pytest.raises(PTQGapError, match=r"forget extraction gap nf4 \+1.000"):
+        _trainer(tmp_path, 20, [StayInNF4Bins(), ptq_callback, export]).fit(module, datamodule=dm)
+    results = json.loads((tmp_path / "ptq_gap.json").read_text())
+    assert results["forget_extraction_fp_before"] == 1.0 == results["forget_extraction_nf4_before"]
+    assert results["forget_extraction_fp"] == 0.0  # forgotten in full precision…
+    assert results["forget_extraction_nf4"] == 1.0  # …and back after NF4
+    assert results["ptq_gap_extraction_nf4"] == 1.0
+    assert results["dequantised_change_fraction_nf4"] == 0.0 and results["updated_weights"] > 0
+    assert 0 < results["bin_crossing_fraction"] < 1  # moves within a bin can still exceed half of it
+    assert results["public_ppl_nf4"] == pytest.approx(results["public_ppl_nf4_before"], rel=1e-6)
+    assert results["forgetting_survives"] is False and results["status"] == "failed"
+    # the callback's numbers are evaluate_unlearning's on an independent NF4 copy
+    independent = evaluate_unlearning(ptq.quantised_copy(module.model, "nf4", ptq.QuantSettings()),
+                                      dm.forget_probe, dm.retain_members, exposure_references=50)
+    for key in ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "public_ppl"):
+        assert results[f"{key}_nf4"] == pytest.approx(independent[key], rel=1e-6), key
+    # the export still happened, and its card says the run failed
+    card = json.loads((tmp_path / "metrics_card.json").read_text())
+    assert card["status"] == "failed" and "does not survive" in card["failure"]
+    assert (tmp_path / "hf_model_unlearned" / "model.safetensors").is_file()
+
+
+def test_mansu_update_crosses_every_bin_and_survives(model_dir, tmp_path):
+    settings = MansuSettings(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
+    module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings,
+                           guard_every_n_steps=0)
+    callback = PTQGapCallback(formats=["nf4", "fp4"], exposure_references=50, final_exposure_references=50,
+                              evaluate_before=False, fail_on_gap=True)
+    _trainer(tmp_path, 10, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
+    results = callback.results
+    assert results["bin_crossing_fraction_nf4"] == 1.0
+    assert results["updated_weights"] == module.mansu_plan.theta0.numel()
+    assert results["dequantised_change_fraction_nf4"] > 0.9
+    assert results["forgetting_survives"] is True and results["status"] == "ok"
+    assert results["ptq_gap_extraction_nf4"] <= 0.05 and results["ptq_gap_extraction_fp4"] <= 0.05
+    assert "forget_extraction_nf4_before" not in results
+
+
+def test_periodic_evaluation_logs_lora_deployments(model_dir, tmp_path):
+    logged = []
+
+    class Recorder(L.pytorch.loggers.logger.DummyLogger):
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, dict(metrics)))
+
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo", lr=1e-3, guard_every_n_steps=0,
+                           attribution_batches=0)
+    callback = PTQGapCallback(formats=["nf4"], every_n_steps=2, exposure_references=20, final_exposure_references=20,
+                              evaluate_before=False)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=Recorder(), enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, datamodule=tiny_datamodule(model_dir))
+    periodic = [(step, m) for step, m in logged if "ptq/forget_extraction_fp" in m]
+    assert [step for step, _ in periodic] == [2, 4]
+    assert {"ptq/ptq_gap_extraction_nf4", "ptq/ptq_gap_extraction_nf4_adapter"} <= periodic[0][1].keys()
+    assert callback.results["variants"] == ["nf4", "nf4_adapter"]
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown quantisation formats"):
+        PTQGapCallback(formats=["nf3"])
+    with pytest.raises(ValueError, match="lora_deployments"):
+        PTQGapCallback(lora_deployments=["fused"])
+    with pytest.raises(ValueError, match="compute_dtype"):
+        PTQGapCallback(compute_dtype="float8")

@@ -1,0 +1,139 @@
+"""Quantisation bin widths, bin crossing and the bitsandbytes PTQ copies (NF4/FP4, LoRA deployments)."""
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from ortho_train.models import load_causal_lm
+from ortho_train.unlearning import bins, ptq
+from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread  # noqa: F401
+
+NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0]
+
+
+def test_nf4_code_is_the_fixed_bitsandbytes_code():
+    torch.testing.assert_close(bins.code_levels("nf4"), torch.tensor(NF4))
+    assert len(bins.code_levels("fp4")) == 15  # ±0 coincide
+
+
+def test_level_widths_golden():
+    mids, widths = bins.level_widths(torch.tensor([-1.0, 0.0, 0.5, 1.0]))
+    assert mids.tolist() == [-0.5, 0.25, 0.75]
+    assert widths.tolist() == [1.0, 0.75, 0.5, 0.5]  # edges: spacing to the one neighbour
+
+
+def test_blockwise_bin_width_uses_block_absmax_and_local_level():
+    w = torch.zeros(2, 64)
+    w[0, 0], w[0, 1], w[0, 2] = 2.0, 0.0, -2.0 * 0.5250730514526367  # block 0: absmax 2
+    w[1, 0] = 0.5  # block 1: absmax 0.5, the other weights at level 0
+    width = bins.blockwise_bin_width(w, "nf4", 64)
+    code = torch.tensor(NF4)
+    assert width[0, 0].item() == pytest.approx(2 * (code[15] - code[14]).item())
+    assert width[0, 1].item() == pytest.approx(2 * (code[8] - code[6]).item() / 2)
+    assert width[0, 2].item() == pytest.approx(2 * (code[3] - code[1]).item() / 2)
+    assert width[1, 5].item() == pytest.approx(0.5 * (code[8] - code[6]).item() / 2)
+
+
+def test_nearest_level_agrees_with_bitsandbytes_rounding():
+    w = torch.randn(64, 128)
+    mids, _ = bins.level_widths(bins.code_levels("nf4"))
+    blocks = w.reshape(-1, 64)  # (n_blocks, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    ours = bins.code_levels("nf4")[torch.bucketize((blocks / absmax).contiguous(), mids)] * absmax
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    theirs = bnb_functional.dequantize_4bit(packed, state).reshape(-1, 64)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_group_bin_width_int4_golden_with_ragged_group():
+    w = torch.tensor([[0.0, 1.5, 3.0, 0.0, 15.0], [1.0, 2.5, -3.0, -1.5, 0.0]])  # groups of 2, last ragged
+    expected = torch.tensor([[0.1, 0.1, 0.2, 0.2, 1.0], [2.5 / 15, 2.5 / 15, 0.2, 0.2, 0.0]])  # range holds 0
+    torch.testing.assert_close(bins.group_bin_width(w, group_size=2), expected)
+
+
+def test_bin_crossing_and_dequantised_change_counts():
+    w0 = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    w1 = torch.tensor([0.0, 0.2, 0.6, 1.0])
+    width = torch.ones(4)
+    assert bins.bin_crossing_counts(w0, w1, width) == (1, 2)  # only |Δ| = 0.6 > 0.5 crosses; 2 updated
+    q0, q1 = torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 1.0])
+    assert bins.dequantised_change_counts(q0, q1, w0, w1) == (1, 2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return cached_tiny_canary_model(tmp_path_factory)
+
+
+def _ids():
+    return torch.randint(3, 259, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_quant):
+    settings = ptq.QuantSettings(double_quant=double_quant)
+    model = load_causal_lm(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = ptq.quantised_copy(model, "nf4", settings)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
+                                                  dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(_ids()).logits, model(_ids()).logits, atol=1e-4)  # it did quantise
+    assert type(ours.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(ours.lm_head) is torch.nn.Linear  # skipped, as transformers does
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"quantised_copy modified the original ({key})"
+
+
+def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
+    settings = ptq.QuantSettings()
+    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)  # a non-trivial adapter
+    model.save_pretrained(tmp_path / "adapter")
+    ids = _ids()
+    with torch.no_grad():
+        adapter = ptq.quantised_copy(model, "nf4", settings, "adapter")(ids).logits
+        merged = ptq.quantised_copy(model, "nf4", settings, "merged")(ids).logits
+        # "NF4 base + fp adapter" is what plain peft on a bitsandbytes-loaded base computes
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
+                                                    dtype=torch.float32)
+        reference = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
+        torch.testing.assert_close(adapter, reference, atol=1e-5, rtol=1e-5)
+        # "merge then quantise" quantises the merged weights: a different model
+        plain = ptq.quantise_linears_(ptq.merged_copy(model), "nf4", settings)(ids).logits
+        torch.testing.assert_close(merged, plain)
+        assert (merged - adapter).abs().max() > 1e-4
+
+
+def test_effective_weights_of_lora_are_merged(model_dir):
+    model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.fill_(0.5)
+    weights = ptq.effective_linear_weights(model)
+    expected = layer.base_layer.weight + 0.5 * layer.lora_A["default"].weight.sum(0, keepdim=True).expand(64, -1)
+    torch.testing.assert_close(weights["model.layers.0.self_attn.q_proj"], expected)
+    assert "lm_head" not in weights and not any("lora" in name for name in weights)
+
+
+def test_unknown_format_and_missing_int4_quantiser_are_clear():
+    with pytest.raises(ValueError, match="unknown quantisation format 'int3'"):
+        ptq.fake_quantise(torch.zeros(4, 4), "int3", ptq.QuantSettings())
+    with pytest.raises(ValueError, match="blocksize"):
+        ptq.QuantSettings(blocksize=48)
+    try:
+        import kernels.packing  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="kernels.packing"):
+            ptq.fake_quantise(torch.zeros(4, 128), "int4", ptq.QuantSettings())
