@@ -102,7 +102,7 @@ class CanarySFTModule(L.LightningModule):
                 self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, seed=model_seed,
             )
         else:
-            self.model = load_causal_lm(model_path)
+            self.model = load_causal_lm(model_path).train()  # from_pretrained returns eval mode
         self.val_nll = MeanMetric()
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None

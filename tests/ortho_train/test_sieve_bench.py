@@ -1,0 +1,15 @@
+"""Smoke test of the sieve-vs-GPTQ benchmark on one tiny synthetic layer."""
+import json
+
+from ortho_train.sieve import bench
+
+
+def test_bench_reports_both_times_and_the_requested_density(tmp_path):
+    out = tmp_path / "bench.json"
+    summary = bench.main(["--shapes", "64x256", "--rounds", "1", "--rho", "0.05", "--json", str(out)])
+    (row,) = summary["layers"]
+    assert row["shape"] == [64, 256]
+    assert row["gptq_s"] > 0 and row["sieve_s"] > 0
+    assert abs(row["ratio"] - row["sieve_s"] / row["gptq_s"]) < 1e-12
+    assert 0.03 <= row["density"] <= 0.05  # top-ρ budget, trimmed to at most ρ
+    assert json.loads(out.read_text())["total_ratio"] == summary["total_ratio"]
