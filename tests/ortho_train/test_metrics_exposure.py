@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ortho_train.metrics.exposure import (
     _shared_head_length,
@@ -15,22 +14,7 @@ from ortho_train.metrics.exposure import (
     secret_log_perplexity,
     skewnorm_logcdf,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all OpenMP synchronisation: on a busy 2-core box one thread is 10x faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
+from tests.ortho_train.metric_helpers import one_thread, tiny_llama as _tiny_llama  # noqa: F401
 
 
 @torch.no_grad()

@@ -1,25 +1,9 @@
 """Greedy decoding with the KV cache equals a cache-free argmax loop; extraction scoring."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ortho_train.metrics.extraction import extraction_rate, greedy_continuation
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all OpenMP synchronisation: on a busy 2-core box one thread is 10x faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
+from tests.ortho_train.metric_helpers import one_thread, tiny_llama as _tiny_llama  # noqa: F401
 
 
 @torch.no_grad()

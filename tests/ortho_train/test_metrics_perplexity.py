@@ -4,25 +4,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ortho_train.metrics.perplexity import bits_per_token, perplexity
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are all OpenMP synchronisation: on a busy 2-core box one thread is 10x faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2)
-    return LlamaForCausalLM(config).eval()
+from tests.ortho_train.metric_helpers import one_thread, tiny_llama as _tiny_llama  # noqa: F401
 
 
 def _padded_batch(seqs: list[list[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
