@@ -3,9 +3,12 @@
 One signature, three paths (`backend`):
 - "reference": dequantise to a dense fp32 (fp64 for fp64 X) weight, add α·ortho, one matmul.
   Exact up to the matmul's rounding; it defines correctness.
-- "cpu": torch's INT4 weight-only CPU op (`aten._weight_int4pack_mm_for_cpu`, bf16
-  activations, bf16 scale/zero, fp32 accumulation, bf16 output) plus an MKL CSR product
-  in fp32 for the ortho stream. The operands are prepared once and cached per base.
+- "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`kernels.cpu_gemv`: AVX2 C,
+  fp32 X and accumulation, the ortho CSR added in the same pass, built on first use); for
+  larger M, or where the GEMV cannot be built, torch's INT4 weight-only CPU op
+  (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
+  accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream. The
+  operands are prepared once and cached per base.
 - "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
   TRITON_INTERPRET=1.
 "auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
@@ -28,6 +31,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_gemv
 from kernels.streams import OrthoStream, QuantisedBase
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -57,36 +61,65 @@ def dual_stream_linear_ref(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoS
 
 # --------------------------------------------------------------------------- CPU fast path
 class CpuInt4Runtime:
-    """Operands of torch's CPU INT4 op for one base, padded to the op's constraints.
+    """CPU operands of one base: ortho-train's GEMV (small M) and torch's INT4 op (the rest).
 
-    The op wants N % 16 == 0, K % group == 0 and K even: extra rows get zero scales and
-    are sliced off the output; K is padded to whole groups and X with zeros there, so the
-    padded weights never contribute.
+    For M <= `cpu_gemv.MAX_M` the fused GEMV (`kernels.cpu_gemv`) reads the base's own
+    buffers in place and adds the ortho CSR in the same pass. Larger M go to torch's op,
+    whose operands are converted on first use: it wants N % 16 == 0, K % group == 0 and K
+    even, so extra rows get zero scales and are sliced off the output; K is padded to whole
+    groups and X with zeros there, so the padded weights never contribute.
     """
 
     def __init__(self, base: QuantisedBase):
-        from kernels.packing import to_int4pack_cpu_layout
-
         n, k = base.shape
-        g = base.group_size
-        self.shape, self.group_size = (n, k), g
+        self.shape, self.group_size = (n, k), base.group_size
+        self.qweight = base.qweight.contiguous()  # (N, ceil(K/2)) uint8
+        self.scales, self.zeros = base.scales.contiguous(), base.zeros.contiguous()  # (N, G)
+        reason = cpu_gemv.unsupported(base.bits, base.group_size)
+        self.gemv_max_m = cpu_gemv.MAX_M if reason is None else 0
+        if reason is not None and reason not in _WARNED:
+            _WARNED.add(reason)
+            warnings.warn(f"dual_stream_linear: CPU GEMV unavailable ({reason}); small M uses "
+                          f"torch's INT4 op", stacklevel=4)
         self.n_pad = -n % 16
-        self.k_pad = base.n_groups * g - k  # ragged last group -> whole group (even K too)
-        codes = F.pad(base.codes(), (0, self.k_pad, 0, self.n_pad), value=8)  # (N', K')
-        scales = F.pad(base.scales, (0, 0, 0, self.n_pad))  # (N', G)
-        zeros = F.pad(base.zeros, (0, 0, 0, self.n_pad), value=8.0)  # (N', G)
-        self.packed, self.scale_and_zeros = to_int4pack_cpu_layout(codes, scales, zeros, g)
+        self.k_pad = base.n_groups * base.group_size - k  # ragged last group -> whole group
+        self._torch_operands = None
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return self._torch_op_operands()[0]
+
+    @property
+    def scale_and_zeros(self) -> torch.Tensor:
+        return self._torch_op_operands()[1]
+
+    def _torch_op_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._torch_operands is None:
+            from kernels.packing import to_int4pack_cpu_layout, unpack_int4
+
+            k = self.shape[1]
+            codes = F.pad(unpack_int4(self.qweight, k), (0, self.k_pad, 0, self.n_pad), value=8)  # (N', K')
+            scales = F.pad(self.scales, (0, 0, 0, self.n_pad))  # (N', G)
+            zeros = F.pad(self.zeros, (0, 0, 0, self.n_pad), value=8.0)  # (N', G)
+            self._torch_operands = to_int4pack_cpu_layout(codes, scales, zeros, self.group_size)
+        return self._torch_operands
+
+    def gemv(self, x2d: torch.Tensor, csr: tuple | None = None, alpha: float = 0.0) -> torch.Tensor:
+        """(M, K) -> (M, N) fp32 with ortho-train's GEMV; M <= gemv_max_m."""
+        return cpu_gemv.gemv(self.qweight, self.scales, self.zeros, self.shape[1],
+                             self.group_size, x2d, csr, alpha)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        """(M, K) -> (M, N) bf16, base stream only."""
+        """(M, K) -> (M, N) bf16, base stream only, with torch's INT4 op."""
         # Every Python-level step here costs ~4x its hot-loop time right after the op has
         # streamed the weight through the caches, so the path avoids no-op dispatches.
+        packed, scale_and_zeros = self._torch_op_operands()
         xb = x2d if x2d.dtype is torch.bfloat16 else x2d.bfloat16()
         if self.k_pad:
             xb = F.pad(xb, (0, self.k_pad))  # (M, K')
         if not xb.is_contiguous():
             xb = xb.contiguous()
-        y = _CPU_OP(xb, self.packed, self.group_size, self.scale_and_zeros)  # (M, N')
+        y = _CPU_OP(xb, packed, self.group_size, scale_and_zeros)  # (M, N')
         return y[:, : self.shape[0]] if self.n_pad else y
 
 
@@ -169,7 +202,7 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
     def build():
         crow, col, values, shape = ortho.to_csr()
         if not torch_sparse:
-            return crow, col, values
+            return crow.contiguous(), col.contiguous(), values.contiguous()
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
             return torch.sparse_csr_tensor(crow, col, values.float(), shape)
@@ -180,6 +213,10 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
 
 def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
                  alpha: float) -> torch.Tensor:
+    if x2d.shape[0] <= runtime.gemv_max_m:  # decoding: one fused pass, fp32 out
+        csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
+        y = runtime.gemv(x2d, csr, alpha)  # (M, N)
+        return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
     y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
         if x2d.dtype is torch.bfloat16:
