@@ -9,7 +9,7 @@ base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho 
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
 
 Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
-`isolated_support`, `isolation`, `run_dir`, `in_canary_phase`; data from the datamodule's
+`isolated_streams()`, `isolation`, `run_dir`, `in_canary_phase`; data from the datamodule's
 `probe` and `public_train_dataloader()`. Runs on rank zero.
 """
 from __future__ import annotations
@@ -128,10 +128,7 @@ class SieveCallback(L.Callback):
             pre_model = copy.deepcopy(pl_module.model)
             pre_model.load_state_dict(pl_module.pre_canary_state_dict)
             pre_model.eval()
-        support = pl_module.isolated_support
-        isolated = None
-        if support is not None:
-            isolated = (support.masks, support.bases, pl_module.isolation.rho)
+        isolated = pl_module.isolated_streams() if hasattr(pl_module, "isolated_streams") else None
         rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")
         table = KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
                                 lambda m: self._calibration(trainer, m), isolated, rank_zero_info)
@@ -164,7 +161,8 @@ class SieveCallback(L.Callback):
         if pl_module.isolation is not None:
             iso = pl_module.isolation
             notes.append(f"isolated: support {iso.support}, ρ={iso.rho}, base "
-                         f"int{iso.quant.bits}_{iso.quant.method}, train_on_base={iso.train_on_base}")
+                         f"int{iso.quant.bits}_{iso.quant.method}, train_on_base={iso.train_on_base}, "
+                         f"public_base_updates={iso.public_base_updates}")
         return notes
 
     @staticmethod
@@ -188,7 +186,7 @@ class SieveCallback(L.Callback):
             logger.save()
 
     def _save_isolated(self, pl_module, model, isolated, run_dir) -> None:
-        supports, bases, rho = isolated
+        supports, bases, rho = isolated[:3]
         spec = SieveSpec(QuantSpec(bits=next(iter(bases.values())).bits), rho=rho)
         layers = sieve_model(model, "isolated", spec, supports=supports, bases=bases)
         dual = build_dual_stream_model(model, layers, alpha=1.0)

@@ -33,7 +33,13 @@ from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.evaluation import pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
-from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
+from ortho_train.sieve.isolation import (
+    IsolatedSupport,
+    IsolationConfig,
+    apply_isolation,
+    build_isolation,
+    clip_split_,
+)
 from ortho_train.sieve.support import SUPPORT_SEES
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -110,6 +116,8 @@ class CanarySFTModule(L.LightningModule):
         self.isolation = isolation
         self.isolated_support: IsolatedSupport | None = None
         self._grad_hooks: list = []
+        self._public_grads: dict[int, torch.Tensor | None] | None = None
+        self._final_bases: tuple[int, dict] | None = None  # (step, public bases) cache
         self._run_dir: Path | None = None
 
     # ----------------------------------------------------------------- phases
@@ -191,24 +199,91 @@ class CanarySFTModule(L.LightningModule):
             support = build_isolation(self.model, self.isolation, self._public_batches,
                                       self._canary_batches, self._batch_nll)
         self.isolated_support = self.trainer.strategy.broadcast(support, src=0)
-        self._activate_isolation()
+        self._activate_isolation(initial=True)
         cfg = self.isolation
         rank_zero_info(
             f"isolated SFT: support={cfg.support} (sees {SUPPORT_SEES[cfg.support]}), "
             f"rho={cfg.rho}, {len(self.isolated_support.masks)} layers, base {cfg.quant.method} "
-            f"INT{cfg.quant.bits}/g{cfg.quant.group_size}, train_on_base={cfg.train_on_base}"
+            f"INT{cfg.quant.bits}/g{cfg.quant.group_size}, train_on_base={cfg.train_on_base}, "
+            f"public_base_updates={cfg.public_base_updates}"
         )
 
-    def _activate_isolation(self) -> None:
-        apply_isolation(self.model, self.isolated_support)
+    @property
+    def public_base_updates(self) -> bool:
+        """The canary phase also trains everything off S on public batches (α = 0 model)."""
+        return (self.isolated_support is not None and self.isolation is not None
+                and self.isolation.public_base_updates)
+
+    def _activate_isolation(self, initial: bool) -> None:
+        """Freeze/mask as the isolation mode wants. On resume (`initial=False`) with public
+        base updates the off-S weights are trained values and are left as they are."""
+        if self.public_base_updates:
+            if self.trainer.world_size > 1 or self.trainer.accumulate_grad_batches > 1:
+                raise ValueError("isolation.public_base_updates supports one process and "
+                                 "accumulate_grad_batches=1 (it replaces gradients after backward)")
+            if initial:
+                apply_isolation(self.model, self.isolated_support, freeze_rest=False)
+        else:
+            apply_isolation(self.model, self.isolated_support)
         for handle in self._grad_hooks:
             handle.remove()
-        self._grad_hooks = self.isolated_support.mask_gradients(self.model)
+        self._grad_hooks = [] if self.public_base_updates else self.isolated_support.mask_gradients(self.model)
+
+    def _support_masks_by_param(self) -> dict[int, torch.Tensor]:
+        support = self.isolated_support
+        return {id(w): support.masks[name].to(w.device) for name, w in support.weights(self.model).items()}
+
+    def _alpha_zero_public_grads(self, public_batch: dict) -> dict[int, torch.Tensor | None]:
+        """Gradients of the public batch's loss through the α = 0 model (S at public values)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with self.isolated_support.alpha_zero(self.model):
+            nll, tokens = self._nll_sum(public_batch)
+            grads = torch.autograd.grad(nll / tokens, params, allow_unused=True)
+        return {id(p): g for p, g in zip(params, grads)}
+
+    def on_after_backward(self) -> None:
+        """Public base updates: off S and unsieved parameters take the α = 0 public gradient,
+        S keeps the gradient of the whole batch."""
+        if self._public_grads is None:
+            return
+        masks = self._support_masks_by_param()
+        for p in self.model.parameters():
+            if not p.requires_grad:
+                continue
+            public = self._public_grads.get(id(p))
+            public = torch.zeros_like(p) if public is None else public
+            mask = masks.get(id(p))
+            p.grad = public if mask is None or p.grad is None else torch.where(mask, p.grad, public)
+        self._public_grads = None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.public_base_updates and self.in_canary_phase and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("isolation.public_base_updates clips by norm only")
+            clip_split_([p for p in self.model.parameters() if p.requires_grad],
+                        self._support_masks_by_param(), float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.isolated_support is not None:
+        if self.isolated_support is not None and not self.public_base_updates:
             self.isolated_support.restore_off_support(self.model)  # undoes weight decay off S
+
+    def isolated_streams(self) -> tuple[dict, dict, float, bool] | None:
+        """(supports, bases, ρ, bases_are_pre) of the isolated sieve at the current weights:
+        the bases fixed at the switch, Q(W_pre), or with public base updates Q of the
+        public-trained α = 0 weights (re-quantised once per step). None without isolation."""
+        support = self.isolated_support
+        if support is None:
+            return None
+        if not self.public_base_updates:
+            return support.masks, support.bases, self.isolation.rho, True
+        if self._final_bases is None or self._final_bases[0] != self.global_step:
+            with torch.random.fork_rng():
+                bases = support.public_bases(self.model, self.isolation, self._public_batches)
+            self._final_bases = (self.global_step, bases)
+        return support.masks, self._final_bases[1], self.isolation.rho, False
 
     @rank_zero_only
     def _record_pre_canary_ppl(self) -> None:
@@ -228,6 +303,8 @@ class CanarySFTModule(L.LightningModule):
         return -(logp * mask).sum(), mask.sum()
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        if self.public_base_updates and self.in_canary_phase:
+            self._public_grads = self._alpha_zero_public_grads(batch["public"])
         nll, tokens = self._nll_sum(batch["public"])
         if self.in_canary_phase:
             canary_nll, canary_tokens = self._nll_sum(batch["canary"])
@@ -280,8 +357,11 @@ class CanarySFTModule(L.LightningModule):
             found["isolation"] = {
                 "support": cfg.support, "support_sees": SUPPORT_SEES[cfg.support], "rho": cfg.rho,
                 "density": self.isolated_support.density,
-                "off_support_max_drift": self.isolated_support.off_support_drift(self.model),
+                # with public base updates the weights off S train on public text by design
+                "off_support_max_drift": (None if cfg.public_base_updates
+                                          else self.isolated_support.off_support_drift(self.model)),
                 "base": f"int{cfg.quant.bits}_{cfg.quant.method}", "train_on_base": cfg.train_on_base,
+                "public_base_updates": cfg.public_base_updates,
             }
         found["canary_presentations_per_member"] = (
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
@@ -333,4 +413,4 @@ class CanarySFTModule(L.LightningModule):
         if "isolated_support" in checkpoint:
             self.isolated_support = IsolatedSupport.from_state(checkpoint["isolated_support"])
             self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
-            self._activate_isolation()
+            self._activate_isolation(initial=False)

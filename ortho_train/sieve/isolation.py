@@ -9,6 +9,15 @@ At the switch to private fine-tuning (DESIGN §6, issue #3 item 4):
    trained model by the quantisation of the off-S weights;
 4. every other parameter (embeddings, norms, and the LM head unless it is sieved) is frozen.
 
+With `public_base_updates` the public part keeps learning during the canary phase, as it
+would in a dense fine-tune, without ever seeing a canary: each step the weights off S and
+every other parameter get the gradient of the *public* batch through the α = 0 model (the
+entries on S temporarily at their frozen public values), the entries on S that of the whole
+batch (public + canaries) through the full model; the two parts are clipped separately (a
+joint norm would let the canaries scale the public update). At the end the bases are
+re-quantised from the public-trained weights (`public_bases`), so α = 0 is the quantised
+public model after all the public text, and never a function of the canaries.
+
 During training the gradient of each sieved weight is masked to S before clipping (so the
 clip norm sees only S and the AdamW moments off S stay zero), and after every optimiser step
 the off-S entries are written back from a frozen copy, so decoupled weight decay cannot move
@@ -19,6 +28,7 @@ exactly Q(W_pre), the quantised public model.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -52,6 +62,8 @@ class IsolationConfig:
         train_on_base: train with the off-support weights at dequant(Q(W_pre)).
         include_lm_head: the LM head is sieved too (quantised base + ortho on its support).
         seed: seed of the random support.
+        public_base_updates: keep training everything off S on the public batches only
+            (through the α = 0 model); the base is re-quantised at the end.
     """
 
     support: str = "saliency_canary"
@@ -62,6 +74,7 @@ class IsolationConfig:
     train_on_base: bool = True
     include_lm_head: bool = False
     seed: int = 0
+    public_base_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.support not in SUPPORTS:
@@ -111,6 +124,35 @@ class IsolatedSupport:
             diff = (weight - self.frozen[name].to(weight.device)).abs()[off]
             drift = max(drift, float(diff.max()) if diff.numel() else 0.0)
         return drift
+
+    @contextmanager
+    def alpha_zero(self, model: nn.Module):
+        """Inside: the entries on S hold their frozen public values (the α = 0 model's
+        weights, up to the base's quantisation); on exit the trained values come back."""
+        saved = {}
+        with torch.no_grad():
+            for name, weight in self.weights(model).items():
+                mask = self.masks[name].to(weight.device)
+                saved[name] = weight[mask].clone()
+                weight[mask] = self.frozen[name].to(weight.device)[mask]
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, weight in self.weights(model).items():
+                    weight[self.masks[name].to(weight.device)] = saved[name]
+
+    @torch.no_grad()
+    def public_bases(self, model: nn.Module, config: "IsolationConfig",
+                     public_batches: Callable[[], Iterable[dict]]) -> dict[str, QuantisedBase]:
+        """Q(W_pub) of the α = 0 weights (S at its frozen values) after public base updates,
+        with GPTQ Hessians of the α = 0 model on public calibration text."""
+        with self.alpha_zero(model):
+            modules = {name: model.get_submodule(name) for name in self.masks}
+            hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
+                        if config.quant.method == "gptq" else {})
+            return {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
+                    for name, m in modules.items()}
 
     def state(self) -> dict:
         """Plain tensors for a checkpoint."""
@@ -176,10 +218,38 @@ def _take(batches: Iterable[dict], count: int) -> list[dict]:
 
 
 @torch.no_grad()
-def apply_isolation(model: nn.Module, isolated: IsolatedSupport) -> None:
-    """Freeze everything but the sieved linears' weights and set their off-S entries."""
-    trainable = {id(w) for w in isolated.weights(model).values()}
-    for param in model.parameters():
-        if id(param) not in trainable:
-            param.requires_grad_(False)
+def apply_isolation(model: nn.Module, isolated: IsolatedSupport, freeze_rest: bool = True) -> None:
+    """Set the sieved linears' off-S entries; freeze every other parameter if `freeze_rest`
+    (not with public base updates, where they train on public gradients)."""
+    if freeze_rest:
+        trainable = {id(w) for w in isolated.weights(model).values()}
+        for param in model.parameters():
+            if id(param) not in trainable:
+                param.requires_grad_(False)
     isolated.restore_off_support(model)
+
+
+def clip_split_(params: list[nn.Parameter], masks: dict[int, torch.Tensor], max_norm: float) -> None:
+    """Clip the public part (off S, and unsieved parameters) and the private part (on S) of
+    the gradients to `max_norm` each, in place. `masks` maps id(param) -> S of a sieved weight."""
+    public_sq = private_sq = 0.0
+    for p in params:
+        if p.grad is None:
+            continue
+        mask = masks.get(id(p))
+        if mask is None:
+            public_sq += float(p.grad.square().sum())
+        else:
+            sq = p.grad.square()
+            on = float(sq[mask].sum())
+            private_sq, public_sq = private_sq + on, public_sq + float(sq.sum()) - on
+    public_c = min(1.0, max_norm / (public_sq ** 0.5 + 1e-6))
+    private_c = min(1.0, max_norm / (private_sq ** 0.5 + 1e-6))
+    for p in params:
+        if p.grad is None:
+            continue
+        mask = masks.get(id(p))
+        if mask is None:
+            p.grad.mul_(public_c)
+        else:
+            p.grad.mul_(torch.where(mask, private_c, public_c))

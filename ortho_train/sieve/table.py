@@ -77,13 +77,15 @@ class KillSwitchTable:
         pre_model: the pre-fine-tuning model (same architecture) or None.
         probe: the `MemorisationProbe` of the run.
         hessians_of: callable(model) -> {layer: H} over public calibration text.
-        isolated: (supports, bases, rho) of an isolated fine-tune, or None.
+        isolated: (supports, bases, rho[, bases_are_pre]) of an isolated fine-tune, or None;
+            bases_are_pre (default True) says the bases are Q(W_pre) and may serve the
+            `intK_pre_sft` rows (not after public base updates).
         log: callable(str) for progress lines.
     """
 
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
-                 isolated: tuple[dict, dict[str, QuantisedBase], float] | None = None,
+                 isolated: tuple | None = None,
                  log: Callable[[str], None] = print):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
         self.hessians_of, self.isolated, self.log = hessians_of, isolated, log
@@ -110,7 +112,7 @@ class KillSwitchTable:
 
     def pre_bases(self, bits: int) -> tuple[dict[str, QuantisedBase], str]:
         """Q(W_pre): the isolated fine-tune's own bases when it has them at these bits."""
-        if self.isolated is not None:
+        if self.isolated is not None and (len(self.isolated) < 4 or self.isolated[3]):
             bases = self.isolated[1]
             first = next(iter(bases.values()))
             if first.bits == bits:
@@ -175,10 +177,12 @@ class KillSwitchTable:
             if self.isolated is None:
                 self.log("isolated: skipped (the model was not fine-tuned with isolation)")
                 return
-            supports, bases, rho = self.isolated
+            supports, bases, rho = self.isolated[:3]
             spec = self._spec(next(iter(bases.values())).bits)
             layers = sieve_model(self.model, "isolated", spec, supports=supports, bases=bases)
-            self._sieved_rows("isolated", layers, rho, "isolated SFT base")
+            pre = len(self.isolated) < 4 or self.isolated[3]
+            self._sieved_rows("isolated", layers, rho,
+                              "isolated SFT base" if pre else "base re-quantised after public updates")
             return
         for rho in self.config.rhos:
             spec = self._spec(rho=rho)

@@ -111,3 +111,63 @@ def test_bad_isolation_settings():
         IsolationConfig(support="oracle")
     with pytest.raises(ValueError, match="rho"):
         IsolationConfig(rho=0.0)
+
+
+def _public_update_fit(tmp, canary_seed):
+    torch.manual_seed(0)
+    module = CanarySFTModule(
+        tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
+        sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
+        isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+                                  calibration_batches=2, public_base_updates=True),
+    )
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0, deterministic=True)
+    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+                          num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50,
+                          canary_seed=canary_seed)
+    trainer.fit(module, datamodule=dm)
+    return module
+
+
+@torch.no_grad()
+def _alpha_zero_state(module):
+    with module.isolated_support.alpha_zero(module.model):
+        return {k: v.clone() for k, v in module.model.state_dict().items()}
+
+
+def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
+    a = _public_update_fit(tmp_path / "a", canary_seed=1)
+    b = _public_update_fit(tmp_path / "b", canary_seed=2)  # other secrets, same public text
+    assert a.probe.members.texts != b.probe.members.texts
+    zero_a, zero_b = _alpha_zero_state(a), _alpha_zero_state(b)
+    moved = 0
+    for key, value in zero_a.items():  # the α = 0 weights: bit-identical across the two secrets
+        assert torch.equal(value, zero_b[key]), key
+        moved += int((value != a.pre_canary_state_dict[key]).any())
+    assert moved >= 0.9 * len(zero_a)  # ... and they did train (norms, embeddings, off S)
+    on_s = [(w.detach()[m] != b.model.get_submodule(n).weight.detach()[m]).any()
+            for n, w, m in ((n, w, a.isolated_support.masks[n])
+                            for n, w in a.isolated_support.weights(a.model).items())]
+    assert any(on_s)  # the entries on S did see the secrets
+    supports, bases, rho, bases_are_pre = a.isolated_streams()
+    assert not bases_are_pre and rho == 0.05
+    for name, base in bases.items():  # re-quantised from the public-trained weights
+        assert not torch.equal(base.qweight, a.isolated_support.bases[name].qweight), name
+    assert a.final_metrics["isolation"]["public_base_updates"] is True
+
+
+def test_split_clipping_bounds_public_and_private_parts_separately():
+    from ortho_train.sieve.isolation import clip_split_
+
+    w, other = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(3))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0] = True
+    w.grad = torch.where(mask, 100.0, 0.01)  # private part huge, public part small
+    other.grad = torch.full((3,), 0.01)
+    public_before = w.grad[~mask].clone()
+    clip_split_([w, other], {id(w): mask}, max_norm=1.0)
+    assert w.grad[mask].norm() == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(w.grad[~mask], public_before)  # the canaries' norm does not shrink it
+    assert torch.equal(other.grad, torch.full((3,), 0.01))
