@@ -39,9 +39,10 @@ from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
 class GPTQResult:
     """codes uint8 (N, K), scales/zeros fp16 (N, G), original column order.
 
-    With outliers: `outlier_mask` bool (N, K), `compensated` fp32 (N, K) — the weights at
-    the moment each column was quantised (their values at outlier positions go to the
-    ortho stream) — and `impact` fp32 (N, K) = (compensated − dequant)² / U_jj².
+    With outliers: `outlier_mask` bool (N, K), `compensated` fp32 (N, K) — at outlier
+    positions the weights at the moment their column was quantised (they go to the ortho
+    stream); elsewhere the dequantised value — and `impact` fp32 (N, K) =
+    (compensated − dequant)² / U_jj² (meaningful at outlier positions, ~0 elsewhere).
     `u_diag` (K,) is U_jj, `error` the H-weighted error Σ e_j² (proxy GPTQ minimises).
     """
 
@@ -107,7 +108,8 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
 
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     track = outlier_threshold is not None
-    if track:
+    if track:  # per column only the test and the mask; values and impacts per block
+        err_threshold = math.sqrt(max(float(outlier_threshold), 0.0))  # |w − q|/U_jj > √τ
         outliers = torch.zeros(n, k, dtype=torch.bool, device=w.device)
         compensated = torch.empty(n, k, dtype=torch.float32, device=w.device)
         impact = torch.empty_like(compensated)
@@ -116,6 +118,8 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         i2 = min(i1 + block, k)
         w1 = weight[:, i1:i2].clone()  # (N, B)
         err1 = torch.zeros_like(w1)  # (N, B)
+        if track:
+            out1 = torch.zeros_like(w1, dtype=torch.bool)  # (N, B)
         u1 = u[i1:i2, i1:i2]  # (B, B)
         for i in range(i2 - i1):
             col = col_of[i1 + i]
@@ -130,15 +134,19 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
             d = u1[i, i]
             err = (wcol - deq) / d  # (N,)
             codes[:, col] = q.to(torch.uint8)
-            if track:
-                hit = err.square()  # (w − q)² / U_jj²
-                out = hit > outlier_threshold
-                compensated[:, col] = wcol
-                impact[:, col] = hit
-                outliers[:, col] = out
-                err = err.masked_fill(out, 0.0)
+            if track:  # an outlier is kept exact: its error is not propagated
+                out = err.abs() > err_threshold
+                err.masked_fill_(out, 0.0)
+                out1[:, i] = out
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]  # (N, 1)·(1, B−i)
             err1[:, i] = err
+        if track:  # w1 now holds the compensated weight at outliers, the dequantised elsewhere
+            cols = torch.tensor(col_of[i1:i2], device=w.device)  # (B,) original columns
+            groups = cols // group_size  # (B,)
+            deq1 = (codes[:, cols].float() - zeros[:, groups]) * scales[:, groups]  # (N, B)
+            outliers[:, cols] = out1
+            compensated[:, cols] = w1
+            impact[:, cols] = ((w1 - deq1) / torch.diagonal(u1)[None, :]).square()
         weight[:, i2:] -= err1 @ u[i1:i2, i2:]  # (N, B)·(B, K−i2)
         total_error += err1.square().sum()
 
