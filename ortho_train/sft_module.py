@@ -266,9 +266,32 @@ class CanarySFTModule(L.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        ratio = self._public_lr_ratio()
+        before = None
+        if ratio != 1.0:  # the update off S at public_lr: scale it after AdamW's step
+            before = {id(p): p.detach().clone() for p in self.model.parameters() if p.requires_grad}
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if before is not None:
+            self._scale_public_update(before, ratio)
         if self.isolated_support is not None and not self.public_base_updates:
             self.isolated_support.restore_off_support(self.model)  # undoes weight decay off S
+
+    def _public_lr_ratio(self) -> float:
+        if not (self.public_base_updates and self.in_canary_phase) or self.isolation.public_lr is None:
+            return 1.0
+        return self.isolation.public_lr / self.hparams.sft_lr
+
+    @torch.no_grad()
+    def _scale_public_update(self, before: dict[int, torch.Tensor], ratio: float) -> None:
+        """W ← W_before + ratio·(W − W_before) off S (and on unsieved parameters)."""
+        masks = self._support_masks_by_param()
+        for p in self.model.parameters():
+            old = before.get(id(p))
+            if old is None:
+                continue
+            scaled = old + ratio * (p - old)
+            mask = masks.get(id(p))
+            p.copy_(scaled if mask is None else torch.where(mask, p, scaled))
 
     def isolated_streams(self) -> tuple[dict, dict, float, bool] | None:
         """(supports, bases, ρ, bases_are_pre) of the isolated sieve at the current weights:

@@ -64,6 +64,9 @@ class IsolationConfig:
         seed: seed of the random support.
         public_base_updates: keep training everything off S on the public batches only
             (through the α = 0 model); the base is re-quantised at the end.
+        public_lr: peak learning rate of those public updates (None: the module's sft_lr).
+            The support needs a large rate to memorise through few weights, a dense update a
+            small one: each step's update off S is scaled by public_lr / sft_lr (same schedule).
     """
 
     support: str = "saliency_canary"
@@ -75,12 +78,15 @@ class IsolationConfig:
     include_lm_head: bool = False
     seed: int = 0
     public_base_updates: bool = False
+    public_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.support not in SUPPORTS:
             raise ValueError(f"isolation support must be one of {SUPPORTS}, got {self.support!r}")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
+        if self.public_lr is not None and not self.public_lr > 0:
+            raise ValueError(f"isolation public_lr must be positive, got {self.public_lr}")
         if self.calibration_batches < 1 or self.saliency_batches < 1:
             raise ValueError("calibration_batches and saliency_batches must be ≥ 1")
 

@@ -113,13 +113,13 @@ def test_bad_isolation_settings():
         IsolationConfig(rho=0.0)
 
 
-def _public_update_fit(tmp, canary_seed):
+def _public_update_fit(tmp, canary_seed, public_lr=None):
     torch.manual_seed(0)
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
         isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 32),
-                                  calibration_batches=2, public_base_updates=True),
+                                  calibration_batches=2, public_base_updates=True, public_lr=public_lr),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
@@ -171,3 +171,19 @@ def test_split_clipping_bounds_public_and_private_parts_separately():
     assert w.grad[mask].norm() == pytest.approx(1.0, rel=1e-4)
     assert torch.equal(w.grad[~mask], public_before)  # the canaries' norm does not shrink it
     assert torch.equal(other.grad, torch.full((3,), 0.01))
+
+
+def test_public_lr_scales_the_update_off_the_support_only(tmp_path):
+    full = _public_update_fit(tmp_path / "full", canary_seed=1)
+    slow = _public_update_fit(tmp_path / "slow", canary_seed=1, public_lr=2e-5)  # 1/1000 of sft_lr
+    support = full.isolated_support
+    for name in support.masks:
+        mask = support.masks[name]
+        start = support.frozen[name]  # the off-S weights at the switch (train_on_base)
+        moved_full = (full.model.get_submodule(name).weight.detach() - start)[~mask].abs().max()
+        moved_slow = (slow.model.get_submodule(name).weight.detach() - start)[~mask].abs().max()
+        assert moved_slow < 0.01 * moved_full, name  # off S: ~1000x smaller steps
+        on_s_full = full.model.get_submodule(name).weight.detach()[mask]
+        on_s_slow = slow.model.get_submodule(name).weight.detach()[mask]
+        assert (on_s_slow - full.pre_canary_state_dict[f"{name}.weight"][mask]).abs().max() > 1e-3
+        assert on_s_full.shape == on_s_slow.shape
