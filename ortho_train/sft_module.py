@@ -118,6 +118,7 @@ class CanarySFTModule(L.LightningModule):
         self._grad_hooks: list = []
         self._public_grads: dict[int, torch.Tensor | None] | None = None
         self._final_bases: tuple[int, dict] | None = None  # (step, public bases) cache
+        self._public_updates_done = False  # the base was re-quantised and frozen mid-phase
         self._run_dir: Path | None = None
 
     # ----------------------------------------------------------------- phases
@@ -166,6 +167,7 @@ class CanarySFTModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
             self._enter_canary_phase()
+        self._maybe_freeze_public_base()
 
     def _enter_canary_phase(self) -> None:
         """Snapshot the public model, save it, measure its perplexity, reset the optimiser."""
@@ -212,7 +214,24 @@ class CanarySFTModule(L.LightningModule):
     def public_base_updates(self) -> bool:
         """The canary phase also trains everything off S on public batches (α = 0 model)."""
         return (self.isolated_support is not None and self.isolation is not None
-                and self.isolation.public_base_updates)
+                and self.isolation.public_base_updates and not self._public_updates_done)
+
+    def _maybe_freeze_public_base(self) -> None:
+        """At `public_updates_fraction` of the canary phase: re-quantise the public-trained
+        base, freeze it, and continue with S alone (quantisation-aware)."""
+        if not (self.public_base_updates and self.in_canary_phase):
+            return
+        canary_steps = self.trainer.max_steps - self.hparams.public_steps
+        switch = self.hparams.public_steps + math.ceil(self.isolation.public_updates_fraction * canary_steps)
+        if self.global_step < switch:
+            return
+        with torch.random.fork_rng():
+            bases = self.isolated_support.public_bases(self.model, self.isolation, self._public_batches)
+        self.isolated_support.freeze_base(self.model, bases)
+        self._public_updates_done = True
+        self._activate_isolation(initial=True)
+        rank_zero_info(f"isolated SFT: base re-quantised after public updates and frozen at step "
+                       f"{self.global_step}; the support alone trains from here")
 
     def _activate_isolation(self, initial: bool) -> None:
         """Freeze/mask as the isolation mode wants. On resume (`initial=False`) with public
@@ -301,7 +320,7 @@ class CanarySFTModule(L.LightningModule):
         if support is None:
             return None
         if not self.public_base_updates:
-            return support.masks, support.bases, self.isolation.rho, True
+            return support.masks, support.bases, self.isolation.rho, not self._public_updates_done
         if self._final_bases is None or self._final_bases[0] != self.global_step:
             with torch.random.fork_rng():
                 bases = support.public_bases(self.model, self.isolation, self._public_batches)
@@ -381,10 +400,11 @@ class CanarySFTModule(L.LightningModule):
                 "support": cfg.support, "support_sees": SUPPORT_SEES[cfg.support], "rho": cfg.rho,
                 "density": self.isolated_support.density,
                 # with public base updates the weights off S train on public text by design
-                "off_support_max_drift": (None if cfg.public_base_updates
+                "off_support_max_drift": (None if self.public_base_updates
                                           else self.isolated_support.off_support_drift(self.model)),
                 "base": f"int{cfg.quant.bits}_{cfg.quant.method}", "train_on_base": cfg.train_on_base,
                 "public_base_updates": cfg.public_base_updates,
+                "public_updates_fraction": cfg.public_updates_fraction if cfg.public_base_updates else None,
             }
         found["canary_presentations_per_member"] = (
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
@@ -429,11 +449,13 @@ class CanarySFTModule(L.LightningModule):
         checkpoint["public_ppl_before_canaries"] = self.public_ppl_before_canaries
         if self.isolated_support is not None:
             checkpoint["isolated_support"] = self.isolated_support.state()
+            checkpoint["public_updates_done"] = self._public_updates_done
             checkpoint["pre_canary_state_dict"] = self.pre_canary_state_dict
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.public_ppl_before_canaries = checkpoint.get("public_ppl_before_canaries")
         if "isolated_support" in checkpoint:
             self.isolated_support = IsolatedSupport.from_state(checkpoint["isolated_support"])
+            self._public_updates_done = checkpoint.get("public_updates_done", False)
             self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
             self._activate_isolation(initial=False)

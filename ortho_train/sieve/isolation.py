@@ -16,7 +16,9 @@ entries on S temporarily at their frozen public values), the entries on S that o
 batch (public + canaries) through the full model; the two parts are clipped separately (a
 joint norm would let the canaries scale the public update). At the end the bases are
 re-quantised from the public-trained weights (`public_bases`), so α = 0 is the quantised
-public model after all the public text, and never a function of the canaries.
+public model after all the public text, and never a function of the canaries. With
+`public_updates_fraction` < 1 that re-quantisation happens earlier and the rest of the phase
+trains S alone against the frozen new base (`freeze_base`), as in step 3.
 
 During training the gradient of each sieved weight is masked to S before clipping (so the
 clip norm sees only S and the AdamW moments off S stay zero), and after every optimiser step
@@ -67,6 +69,9 @@ class IsolationConfig:
         public_lr: peak learning rate of those public updates (None: the module's sft_lr).
             The support needs a large rate to memorise through few weights, a dense update a
             small one: each step's update off S is scaled by public_lr / sft_lr (same schedule).
+        public_updates_fraction: share of the canary phase with public base updates; then
+            the base is re-quantised and frozen and S alone trains against it for the rest
+            (quantisation-aware: α = 1 is then exactly the trained model, as without updates).
     """
 
     support: str = "saliency_canary"
@@ -79,6 +84,7 @@ class IsolationConfig:
     seed: int = 0
     public_base_updates: bool = False
     public_lr: float | None = None
+    public_updates_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.support not in SUPPORTS:
@@ -87,6 +93,9 @@ class IsolationConfig:
             raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
         if self.public_lr is not None and not self.public_lr > 0:
             raise ValueError(f"isolation public_lr must be positive, got {self.public_lr}")
+        if not 0.0 < self.public_updates_fraction <= 1.0:
+            raise ValueError(f"isolation public_updates_fraction must lie in (0, 1], got "
+                             f"{self.public_updates_fraction}")
         if self.calibration_batches < 1 or self.saliency_batches < 1:
             raise ValueError("calibration_batches and saliency_batches must be ≥ 1")
 
@@ -159,6 +168,15 @@ class IsolatedSupport:
                         if config.quant.method == "gptq" else {})
             return {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
                     for name, m in modules.items()}
+
+    @torch.no_grad()
+    def freeze_base(self, model: nn.Module, bases: dict[str, QuantisedBase]) -> None:
+        """Adopt new bases: off S the weights become dequant(base) and stay there (the
+        frozen values); the trained entries on S are kept."""
+        self.bases = bases
+        for name, weight in self.weights(model).items():
+            self.frozen[name] = bases[name].dequantise().to(weight.dtype).to(self.frozen[name].device)
+        self.restore_off_support(model)
 
     def state(self) -> dict:
         """Plain tensors for a checkpoint."""

@@ -113,13 +113,14 @@ def test_bad_isolation_settings():
         IsolationConfig(rho=0.0)
 
 
-def _public_update_fit(tmp, canary_seed, public_lr=None):
+def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0):
     torch.manual_seed(0)
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
         isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 32),
-                                  calibration_batches=2, public_base_updates=True, public_lr=public_lr),
+                                  calibration_batches=2, public_base_updates=True, public_lr=public_lr,
+                                  public_updates_fraction=fraction),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
@@ -187,3 +188,19 @@ def test_public_lr_scales_the_update_off_the_support_only(tmp_path):
         on_s_slow = slow.model.get_submodule(name).weight.detach()[mask]
         assert (on_s_slow - full.pre_canary_state_dict[f"{name}.weight"][mask]).abs().max() > 1e-3
         assert on_s_full.shape == on_s_slow.shape
+
+
+@torch.no_grad()
+def test_public_updates_fraction_freezes_a_requantised_base_for_the_tail(tmp_path):
+    module = _public_update_fit(tmp_path, canary_seed=1, fraction=0.5)  # 5 canary steps: 3 + 2
+    support = module.isolated_support
+    supports, bases, _, bases_are_pre = module.isolated_streams()
+    assert not bases_are_pre and bases is support.bases
+    for name, weight in support.weights(module.model).items():
+        mask = support.masks[name]
+        assert torch.equal(weight[~mask], bases[name].dequantise()[~mask]), name  # on the grid
+    assert module.final_metrics["isolation"]["off_support_max_drift"] == 0.0
+    pre = module.pre_canary_state_dict
+    moved = [not torch.equal(v, pre[k]) for k, v in module.model.state_dict().items()
+             if k.endswith("norm.weight")]
+    assert all(moved)  # the norms trained on public text before the freeze
