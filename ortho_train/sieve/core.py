@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import OrthoStream, QuantisedBase
+from kernels.packing import group_dequantise, group_quantise
 from ortho_train.quantisation import QuantSpec, base_from_codes, quantise_weight, run_gptq
 from ortho_train.sieve.select import (
     SELECTIONS,
@@ -117,8 +118,8 @@ def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
         mask = _select(impact_scores(residual, hinv_diagonal(hessian, spec.quant.damp)), spec)
         return _finish(base, residual, mask, w, hessian, spec, report)
 
-    rtn = quantise_weight(w, QuantSpec("rtn", spec.quant.bits, spec.quant.group_size))
-    rtn_residual = w - rtn.dequantise()  # (N, K)
+    g = spec.quant.group_size  # the RTN pre-pass needs only its residual: no packing
+    rtn_residual = w - group_dequantise(*group_quantise(w, bits=spec.quant.bits, group_size=g), g)  # (N, K)
 
     def threshold(u_diag: torch.Tensor) -> float:
         prepass = impact_scores(rtn_residual, u_diag.square())  # (N, K)
@@ -126,7 +127,7 @@ def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
             return top_fraction_threshold(prepass, spec.rho)
         return adaptive_threshold(prepass, spec.beta)
 
-    result = run_gptq(w, hessian, spec.quant, outlier_threshold=threshold)
+    result = run_gptq(w, hessian, spec.quant, outlier_threshold=threshold)  # codes, not packed
     base = base_from_codes(result.codes, result.scales, result.zeros, spec.quant.bits,
                            spec.quant.group_size)
     mask = result.outlier_mask
@@ -134,7 +135,8 @@ def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
     if spec.selection == "top" and int(mask.sum()) > keep:
         score = result.impact.masked_fill(~mask, -1.0)
         mask = top_fraction_mask(score, spec.rho)
-    values = result.compensated - base.dequantise()  # (N, K): exact at outlier positions
+    deq = group_dequantise(result.codes, result.scales, result.zeros, g)  # (N, K), = base's
+    values = result.compensated - deq  # (N, K): exact at outlier positions
     return _finish(base, values, mask, w, hessian, spec, report)
 
 

@@ -67,7 +67,8 @@ def top_fraction_threshold(score: torch.Tensor, rho: float) -> float:
         return math.inf
     if count == score.numel():
         return -math.inf
-    return float(score.reshape(-1).float().topk(count, sorted=True).values[-1])
+    flat = score.reshape(-1).float()
+    return float(flat.kthvalue(flat.numel() - count + 1).values)  # the count-th largest
 
 
 def adaptive_threshold(score: torch.Tensor, beta: float) -> float:
