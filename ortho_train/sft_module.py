@@ -33,13 +33,8 @@ from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.evaluation import pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
-from ortho_train.sieve.isolation import (
-    IsolatedSupport,
-    IsolationConfig,
-    apply_isolation,
-    build_isolation,
-    clip_split_,
-)
+from ortho_train.sieve import public_updates
+from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
 from ortho_train.sieve.support import SUPPORT_SEES
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -249,38 +244,21 @@ class CanarySFTModule(L.LightningModule):
         self._grad_hooks = [] if self.public_base_updates else self.isolated_support.mask_gradients(self.model)
 
     def _support_masks_by_param(self) -> dict[int, torch.Tensor]:
-        support = self.isolated_support
-        return {id(w): support.masks[name].to(w.device) for name, w in support.weights(self.model).items()}
-
-    def _alpha_zero_public_grads(self, public_batch: dict) -> dict[int, torch.Tensor | None]:
-        """Gradients of the public batch's loss through the α = 0 model (S at public values)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        with self.isolated_support.alpha_zero(self.model):
-            nll, tokens = self._nll_sum(public_batch)
-            grads = torch.autograd.grad(nll / tokens, params, allow_unused=True)
-        return {id(p): g for p, g in zip(params, grads)}
+        return public_updates.support_masks_by_param(self.model, self.isolated_support)
 
     def on_after_backward(self) -> None:
         """Public base updates: off S and unsieved parameters take the α = 0 public gradient,
         S keeps the gradient of the whole batch."""
-        if self._public_grads is None:
-            return
-        masks = self._support_masks_by_param()
-        for p in self.model.parameters():
-            if not p.requires_grad:
-                continue
-            public = self._public_grads.get(id(p))
-            public = torch.zeros_like(p) if public is None else public
-            mask = masks.get(id(p))
-            p.grad = public if mask is None or p.grad is None else torch.where(mask, p.grad, public)
-        self._public_grads = None
+        if self._public_grads is not None:
+            public_updates.merge_public_grads_(self.model, self._public_grads, self._support_masks_by_param())
+            self._public_grads = None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.public_base_updates and self.in_canary_phase and gradient_clip_val:
             if gradient_clip_algorithm not in (None, "norm"):
                 raise ValueError("isolation.public_base_updates clips by norm only")
-            clip_split_([p for p in self.model.parameters() if p.requires_grad],
-                        self._support_masks_by_param(), float(gradient_clip_val))
+            public_updates.clip_split_([p for p in self.model.parameters() if p.requires_grad],
+                                       self._support_masks_by_param(), float(gradient_clip_val))
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
@@ -291,7 +269,7 @@ class CanarySFTModule(L.LightningModule):
             before = {id(p): p.detach().clone() for p in self.model.parameters() if p.requires_grad}
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if before is not None:
-            self._scale_public_update(before, ratio)
+            public_updates.scale_public_update_(self.model, before, ratio, self._support_masks_by_param())
         if self.isolated_support is not None and not self.public_base_updates:
             self.isolated_support.restore_off_support(self.model)  # undoes weight decay off S
 
@@ -299,18 +277,6 @@ class CanarySFTModule(L.LightningModule):
         if not (self.public_base_updates and self.in_canary_phase) or self.isolation.public_lr is None:
             return 1.0
         return self.isolation.public_lr / self.hparams.sft_lr
-
-    @torch.no_grad()
-    def _scale_public_update(self, before: dict[int, torch.Tensor], ratio: float) -> None:
-        """W ← W_before + ratio·(W − W_before) off S (and on unsieved parameters)."""
-        masks = self._support_masks_by_param()
-        for p in self.model.parameters():
-            old = before.get(id(p))
-            if old is None:
-                continue
-            scaled = old + ratio * (p - old)
-            mask = masks.get(id(p))
-            p.copy_(scaled if mask is None else torch.where(mask, p, scaled))
 
     def isolated_streams(self) -> tuple[dict, dict, float, bool] | None:
         """(supports, bases, ρ, bases_are_pre) of the isolated sieve at the current weights:
@@ -346,7 +312,9 @@ class CanarySFTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         if self.public_base_updates and self.in_canary_phase:
-            self._public_grads = self._alpha_zero_public_grads(batch["public"])
+            public = batch["public"]
+            self._public_grads = public_updates.alpha_zero_public_grads(
+                self.model, self.isolated_support, lambda: self._batch_nll(self.model, public))
         nll, tokens = self._nll_sum(batch["public"])
         if self.in_canary_phase:
             canary_nll, canary_tokens = self._nll_sum(batch["canary"])

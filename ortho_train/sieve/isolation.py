@@ -251,29 +251,3 @@ def apply_isolation(model: nn.Module, isolated: IsolatedSupport, freeze_rest: bo
             if id(param) not in trainable:
                 param.requires_grad_(False)
     isolated.restore_off_support(model)
-
-
-def clip_split_(params: list[nn.Parameter], masks: dict[int, torch.Tensor], max_norm: float) -> None:
-    """Clip the public part (off S, and unsieved parameters) and the private part (on S) of
-    the gradients to `max_norm` each, in place. `masks` maps id(param) -> S of a sieved weight."""
-    public_sq = private_sq = 0.0
-    for p in params:
-        if p.grad is None:
-            continue
-        mask = masks.get(id(p))
-        if mask is None:
-            public_sq += float(p.grad.square().sum())
-        else:
-            sq = p.grad.square()
-            on = float(sq[mask].sum())
-            private_sq, public_sq = private_sq + on, public_sq + float(sq.sum()) - on
-    public_c = min(1.0, max_norm / (public_sq ** 0.5 + 1e-6))
-    private_c = min(1.0, max_norm / (private_sq ** 0.5 + 1e-6))
-    for p in params:
-        if p.grad is None:
-            continue
-        mask = masks.get(id(p))
-        if mask is None:
-            p.grad.mul_(public_c)
-        else:
-            p.grad.mul_(torch.where(mask, private_c, public_c))

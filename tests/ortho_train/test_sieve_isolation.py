@@ -160,7 +160,7 @@ def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
 
 
 def test_split_clipping_bounds_public_and_private_parts_separately():
-    from ortho_train.sieve.isolation import clip_split_
+    from ortho_train.sieve.public_updates import clip_split_
 
     w, other = torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(3))
     mask = torch.zeros(4, 4, dtype=torch.bool)
