@@ -9,10 +9,10 @@ single store. `HAS_ORTHO` is a `tl.constexpr`: with α=0 the host launches the s
 without any sparse code, so ortho buffers are never read (NaNs there cannot leak) and the
 result is bit for bit the base-only kernel's.
 
-Two variants share the dequantise and sparse helpers:
-- `_dual_stream_mm_kernel`: tiles (BLOCK_M, BLOCK_N) with `tl.dot` (prefill, training);
-- `_dual_stream_gemv_kernel`: small M (decoding); a broadcast multiply-and-reduce on
-  (BLOCK_M, BLOCK_N, BLOCK_K) instead of `tl.dot`, whose tiles need M >= 16.
+One kernel, `_dual_stream_kernel`, two variants by the `USE_DOT` constexpr:
+- "mm" (USE_DOT): tiles (BLOCK_M, BLOCK_N) with `tl.dot` (prefill, training);
+- "gemv": small M (decoding); a broadcast multiply-and-reduce on (BLOCK_M, BLOCK_N,
+  BLOCK_K) instead of `tl.dot`, whose tiles need M >= 16.
 
 Departures from the Triton matmul tutorial: W stays packed (two INT4 codes per byte along
 K, our storage layout, no repacking), the group's scale/zero is fetched once per tile when
@@ -68,7 +68,7 @@ def _add_sparse_rows(acc, x_ptr, stride_xm, offs_m, M, crow_ptr, col_ptr, val_pt
 
 
 @triton.jit
-def _dual_stream_mm_kernel(
+def _dual_stream_kernel(
     # pointers
     x_ptr, q_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, y_ptr,
     # sizes
@@ -76,41 +76,11 @@ def _dual_stream_mm_kernel(
     # strides (X and Y are contiguous along their last dim)
     stride_xm, stride_qn, stride_sn, stride_ym,
     # meta
-    GROUP_SIZE: tl.constexpr, HAS_ORTHO: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_ORTHO: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
-                          GROUP_SIZE, BLOCK_K)  # (BN, BK)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    if HAS_ORTHO:
-        acc = _add_sparse_rows(acc, x_ptr, stride_xm, offs_m, M, crow_ptr, col_ptr, val_ptr,
-                               offs_n, N, alpha, BLOCK_NNZ)
-    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
-@triton.jit
-def _dual_stream_gemv_kernel(
-    # pointers
-    x_ptr, q_ptr, s_ptr, z_ptr, crow_ptr, col_ptr, val_ptr, y_ptr,
-    # sizes
-    M, N, K, alpha,
-    # strides
-    stride_xm, stride_qn, stride_sn, stride_ym,
-    # meta
-    GROUP_SIZE: tl.constexpr, HAS_ORTHO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_NNZ: tl.constexpr,
-):
+    """One (BLOCK_M, BLOCK_N) tile of Y; grid (N tiles, M tiles)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,7 +92,10 @@ def _dual_stream_gemv_kernel(
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _dequant_tile(q_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn,
                           GROUP_SIZE, BLOCK_K)  # (BN, BK)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
+        if USE_DOT:  # tensor cores; tl.dot tiles need BLOCK_M >= 16
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        else:  # decoding: broadcast multiply-and-reduce over (BM, BN, BK)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)  # (BM, BN)
     if HAS_ORTHO:
         acc = _add_sparse_rows(acc, x_ptr, stride_xm, offs_m, M, crow_ptr, col_ptr, val_ptr,
                                offs_n, N, alpha, BLOCK_NNZ)
@@ -176,18 +149,19 @@ def dual_stream_forward(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.
             while block_n > 16 and triton.cdiv(n, block_n) * triton.cdiv(m, block_m) < 2 * sms:
                 block_n //= 2
         grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-        _dual_stream_gemv_kernel[grid](*args, GROUP_SIZE=group_size, HAS_ORTHO=has_ortho,
-                                       BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                       BLOCK_NNZ=16, num_warps=4)
+        _dual_stream_kernel[grid](*args, GROUP_SIZE=group_size, HAS_ORTHO=has_ortho,
+                                  USE_DOT=False, DOT_PRECISION="ieee", BLOCK_M=block_m,
+                                  BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_NNZ=16, num_warps=4)
     elif variant == "mm":
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
         block_n, block_k = 64, _pick_block_k(group_size, 64)
         block_nnz = max(2, 8192 // (block_m * block_n))  # bounds the (BM, BN, BL) gather
         precision = "ieee" if x2d.dtype == torch.float32 else "tf32"  # tf32 is a no-op for 16-bit
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _dual_stream_mm_kernel[grid](*args, GROUP_SIZE=group_size, HAS_ORTHO=has_ortho,
-                                     DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                                     BLOCK_K=block_k, BLOCK_NNZ=min(block_nnz, 8), num_warps=4)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        _dual_stream_kernel[grid](*args, GROUP_SIZE=group_size, HAS_ORTHO=has_ortho,
+                                  USE_DOT=True, DOT_PRECISION=precision, BLOCK_M=block_m,
+                                  BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_NNZ=min(block_nnz, 8),
+                                  num_warps=4)
     else:
         raise ValueError(f"variant must be 'auto', 'gemv' or 'mm', got {variant!r}")
     return y
