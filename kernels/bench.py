@@ -189,10 +189,11 @@ def run(shapes, ms, rounds: int, budget_s: float, device: torch.device, with_nf4
     print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load avg {os.getloadavg()[0]:.2f}, copy bandwidth {bw / 1e9:.1f} GB/s")
     results = []
-    with torch.inference_mode():
-        for n, k in shapes:
+    for n, k in shapes:
+        with torch.no_grad():  # weights and streams as a model holds them: normal tensors
             w, streams, nf4 = build_streams(n, k, device, with_nf4)
-            for m in ms:
+        for m in ms:
+            with torch.inference_mode():  # the calls run as in generation
                 rows = build_rows(w, m, streams, nf4, device)
                 time_rows(rows, device, rounds, budget_s)
                 fp32_ms = rows[0]["ms"]
@@ -210,7 +211,7 @@ def run(shapes, ms, rounds: int, budget_s: float, device: torch.device, with_nf4
                         out["bound_16_over_b"] = round(16 / r["bits_per_weight"], 2)
                     results.append(out)
                     print(_format_row(out), flush=True)
-            del w, streams, nf4
+        del w, streams, nf4
     return results, bw
 
 
