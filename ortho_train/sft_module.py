@@ -220,13 +220,16 @@ class CanarySFTModule(L.LightningModule):
         switch = self.hparams.public_steps + math.ceil(self.isolation.public_updates_fraction * canary_steps)
         if self.global_step < switch:
             return
-        with torch.random.fork_rng():
-            bases = self.isolated_support.public_bases(self.model, self.isolation, self._public_batches)
-        self.isolated_support.freeze_base(self.model, bases)
+        self.isolated_support.freeze_base(self.model, self._requantised_public_bases())
         self._public_updates_done = True
         self._activate_isolation(initial=True)
         rank_zero_info(f"isolated SFT: base re-quantised after public updates and frozen at step "
                        f"{self.global_step}; the support alone trains from here")
+
+    def _requantised_public_bases(self) -> dict:
+        """Q of the α = 0 weights after public updates (calibration draws leave the RNG as it was)."""
+        with torch.random.fork_rng():
+            return self.isolated_support.public_bases(self.model, self.isolation, self._public_batches)
 
     def _activate_isolation(self, initial: bool) -> None:
         """Freeze/mask as the isolation mode wants. On resume (`initial=False`) with public
@@ -288,9 +291,7 @@ class CanarySFTModule(L.LightningModule):
         if not self.public_base_updates:
             return support.masks, support.bases, self.isolation.rho, not self._public_updates_done
         if self._final_bases is None or self._final_bases[0] != self.global_step:
-            with torch.random.fork_rng():
-                bases = support.public_bases(self.model, self.isolation, self._public_batches)
-            self._final_bases = (self.global_step, bases)
+            self._final_bases = (self.global_step, self._requantised_public_bases())
         return support.masks, self._final_bases[1], self.isolation.rho, False
 
     @rank_zero_only
