@@ -3,8 +3,9 @@
 One signature, three paths (`backend`):
 - "reference": dequantise to a dense fp32 (fp64 for fp64 X) weight, add α·ortho, one matmul.
   Exact up to the matmul's rounding; it defines correctness.
-- "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`kernels.cpu_gemv`: AVX2 C,
-  fp32 X and accumulation, the ortho CSR added in the same pass, built on first use); for
+- "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`kernels.cpu_gemv`: AVX2 C, X
+  in 16-bit fixed point per 64 elements, exact int32 products, fp32 accumulation, the ortho
+  CSR added in the same pass in fp32, built on first use); for
   larger M, or where the GEMV cannot be built, torch's INT4 weight-only CPU op
   (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
   accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream. The
