@@ -91,6 +91,9 @@ class IsolationConfig:
             raise ValueError(f"isolation support must be one of {SUPPORTS}, got {self.support!r}")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
+        if not self.public_base_updates and (self.public_lr is not None or self.public_updates_fraction != 1.0):
+            raise ValueError("isolation public_lr and public_updates_fraction need "
+                             "public_base_updates: true (they would be ignored)")
         if self.public_lr is not None and not self.public_lr > 0:
             raise ValueError(f"isolation public_lr must be positive, got {self.public_lr}")
         if not 0.0 < self.public_updates_fraction <= 1.0:

@@ -111,6 +111,12 @@ def test_bad_isolation_settings():
         IsolationConfig(support="oracle")
     with pytest.raises(ValueError, match="rho"):
         IsolationConfig(rho=0.0)
+    with pytest.raises(ValueError, match="public_lr must be positive"):
+        IsolationConfig(public_base_updates=True, public_lr=0.0)
+    with pytest.raises(ValueError, match="public_updates_fraction must lie"):
+        IsolationConfig(public_base_updates=True, public_updates_fraction=0.0)
+    with pytest.raises(ValueError, match="need public_base_updates"):
+        IsolationConfig(public_lr=1e-3)  # would silently do nothing
 
 
 def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0):
