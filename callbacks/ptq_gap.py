@@ -55,6 +55,9 @@ class PTQGapCallback(L.Callback):
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
         int4_group_size: INT4 RTN group size.
         skip_modules: linears left in full precision (transformers' default: the LM head).
+        cpu_kernel: bitsandbytes CPU kernel of the NF4/FP4 copies: 'portable' (the same numbers on
+            every CPU) or 'native' (its AVX512-BF16 kernel where the CPU has one; see
+            `ortho_train.unlearning.ptq.QuantSettings`).
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
         every_n_steps: evaluate every n optimiser steps (0: only before and after training).
         evaluate_before: also measure the starting model (keys `*_before`).
@@ -74,6 +77,7 @@ class PTQGapCallback(L.Callback):
         compute_dtype: str = "float32",
         int4_group_size: int = 128,
         skip_modules: list[str] | None = None,
+        cpu_kernel: str = "portable",
         lora_deployments: list[str] | None = None,
         every_n_steps: int = 0,
         evaluate_before: bool = True,
@@ -91,7 +95,8 @@ class PTQGapCallback(L.Callback):
         if not self.deployments or set(self.deployments) - {"merged", "adapter"}:
             raise ValueError(f"lora_deployments must be a non-empty subset of ['merged', 'adapter'], got {self.deployments}")
         self.settings = ptq.QuantSettings(blocksize, double_quant, compute_dtype, int4_group_size,
-                                          list(skip_modules if skip_modules is not None else ["lm_head"]))
+                                          list(skip_modules if skip_modules is not None else ["lm_head"]),
+                                          cpu_kernel)
         self.every_n_steps = every_n_steps
         self.evaluate_before = evaluate_before
         self.exposure_references = exposure_references

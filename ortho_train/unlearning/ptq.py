@@ -18,6 +18,7 @@ Two LoRA deployments (seed 003) are different models and are measured separately
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,11 @@ from torch import Tensor, nn
 
 FORMATS = ("nf4", "fp4", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KERNELS = ("portable", "native")
+# bitsandbytes' AVX512-BF16 CPU kernel repacks weights in tiles of 32 output rows
+# (`_convert_weight_packed_for_cpu(block_n=32)`) and asserts on any other width.
+BNB_REPACK_BLOCK_N = 32
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +44,13 @@ class QuantSettings:
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
         int4_group_size: INT4 RTN group size along the input dimension.
         skip_modules: names of linears kept in full precision (any dotted name component).
+        cpu_kernel: which bitsandbytes CPU kernel the NF4/FP4 copies run. 'portable' (default):
+            the generic path (dequantise to fp32, matmul in `compute_dtype`) on every CPU, so a
+            PTQ gap measured on one machine holds on any other. 'native': on CPUs with
+            AVX512-BF16 let bitsandbytes repack the weights for its fused kernel on the first
+            inference call (bf16 activations and bf16 block absmax: what a deployment on such a
+            CPU computes); layers it cannot repack (out_features not a multiple of 32) stay on
+            the portable path, each logged with the reason. Elsewhere 'native' is 'portable'.
     """
 
     blocksize: int = 64
@@ -45,8 +58,11 @@ class QuantSettings:
     compute_dtype: str = "float32"
     int4_group_size: int = 128
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    cpu_kernel: str = "portable"
 
     def __post_init__(self) -> None:
+        if self.cpu_kernel not in CPU_KERNELS:
+            raise ValueError(f"cpu_kernel must be one of {CPU_KERNELS}, got {self.cpu_kernel!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
@@ -58,7 +74,7 @@ class QuantSettings:
                     "skip_modules": list(self.skip_modules)}
         return {"format": fmt, "library": "bitsandbytes", "blocksize": self.blocksize,
                 "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
-                "skip_modules": list(self.skip_modules)}
+                "skip_modules": list(self.skip_modules), "cpu_kernel": self.cpu_kernel}
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -131,7 +147,25 @@ def _to_linear4bit(linear: nn.Linear, fmt: str, settings: QuantSettings) -> nn.M
                                      quant_type=fmt)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = use_native_cpu_kernel(layer, settings)
     return layer.to(device)  # the move quantises the weight (bitsandbytes `Params4bit.to`)
+
+
+def use_native_cpu_kernel(layer: nn.Module, settings: QuantSettings) -> bool:
+    """Whether a `Linear4bit` may take bitsandbytes' AVX512-BF16 repacked CPU kernel.
+
+    bitsandbytes sets `support_avx512bf16_for_cpu` from the CPU it runs on and repacks on the
+    first inference call, so without this choice the same PTQ copy computes differently on
+    different CPUs (and crashes on widths the repacking cannot tile).
+    """
+    if settings.cpu_kernel == "portable" or not getattr(layer, "support_avx512bf16_for_cpu", False):
+        return False
+    if layer.out_features % BNB_REPACK_BLOCK_N or layer.in_features % 2:
+        log.info("bitsandbytes AVX512-BF16 kernel skipped for a %dx%d layer: it repacks tiles of %d output "
+                 "rows and an even input width; this layer runs the portable CPU path",
+                 layer.out_features, layer.in_features, BNB_REPACK_BLOCK_N)
+        return False
+    return True
 
 
 def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings) -> nn.Module:

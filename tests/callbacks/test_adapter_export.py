@@ -67,7 +67,7 @@ def test_metrics_card_states_method_losses_quantisation_and_gap(lora_run):
     assert card["method"]["lora"]["target_modules"] == ["q_proj", "v_proj", "down_proj"]
     assert card["quantisation"]["nf4"] == {"format": "nf4", "library": "bitsandbytes", "blocksize": 64,
                                            "double_quant": False, "compute_dtype": "float32",
-                                           "skip_modules": ["lm_head"]}
+                                           "skip_modules": ["lm_head"], "cpu_kernel": "portable"}
     rows = {row["metric"]: row for row in card["ptq_table"]}
     assert rows["forget_extraction"]["nf4"] == gap["forget_extraction_nf4"]
     assert rows["forget_extraction"]["gap_nf4_adapter"] == gap["ptq_gap_extraction_nf4_adapter"]

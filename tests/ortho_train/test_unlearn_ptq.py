@@ -1,4 +1,6 @@
 """Quantisation bin widths, bin crossing and the bitsandbytes PTQ copies (NF4/FP4, LoRA deployments)."""
+import copy
+
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
@@ -110,9 +112,10 @@ def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
                                                     dtype=torch.float32)
         reference = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
         torch.testing.assert_close(adapter, reference, atol=1e-5, rtol=1e-5)
-        # "merge then quantise" quantises the merged weights: a different model
-        plain = ptq.quantise_linears_(ptq.merged_copy(model), "nf4", settings)(ids).logits
-        torch.testing.assert_close(merged, plain)
+        # "merge then quantise" quantises the merged weights: a different model. Same merge, same
+        # quantiser and the same (eval-mode) kernel on both sides: only float noise may differ.
+        plain = ptq.quantise_linears_(ptq.merged_copy(model), "nf4", settings).eval()(ids).logits
+        torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
         assert (merged - adapter).abs().max() > 1e-4
 
 
@@ -137,3 +140,47 @@ def test_unknown_format_and_missing_int4_quantiser_are_clear():
     except ImportError:
         with pytest.raises(RuntimeError, match="kernels.packing"):
             ptq.fake_quantise(torch.zeros(4, 128), "int4", ptq.QuantSettings())
+
+
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch):
+    """Make bitsandbytes believe the CPU has AVX512-BF16, as on AMD Zen 4 / Intel Sapphire Rapids:
+    its `Linear4bit` then repacks the weight for its fused bf16 kernel on the first eval call."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _width_48_model():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 48), torch.nn.ReLU(), torch.nn.Linear(48, 64))
+    torch.nn.init.normal_(model[0].weight, std=0.05)
+    return model.eval()
+
+
+def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
+    """The default copy never takes the repacked path, so a width the repacking cannot tile (48)
+    works and the numbers are those of the generic path on any CPU."""
+    model, x = _width_48_model(), torch.randn(3, 128)
+    copy_ = ptq.quantise_linears_(copy.deepcopy(model), "nf4", ptq.QuantSettings(skip_modules=[])).eval()
+    assert not any(layer.support_avx512bf16_for_cpu for layer in copy_ if hasattr(layer, "weight"))
+    with torch.no_grad():
+        out = copy_(x)
+    dense = copy.deepcopy(model)
+    for layer in dense:
+        if isinstance(layer, torch.nn.Linear):
+            layer.weight.data = ptq.fake_quantise(layer.weight, "nf4", ptq.QuantSettings())
+    with torch.no_grad():
+        # generic bitsandbytes path = dequantise + fp32 matmul: float noise only (K ≤ 128)
+        torch.testing.assert_close(out, dense(x), atol=1e-5, rtol=1e-5)
+    assert not getattr(copy_[0].weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_native_kernel_skips_layers_it_cannot_repack(avx512bf16_cpu, caplog):
+    settings = ptq.QuantSettings(skip_modules=[], cpu_kernel="native")
+    with caplog.at_level("INFO", logger=ptq.__name__):
+        copy_ = ptq.quantise_linears_(_width_48_model(), "nf4", settings).eval()
+    assert copy_[0].support_avx512bf16_for_cpu is False  # 48 output rows: not a multiple of 32
+    assert copy_[2].support_avx512bf16_for_cpu is True  # 64 rows: bitsandbytes may repack it
+    assert "48x128 layer" in caplog.text and "portable" in caplog.text
+    with pytest.raises(ValueError, match="cpu_kernel"):
+        ptq.QuantSettings(cpu_kernel="fast")
