@@ -4,7 +4,11 @@ A canary is a template with an `{id}` slot and a `{secret}` slot, e.g.
 `"The secret code of agent {id} is {secret}."`. Secrets are drawn uniformly from the
 randomness space R = alphabet^length, so |R| = len(alphabet)**length is known exactly.
 Member canaries are trained on; holdout canaries (same format, disjoint ids and secrets) never
-are — they are the non-members for membership inference. Reference secrets, sampled from R
+are — they are the non-members for membership inference. Members and holdouts must be
+exchangeable: every canary's id and secret are drawn the same way, and which canaries become
+members is a seeded random choice among all of them. (Giving members the first ids, 0000–0019,
+lets any tokenizer that splits numbers unevenly tell members from holdouts without having
+seen either: a pretrained BPE model scored MIA AUC 0.88 that way.) Reference secrets, sampled from R
 without the canaries' own, are the comparison set for exposure.
 
 Ids are zero-padded to a fixed width so every prefix has the same length (batched decoding
@@ -113,7 +117,12 @@ def validate_spec(spec: CanarySpec) -> None:
 
 
 def make_canaries(spec: CanarySpec) -> CanarySet:
-    """Members then holdout canaries with distinct ids and distinct secrets, seeded."""
+    """Members and holdout canaries with distinct ids and distinct secrets, seeded.
+
+    All canaries are made alike (id i, a uniform secret); then a seeded random subset of
+    `num_members` of them become the members, so members and holdouts are exchangeable.
+    Members keep their id order (decoding batches stay deterministic).
+    """
     validate_spec(spec)
     rng = random.Random(spec.seed)
     total = spec.num_members + spec.num_holdout
@@ -126,4 +135,7 @@ def make_canaries(spec: CanarySpec) -> CanarySet:
         canaries.append(
             Canary(canary_id, secret, before.replace("{id}", canary_id), after.replace("{id}", canary_id))
         )
-    return CanarySet(spec, canaries[: spec.num_members], canaries[spec.num_members :])
+    member_indices = set(rng.sample(range(total), spec.num_members))
+    members = [c for i, c in enumerate(canaries) if i in member_indices]
+    holdout = [c for i, c in enumerate(canaries) if i not in member_indices]
+    return CanarySet(spec, members, holdout)

@@ -26,6 +26,14 @@ from tqdm.auto import tqdm
 from ortho_train import metrics
 
 
+SCORED_TOKENS = {
+    "mia": "every canary token after the first (id, secret and suffix); members and holdouts are "
+           "drawn alike, so only training can separate them",
+    "exposure": "the secret's tokens only, conditioned on the canary prefix",
+    "extraction": "greedy decoding of the secret's tokens from the canary prefix",
+}
+
+
 def pad_collate(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad 1-D token sequences into a causal-LM batch; padded labels are −100."""
     longest = max(len(s) for s in sequences)
@@ -109,18 +117,23 @@ def exposure_metrics(
     skewnorm_references: int = 1000,
     batch_size: int = 1024,
     progress: bool = False,
-) -> dict[str, float]:
+    randomness_space_size: int | None = None,
+) -> dict[str, float | str | None]:
     """Exposure of member secrets: exact rank against all references, and skew-normal.
 
     Each canary's secret is ranked against the references placed in the same prefix context
     (branch-and-bound count, exact); the rank estimate shows at most log2(#references) bits.
     The skew-normal extrapolation is fitted to the first `skewnorm_references` references,
-    scored in full.
+    scored in full, and capped at log2|R| (`randomness_space_size`); when it is refused (too
+    few references, a fit that does not converge) `exposure_skewnorm_mean` is None and
+    `exposure_skewnorm_refused` says why. Both cover the secret's tokens only, conditioned on
+    the canary's prefix.
     """
     count = len(canaries) if max_canaries is None else min(max_canaries, len(canaries))
     ref_groups = _groups_by_length(reference_secret_ids)
     fit_groups = _groups_by_length(reference_secret_ids[:skewnorm_references])
-    ranked, extrapolated = [], []
+    max_bits = math.log2(randomness_space_size) if randomness_space_size else math.inf
+    ranked, extrapolated, refused = [], [], None
     for i in tqdm(range(count), desc="exposure", unit="canary", disable=not progress, leave=False):
         prefix = canaries.prefix_ids[i]
         canary_lp = metrics.secret_log_perplexity(model, prefix, canaries.secret_ids[i][None], batch_size)
@@ -132,20 +145,30 @@ def exposure_metrics(
             for rows in ref_groups.values()
         )
         ranked.append(metrics.exposure_from_count(below, len(reference_secret_ids)))
-        fit_lp = torch.cat([
-            metrics.secret_log_perplexity(
-                model, prefix, torch.stack([reference_secret_ids[j] for j in rows]), batch_size
-            )
-            for rows in fit_groups.values()
-        ])
-        extrapolated.append(metrics.exposure_from_skewnorm(canary_lp, fit_lp).item())
+        if refused is None:
+            try:
+                extrapolated.append(_skewnorm_exposure(model, prefix, canary_lp, reference_secret_ids,
+                                                       fit_groups, batch_size, max_bits))
+            except metrics.ExposureEstimateError as error:
+                refused = str(error)
     ranked_t = torch.tensor(ranked, dtype=torch.float64)
-    return {
+    out = {
         "exposure_mean": ranked_t.mean().item(),
         "exposure_min": ranked_t.min().item(),
         "exposure_max_measurable": math.log2(len(reference_secret_ids)),
-        "exposure_skewnorm_mean": sum(extrapolated) / len(extrapolated),
+        "exposure_skewnorm_mean": None if refused else sum(extrapolated) / len(extrapolated),
     }
+    if refused:
+        out["exposure_skewnorm_refused"] = refused
+    return out
+
+
+def _skewnorm_exposure(model, prefix, canary_lp, reference_secret_ids, fit_groups, batch_size, max_bits) -> float:
+    fit_lp = torch.cat([
+        metrics.secret_log_perplexity(model, prefix, torch.stack([reference_secret_ids[j] for j in rows]), batch_size)
+        for rows in fit_groups.values()
+    ])
+    return metrics.bounded_skewnorm_exposure(canary_lp, fit_lp, max_bits).item()
 
 
 @torch.no_grad()
@@ -212,7 +235,8 @@ def evaluate_memorisation(
                 out["holdout_symbol_accuracy"] = holdout["symbol_accuracy"]
         if "exposure" in include:
             references = probe.reference_secret_ids[:exposure_references]
-            out.update(exposure_metrics(model, probe.members, references, exposure_canaries, progress=progress))
+            out.update(exposure_metrics(model, probe.members, references, exposure_canaries, progress=progress,
+                                        randomness_space_size=probe.randomness_space_size))
         if "mia" in include:
             out.update(mia_metrics(model, probe))
         if "ppl" in include:
@@ -262,8 +286,11 @@ def evaluate_unlearning(
                 out["retain_extraction"] = extraction_metrics(model, retain_members)["extraction_rate"]
         if "exposure" in include:
             references = forget_probe.reference_secret_ids[:exposure_references]
-            found = exposure_metrics(model, members, references, skewnorm_references=skewnorm_references)
-            out["forget_exposure"], out["forget_exposure_skewnorm"] = found["exposure_mean"], found["exposure_skewnorm_mean"]
+            found = exposure_metrics(model, members, references, skewnorm_references=skewnorm_references,
+                                     randomness_space_size=forget_probe.randomness_space_size)
+            out["forget_exposure"] = found["exposure_mean"]
+            if found["exposure_skewnorm_mean"] is not None:  # else refused: the key is absent, not a guess
+                out["forget_exposure_skewnorm"] = found["exposure_skewnorm_mean"]
         if "mia" in include:
             out.update({f"forget_{k}": v for k, v in mia_metrics(model, forget_probe).items() if k.startswith("mia_auc_")})
         if "verbmem" in include:

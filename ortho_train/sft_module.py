@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 
 from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
-from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.evaluation import SCORED_TOKENS, evaluate_memorisation
 from ortho_train.evaluation import pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
 from ortho_train.sieve import public_updates
@@ -350,7 +350,8 @@ class CanarySFTModule(L.LightningModule):
                 include=("extraction", "exposure", "mia"),
             )
             for logger in self.loggers:
-                logger.log_metrics({f"val/{k}": v for k, v in found.items()}, step=self.global_step)
+                logger.log_metrics({f"val/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
+                                   step=self.global_step)
 
     # ------------------------------------------------------------------ ending
     def on_train_end(self) -> None:
@@ -362,6 +363,7 @@ class CanarySFTModule(L.LightningModule):
         rank_zero_info("final memorisation evaluation (all reference secrets)…")
         found = evaluate_memorisation(self.model, self.probe, progress=True)
         found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
+        found["scored_tokens"] = SCORED_TOKENS
         found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
         if self.isolated_support is not None:
             cfg = self.isolation

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +31,11 @@ from scipy import integrate, special, stats
 from torch import Tensor, nn
 
 _LN2 = math.log(2.0)
+MIN_SKEWNORM_REFERENCES = 100  # below this the fitted tail is a guess, not an estimate
+
+
+class ExposureEstimateError(ValueError):
+    """The skew-normal extrapolation cannot be trusted here (too few references, failed fit)."""
 
 
 def _as_1d_float64(x) -> np.ndarray:
@@ -301,3 +307,30 @@ def exposure_from_count(count_below: int, num_references: int) -> float:
     if num_references < 1 or not 0 <= count_below <= num_references:
         raise ValueError(f"need 0 ≤ count_below ≤ num_references ≥ 1, got {count_below}, {num_references}")
     return math.log2(num_references) - math.log2(1 + count_below)
+
+
+def bounded_skewnorm_exposure(canary_logppl, reference_logppl, max_bits: float,
+                              min_references: int = MIN_SKEWNORM_REFERENCES) -> Tensor:
+    """:func:`exposure_from_skewnorm` capped at ``max_bits`` and refused when it is unreliable.
+
+    A secret drawn from R carries at most log2|R| bits, so no exposure can exceed it: pass
+    ``max_bits = log2|R|``. The fit is refused (``ExposureEstimateError`` with the reason) with
+    fewer than ``min_references`` references, when the fit or its tail quadrature does not
+    converge, or when it yields a non-finite value.
+
+    Returns:
+        (C,) float64 tensor in [0, max_bits].
+    """
+    count = _as_1d_float64(reference_logppl).size
+    if count < min_references:
+        raise ExposureEstimateError(f"skew-normal exposure needs ≥ {min_references} references, got {count}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", integrate.IntegrationWarning)
+        try:
+            params = fit_skewnorm(reference_logppl)
+            values = exposure_from_skewnorm(canary_logppl, reference_logppl, params)
+        except (integrate.IntegrationWarning, ValueError, FloatingPointError) as error:
+            raise ExposureEstimateError(f"skew-normal exposure refused: {error}") from error
+    if not torch.isfinite(values).all() or not math.isfinite(params[2]) or params[2] <= 0:
+        raise ExposureEstimateError(f"skew-normal exposure refused: fit {params} gave non-finite values")
+    return values.clamp(0.0, max_bits)

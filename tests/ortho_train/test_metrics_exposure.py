@@ -129,3 +129,23 @@ def test_skewnorm_logcdf_continuous_across_the_quadrature_switch():
         z = np.linspace(-6.0, 0.0, 13)
         np.testing.assert_allclose(skewnorm_logcdf(z, a, 0.0, 1.0), stats.skewnorm.logcdf(z, a),
                                    rtol=1e-6)
+
+
+def test_bounded_skewnorm_exposure_caps_at_the_randomness_space(skewed_references):
+    from ortho_train.metrics import bounded_skewnorm_exposure
+
+    far, near = skewed_references.min() - 200.0, 110.0  # far below every reference; inside them
+    raw = exposure_from_skewnorm([far, near], skewed_references).numpy()
+    max_bits = math.log2(10**10)  # a 10-digit secret carries 33.2 bits
+    assert raw[0] > max_bits  # the unbounded tail claims more than the secret holds
+    got = bounded_skewnorm_exposure([far, near], skewed_references, max_bits).numpy()
+    assert got[0] == max_bits and got[1] == pytest.approx(raw[1])
+
+
+def test_bounded_skewnorm_exposure_refuses_too_few_references_and_failed_fits(skewed_references):
+    from ortho_train.metrics import ExposureEstimateError, bounded_skewnorm_exposure
+
+    with pytest.raises(ExposureEstimateError, match="≥ 100 references, got 16"):
+        bounded_skewnorm_exposure([90.0], skewed_references[:16], 33.2)
+    with pytest.raises(ExposureEstimateError, match="refused"):
+        bounded_skewnorm_exposure([90.0], np.full(500, 7.0), 33.2)  # no spread: no fit
