@@ -6,6 +6,7 @@ module is always `CanaryDataModule`. `--print_config` prints a complete, editabl
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -37,6 +38,9 @@ class OrthoTrainCLI(LightningCLI):
         first = loggers[0].init_args
         if first.get("version") is None:
             first.version = _next_version(first.save_dir, first.get("name", ""))
+            # The directory is new; the other loggers' files in it are this run's own, and
+            # CSVLogger would only remove a metrics.csv that does not exist yet.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         for logger in loggers[1:]:
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version

@@ -84,12 +84,15 @@ class SieveCallback(L.Callback):
         defaults = TableConfig()
         spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
                          dqc=dqc, include_lm_head=include_lm_head)
+        def given(value, default):  # None: the default; an empty list stays empty
+            return list(default if value is None else value)
+
         self.config = TableConfig(
-            variants=list(variants or defaults.variants),
-            references=list(references or defaults.references),
-            alphas=[float(a) for a in (alphas or defaults.alphas)],
-            rhos=[float(r) for r in (rhos or defaults.rhos)], spec=spec,
-            include=list(metrics or defaults.include),
+            variants=given(variants, defaults.variants),
+            references=given(references, defaults.references),
+            alphas=[float(a) for a in given(alphas, defaults.alphas)],
+            rhos=[float(r) for r in given(rhos, defaults.rhos)], spec=spec,
+            include=given(metrics, defaults.include),
             exposure_references=exposure_references, exposure_canaries=exposure_canaries,
         )
         self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end

@@ -59,6 +59,13 @@ class TableConfig:
         for variant in self.variants:
             if variant not in ("posthoc", "delta", "isolated"):
                 raise ValueError(f"unknown sieve variant {variant!r}")
+        bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if bad_alphas:
+            raise ValueError(f"alphas must lie in [0, 1] (0: base stream only, 1: the full ortho stream), "
+                             f"got {bad_alphas}")
+        bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
+        if bad_rhos:
+            raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
 
 
 def _fake_quantised(model: nn.Module, quant_type: str, include_lm_head: bool) -> nn.Module:

@@ -116,3 +116,14 @@ def test_bad_settings_are_clear_errors():
         SieveCallback(every_n_steps=-1)
     with pytest.raises(ValueError, match="variant"):
         SieveCallback(variants=["magic"])
+    with pytest.raises(ValueError, match=r"alphas must lie in \[0, 1\].*-3\.0, 7\.0"):
+        SieveCallback(alphas=[-3, 0.5, 7])
+    with pytest.raises(ValueError, match=r"rhos .* \(0, 1\), got \[2\.0\]"):
+        SieveCallback(rhos=[2.0])
+
+
+def test_empty_lists_mean_empty_and_none_means_default():
+    empty = SieveCallback(variants=[], references=[])
+    assert empty.config.variants == [] and empty.config.references == []
+    default = SieveCallback()
+    assert default.config.variants == ["posthoc", "delta", "isolated"]
