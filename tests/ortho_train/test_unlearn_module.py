@@ -150,13 +150,23 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
 def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
     from train import cli_main
 
+    from callbacks.ptq_gap import PTQGapError
+
     monkeypatch.chdir(tmp_path)
     data = [f"--data.{k}={v}" for k, v in DATA.items()]
-    cli_main(["fit", "--config", str(REPO / "configs/unlearn_lora_npo_gdr.yaml"),
-              f"--model.init_args.model_path={model_dir}", "--trainer.max_steps=2", "--trainer.val_check_interval=null",
-              "--trainer.limit_val_batches=0", *data])
+    # Two steps of unlearning 4 canaries sit at the edge of the config's gap check (fail_on_gap):
+    # whether a 4-bit copy brings one back varies with the CPU's float order. Either outcome must
+    # leave every artifact written and say so in ptq_gap.json.
+    try:
+        cli_main(["fit", "--config", str(REPO / "configs/unlearn_lora_npo_gdr.yaml"),
+                  f"--model.init_args.model_path={model_dir}", "--trainer.max_steps=2",
+                  "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0", *data])
+        flagged = False
+    except PTQGapError:
+        flagged = True
     run = next(Path("runs").glob("*/version_0"))
     results = json.loads((run / "ptq_gap.json").read_text())
+    assert results["forgetting_survives"] is not flagged and results["status"] == ("failed" if flagged else "ok")
     for key in ("forget_extraction_fp", "forget_extraction_nf4", "ptq_gap_extraction_nf4", "public_ppl_fp",
                 "public_ppl_nf4", "bin_crossing_fraction"):
         assert isinstance(results[key], float), key
