@@ -27,6 +27,7 @@ from kernels import QuantisedBase
 from ortho_train.curvature import linear_layers
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.ortho_linear import set_alpha
+from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec, bnb_bits_per_weight, bnb_fake_quantise
 from ortho_train.sieve.core import SievedLayer, SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
@@ -77,15 +78,15 @@ class KillSwitchTable:
         pre_model: the pre-fine-tuning model (same architecture) or None.
         probe: the `MemorisationProbe` of the run.
         hessians_of: callable(model) -> {layer: H} over public calibration text.
-        isolated: (supports, bases, rho[, bases_are_pre]) of an isolated fine-tune, or None;
-            bases_are_pre (default True) says the bases are Q(W_pre) and may serve the
-            `intK_pre_sft` rows (not after public base updates).
+        isolated: the `SupportStreams` of an isolated fine-tune, or None; when its
+            `bases_are_pre` the bases are Q(W_pre) and may serve the `intK_pre_sft` rows (not
+            after public base updates).
         log: callable(str) for progress lines.
     """
 
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
-                 isolated: tuple | None = None,
+                 isolated: SupportStreams | None = None,
                  log: Callable[[str], None] = print):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
         self.hessians_of, self.isolated, self.log = hessians_of, isolated, log
@@ -112,8 +113,8 @@ class KillSwitchTable:
 
     def pre_bases(self, bits: int) -> tuple[dict[str, QuantisedBase], str]:
         """Q(W_pre): the isolated fine-tune's own bases when it has them at these bits."""
-        if self.isolated is not None and (len(self.isolated) < 4 or self.isolated[3]):
-            bases = self.isolated[1]
+        if self.isolated is not None and self.isolated.bases_are_pre:
+            bases = self.isolated.bases
             first = next(iter(bases.values()))
             if first.bits == bits:
                 return bases, "isolated SFT base"
@@ -177,12 +178,12 @@ class KillSwitchTable:
             if self.isolated is None:
                 self.log("isolated: skipped (the model was not fine-tuned with isolation)")
                 return
-            supports, bases, rho = self.isolated[:3]
-            spec = self._spec(next(iter(bases.values())).bits)
-            layers = sieve_model(self.model, "isolated", spec, supports=supports, bases=bases)
-            pre = len(self.isolated) < 4 or self.isolated[3]
-            self._sieved_rows("isolated", layers, rho,
-                              "isolated SFT base" if pre else "base re-quantised after public updates")
+            streams = self.isolated
+            spec = self._spec(next(iter(streams.bases.values())).bits)
+            layers = sieve_model(self.model, "isolated", spec, supports=streams.masks, bases=streams.bases)
+            self._sieved_rows("isolated", layers, streams.rho,
+                              "isolated SFT base" if streams.bases_are_pre
+                              else "base re-quantised after public updates")
             return
         for rho in self.config.rhos:
             spec = self._spec(rho=rho)
