@@ -92,9 +92,10 @@ class KFACCollector:
         collector = KFACCollector(model)            # all linears but the LM head
         with collector:
             for batch in loader:
-                collector.set_token_mask(batch["attention_mask"], num_loss_terms=n_labels)
-                loss = model(...)                   # mean over n_labels terms
-                loss.backward(); optimizer.step(); collector.step()
+                collector.set_token_mask(batch["attention_mask"])
+                nll_sum, n_labels = ...             # forward
+                collector.set_num_loss_terms(n_labels)   # M, known after the forward
+                (nll_sum / n_labels).backward(); optimizer.step(); collector.step()
         factors = collector.factors()               # {name: KFACFactors}
 
     Args:
@@ -182,7 +183,8 @@ class KFACCollector:
             m = rows.shape[0] if context.num_loss_terms is None else context.num_loss_terms
             sums = self._sums[name]
             sums.a += gram_a
-            sums.g += _gram(rows) * (m / self.grad_scale) ** 2  # per-token gradient of Σ ℓ
+            per_token = rows.to(torch.promote_types(rows.dtype, torch.float32)) * (m / self.grad_scale)
+            sums.g += _gram(per_token)  # per-token gradient of Σ ℓ, scaled before squaring
             sums.tokens += tokens
         return hook
 
