@@ -1,4 +1,6 @@
 """K-FAC factors (hooks, EMA, masks, bias column), the Kronecker eigenbasis and projections."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -317,3 +319,16 @@ def test_adamw_displacement_stays_out_of_s_gen_when_the_applied_step_is_projecte
     assert disp.norm() > 0.1, "the layer did train"
     rel = (component_in(disp, basis, mask).norm() / disp.norm()).item()
     assert rel <= 1e-5, f"displacement in S_gen: relative norm {rel:.2e}"  # float32 writes: ~1e-7
+
+
+def test_bench_reports_collection_eigh_and_projection_per_layer(tmp_path):
+    from ortho_train.kfac import bench
+
+    out = tmp_path / "bench.json"
+    summary = bench.main(["--hidden", "16", "--blocks", "1", "--intermediate", "24", "--batch-size", "2",
+                          "--seq-len", "8", "--rounds", "1", "--json", str(out)])
+    assert [r["layer"].rsplit(".", 1)[-1] for r in summary["layers"]] == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert all(r[k] > 0 for r in summary["layers"] for k in ("gram_s", "eigh_s", "project_s", "project32_s"))
+    assert abs(summary["overhead"] - (summary["fwd_bwd_kfac_s"] / summary["fwd_bwd_s"] - 1)) < 1e-12
+    assert json.loads(out.read_text())["totals"] == summary["totals"]
