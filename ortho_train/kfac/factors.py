@@ -69,6 +69,7 @@ class _TokenContext:
 
     mask: Tensor | None = None
     num_loss_terms: int | None = None
+    all_kept: bool = False  # the mask keeps every token: skip the (copying) selection
 
 
 @dataclass
@@ -137,10 +138,13 @@ class KFACCollector:
         `num_loss_terms` is M of the mean-reduced loss (see the module docstring); None means
         the number of True entries of `mask` (or of all tokens a layer sees, without a mask).
         """
-        mask = None if mask is None else mask.detach().bool()
-        if num_loss_terms is None and mask is not None:
-            num_loss_terms = int(mask.sum())
-        self._context = _TokenContext(mask)
+        if mask is None:
+            self._context = _TokenContext()
+        else:
+            mask = mask.detach().bool()
+            kept = int(mask.sum())
+            self._context = _TokenContext(mask, all_kept=kept == mask.numel())
+            num_loss_terms = kept if num_loss_terms is None else num_loss_terms
         self.set_num_loss_terms(num_loss_terms)
 
     def set_num_loss_terms(self, num_loss_terms: int | None) -> None:
@@ -149,21 +153,23 @@ class KFACCollector:
             raise ValueError(f"num_loss_terms must be positive, got {num_loss_terms}")
         self._context.num_loss_terms = num_loss_terms
 
-    def _rows(self, name: str, t: Tensor, mask: Tensor | None) -> Tensor:
+    @staticmethod
+    def _rows(name: str, t: Tensor, context: _TokenContext) -> Tensor:
         rows = t.detach().reshape(-1, t.shape[-1])  # (B*T, d)
+        mask = context.mask
         if mask is None:
             return rows
         if mask.numel() != rows.shape[0]:
             raise ValueError(f"KFACCollector: token mask {tuple(mask.shape)} does not match layer "
                              f"{name!r}'s {rows.shape[0]} tokens (input {tuple(t.shape)})")
-        return rows[mask.reshape(-1).to(rows.device)]  # (kept, d)
+        return rows if context.all_kept else rows[mask.reshape(-1).to(rows.device)]  # (kept, d)
 
     def _pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Linear, args) -> None:
             if not torch.is_grad_enabled():
                 return  # no gradient can reach this call (e.g. reentrant checkpoint's first pass)
             context = self._context
-            rows = self._rows(name, args[0], context.mask)  # (N, d_in)
+            rows = self._rows(name, args[0], context)  # (N, d_in)
             if module.bias is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)  # (N, d_in+1)
             self._in_flight[name] = (_gram(rows), rows.shape[0], context)
@@ -179,7 +185,7 @@ class KFACCollector:
 
     def _grad_hook(self, name: str, gram_a: Tensor, tokens: int, context: _TokenContext) -> Callable:
         def hook(grad: Tensor) -> None:
-            rows = self._rows(name, grad, context.mask)  # (N, d_out)
+            rows = self._rows(name, grad, context)  # (N, d_out)
             m = rows.shape[0] if context.num_loss_terms is None else context.num_loss_terms
             sums = self._sums[name]
             sums.a += gram_a
