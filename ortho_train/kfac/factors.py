@@ -8,9 +8,9 @@ layer's Fisher as a Kronecker product F ≈ A ⊗ G of
 
 over the N counted tokens (tokens flattened, pads masked). Conventions, exactly:
 
-* a_t is the layer input at token t, in float64 accumulation; with a bias, a_t = [x_t, 1]
-  (the ones column is *last*, so the bias is the last column of the augmented weight
-  [W, b]).
+* a_t is the layer input at token t; with a bias, a_t = [x_t, 1] (the ones column is *last*,
+  so the bias is the last column of the augmented weight [W, b]). Each batch's Gram matrices
+  are computed in (at least) float32 and summed in float64.
 * g_t = ∂(Σ_u ℓ_u)/∂s_t is the gradient of the *summed* per-term loss at token t's output.
   Training backpropagates a mean-reduced loss L = 1/M Σ_u ℓ_u (M = `num_loss_terms`, the
   number of terms the loss averages over) scaled by `grad_scale` (AMP's loss scale, or 1/k
@@ -19,7 +19,9 @@ over the N counted tokens (tokens flattened, pads masked). Conventions, exactly:
   token mask keeps. This is the "empirical" Fisher (real labels) with curvlinops' KFAC-expand
   convention for a mean-reduced loss; for a causal LM M is the number of scored *labels*
   (one fewer per sequence than attended tokens), so pass it when it matters.
-* Only the tokens with `set_token_mask(mask)` True count, in A, G and N alike.
+* Only the tokens with `set_token_mask(mask)` True count, in A, G and N alike. A counted token
+  whose output reaches no loss term (a causal LM's last position) has g_t = 0 and still
+  counts in N, as in curvlinops.
 
 Statistics are paired per forward call: the input Gram matrix is computed in the forward
 pre-hook (so activations need not be kept until backward) and added together with the
