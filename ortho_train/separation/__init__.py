@@ -10,6 +10,8 @@ Pure torch; no Lightning.
 from ortho_train.separation.geometry import (
     Entanglement,
     LossBarrier,
+    curvature_quadratic,
+    curvature_spectrum,
     entanglement,
     lmc_barrier,
     subspace_energy,
@@ -30,6 +32,8 @@ __all__ = [
     "LayerSplit",
     "LossBarrier",
     "SVDSplitResult",
+    "curvature_quadratic",
+    "curvature_spectrum",
     "energy_rank",
     "entanglement",
     "linear_weight_keys",

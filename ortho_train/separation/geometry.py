@@ -11,6 +11,9 @@
   produced by different procedures or data (public vs private steps of one run).
 * Energy of ΔW in a subspace S of the Kronecker eigenbasis: ‖M ⊙ C‖² / ‖C‖², C = U_Gᵀ ΔW U_A
   (‖C‖ = ‖ΔW‖: the basis is orthogonal).
+* Curvature profile of ΔW: `curvature_quadratic` = Σ_ij λ_ij C_ij² = vec(ΔW)ᵀ (A ⊗ G) vec(ΔW)
+  (twice the K-FAC prediction of the loss change), and `curvature_spectrum`, the share of
+  ‖ΔW‖² in each of `bins` equal-count groups of eigen-pairs ordered by λ (flattest first).
 * Linear-mode-connectivity loss barrier between θ_a and θ_b over fixed batches, with
   θ(t) = (1−t)·θ_a + t·θ_b on `points` evenly spaced t ∈ [0, 1]:
 
@@ -68,6 +71,28 @@ def subspace_energy(d_weight: Tensor, basis: KroneckerEigenbasis, mask: Tensor) 
     coefficients = basis.coefficients(d_weight).double()  # (d_out, d_in')
     total = float((coefficients**2).sum())
     return float((coefficients[mask] ** 2).sum()) / total if total > 0 else math.nan
+
+
+def curvature_quadratic(d_weight: Tensor, basis: KroneckerEigenbasis) -> float:
+    """Σ_ij λ_ij C_ij² = vec(ΔW)ᵀ (A ⊗ G) vec(ΔW), float64."""
+    coefficients = basis.coefficients(d_weight).double()  # (d_out, d_in')
+    return float((basis.eigenvalues().double() * coefficients**2).sum())
+
+
+def curvature_spectrum(d_weight: Tensor, basis: KroneckerEigenbasis, bins: int = 10) -> list[float]:
+    """Share of ‖ΔW‖² in `bins` equal-count groups of eigen-pairs by ascending λ (sums to 1).
+
+    Bin b holds the pairs ranked [b·P/bins, (b+1)·P/bins) of P = d_out·d_in' (ties in λ by
+    index, as the subspace masks order them). NaNs for ΔW = 0.
+    """
+    lam = basis.eigenvalues().flatten()  # (P,)
+    if not 1 <= bins <= lam.numel():
+        raise ValueError(f"curvature_spectrum: bins must be in [1, {lam.numel()}], got {bins}")
+    energy = basis.coefficients(d_weight).double().flatten() ** 2  # (P,)
+    ordered = energy[torch.argsort(lam, stable=True)]
+    total = float(ordered.sum())
+    return [float(chunk.sum()) / total if total > 0 else math.nan
+            for chunk in torch.tensor_split(ordered, bins)]
 
 
 @dataclass

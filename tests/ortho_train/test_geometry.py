@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from ortho_train.kfac import KFACFactors, KroneckerEigenbasis, SubspaceSpec, component_in, project_out
-from ortho_train.separation import entanglement, lmc_barrier, subspace_energy
+from ortho_train.separation import (
+    curvature_quadratic,
+    curvature_spectrum,
+    entanglement,
+    lmc_barrier,
+    subspace_energy,
+)
 
 
 def test_entanglement_of_hand_made_deltas():
@@ -37,6 +43,23 @@ def test_subspace_energy_of_components():
     e = torch.zeros(6, 4, dtype=torch.float64)
     e[mask.nonzero()[0].tolist()] = 1.0
     assert abs(subspace_energy(basis.from_coefficients(e), basis, mask) - 1) < 1e-12
+
+
+def test_curvature_quadratic_and_spectrum():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    factors = KFACFactors(a.T @ a, b @ b.T, 1)
+    basis = KroneckerEigenbasis.from_factors(factors)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    quad = torch.trace(x.T @ factors.G @ x @ factors.A).item()  # vec(x)ᵀ (A ⊗ G) vec(x)
+    assert abs(curvature_quadratic(x, basis) - quad) / quad < 1e-10
+    spectrum = curvature_spectrum(x, basis, bins=4)
+    assert len(spectrum) == 4 and abs(sum(spectrum) - 1) < 1e-12
+    flat = component_in(x, basis, SubspaceSpec("flattest", k=6).mask(basis))  # 24 pairs: bin 0
+    assert abs(curvature_spectrum(flat, basis, bins=4)[0] - 1) < 1e-12
+    with pytest.raises(ValueError, match="bins must be"):
+        curvature_spectrum(x, basis, bins=25)
 
 
 def _weights(seed):
