@@ -190,6 +190,11 @@ def test_ema_starts_from_first_batch_and_steps_once_per_optimiser_step():
         assert _rel(f.A, expected) < 1e-12, f"{name}: EMA of A"  # float64, a few adds reordered
     expected_g = 0.81 * single[0]["out"].G + 0.09 * single[1]["out"].G + 0.1 * pair["out"].G
     assert _rel(factors["out"].G, expected_g) < 1e-12
+    restored = KFACCollector(model)
+    restored.load_state_dict(collector.state_dict())
+    assert restored.ema == 0.9
+    assert all(torch.equal(restored.factors()[n].G, f.G) and restored.factors()[n].num_updates == 3
+               for n, f in factors.items())
 
 
 def test_grad_scale_is_divided_out_and_no_grad_forwards_count_nothing():
