@@ -76,7 +76,8 @@ def test_factors_match_curvlinops_empirical_kfac_expand():
     are independent rows) and a mean-reduced CrossEntropyLoss: A = Σ a aᵀ/(N·T) and
     G = Σ (b·T·g)(b·T·g)ᵀ/(N·T) per batch of b sequences, the same convention as ours.
     separate_weight_and_bias=False appends its ones column last, as we do."""
-    curvlinops = pytest.importorskip("curvlinops")
+    curvlinops = pytest.importorskip(
+        "curvlinops", reason="optional reference (see pyproject); the brute-force test below still runs")
     model = _toy()
     batches = _batches([3, 2])
 
