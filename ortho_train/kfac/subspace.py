@@ -20,6 +20,10 @@ Mask builders (`SUBSPACES`, selected by name, sized by `k` directions or a `frac
   σ_A, with every output direction (M[:, j] = True for those j); k counts columns.
 
 Ties in λ are broken by index order (stable sort), so masks are deterministic.
+
+Projecting a gradient: do it on the true gradient, i.e. after AMP's `unscale_` and before
+clipping (a joint clip norm would otherwise see the removed component). With Adam-type
+optimisers project the applied step instead (`project_update_`).
 """
 from __future__ import annotations
 
