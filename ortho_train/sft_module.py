@@ -14,7 +14,8 @@ end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics t
 
 The canary phase's update is governed by a private-update controller
 (`ortho_train.private_update`), picked from the config: none set is dense SFT; `isolation:`
-restricts it to a sparse support S fixed at the switch (`IsolationController`). The module's
+restricts it to a sparse support S fixed at the switch (`IsolationController`); `ogd:` projects
+it off a protected K-FAC subspace of the public model (`OGDController`). The module's
 hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
 typed stream view.
 """
@@ -32,6 +33,7 @@ from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
+from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
@@ -71,6 +73,9 @@ class CanarySFTModule(L.LightningModule):
         model_seed: seeds the initialisation of a model built from a config.
         isolation: restrict the canary phase to a sparse support fixed at the switch (None:
             dense SFT). See `ortho_train.sieve.isolation.IsolationConfig`.
+        ogd: keep the canary update out of a protected K-FAC subspace S_gen of the public
+            model, tracked apart from the public update (None: dense SFT; not together with
+            isolation). See `ortho_train.ogd.OGDConfig`.
     """
 
     def __init__(
@@ -89,6 +94,7 @@ class CanarySFTModule(L.LightningModule):
         eval_during_validation: bool = True,
         model_seed: int = 0,
         isolation: IsolationConfig | None = None,
+        ogd: OGDConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -106,8 +112,8 @@ class CanarySFTModule(L.LightningModule):
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None
         self.final_metrics: dict[str, float] | None = None
-        self.isolation = isolation
-        self.private_update = build_controller(isolation=isolation)
+        self.isolation, self.ogd = isolation, ogd
+        self.private_update = build_controller(isolation=isolation, ogd=ogd)
         self.private_update.setup(self)
         self._run_dir: Path | None = None
 

@@ -15,9 +15,10 @@ from ortho_train.private_update.controller import (
     register,
 )
 from ortho_train.private_update.isolation import IsolationController
-from ortho_train.private_update.streams import PrivateStreams, SupportStreams
+from ortho_train.private_update.ogd import OGDController
+from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
 
 __all__ = [
-    "CONTROLLERS", "DenseController", "IsolationController", "PrivateStreams", "PrivateUpdateController",
-    "SFTHost", "SupportStreams", "TrainingLoss", "build_controller", "register",
+    "CONTROLLERS", "DenseController", "IsolationController", "OGDController", "PrivateStreams",
+    "PrivateUpdateController", "SFTHost", "SubspaceStreams", "SupportStreams", "TrainingLoss", "build_controller", "register",
 ]
