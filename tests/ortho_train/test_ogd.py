@@ -1,8 +1,11 @@
 """OGD-projected canary SFT: the private displacement stays out of S_gen, α = 0 never sees a canary."""
+import json
+
 import lightning as L
 import pytest
 import torch
 
+from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.kfac import component_in
 from ortho_train.models import TinyLlamaConfig
@@ -32,7 +35,9 @@ def _fit(tmp, canary_seed=0, ogd=None, callbacks=()):
 
 @pytest.fixture(scope="module")
 def ogd_fit(tmp_path_factory):
-    return _fit(tmp_path_factory.mktemp("ogd"))
+    table = SieveCallback(variants=["ogd"], references=["fp32", "pre_sft"], alphas=[0.0, 1.0],
+                          metrics=["extraction", "ppl"], calibration_batches=1)
+    return _fit(tmp_path_factory.mktemp("ogd"), callbacks=[table])
 
 
 @torch.no_grad()
@@ -96,3 +101,16 @@ def test_bad_ogd_settings_fail_at_start_up_naming_the_setting():
         CanarySFTModule(tiny_llama=TINY, ogd=OGDConfig(subspace="input_flattest", k=65))
     with pytest.raises(ValueError, match="isolation and ogd are mutually exclusive"):
         CanarySFTModule(tiny_llama=TINY, isolation=IsolationConfig(), ogd=OGDConfig())
+
+
+def test_sieve_table_has_the_ogd_alpha_rows(ogd_fit):
+    rows = json.loads((ogd_fit.run_dir / "sieve_table.json").read_text())
+    assert [(r["variant"], r["alpha"]) for r in rows] == [("fp32", None), ("pre_sft", None),
+                                                          ("ogd", 0.0), ("ogd", 1.0)]
+    by = {(r["variant"], r["alpha"]): r for r in rows}
+    bits = ogd_fit.private_streams().bits_per_weight()
+    assert by[("ogd", 0.0)]["bits_per_weight"] == 32.0 and by[("ogd", 0.0)]["ortho_density"] == 0.0
+    assert by[("ogd", 1.0)]["bits_per_weight"] == pytest.approx(32 + bits["coefficients"] + bits["basis"])
+    assert by[("ogd", 1.0)]["public_ppl"] == pytest.approx(by[("fp32", None)]["public_ppl"], rel=1e-3)
+    assert by[("ogd", 0.0)]["public_ppl"] != by[("ogd", 1.0)]["public_ppl"]
+    assert "ogd: S_gen = flattest" in (ogd_fit.run_dir / "sieve_table.md").read_text()
