@@ -9,7 +9,9 @@ base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho 
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
 
 Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
-`isolated_streams()`, `isolation`, `run_dir`, `in_canary_phase`; data from the datamodule's
+`private_streams()` (a typed stream view: `SupportStreams` of an isolated fine-tune give the
+`isolated` rows, `SubspaceStreams` of an OGD fine-tune the `ogd` rows), `isolation`, `ogd`,
+`run_dir`, `in_canary_phase`; data from the datamodule's
 `probe` and `public_train_dataloader()`. Runs on rank zero.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sieve.artifacts import save_sieved
 from ortho_train.sieve.core import SieveSpec
@@ -36,7 +39,7 @@ class SieveCallback(L.Callback):
     Args:
         every_n_steps: also build a table every N optimiser steps of the canary phase (0: never).
         at_fit_end: build the table when training ends.
-        variants: sieves to run: posthoc, delta, isolated.
+        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune).
         references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
             (any int{2,3,4,8}_{rtn,gptq,pre_sft}).
         alphas: α values evaluated for each sieve.
@@ -131,10 +134,11 @@ class SieveCallback(L.Callback):
             pre_model = copy.deepcopy(pl_module.model)
             pre_model.load_state_dict(pl_module.pre_canary_state_dict)
             pre_model.eval()
-        isolated = pl_module.isolated_streams() if hasattr(pl_module, "isolated_streams") else None
+        streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
+        isolated = streams if isinstance(streams, SupportStreams) else None
         rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")
         table = KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
-                                lambda m: self._calibration(trainer, m), isolated, rank_zero_info)
+                                lambda m: self._calibration(trainer, m), streams, rank_zero_info)
         rows = table.run()
         self.tables[trainer.global_step] = rows
         run_dir = pl_module.run_dir
@@ -161,6 +165,12 @@ class SieveCallback(L.Callback):
                  "both streams (48-bit COO entries)",
                  f"posthoc/delta: {c.spec.quant.name} g{c.spec.quant.group_size}, {c.spec.selection} "
                  f"selection", f"table built in {seconds:.0f} s"]
+        ogd = getattr(pl_module, "ogd", None)
+        if ogd is not None:
+            size = f"k={ogd.k}" if ogd.k is not None else f"fraction={ogd.fraction}"
+            notes.append(f"ogd: S_gen = {ogd.subspace} directions of the public model's K-FAC eigenbasis "
+                         f"({size} per linear); α=0 = the fp32 public path (never saw a canary), "
+                         f"α=1 adds ΔW_priv from fp16 coefficients; bits count coefficients and bases")
         if pl_module.isolation is not None:
             iso = pl_module.isolation
             notes.append(f"isolated: support {iso.support}, ρ={iso.rho}, base "
@@ -188,13 +198,12 @@ class SieveCallback(L.Callback):
             logger.log_metrics(values, step=trainer.global_step)
             logger.save()
 
-    def _save_isolated(self, pl_module, model, isolated, run_dir) -> None:
-        supports, bases, rho = isolated[:3]
-        spec = SieveSpec(QuantSpec(bits=next(iter(bases.values())).bits), rho=rho)
-        layers = sieve_model(model, "isolated", spec, supports=supports, bases=bases)
+    def _save_isolated(self, pl_module, model, isolated: SupportStreams, run_dir) -> None:
+        spec = SieveSpec(QuantSpec(bits=next(iter(isolated.bases.values())).bits), rho=isolated.rho)
+        layers = sieve_model(model, "isolated", spec, supports=isolated.masks, bases=isolated.bases)
         dual = build_dual_stream_model(model, layers, alpha=1.0)
         path = save_sieved(dual, run_dir / "sieved_isolated",
-                           metadata={"variant": "isolated", "rho": rho,
-                                     "support": pl_module.isolation.support},
+                           metadata={"variant": "isolated", "rho": isolated.rho,
+                                     "support": isolated.support},
                            tokenizer=getattr(pl_module, "tokenizer", None))
         rank_zero_info(f"SieveCallback: isolated sieve saved to {path} (base.safetensors alone = α=0)")

@@ -12,11 +12,12 @@ Training ends at `trainer.max_steps` (the single source of truth for the run len
 end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
 `<run>/summary.json` (DESIGN.md §3), on rank zero only.
 
-Isolated mode (`isolation`, issue #3): at the switch the module fixes a sparse support S per
-linear layer *before* any canary is trained on, quantises the public weights into the base
-stream, and from then on only the entries on S move (`ortho_train.sieve.isolation`). The
-public attribute `isolated_support` then holds the masks, the bases and the frozen values,
-which the `SieveCallback` turns into the `isolated` sieve.
+The canary phase's update is governed by a private-update controller
+(`ortho_train.private_update`), picked from the config: none set is dense SFT; `isolation:`
+restricts it to a sparse support S fixed at the switch (`IsolationController`); `ogd:` projects
+it off a protected K-FAC subspace of the public model (`OGDController`). The module's
+hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
+typed stream view.
 """
 from __future__ import annotations
 
@@ -31,11 +32,10 @@ from torchmetrics import MeanMetric
 from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import SCORED_TOKENS, evaluate_memorisation
-from ortho_train.evaluation import pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
-from ortho_train.sieve import public_updates
-from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
-from ortho_train.sieve.support import SUPPORT_SEES
+from ortho_train.ogd import OGDConfig
+from ortho_train.private_update import PrivateStreams, build_controller
+from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
 SUMMARY_KEYS = (
@@ -73,6 +73,9 @@ class CanarySFTModule(L.LightningModule):
         model_seed: seeds the initialisation of a model built from a config.
         isolation: restrict the canary phase to a sparse support fixed at the switch (None:
             dense SFT). See `ortho_train.sieve.isolation.IsolationConfig`.
+        ogd: keep the canary update out of a protected K-FAC subspace S_gen of the public
+            model, tracked apart from the public update (None: dense SFT; not together with
+            isolation). See `ortho_train.ogd.OGDConfig`.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class CanarySFTModule(L.LightningModule):
         eval_during_validation: bool = True,
         model_seed: int = 0,
         isolation: IsolationConfig | None = None,
+        ogd: OGDConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -108,12 +112,9 @@ class CanarySFTModule(L.LightningModule):
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None
         self.final_metrics: dict[str, float] | None = None
-        self.isolation = isolation
-        self.isolated_support: IsolatedSupport | None = None
-        self._grad_hooks: list = []
-        self._public_grads: dict[int, torch.Tensor | None] | None = None
-        self._final_bases: tuple[int, dict] | None = None  # (step, public bases) cache
-        self._public_updates_done = False  # the base was re-quantised and frozen mid-phase
+        self.isolation, self.ogd = isolation, ogd
+        self.private_update = build_controller(isolation=isolation, ogd=ogd)
+        self.private_update.setup(self)
         self._run_dir: Path | None = None
 
     # ----------------------------------------------------------------- phases
@@ -162,7 +163,7 @@ class CanarySFTModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
             self._enter_canary_phase()
-        self._maybe_freeze_public_base()
+        self.private_update.before_batch(self.global_step)
 
     def _enter_canary_phase(self) -> None:
         """Snapshot the public model, save it, measure its perplexity, reset the optimiser."""
@@ -171,128 +172,14 @@ class CanarySFTModule(L.LightningModule):
             optimizer.state.clear()  # SFT starts with fresh moments, as a separate fine-tune would
         self._save_hf_model("hf_model_pre_canary")
         self._record_pre_canary_ppl()
-        if self.isolation is not None:
-            self._isolate()
+        self.private_update.enter_canary_phase()
 
-    # --------------------------------------------------------------- isolation
-    def _public_batches(self):
-        return self.trainer.datamodule.public_train_dataloader()
+    def info(self, message: str) -> None:
+        rank_zero_info(message)
 
-    def _canary_batches(self):
-        """Every member canary once per batch (deterministic: no shuffling, no RNG)."""
-        probe = self.probe
-        batch = pad_collate(probe.members.full_ids, probe.pad_token_id)
-        return [batch] * self.isolation.saliency_batches
-
-    def _batch_nll(self, model, batch) -> torch.Tensor:
-        device = self.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        nll, tokens = self._nll_sum(batch)
-        return nll / tokens
-
-    def _isolate(self) -> None:
-        """Fix S, quantise the public weights, freeze the rest (same on every rank)."""
-        with torch.random.fork_rng():  # drawing calibration batches must not shift training RNG
-            support = build_isolation(self.model, self.isolation, self._public_batches,
-                                      self._canary_batches, self._batch_nll)
-        self.isolated_support = self.trainer.strategy.broadcast(support, src=0)
-        self._activate_isolation(initial=True)
-        cfg = self.isolation
-        rank_zero_info(
-            f"isolated SFT: support={cfg.support} (sees {SUPPORT_SEES[cfg.support]}), "
-            f"rho={cfg.rho}, {len(self.isolated_support.masks)} layers, base {cfg.quant.method} "
-            f"INT{cfg.quant.bits}/g{cfg.quant.group_size}, train_on_base={cfg.train_on_base}, "
-            f"public_base_updates={cfg.public_base_updates}"
-        )
-
-    @property
-    def public_base_updates(self) -> bool:
-        """The canary phase also trains everything off S on public batches (α = 0 model)."""
-        return (self.isolated_support is not None and self.isolation is not None
-                and self.isolation.public_base_updates and not self._public_updates_done)
-
-    def _maybe_freeze_public_base(self) -> None:
-        """At `public_updates_fraction` of the canary phase: re-quantise the public-trained
-        base, freeze it, and continue with S alone (quantisation-aware)."""
-        if not (self.public_base_updates and self.in_canary_phase):
-            return
-        canary_steps = self.trainer.max_steps - self.hparams.public_steps
-        switch = self.hparams.public_steps + math.ceil(self.isolation.public_updates_fraction * canary_steps)
-        if self.global_step < switch:
-            return
-        self.isolated_support.freeze_base(self.model, self._requantised_public_bases())
-        self._public_updates_done = True
-        self._activate_isolation(initial=True)
-        rank_zero_info(f"isolated SFT: base re-quantised after public updates and frozen at step "
-                       f"{self.global_step}; the support alone trains from here")
-
-    def _requantised_public_bases(self) -> dict:
-        """Q of the α = 0 weights after public updates (calibration draws leave the RNG as it was)."""
-        with torch.random.fork_rng():
-            return self.isolated_support.public_bases(self.model, self.isolation, self._public_batches)
-
-    def _activate_isolation(self, initial: bool) -> None:
-        """Freeze/mask as the isolation mode wants. On resume (`initial=False`) with public
-        base updates the off-S weights are trained values and are left as they are."""
-        if self.public_base_updates:
-            if self.trainer.world_size > 1 or self.trainer.accumulate_grad_batches > 1:
-                raise ValueError("isolation.public_base_updates supports one process and "
-                                 "accumulate_grad_batches=1 (it replaces gradients after backward)")
-            if initial:
-                apply_isolation(self.model, self.isolated_support, freeze_rest=False)
-        else:
-            apply_isolation(self.model, self.isolated_support)
-        for handle in self._grad_hooks:
-            handle.remove()
-        self._grad_hooks = [] if self.public_base_updates else self.isolated_support.mask_gradients(self.model)
-
-    def _support_masks_by_param(self) -> dict[int, torch.Tensor]:
-        return public_updates.support_masks_by_param(self.model, self.isolated_support)
-
-    def on_after_backward(self) -> None:
-        """Public base updates: off S and unsieved parameters take the α = 0 public gradient,
-        S keeps the gradient of the whole batch."""
-        if self._public_grads is not None:
-            public_updates.merge_public_grads_(self.model, self._public_grads, self._support_masks_by_param())
-            self._public_grads = None
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if self.public_base_updates and self.in_canary_phase and gradient_clip_val:
-            if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError("isolation.public_base_updates clips by norm only")
-            public_updates.clip_split_([p for p in self.model.parameters() if p.requires_grad],
-                                       self._support_masks_by_param(), float(gradient_clip_val))
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        ratio = self._public_lr_ratio()
-        before = None
-        if ratio != 1.0:  # the update off S at public_lr: scale it after AdamW's step
-            before = {id(p): p.detach().clone() for p in self.model.parameters() if p.requires_grad}
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if before is not None:
-            public_updates.scale_public_update_(self.model, before, ratio, self._support_masks_by_param())
-        if self.isolated_support is not None and not self.public_base_updates:
-            self.isolated_support.restore_off_support(self.model)  # undoes weight decay off S
-
-    def _public_lr_ratio(self) -> float:
-        if not (self.public_base_updates and self.in_canary_phase) or self.isolation.public_lr is None:
-            return 1.0
-        return self.isolation.public_lr / self.hparams.sft_lr
-
-    def isolated_streams(self) -> tuple[dict, dict, float, bool] | None:
-        """(supports, bases, ρ, bases_are_pre) of the isolated sieve at the current weights:
-        the bases fixed at the switch, Q(W_pre), or with public base updates Q of the
-        public-trained α = 0 weights (re-quantised once per step). None without isolation."""
-        support = self.isolated_support
-        if support is None:
-            return None
-        if not self.public_base_updates:
-            return support.masks, support.bases, self.isolation.rho, not self._public_updates_done
-        if self._final_bases is None or self._final_bases[0] != self.global_step:
-            self._final_bases = (self.global_step, self._requantised_public_bases())
-        return support.masks, self._final_bases[1], self.isolation.rho, False
+    def private_streams(self) -> PrivateStreams | None:
+        """The private fine-tune's streams at the current weights (None for dense SFT)."""
+        return self.private_update.streams()
 
     @rank_zero_only
     def _record_pre_canary_ppl(self) -> None:
@@ -306,33 +193,48 @@ class CanarySFTModule(L.LightningModule):
             self.tokenizer.save_pretrained(tmp)
 
     # ---------------------------------------------------------------- training
-    def _nll_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def nll_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed NLL, number of label tokens) of a batch already on the model's device."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp, mask = metrics.token_logprobs(logits, batch["labels"])
         return -(logp * mask).sum(), mask.sum()
 
+    def batch_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean NLL per label token of a batch (moved to the model's device)."""
+        nll, tokens = self.nll_sum({k: v.to(self.device) for k, v in batch.items()})
+        return nll / tokens
+
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        if self.public_base_updates and self.in_canary_phase:
-            public = batch["public"]
-            self._public_grads = public_updates.alpha_zero_public_grads(
-                self.model, self.isolated_support, lambda: self._batch_nll(self.model, public))
-        nll, tokens = self._nll_sum(batch["public"])
         if self.in_canary_phase:
-            canary_nll, canary_tokens = self._nll_sum(batch["canary"])
-            self.log("train/canary_loss", canary_nll / canary_tokens, prog_bar=True)
-            nll, tokens = nll + canary_nll, tokens + canary_tokens
-        loss = nll / tokens
+            parts = self.private_update.training_loss(batch)
+            self.log("train/canary_loss", parts.canary, prog_bar=True)
+            loss, logged = parts.loss, parts.logged
+        else:
+            nll, tokens = self.nll_sum(batch["public"])
+            loss = logged = nll / tokens
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}: "
                 "lower the learning rate or check the data"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", logged, prog_bar=True)
         self.log("train/phase", float(self.in_canary_phase))
         return loss
 
+    # ------------------------------------------- delegation to the private update
+    def on_after_backward(self) -> None:
+        self.private_update.after_backward()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        self.private_update.clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self.private_update.before_step()
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.private_update.after_step()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll, tokens = self._nll_sum(batch)
+        nll, tokens = self.nll_sum(batch)
         self.val_nll.update(nll / tokens, weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
@@ -365,18 +267,9 @@ class CanarySFTModule(L.LightningModule):
         found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
         found["scored_tokens"] = SCORED_TOKENS
         found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
-        if self.isolated_support is not None:
-            cfg = self.isolation
-            found["isolation"] = {
-                "support": cfg.support, "support_sees": SUPPORT_SEES[cfg.support], "rho": cfg.rho,
-                "density": self.isolated_support.density,
-                # with public base updates the weights off S train on public text by design
-                "off_support_max_drift": (None if self.public_base_updates
-                                          else self.isolated_support.off_support_drift(self.model)),
-                "base": f"int{cfg.quant.bits}_{cfg.quant.method}", "train_on_base": cfg.train_on_base,
-                "public_base_updates": cfg.public_base_updates,
-                "public_updates_fraction": cfg.public_updates_fraction if cfg.public_base_updates else None,
-            }
+        controller = self.private_update.summary()
+        if controller is not None:
+            found[self.private_update.name] = controller
         found["canary_presentations_per_member"] = (
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
             * max(1, self.trainer.world_size) / len(self.probe.members)
@@ -418,15 +311,17 @@ class CanarySFTModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["public_ppl_before_canaries"] = self.public_ppl_before_canaries
-        if self.isolated_support is not None:
-            checkpoint["isolated_support"] = self.isolated_support.state()
-            checkpoint["public_updates_done"] = self._public_updates_done
+        state = self.private_update.state_dict()
+        if state:  # the sieve table of a resumed private fine-tune needs the public model too
+            checkpoint["private_update"] = {"name": self.private_update.name, "state": state}
             checkpoint["pre_canary_state_dict"] = self.pre_canary_state_dict
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.public_ppl_before_canaries = checkpoint.get("public_ppl_before_canaries")
-        if "isolated_support" in checkpoint:
-            self.isolated_support = IsolatedSupport.from_state(checkpoint["isolated_support"])
-            self._public_updates_done = checkpoint.get("public_updates_done", False)
+        saved = checkpoint.get("private_update")
+        if saved is not None:
+            if saved["name"] != self.private_update.name:
+                raise ValueError(f"the checkpoint was trained with {saved['name']!r}, the config sets "
+                                 f"{self.private_update.name!r}")
             self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
-            self._activate_isolation(initial=False)
+            self.private_update.load_state_dict(saved["state"])

@@ -6,7 +6,11 @@ mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
   `nf4` / `fp4` (bitsandbytes), `pre_sft` (the public model before fine-tuning) and
   `intK_pre_sft` (its base stream: Q(W_pre), the model α = 0 of `delta`/`isolated` is);
 - sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
-  every α of the list.
+  every α of the list;
+- `ogd`: an OGD-projected fine-tune's W(α) = W_public_path + α·ΔW_priv at every α (ΔW_priv
+  rebuilt from its fp16 eigen-coefficients); its bits count the fp32 public path, and for
+  α > 0 the coefficients plus the fp16 eigenbases they need; ortho_density is the share of
+  eigen-directions off S_gen (the stored coefficients).
 bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
 entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
 row counts the base stream only (the base file alone is that model); α > 0 rows count both.
@@ -27,6 +31,7 @@ from kernels import QuantisedBase
 from ortho_train.curvature import linear_layers
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.ortho_linear import set_alpha
+from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
 from ortho_train.quantisation import QuantSpec, bnb_bits_per_weight, bnb_fake_quantise
 from ortho_train.sieve.core import SievedLayer, SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
@@ -57,7 +62,7 @@ class TableConfig:
                 raise ValueError(f"unknown reference {name!r}: use fp32, nf4, fp4, pre_sft or "
                                  f"int{{2,3,4,8}}_{{rtn,gptq,pre_sft}}")
         for variant in self.variants:
-            if variant not in ("posthoc", "delta", "isolated"):
+            if variant not in ("posthoc", "delta", "isolated", "ogd"):
                 raise ValueError(f"unknown sieve variant {variant!r}")
         bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
         if bad_alphas:
@@ -84,18 +89,21 @@ class KillSwitchTable:
         pre_model: the pre-fine-tuning model (same architecture) or None.
         probe: the `MemorisationProbe` of the run.
         hessians_of: callable(model) -> {layer: H} over public calibration text.
-        isolated: (supports, bases, rho[, bases_are_pre]) of an isolated fine-tune, or None;
-            bases_are_pre (default True) says the bases are Q(W_pre) and may serve the
-            `intK_pre_sft` rows (not after public base updates).
+        streams: the private fine-tune's streams, or None. `SupportStreams` of an isolated
+            fine-tune give the `isolated` rows (and, when `bases_are_pre`, their Q(W_pre) bases
+            serve the `intK_pre_sft` rows; not after public base updates); `SubspaceStreams`
+            of an OGD fine-tune give the `ogd` rows.
         log: callable(str) for progress lines.
     """
 
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
-                 isolated: tuple | None = None,
+                 streams: PrivateStreams | None = None,
                  log: Callable[[str], None] = print):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
-        self.hessians_of, self.isolated, self.log = hessians_of, isolated, log
+        self.hessians_of, self.log = hessians_of, log
+        self.isolated = streams if isinstance(streams, SupportStreams) else None
+        self.ogd = streams if isinstance(streams, SubspaceStreams) else None
         self._hessians: dict[int, dict] = {}
         self.rows: list[dict] = []
 
@@ -119,8 +127,8 @@ class KillSwitchTable:
 
     def pre_bases(self, bits: int) -> tuple[dict[str, QuantisedBase], str]:
         """Q(W_pre): the isolated fine-tune's own bases when it has them at these bits."""
-        if self.isolated is not None and (len(self.isolated) < 4 or self.isolated[3]):
-            bases = self.isolated[1]
+        if self.isolated is not None and self.isolated.bases_are_pre:
+            bases = self.isolated.bases
             first = next(iter(bases.values()))
             if first.bits == bits:
                 return bases, "isolated SFT base"
@@ -179,17 +187,39 @@ class KillSwitchTable:
                 dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
             self._row(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
 
+    def _ogd_rows(self) -> None:
+        streams = self.ogd
+        if streams is None:
+            self.log("ogd: skipped (the model was not fine-tuned with OGD)")
+            return
+        bits = streams.bits_per_weight()
+        for alpha in self.config.alphas:
+            model = copy.deepcopy(self.model)
+            with torch.no_grad():
+                for name, (weight, bias) in streams.weights_at(alpha).items():
+                    module = model.get_submodule(name)
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+            private = bits["coefficients"] + bits["basis"] if alpha != 0 else 0.0
+            self._row("ogd", model.eval(), alpha, None, 32.0 + private,
+                      bits["free_fraction"] if alpha != 0 else 0.0,
+                      f"fp32 public path; ΔW_priv off S_gen ({streams.subspace})")
+
     def variant(self, variant: str) -> None:
+        if variant == "ogd":
+            self._ogd_rows()
+            return
         if variant == "isolated":
             if self.isolated is None:
                 self.log("isolated: skipped (the model was not fine-tuned with isolation)")
                 return
-            supports, bases, rho = self.isolated[:3]
-            spec = self._spec(next(iter(bases.values())).bits)
-            layers = sieve_model(self.model, "isolated", spec, supports=supports, bases=bases)
-            pre = len(self.isolated) < 4 or self.isolated[3]
-            self._sieved_rows("isolated", layers, rho,
-                              "isolated SFT base" if pre else "base re-quantised after public updates")
+            streams = self.isolated
+            spec = self._spec(next(iter(streams.bases.values())).bits)
+            layers = sieve_model(self.model, "isolated", spec, supports=streams.masks, bases=streams.bases)
+            self._sieved_rows("isolated", layers, streams.rho,
+                              "isolated SFT base" if streams.bases_are_pre
+                              else "base re-quantised after public updates")
             return
         for rho in self.config.rhos:
             spec = self._spec(rho=rho)

@@ -72,11 +72,11 @@ def test_warmup_ignores_canaries_and_sft_adds_them():
     module._trainer = FakeTrainer()
     module.log = lambda *a, **k: None
     public_only = module.training_step(batch, 0)
-    nll, tokens = module._nll_sum(batch["public"])
+    nll, tokens = module.nll_sum(batch["public"])
     assert public_only.item() == pytest.approx((nll / tokens).item())
     FakeTrainer.global_step = 1
     mixed = module.training_step(batch, 0)
-    canary_nll, canary_tokens = module._nll_sum(batch["canary"])
+    canary_nll, canary_tokens = module.nll_sum(batch["canary"])
     assert mixed.item() == pytest.approx(((nll + canary_nll) / (tokens + canary_tokens)).item())
 
 

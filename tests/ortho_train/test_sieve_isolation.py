@@ -42,7 +42,7 @@ def isolated_fit(tmp_path_factory):
 
 def test_no_weight_moves_off_the_support(isolated_fit):
     module, _ = isolated_fit
-    support = module.isolated_support
+    support = module.private_update.support
     pre = module.pre_canary_state_dict
     moved_on_s = 0
     for name, weight in support.weights(module.model).items():
@@ -62,7 +62,7 @@ def test_no_weight_moves_off_the_support(isolated_fit):
 @torch.no_grad()
 def test_alpha_zero_is_the_quantised_public_model_and_alpha_one_the_trained_one(isolated_fit):
     module, dm = isolated_fit
-    support = module.isolated_support
+    support = module.private_update.support
     trained = module.model.eval()
     layers = sieve_model(trained, "isolated", SieveSpec(), supports=support.masks, bases=support.bases)
     dual = build_dual_stream_model(trained, layers)
@@ -140,7 +140,7 @@ def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0):
 
 @torch.no_grad()
 def _alpha_zero_state(module):
-    with module.isolated_support.alpha_zero(module.model):
+    with module.private_update.support.alpha_zero(module.model):
         return {k: v.clone() for k, v in module.model.state_dict().items()}
 
 
@@ -155,13 +155,13 @@ def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
         moved += int((value != a.pre_canary_state_dict[key]).any())
     assert moved >= 0.9 * len(zero_a)  # ... and they did train (norms, embeddings, off S)
     on_s = [(w.detach()[m] != b.model.get_submodule(n).weight.detach()[m]).any()
-            for n, w, m in ((n, w, a.isolated_support.masks[n])
-                            for n, w in a.isolated_support.weights(a.model).items())]
+            for n, w, m in ((n, w, a.private_update.support.masks[n])
+                            for n, w in a.private_update.support.weights(a.model).items())]
     assert any(on_s)  # the entries on S did see the secrets
-    supports, bases, rho, bases_are_pre = a.isolated_streams()
-    assert not bases_are_pre and rho == 0.05
-    for name, base in bases.items():  # re-quantised from the public-trained weights
-        assert not torch.equal(base.qweight, a.isolated_support.bases[name].qweight), name
+    streams = a.private_streams()
+    assert not streams.bases_are_pre and streams.rho == 0.05
+    for name, base in streams.bases.items():  # re-quantised from the public-trained weights
+        assert not torch.equal(base.qweight, a.private_update.support.bases[name].qweight), name
     assert a.final_metrics["isolation"]["public_base_updates"] is True
 
 
@@ -183,7 +183,7 @@ def test_split_clipping_bounds_public_and_private_parts_separately():
 def test_public_lr_scales_the_update_off_the_support_only(tmp_path):
     full = _public_update_fit(tmp_path / "full", canary_seed=1)
     slow = _public_update_fit(tmp_path / "slow", canary_seed=1, public_lr=2e-5)  # 1/1000 of sft_lr
-    support = full.isolated_support
+    support = full.private_update.support
     for name in support.masks:
         mask = support.masks[name]
         start = support.frozen[name]  # the off-S weights at the switch (train_on_base)
@@ -199,9 +199,10 @@ def test_public_lr_scales_the_update_off_the_support_only(tmp_path):
 @torch.no_grad()
 def test_public_updates_fraction_freezes_a_requantised_base_for_the_tail(tmp_path):
     module = _public_update_fit(tmp_path, canary_seed=1, fraction=0.5)  # 5 canary steps: 3 + 2
-    support = module.isolated_support
-    supports, bases, _, bases_are_pre = module.isolated_streams()
-    assert not bases_are_pre and bases is support.bases
+    support = module.private_update.support
+    streams = module.private_streams()
+    bases = streams.bases
+    assert not streams.bases_are_pre and bases is support.bases
     for name, weight in support.weights(module.model).items():
         mask = support.masks[name]
         assert torch.equal(weight[~mask], bases[name].dequantise()[~mask]), name  # on the grid

@@ -45,7 +45,7 @@ def _isolated_tied_fit(tmp, canary_seed):
                           canary_seed=canary_seed)
     with pytest.warns(UserWarning, match="tied"):
         trainer.fit(module, datamodule=dm)
-    support = module.isolated_support
+    support = module.private_update.support
     layers = sieve_model(module.model, "isolated", SieveSpec(include_lm_head=True), supports=support.masks,
                          bases=support.bases)
     save_sieved(build_dual_stream_model(module.model, layers), tmp / "sieved")
@@ -60,4 +60,4 @@ def test_tied_base_file_is_independent_of_the_secrets(tmp_path):
     for key, tensor in base_a.items():  # the same computation both runs: bit equality is the claim
         assert torch.equal(tensor, base_b[key]), f"{key} of the base file depends on the secrets"
     assert torch.equal(base_a["model.embed_tokens.weight"], a.pre_canary_state_dict["model.embed_tokens.weight"])
-    assert "lm_head" not in a.isolated_support.masks
+    assert "lm_head" not in a.private_update.support.masks

@@ -1,0 +1,51 @@
+"""`OGDConfig`: canary SFT whose private update is kept out of a protected K-FAC subspace."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ortho_train.kfac import SUBSPACES, SubspaceSpec
+
+
+@dataclass
+class OGDConfig:
+    """Orthogonal-gradient-descent fine-tuning: the canary update avoids S_gen.
+
+    At the switch, K-FAC factors of the public model on public batches give each linear a
+    Kronecker eigenbasis; S_gen is a set of its eigen-directions. Every canary step the
+    private update is projected off S_gen; the public update is not (and never sees a canary).
+
+    Args:
+        subspace: which directions S_gen holds: 'flattest' (the k smallest K-FAC eigenvalues
+            λ_ij = σ_G,i·σ_A,j: the choice of the K-FAC task-vector paper), 'sharpest' (the k
+            largest, as gradient-projection-memory methods protect), or 'input_flattest' (the
+            k input directions of smallest σ_A, with every output direction).
+        fraction: share of each layer's directions in S_gen, in (0, 1) (used when k is None).
+        k: number of directions per layer (eigen-pairs; columns for 'input_flattest');
+            overrides fraction.
+        kfac_batches: public training batches the K-FAC factors are averaged over.
+        include_lm_head: the LM head is a protected linear too (else it trains on public
+            batches only, like the embeddings and norms).
+    """
+
+    subspace: str = "flattest"
+    fraction: float | None = 0.5
+    k: int | None = None
+    kfac_batches: int = 8
+    include_lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.subspace not in SUBSPACES:
+            raise ValueError(f"ogd.subspace {self.subspace!r} is unknown; choose one of {sorted(SUBSPACES)}")
+        if self.k is None and self.fraction is None:
+            raise ValueError("ogd.fraction and ogd.k are both unset: give one of them")
+        if self.k is None and not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"ogd.fraction must lie in (0, 1), got {self.fraction}")
+        if self.k is not None and self.k < 0:
+            raise ValueError(f"ogd.k must be ≥ 0, got {self.k}")
+        if self.kfac_batches < 1:
+            raise ValueError(f"ogd.kfac_batches must be ≥ 1, got {self.kfac_batches}")
+
+    @property
+    def spec(self) -> SubspaceSpec:
+        """The subspace rule (k wins over fraction)."""
+        return SubspaceSpec(self.subspace, fraction=None if self.k is not None else self.fraction, k=self.k)

@@ -1,0 +1,169 @@
+"""The seam between canary SFT and the way its private (canary) update is constrained.
+
+`CanarySFTModule` runs the two phases, the losses' bookkeeping and the artifacts; everything
+that constrains *how the canary phase may move the weights* lives in one controller object
+behind this interface, and the module's hooks only delegate to it:
+
+    on_train_batch_start   -> enter_canary_phase() once at the switch, then before_batch(step)
+    training_step          -> training_loss(batch)        (what backward runs on, what is logged)
+    on_after_backward      -> after_backward()
+    configure_gradient_clipping -> clip(optimizer, max_norm, algorithm)
+    optimizer_step         -> before_step(); the optimiser's step; after_step()
+    on_save/load_checkpoint -> state_dict() / load_state_dict(state)
+    summary.json           -> summary()   (under the controller's registry name)
+    sieve table            -> streams()   (a typed `PrivateStreams`, or None)
+
+Controllers are registered by name (`register`); `build_controller` picks the one whose config
+is set (`isolation: …` selects "isolation"), the dense controller when none is, and refuses two.
+Controllers reach the module only through the attributes of `SFTHost` and import no Lightning.
+"""
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from ortho_train.private_update.streams import PrivateStreams
+
+
+class SFTHost(Protocol):
+    """What a controller may use of the LightningModule it serves."""
+
+    model: nn.Module
+    hparams: Any  # public_steps, sft_lr, …
+    trainer: Any  # global_step, max_steps, world_size, strategy, datamodule, optimizers
+
+    @property
+    def in_canary_phase(self) -> bool: ...
+
+    @property
+    def probe(self) -> Any: ...
+
+    def nll_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def batch_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def clip_gradients(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None: ...
+
+    def info(self, message: str) -> None:
+        """Log a progress line (once, on rank zero)."""
+
+
+@dataclass
+class TrainingLoss:
+    """One canary-phase step's loss: `loss` is what backward runs on; `logged` is `train/loss`
+    (the token-weighted mean NLL over public + canary tokens); `canary` is `train/canary_loss`."""
+
+    loss: torch.Tensor
+    logged: torch.Tensor
+    canary: torch.Tensor
+
+
+class PrivateUpdateController(ABC):
+    """How the canary phase updates the weights. The defaults are those of dense SFT: one
+    backward of the whole batch's loss, ordinary clipping, the optimiser's step untouched.
+
+    Args:
+        config: the controller's typed config (None for the dense controller).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type | None] = None
+
+    def __init__(self, config: Any = None):
+        self.config = config
+        self.host: SFTHost | None = None
+
+    def setup(self, host: SFTHost) -> None:
+        """Bind to the module (called once, when the module is built)."""
+        self.host = host
+
+    # --------------------------------------------------------------- phases
+    def enter_canary_phase(self) -> None:
+        """At the switch, after the module snapshotted the public model and reset the optimiser."""
+
+    def before_batch(self, step: int) -> None:
+        """At the start of every training batch (both phases), after any switch."""
+
+    # ------------------------------------------------------------- training
+    def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> TrainingLoss:
+        """Token-weighted mean NLL over the public and the canary half of the batch."""
+        nll, tokens = self.host.nll_sum(batch["public"])
+        canary_nll, canary_tokens = self.host.nll_sum(batch["canary"])
+        loss = (nll + canary_nll) / (tokens + canary_tokens)
+        return TrainingLoss(loss, loss, canary_nll / canary_tokens)
+
+    def after_backward(self) -> None:
+        """Gradients of the step are in `.grad` (before clipping)."""
+
+    def clip(self, optimizer, max_norm: float | None, algorithm: str | None) -> None:
+        self.host.clip_gradients(optimizer, max_norm, algorithm)
+
+    def before_step(self) -> None:
+        """Before the optimiser step (and before this step's forward/backward, which run inside it)."""
+
+    def after_step(self) -> None:
+        """After the optimiser step."""
+
+    # ------------------------------------------------------------ artifacts
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume the controller ({} : nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()` (called on resume, with the trainer attached)."""
+
+    def summary(self) -> dict | None:
+        """The controller's entry of summary.json (None: no entry)."""
+        return None
+
+    def streams(self) -> PrivateStreams | None:
+        """The public and private streams of the fine-tune at the current weights (None: the
+        update is not separable)."""
+        return None
+
+
+CONTROLLERS: dict[str, type[PrivateUpdateController]] = {}
+
+
+def register(name: str) -> Callable[[type[PrivateUpdateController]], type[PrivateUpdateController]]:
+    """Class decorator: make a controller selectable by the module's config key `name`."""
+
+    def add(cls: type[PrivateUpdateController]) -> type[PrivateUpdateController]:
+        if name in CONTROLLERS:
+            raise ValueError(f"a private-update controller named {name!r} is already registered")
+        cls.name = name
+        CONTROLLERS[name] = cls
+        return cls
+
+    return add
+
+
+@register("dense")
+class DenseController(PrivateUpdateController):
+    """Ordinary SFT: every parameter takes the gradient of the whole batch."""
+
+
+def build_controller(**configs: Any) -> PrivateUpdateController:
+    """The controller of the one config that is set (keyword = registry name), dense if none.
+
+    `build_controller(isolation=IsolationConfig(...), ogd=None)` -> an isolation controller.
+    """
+    unknown = sorted(set(configs) - set(CONTROLLERS))
+    if unknown:
+        raise ValueError(f"no private-update controller named {unknown}; known: {sorted(CONTROLLERS)}")
+    chosen = [name for name, config in configs.items() if config is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"model settings {' and '.join(chosen)} are mutually exclusive: "
+                         f"set at most one of them")
+    if not chosen:
+        return CONTROLLERS["dense"]()
+    name = chosen[0]
+    config = configs[name]
+    expected = CONTROLLERS[name].config_class
+    if expected is not None and not isinstance(config, expected):
+        raise TypeError(f"model setting {name} must be {expected.__name__}, got {type(config).__name__}")
+    return CONTROLLERS[name](config)

@@ -1,0 +1,116 @@
+"""OGD-projected canary SFT: the private displacement stays out of S_gen, α = 0 never sees a canary."""
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.sieve import SieveCallback
+from ortho_train.datamodule import CanaryDataModule
+from ortho_train.kfac import component_in
+from ortho_train.models import TinyLlamaConfig
+from ortho_train.ogd import OGDConfig, SubspaceDelta
+from ortho_train.private_update import OGDController, SubspaceStreams
+from ortho_train.sft_module import CanarySFTModule
+from ortho_train.sieve.isolation import IsolationConfig
+
+TINY = TinyLlamaConfig(32, 2, 2, 64)
+
+
+def _fit(tmp, canary_seed=0, ogd=None, callbacks=()):
+    torch.manual_seed(0)
+    module = CanarySFTModule(tiny_llama=TINY, public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
+                             sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
+                             ogd=ogd or OGDConfig(subspace="flattest", fraction=0.5, kfac_batches=2))
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
+                        enable_model_summary=False, gradient_clip_val=1.0, deterministic=True,
+                        callbacks=list(callbacks))
+    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+                          num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50,
+                          canary_seed=canary_seed)
+    trainer.fit(module, datamodule=dm)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ogd_fit(tmp_path_factory):
+    table = SieveCallback(variants=["ogd"], references=["fp32", "pre_sft"], alphas=[0.0, 1.0],
+                          metrics=["extraction", "ppl"], calibration_batches=1)
+    return _fit(tmp_path_factory.mktemp("ogd"), callbacks=[table])
+
+
+@torch.no_grad()
+def test_private_displacement_has_no_component_in_s_gen_under_adamw(ogd_fit):
+    controller = ogd_fit.private_update
+    assert isinstance(controller, OGDController)
+    for name, (dw, _) in controller.delta.items():
+        sub = controller.subspaces[name]
+        assert dw.norm() > 0, name  # the canaries did move the private stream
+        inside = component_in(dw.double(), sub.basis, sub.mask).norm() / dw.double().norm()
+        assert inside <= 1e-5, f"{name}: {float(inside):.2e} of ΔW_priv lies in S_gen"
+        # (without projecting the applied step, AdamW puts ~40% of ΔW_priv back into S_gen here)
+        assert sub.mask.float().mean() == pytest.approx(0.5, abs=0.01)
+        w_pub, _ = controller.public[name]
+        assert torch.equal(ogd_fit.model.get_submodule(name).weight, w_pub + dw), name  # W = W_pub + ΔW
+    assert ogd_fit.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
+
+
+def test_alpha_zero_weights_are_bit_identical_across_two_secret_sets(tmp_path):
+    # Both runs execute the same operations in the same order on the same public batches;
+    # only the canary half differs, so any bit of difference at α = 0 is a leak.
+    a, b = _fit(tmp_path / "a", canary_seed=1), _fit(tmp_path / "b", canary_seed=2)
+    assert a.probe.members.texts != b.probe.members.texts
+    with a.private_update.alpha_zero() as model_a:
+        zero_a = {k: v.clone() for k, v in model_a.state_dict().items()}
+    with b.private_update.alpha_zero() as model_b:
+        zero_b = {k: v.clone() for k, v in model_b.state_dict().items()}
+    for key, value in zero_a.items():
+        assert torch.equal(value, zero_b[key]), key
+    moved = sum(int(not torch.equal(v, a.pre_canary_state_dict[k])) for k, v in zero_a.items())
+    assert moved >= 0.9 * len(zero_a)  # the public path did train during the canary phase
+    full_a, full_b = a.model.state_dict(), b.model.state_dict()
+    assert any(not torch.equal(full_a[k], full_b[k]) for k in full_a)  # α = 1 holds the secrets
+
+
+@torch.no_grad()
+def test_streams_rebuild_alpha_one_and_report_bits(ogd_fit):
+    streams = ogd_fit.private_streams()
+    assert isinstance(streams, SubspaceStreams) and streams.variant == "ogd"
+    controller = ogd_fit.private_update
+    for name, (weight, _) in streams.weights_at(1.0).items():
+        trained = ogd_fit.model.get_submodule(name).weight
+        err = (weight - trained).abs().max() / controller.delta[name][0].abs().max()
+        assert err < 2e-3, f"{name}: fp16 coefficients rebuild ΔW to {float(err):.1e}"
+        assert torch.equal(streams.weights_at(0.0)[name][0], controller.public[name][0])
+    bits = streams.bits_per_weight()
+    assert bits["free_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert bits["coefficients"] == pytest.approx(16 * bits["free_fraction"])
+    d = next(iter(streams.private.values()))
+    assert isinstance(d, SubspaceDelta) and d.coefficients.dtype == torch.float16
+
+
+def test_bad_ogd_settings_fail_at_start_up_naming_the_setting():
+    with pytest.raises(ValueError, match="ogd.subspace 'widest' is unknown"):
+        OGDConfig(subspace="widest")
+    with pytest.raises(ValueError, match="ogd.fraction must lie"):
+        OGDConfig(fraction=1.0)
+    with pytest.raises(ValueError, match="ogd.k=5000 is beyond layer"):
+        CanarySFTModule(tiny_llama=TINY, ogd=OGDConfig(k=5000))  # 32×32 and 32×64 linears
+    with pytest.raises(ValueError, match="ogd.k=65 is beyond layer"):
+        CanarySFTModule(tiny_llama=TINY, ogd=OGDConfig(subspace="input_flattest", k=65))
+    with pytest.raises(ValueError, match="isolation and ogd are mutually exclusive"):
+        CanarySFTModule(tiny_llama=TINY, isolation=IsolationConfig(), ogd=OGDConfig())
+
+
+def test_sieve_table_has_the_ogd_alpha_rows(ogd_fit):
+    rows = json.loads((ogd_fit.run_dir / "sieve_table.json").read_text())
+    assert [(r["variant"], r["alpha"]) for r in rows] == [("fp32", None), ("pre_sft", None),
+                                                          ("ogd", 0.0), ("ogd", 1.0)]
+    by = {(r["variant"], r["alpha"]): r for r in rows}
+    bits = ogd_fit.private_streams().bits_per_weight()
+    assert by[("ogd", 0.0)]["bits_per_weight"] == 32.0 and by[("ogd", 0.0)]["ortho_density"] == 0.0
+    assert by[("ogd", 1.0)]["bits_per_weight"] == pytest.approx(32 + bits["coefficients"] + bits["basis"])
+    assert by[("ogd", 1.0)]["public_ppl"] == pytest.approx(by[("fp32", None)]["public_ppl"], rel=1e-3)
+    assert by[("ogd", 0.0)]["public_ppl"] != by[("ogd", 1.0)]["public_ppl"]
+    assert "ogd: S_gen = flattest" in (ogd_fit.run_dir / "sieve_table.md").read_text()
