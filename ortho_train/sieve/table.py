@@ -30,6 +30,7 @@ from torch import nn
 from kernels import QuantisedBase
 from ortho_train.curvature import linear_layers
 from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
 from ortho_train.quantisation import QuantSpec, bnb_bits_per_weight, bnb_fake_quantise
@@ -105,6 +106,7 @@ class KillSwitchTable:
         self.isolated = streams if isinstance(streams, SupportStreams) else None
         self.ogd = streams if isinstance(streams, SubspaceStreams) else None
         self._hessians: dict[int, dict] = {}
+        self._measured: dict[str, dict] = {}  # model fingerprint -> metrics (identical models: once)
         self.rows: list[dict] = []
 
     # ----------------------------------------------------------------- pieces
@@ -138,9 +140,14 @@ class KillSwitchTable:
         return {n: layer.base for n, layer in layers.items()}, spec.quant.name
 
     def _evaluate(self, model: nn.Module) -> dict:
-        c = self.config
-        return evaluate_memorisation(model, self.probe, exposure_canaries=c.exposure_canaries,
-                                     exposure_references=c.exposure_references, include=tuple(c.include))
+        """Metrics of `model`, reused when a row before it computed the very same function."""
+        key = model_fingerprint(model)
+        if key not in self._measured:
+            c = self.config
+            self._measured[key] = evaluate_memorisation(
+                model, self.probe, exposure_canaries=c.exposure_canaries,
+                exposure_references=c.exposure_references, include=tuple(c.include))
+        return self._measured[key]
 
     def _row(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
              base: str | None) -> dict:
