@@ -28,7 +28,7 @@ from ortho_train.artifacts import atomic_directory, write_json_atomic, write_tex
 from ortho_train.unlearning import ptq
 
 TABLE_METRICS = ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "forget_mia_auc_mink",
-                 "forget_verbmem", "retain_extraction", "holdout_extraction", "public_ppl")
+                 "forget_verbmem", "forget_privleak", "retain_extraction", "holdout_extraction", "public_ppl")
 
 
 def ptq_table(results: dict) -> list[dict]:

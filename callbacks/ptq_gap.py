@@ -23,6 +23,7 @@ Reads the module's public attributes: `model`, `forget_probe`, `retain_members`,
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -30,8 +31,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import evaluate_unlearning
+from ortho_train.metrics import privleak
+from ortho_train.models import load_causal_lm
 from ortho_train.unlearning import bins, ptq
 
+PRIVLEAK_AUC = "forget_mia_auc_mink_40_"  # MUSE's PrivLeak uses Min-40% (forget vs holdout)
 GAP_METRICS = ("forget_extraction", "forget_symbol_accuracy", "forget_exposure", "forget_mia_auc_loss",
                "forget_mia_auc_mink", "forget_verbmem", "holdout_extraction", "retain_extraction", "public_ppl")
 
@@ -67,6 +71,12 @@ class PTQGapCallback(L.Callback):
         skewnorm_references: references the skew-normal exposure is fitted to.
         max_extraction_gap: largest tolerated forget extraction gap (quantised − fp).
         fail_on_gap: raise `PTQGapError` at fit end when a gap exceeds `max_extraction_gap`.
+        privleak_reference: a model directory that never saw the forget set (MUSE's retrained
+            reference) for PrivLeak = (AUC_unl − AUC_ref)/AUC_ref·100 of Min-40% forget vs
+            holdout; 'auto': the `hf_model_pre_canary` beside the unlearned model's
+            `model_path` (the public model of its canary SFT run); None: no PrivLeak. Without a
+            real reference the `forget_privleak_*` keys are absent and `privleak_refused` says
+            why — never a silent 0.5.
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class PTQGapCallback(L.Callback):
         skewnorm_references: int = 200,
         max_extraction_gap: float = 0.05,
         fail_on_gap: bool = False,
+        privleak_reference: str | None = "auto",
     ):
         self.formats = list(formats or ["nf4", "fp4"])
         unknown = [f for f in self.formats if f not in ptq.FORMATS]
@@ -104,6 +115,9 @@ class PTQGapCallback(L.Callback):
         self.skewnorm_references = skewnorm_references
         self.max_extraction_gap = max_extraction_gap
         self.fail_on_gap = fail_on_gap
+        self.privleak_reference = privleak_reference
+        self._auc_reference: float | None = None
+        self._privleak_note: dict = {}
         self.results: dict | None = None
         self.failure: str | None = None
         self._before: dict[str, float] = {}
@@ -133,7 +147,26 @@ class PTQGapCallback(L.Callback):
                 if key in GAP_METRICS and f"{key}_fp" in found:
                     found[f"ptq_gap_{gap_name(key)}_{name}"] = value - found[f"{key}_fp"]
             del quantised
+        if self._auc_reference is not None:
+            for key in [k for k in found if k.startswith(PRIVLEAK_AUC)]:
+                variant = key.removeprefix(PRIVLEAK_AUC)
+                found[f"forget_privleak_{variant}"] = privleak(found[key], self._auc_reference)
         return found
+
+    def reference_auc(self, module) -> None:
+        """AUC_ref of the PrivLeak reference model (once), or the reason there is none."""
+        path = self.privleak_reference
+        if path == "auto":
+            model_path = getattr(module.hparams, "model_path", None)
+            path = str(Path(model_path).parent / "hf_model_pre_canary") if model_path else None
+        if path is None or not Path(path).is_dir():
+            self._privleak_note = {"privleak_refused": f"no reference model that never saw the forget set "
+                                                       f"(looked for {path}); set privleak_reference"}
+            return
+        reference = load_causal_lm(path).eval()
+        found = evaluate_unlearning(reference, module.forget_probe, include=("mia",))
+        self._auc_reference = found[PRIVLEAK_AUC.removesuffix("_")]
+        self._privleak_note = {"privleak_reference": {"path": str(path), "forget_mia_auc_mink_40": self._auc_reference}}
 
     def weight_diagnostics(self, module) -> dict[str, float]:
         """Bin-crossing fraction per format and the exact share of changed quantised values."""
@@ -168,6 +201,8 @@ class PTQGapCallback(L.Callback):
     # ---------------------------------------------------------------- hooks
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.privleak_reference is not None:
+            self.reference_auc(pl_module)
         if self.evaluate_before:
             self._before = self.measure(pl_module, self.final_exposure_references)
             self._log(trainer, self._before, "ptq_before")
@@ -195,6 +230,7 @@ class PTQGapCallback(L.Callback):
                             f"{results['forget_extraction_fp']:.3f})")
         results["status"] = "failed" if (failing and self.fail_on_gap) else "ok"
         results["quantisation"] = {fmt: self.settings.describe(fmt) for fmt in self.formats}
+        results |= self._privleak_note
         results["steps"] = trainer.global_step
         results["seconds"] = time.perf_counter() - start
         self.results = results

@@ -135,3 +135,32 @@ def test_bad_settings_are_rejected():
         PTQGapCallback(lora_deployments=["fused"])
     with pytest.raises(ValueError, match="compute_dtype"):
         PTQGapCallback(compute_dtype="float8")
+
+
+def test_privleak_against_a_real_reference_and_refused_without_one(model_dir, tmp_path):
+    from ortho_train.metrics import privleak
+    from ortho_train.models import load_causal_lm
+    from tests.ortho_train.unlearn_helpers import TINY
+    from ortho_train.models import build_tiny_llama
+
+    never_saw = build_tiny_llama(TINY, 259, 0, 1, seed=5)  # a model that never saw the forget set
+    never_saw.save_pretrained(tmp_path / "reference")
+    with_ref = PTQGapCallback(formats=["nf4"], exposure_references=20, final_exposure_references=20,
+                              skewnorm_references=20, evaluate_before=False,
+                              privleak_reference=str(tmp_path / "reference"))
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo", guard_every_n_steps=0)
+    _trainer(tmp_path / "a", 1, [with_ref]).fit(module, datamodule=tiny_datamodule(model_dir))
+    results = with_ref.results
+    auc_ref = evaluate_unlearning(load_causal_lm(tmp_path / "reference"), module.forget_probe,
+                                  include=("mia",))["forget_mia_auc_mink_40"]
+    assert results["privleak_reference"]["forget_mia_auc_mink_40"] == pytest.approx(auc_ref)
+    for variant in ("fp", "nf4", "nf4_adapter"):  # nf4: merged, then quantised
+        assert results[f"forget_privleak_{variant}"] == pytest.approx(
+            privleak(results[f"forget_mia_auc_mink_40_{variant}"], auc_ref)), variant
+    # 'auto' next to a model directory without hf_model_pre_canary: refused, never a silent 0.5
+    auto = PTQGapCallback(formats=["nf4"], exposure_references=20, final_exposure_references=20,
+                          skewnorm_references=20, evaluate_before=False)
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo", guard_every_n_steps=0)
+    _trainer(tmp_path / "b", 1, [auto]).fit(module, datamodule=tiny_datamodule(model_dir))
+    assert "hf_model_pre_canary" in auto.results["privleak_refused"]
+    assert not any(key.startswith("forget_privleak") for key in auto.results)
