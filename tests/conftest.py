@@ -26,10 +26,12 @@ def tiny_run(tmp_path_factory):
 
     repo = Path(__file__).resolve().parents[1]
     workdir = tmp_path_factory.mktemp("tiny")
-    old = os.getcwd()
+    old, threads = os.getcwd(), torch.get_num_threads()
     os.chdir(workdir)
+    torch.set_num_threads(1)  # a toy model gains nothing from a second thread on a busy machine
     try:
         cli = cli_main(["fit", "--config", str(repo / "configs/tiny.yaml"), "--trainer.enable_progress_bar=false"])
     finally:
         os.chdir(old)
+        torch.set_num_threads(threads)
     return cli, workdir / "runs/tiny/version_0"

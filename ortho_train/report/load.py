@@ -57,7 +57,7 @@ class RunArtifacts:
         """The note a section shows when `filename` is missing or could not be read (the reason
         itself is shown once, at the top of the run)."""
         if filename in self.problems:
-            return f"{filename} could not be read (see the problem noted at the top of this run)"
+            return f"{filename} unreadable (see the problem noted at the top of this run)"
         return f"this run has no {filename}"
 
 

@@ -37,21 +37,25 @@ def table_curves(tables: dict[int, list], key: str) -> dict[str, list[tuple[int,
 
 
 def over_training_figure(tables: dict[int, list], ptq: dict[str, list[tuple[int, float]]]):
-    """Extraction and public perplexity of every table row over steps; PTQ extraction over steps."""
-    panels = []
+    """PTQ extraction over steps; extraction and public perplexity of every table row over steps
+    (one colour per row in both panels, their legend outside on the right)."""
+    panels = [("forget extraction per deployment", ptq)] if ptq else []
     if tables:
         panels += [("kill-switch rows: member extraction", table_curves(tables, "extraction_rate")),
                    ("kill-switch rows: public perplexity", table_curves(tables, "public_ppl"))]
-    if ptq:
-        panels.append(("forget extraction per deployment", ptq))
-    fig, axes = new_figure(len(panels))
+    fig, axes = new_figure(len(panels), legend_space=2.2 if tables else 0.0)
+    labels = sorted({label for _, curves in panels[1 if ptq else 0:] for label in curves})
     for ax, (title, curves) in zip(axes, panels):
-        for i, (label, points) in enumerate(sorted(curves.items())):
-            dashed = not (" α=" in label)  # references dashed, sieved rows solid
+        for label, points in sorted(curves.items()):
+            i = labels.index(label) if label in labels else sorted(curves).index(label)
+            dashed = " α=" not in label and title.startswith("kill")  # references dashed
             ax.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", color=f"C{i % 10}",
                     label=label)
         ax.set(title=title, xlabel="step")
-        ax.legend(fontsize=6)
+    if ptq:
+        axes[0].legend(fontsize=7)
+    if tables:
+        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.03, 1.0))
     return fig
 
 

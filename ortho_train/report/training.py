@@ -55,7 +55,7 @@ def training_section(run: RunArtifacts) -> Section:
     if fig is None:
         section.skipped = "metrics.csv has no loss, learning-rate, perplexity or memorisation column"
         return section
-    section.figures.append(("training curves (dashed: canaries mixed in)", fig))
+    section.figures.append(("training curves" + (" (dashed: canaries mixed in)" if switch is not None else ""), fig))
     rows = [[c, str(run.series[c][0][0]), fmt(run.series[c][0][1], 4), str(run.series[c][-1][0]),
              fmt(run.series[c][-1][1], 4)] for c in columns]
     section.tables.append(Table("first and last logged values", ["metric", "first step", "value",

@@ -50,6 +50,9 @@ def ptq_gap_figures(results: dict) -> list[tuple[str, object]]:
             ax.legend(fontsize=7)
         ax.tick_params(axis="x", rotation=20, labelsize=7)
         ax.set(ylabel=label, title=label)
+        shown = [v for v in values + [before] if v is not None]
+        if metric == "public_ppl" and shown:  # perplexities differ by percents: zoom in
+            ax.set_ylim(0.97 * min(shown), 1.02 * max(shown))
     figures = [("PTQ gap: every deployment after unlearning (dashed: before)", fig)]
     formats = sorted({k.removeprefix("bin_crossing_fraction_") for k in results
                       if k.startswith("bin_crossing_fraction_")})
