@@ -1,7 +1,6 @@
 """Build the report of one or more run directories and write it atomically."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -45,12 +44,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Write the HTML report of `run_dirs` to `out`; returns its path."""
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
-    start = time.perf_counter()
     runs = [load_run(d) for d in run_dirs]
     blocks = [(run.name, list(run.problems.values()), run_sections(run)) for run in runs]
     extra = [_guarded("comparison", "Comparison", lambda: comparison_section(runs))]
     title = "ortho-train report: " + ", ".join(run.name for run in runs)
     page = render_page(title, blocks, extra,
-                       footer=f"built by python -m ortho_train.report in {time.perf_counter() - start:.1f} s "
-                              f"from {', '.join(str(r.path) for r in runs)}")
+                       footer=f"built by ortho_train.report from {', '.join(str(r.path) for r in runs)}")
     return write_text_atomic(out, page)
