@@ -64,7 +64,7 @@ def tradeoff_figure(rows: list[dict]):
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return None
-    fig, (ax,) = new_figure(1)
+    fig, (ax,) = new_figure(1, legend_space=0.9)  # room for the colour bar
     colours = [p[2] for p in points]
     coloured = all(c is not None for c in colours)
     scatter = ax.scatter([p[0] for p in points], [p[1] for p in points], c=colours if coloured else None,

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from matplotlib import colormaps
+
 from ortho_train.report.kill_switch import sieve_label
 from ortho_train.report.load import RunArtifacts
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 PTQ_PREFIX = "ptq/forget_extraction_"
+PALETTE = colormaps["tab20"]  # tables have more rows than the default cycle has colours
 
 
 def final_step(run: RunArtifacts) -> int | None:
@@ -37,19 +40,21 @@ def table_curves(tables: dict[int, list], key: str) -> dict[str, list[tuple[int,
 
 
 def over_training_figure(tables: dict[int, list], ptq: dict[str, list[tuple[int, float]]]):
-    """PTQ extraction over steps; extraction and public perplexity of every table row over steps
-    (one colour per row in both panels, their legend outside on the right)."""
+    """PTQ extraction over steps; extraction, exposure and public perplexity of every table row
+    over steps (one colour per row in every panel, their legend outside on the right)."""
     panels = [("forget extraction per deployment", ptq)] if ptq else []
     if tables:
-        panels += [("kill-switch rows: member extraction", table_curves(tables, "extraction_rate")),
-                   ("kill-switch rows: public perplexity", table_curves(tables, "public_ppl"))]
+        panels += [(f"kill-switch rows: {name}", table_curves(tables, key)) for key, name in
+                   (("extraction_rate", "member extraction"), ("exposure_mean", "exposure (bits)"),
+                    ("public_ppl", "public perplexity"))]
+        panels = [p for p in panels if p[1]]
     fig, axes = new_figure(len(panels), legend_space=2.2 if tables else 0.0)
     labels = sorted({label for _, curves in panels[1 if ptq else 0:] for label in curves})
     for ax, (title, curves) in zip(axes, panels):
         for label, points in sorted(curves.items()):
             i = labels.index(label) if label in labels else sorted(curves).index(label)
             dashed = " α=" not in label and title.startswith("kill")  # references dashed
-            ax.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", color=f"C{i % 10}",
+            ax.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", color=PALETTE(i % 20),
                     label=label)
         ax.set(title=title, xlabel="step")
     if ptq:
