@@ -10,10 +10,12 @@ import struct
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from ortho_train.report import build_report, load_run
 from ortho_train.report.__main__ import main
+from ortho_train.report.memorisation import skewnorm_pdf
 from tests.ortho_train.unlearn_helpers import single_thread  # noqa: F401
 
 SECTIONS = ("run", "training", "memorisation", "kill_switch", "unlearning", "over_training", "comparison")
@@ -220,3 +222,10 @@ def test_opens_in_headless_chromium_without_console_errors(combined, tmp_path):
     assert shot.read_bytes().startswith(PNG_MAGIC)
     for marker in ("Uncaught", "ERROR:CONSOLE", "Not allowed to load local resource", "net::ERR_"):
         assert marker not in log, log[-2000:]
+
+
+def test_skewnorm_density_matches_scipy():
+    from scipy import stats
+
+    x = np.linspace(30.0, 70.0, 41)
+    assert np.allclose(skewnorm_pdf(x, 1.8, 46.9, 2.5), stats.skewnorm.pdf(x, 1.8, 46.9, 2.5), rtol=1e-10, atol=1e-14)
