@@ -57,6 +57,8 @@ def over_training_figure(tables: dict[int, list], ptq: dict[str, list[tuple[int,
             ax.plot(*zip(*points), marker="o", linestyle="--" if dashed else "-", color=PALETTE(i % 20),
                     label=label)
         ax.set(title=title, xlabel="step")
+        if "extraction" in title:
+            ax.set_ylim(-0.03, 1.03)
     if ptq:
         axes[0].legend(fontsize=7)
     if tables:
