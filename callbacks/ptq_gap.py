@@ -13,7 +13,8 @@ gap means quantisation brought forgotten secrets back. The bin-crossing fraction
 of updated quantised-layer weights whose |ΔW| exceeds half the bin width of their block;
 `dequantised_change_fraction_<fmt>` is the exact share whose quantised value changed.
 
-At the end `ptq_gap.json` goes to the log dir (atomically). With `fail_on_gap`, a forget
+At the end `ptq_gap.json` goes to the log dir (atomically), and TensorBoard loggers get the
+report's PTQ-gap figures (`ptq_final/figures/<i>`). With `fail_on_gap`, a forget
 extraction gap above `max_extraction_gap` in any deployment fails the run: `PTQGapError` is
 raised from `on_fit_end`, after every artifact is written.
 
@@ -33,6 +34,8 @@ from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import evaluate_unlearning
 from ortho_train.metrics import privleak
 from ortho_train.models import load_causal_lm
+from ortho_train.report.tensorboard import log_figures
+from ortho_train.report.unlearning import ptq_gap_figures
 from ortho_train.unlearning import bins, ptq
 
 PRIVLEAK_AUC = "forget_mia_auc_mink_40_"  # MUSE's PrivLeak uses Min-40% (forget vs holdout)
@@ -236,6 +239,7 @@ class PTQGapCallback(L.Callback):
         self.results = results
         write_json_atomic(pl_module.run_dir / "ptq_gap.json", results)
         self._log(trainer, {k: v for k, v in results.items() if not k.endswith("_before")}, "ptq_final")
+        log_figures(trainer.loggers, "ptq_final/figures", lambda: ptq_gap_figures(results), trainer.global_step)
         rank_zero_info(f"PTQ gap written to {pl_module.run_dir / 'ptq_gap.json'}: forget extraction fp "
                        f"{results['forget_extraction_fp']:.3f}, "
                        + ", ".join(f"{k} {results[f'forget_extraction_{k}']:.3f}" for k in worst))

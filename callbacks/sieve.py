@@ -5,7 +5,8 @@ Sieves copies of the module's model with public calibration batches and evaluate
 base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho density
 (`ortho_train.sieve.table`). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
 (`sieve_table_step<N>.*` for periodic tables), logs every number to the loggers as
-`sieve/<row>/<metric>`, prints the table at the end of the fit, and with `save_isolated`
+`sieve/<row>/<metric>` (and, to TensorBoard, the report's kill-switch figures as
+`sieve/figures/<i>`), prints the table at the end of the fit, and with `save_isolated`
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
 
 Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
@@ -27,6 +28,8 @@ from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians, linear_layers
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec
+from ortho_train.report.kill_switch import kill_switch_figures
+from ortho_train.report.tensorboard import log_figures
 from ortho_train.sieve.artifacts import save_sieved
 from ortho_train.sieve.core import SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
@@ -197,6 +200,7 @@ class SieveCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
             logger.save()
+        log_figures(trainer.loggers, "sieve/figures", lambda: kill_switch_figures(rows), trainer.global_step)
 
     def _save_isolated(self, pl_module, model, isolated: SupportStreams, run_dir) -> None:
         spec = SieveSpec(QuantSpec(bits=next(iter(isolated.bases.values())).bits), rho=isolated.rho)

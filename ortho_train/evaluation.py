@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -205,6 +206,62 @@ def mia_metrics(model, probe: MemorisationProbe) -> dict[str, float]:
         out[f"mia_auc_{short}"] = metrics.roc_auc(members[score_name], holdout[score_name])
         out[f"mia_tpr_at_1pct_fpr_{short}"] = metrics.tpr_at_fpr(members[score_name], holdout[score_name], 0.01)
     return out
+
+
+def mia_roc_curves(model, probe: MemorisationProbe, fpr: float = 0.01) -> dict[str, dict]:
+    """ROC curve of each MIA score, members vs holdout: `{score: {fpr, tpr, auc, tpr_at_fpr}}`.
+
+    Rates only (no scores, thresholds or texts), for plotting; `tpr_at_fpr` is at `fpr`.
+    Empty without holdout canaries.
+    """
+    if len(probe.holdout) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
+        holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
+    finally:
+        model.train(was_training)
+    curves = {}
+    for score_name, short in MIA_SUMMARY_NAMES.items():
+        fprs, tprs = metrics.roc_curve(members[score_name], holdout[score_name])
+        curves[short] = {"fpr": fprs, "tpr": tprs, "auc": metrics.roc_auc(members[score_name], holdout[score_name]),
+                         "tpr_at_fpr": max(t for f, t in zip(fprs, tprs) if f <= fpr + 1e-12)}
+    return {"fpr_level": fpr, "members": len(probe.members), "holdout": len(probe.holdout), "curves": curves}
+
+
+@torch.no_grad()
+def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int = 5,
+                                 references: int = 1000, bins: int = 40) -> dict:
+    """Histogram of reference-secret log-perplexities (bits) with its skew-normal fit.
+
+    The first `references` reference secrets are scored in the prefix context of each of the
+    first `contexts` members and pooled; the fit is `metrics.fit_skewnorm` of the pooled
+    values. Only bin edges, counts, the fit's (a, loc, scale) and the members' own
+    log-perplexities (each in its context) are returned: nothing from which a secret could be
+    rebuilt. These are the pictures of exposure in "The Secret Sharer" (Carlini et al. 2019).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        count = min(contexts, len(probe.members))
+        groups = _groups_by_length(probe.reference_secret_ids[:references])
+        pooled, member_lp = [], []
+        for i in range(count):
+            prefix = probe.members.prefix_ids[i]
+            member_lp.append(metrics.secret_log_perplexity(model, prefix, probe.members.secret_ids[i][None]).item())
+            for rows in groups.values():
+                candidates = torch.stack([probe.reference_secret_ids[j] for j in rows])  # (G, S)
+                pooled.append(metrics.secret_log_perplexity(model, prefix, candidates))
+    finally:
+        model.train(was_training)
+    values = torch.cat(pooled).double().numpy()
+    counts, edges = np.histogram(values, bins=bins)
+    a, loc, scale = metrics.fit_skewnorm(values)
+    return {"units": "bits", "contexts": count, "references": len(values) // max(count, 1),
+            "bin_edges": edges.tolist(), "counts": counts.tolist(),
+            "skewnorm": {"a": a, "loc": loc, "scale": scale}, "member_log_perplexity": member_lp}
 
 
 def evaluate_memorisation(

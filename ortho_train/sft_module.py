@@ -10,7 +10,9 @@ Two phases within one `fit`, split at `public_steps`:
 
 Training ends at `trainer.max_steps` (the single source of truth for the run length). At the
 end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
-`<run>/summary.json` (DESIGN.md §3), on rank zero only.
+`<run>/summary.json` (DESIGN.md §3), on rank zero only, with the plot data of the report
+beside it: `roc.json` (MIA ROC rates) and `exposure_refs.json` (histogram of the reference
+secrets' log-perplexities, its skew-normal fit, the members' log-perplexities).
 
 The canary phase's update is governed by a private-update controller
 (`ortho_train.private_update`), picked from the config: none set is dense SFT; `isolation:`
@@ -31,7 +33,8 @@ from torchmetrics import MeanMetric
 
 from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
-from ortho_train.evaluation import SCORED_TOKENS, evaluate_memorisation
+from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposure_reference_histogram,
+                                    mia_roc_curves)
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
@@ -284,6 +287,11 @@ class CanarySFTModule(L.LightningModule):
         }
         path = write_json_atomic(self.run_dir / "summary.json", summary)
         rank_zero_info(f"summary written to {path.resolve()}")
+        # plot data for the report: ROC rates and reference log-perplexity counts, no secrets
+        roc = mia_roc_curves(self.model, self.probe)
+        if roc:
+            write_json_atomic(self.run_dir / "roc.json", roc)
+        write_json_atomic(self.run_dir / "exposure_refs.json", exposure_reference_histogram(self.model, self.probe))
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

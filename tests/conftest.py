@@ -4,7 +4,9 @@ Triton has no CPU backend: without a GPU the kernels run under the Triton interp
 must be switched on before any kernel module is imported — hence at the top of conftest.
 """
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -29,3 +31,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(NUMERICS_MODULES):
             item.add_marker("numerics")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`train.py fit --config configs/tiny.yaml` once per session: (the CLI, its run directory)."""
+    from train import cli_main
+
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("tiny")
+    old, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(workdir)
+    torch.set_num_threads(1)  # a toy model gains nothing from a second thread on a busy machine
+    try:
+        cli = cli_main(["fit", "--config", str(repo / "configs/tiny.yaml"), "--trainer.enable_progress_bar=false"])
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)
+    return cli, workdir / "runs/tiny/version_0"

@@ -37,18 +37,6 @@ def _run_files(run_dir: Path):
     return [p for p in run_dir.rglob("*") if p.is_file() and p.suffix not in (".ckpt", ".safetensors")]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        cli = cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml")])
-    finally:
-        os.chdir(old)
-    return cli, workdir / "runs/tiny/version_0"
-
-
 def test_tiny_fit_writes_models_summary_and_logs(tiny_run):
     cli, run_dir = tiny_run
     summary = json.loads((run_dir / "summary.json").read_text())

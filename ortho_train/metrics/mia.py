@@ -119,6 +119,17 @@ def roc_auc(member_scores, nonmember_scores) -> float:
     return float(binary_auroc(scaled, target))
 
 
+def roc_curve(member_scores, nonmember_scores) -> tuple[list[float], list[float]]:
+    """ROC points ``(fpr, tpr)`` of "member" vs "non-member", from (0, 0) to (1, 1).
+
+    The same curve :func:`roc_auc` integrates (torchmetrics ``binary_roc`` on rank-scaled
+    scores): only rates, no thresholds, so nothing of the scored sequences is kept.
+    """
+    scaled, target = _ranked_inputs(member_scores, nonmember_scores)
+    fpr, tpr, _ = binary_roc(scaled, target)
+    return [float(v) for v in fpr], [float(v) for v in tpr]
+
+
 def _tpr_at_fpr(scaled: Tensor, target: Tensor, fpr: float) -> float:
     fpr_curve, tpr_curve, _ = binary_roc(scaled, target)
     return float(tpr_curve[fpr_curve <= fpr + 1e-12].max())

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from torchmetrics.functional.classification import binary_auroc
 
-from ortho_train.metrics.mia import mia_report, mia_scores, roc_auc, tpr_at_fpr, zlib_bits
+from ortho_train.metrics.mia import mia_report, mia_scores, roc_auc, roc_curve, tpr_at_fpr, zlib_bits
 
 
 def _logits_for(label_probs: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,3 +141,14 @@ def test_mia_report_keys_and_values():
     report = mia_report(members, nonmembers)
     assert report == {"auc_loss": 1.0, "tpr@1%fpr_loss": 1.0,
                       "auc_mink_20": 0.5, "tpr@1%fpr_mink_20": pytest.approx(0.0)}
+
+
+def test_roc_curve_points_integrate_to_the_auc():
+    nonmembers = torch.arange(100.0)
+    members = torch.cat([torch.full((30,), 99.5), torch.full((20,), 98.5), torch.full((50,), 0.5)])
+    fpr, tpr = roc_curve(members, nonmembers)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert all(a <= b for a, b in zip(fpr, fpr[1:])) and all(a <= b for a, b in zip(tpr, tpr[1:]))
+    trapezoid = sum((f1 - f0) * (t0 + t1) / 2 for f0, f1, t0, t1 in zip(fpr, fpr[1:], tpr, tpr[1:]))
+    assert trapezoid == pytest.approx(roc_auc(members, nonmembers), abs=1e-6)  # torchmetrics: float32
+    assert max(t for f, t in zip(fpr, tpr) if f <= 0.01) == pytest.approx(tpr_at_fpr(members, nonmembers, 0.01))

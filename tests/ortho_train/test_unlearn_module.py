@@ -172,6 +172,8 @@ def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path,
         assert isinstance(results[key], float), key
     assert results["forget_extraction_fp_before"] == 1.0  # the tiny model's canaries were memorised
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "metrics_card.md").is_file()
+    report = (run / "report.html").read_text()  # the shipped config ends with the ReportCallback
+    assert '<h3 id="unlearning">Unlearning and the PTQ gap</h3>\n<figure>' in report
     # 4-digit secrets could occur inside any logged float, so look for whole canary texts
     texts = [c.text for c in tiny_datamodule(model_dir).canaries.members]
     for path in run.rglob("*"):
