@@ -79,6 +79,10 @@ class OGDController(PrivateUpdateController):
         if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
             raise ValueError("ogd supports one process and accumulate_grad_batches=1 "
                              "(it replaces gradients after backward)")
+        precision = str(getattr(trainer, "precision", "32-true"))
+        if "16" in precision and "bf16" not in precision:
+            raise ValueError(f"ogd does not support trainer.precision={precision}: the loss scaler "
+                             "would not unscale the private optimiser's gradients (use 32-true or bf16-mixed)")
         layers = self._layers()
         start = time.perf_counter()
         with torch.random.fork_rng():  # drawing K-FAC batches must not shift the training RNG

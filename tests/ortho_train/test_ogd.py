@@ -114,3 +114,27 @@ def test_sieve_table_has_the_ogd_alpha_rows(ogd_fit):
     assert by[("ogd", 1.0)]["public_ppl"] == pytest.approx(by[("fp32", None)]["public_ppl"], rel=1e-3)
     assert by[("ogd", 0.0)]["public_ppl"] != by[("ogd", 1.0)]["public_ppl"]
     assert "ogd: S_gen = flattest" in (ogd_fit.run_dir / "sieve_table.md").read_text()
+
+
+def test_checkpoint_state_round_trip(ogd_fit):
+    controller = ogd_fit.private_update
+    restored = OGDController(controller.config)
+    restored.setup(ogd_fit)
+    restored.load_state_dict(controller.state_dict())
+    for name, (dw, _) in controller.delta.items():
+        assert torch.equal(restored.delta[name][0], dw) and torch.equal(restored.public[name][0],
+                                                                         controller.public[name][0])
+        assert torch.equal(restored.subspaces[name].mask, controller.subspaces[name].mask)
+    assert restored.optimizer.state_dict()["state"].keys() == controller.optimizer.state_dict()["state"].keys()
+
+
+def test_bench_prints_dense_and_ogd_steps_side_by_side(tmp_path, capsys):
+    from ortho_train.private_update import bench
+
+    result = bench.main(["--hidden", "16", "--blocks", "1", "--intermediate", "24", "--batch-size", "2",
+                         "--seq-len", "16", "--canary-batch-size", "2", "--canary-len", "8", "--steps", "2",
+                         "--kfac-batches", "2", "--json", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    assert "dense SFT step" in out and "OGD step" in out and "K-FAC refresh" in out
+    assert result["ratio"] == pytest.approx(result["ogd_step_s"] / result["dense_step_s"])
+    assert json.loads((tmp_path / "bench.json").read_text())["kfac_refresh_s"] > 0
