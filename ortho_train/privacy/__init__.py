@@ -21,9 +21,31 @@ from ortho_train.privacy.dp_sgd import (
     clip_per_example,
     module_masks_to_params,
 )
+from ortho_train.privacy.dsm import (
+    ActivationStats,
+    DSMConfig,
+    column_scores_to_weight,
+    dsm_column_scores,
+    dsm_scores,
+    dsm_support,
+    hutchinson_diagonal,
+)
 from ortho_train.privacy.poisson import PoissonCanarySampler
+from ortho_train.privacy.posthoc_noise import MODES, apply_posthoc_noise_, layer_rms, posthoc_noise
+from ortho_train.privacy.stochastic_quant import (
+    StochasticQuantSpec,
+    discrete_gaussian,
+    paper_epsilon,
+    stochastic_codes,
+    stochastic_quantise,
+    stochastic_quantise_model,
+)
 
 __all__ = [
-    "ACCOUNTANTS", "DPConfig", "DPSchedule", "DPStepStats", "PoissonCanarySampler", "PrivacyLedger",
-    "SupportDPStep", "calibrate_noise_multiplier", "clip_per_example", "module_masks_to_params",
+    "ACCOUNTANTS", "ActivationStats", "DPConfig", "DPSchedule", "DPStepStats", "DSMConfig", "MODES",
+    "PoissonCanarySampler", "PrivacyLedger", "StochasticQuantSpec", "SupportDPStep",
+    "apply_posthoc_noise_", "calibrate_noise_multiplier", "clip_per_example",
+    "column_scores_to_weight", "discrete_gaussian", "dsm_column_scores", "dsm_scores", "dsm_support",
+    "hutchinson_diagonal", "layer_rms", "module_masks_to_params", "paper_epsilon", "posthoc_noise",
+    "stochastic_codes", "stochastic_quantise", "stochastic_quantise_model",
 ]
