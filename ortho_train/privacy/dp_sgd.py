@@ -28,15 +28,15 @@ The optimiser and the write-back of frozen values off S stay the caller's job.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ortho_train.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_accountant
+from ortho_train.privacy.attention import eager_attention
 from ortho_train.privacy.poisson import PoissonCanarySampler
 
 Batch = dict[str, torch.Tensor]
@@ -163,21 +163,6 @@ class _LossOf(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-@contextmanager
-def _vmappable_attention(model: nn.Module) -> Iterator[None]:
-    """Eager attention inside (Hugging Face models only), the previous implementation after."""
-    config = getattr(model, "config", None)
-    previous = getattr(config, "_attn_implementation", None)
-    switch = hasattr(model, "set_attn_implementation") and previous not in (None, "eager")
-    if switch:
-        model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        if switch:
-            model.set_attn_implementation(previous)
-
-
 def batch_size_of(batch: Batch | None) -> int:
     """The common leading dimension of a batch's tensors (0 for None or an empty dict)."""
     if not batch:
@@ -264,7 +249,7 @@ class SupportDPStep:
 
         per_example = vmap(grad(loss_one), in_dims=(None, 0), randomness="different",
                            chunk_size=self.chunk_size)
-        with torch.no_grad(), _vmappable_attention(self.model):
+        with torch.no_grad(), eager_attention(self.model):
             grads = per_example(inputs, batch)
         out = {}
         for name, mask in self.masks.items():

@@ -17,7 +17,8 @@ w_i of W, the GPTQ sweep order) and the one in which all three terms are defined
 As a sieve score: `column_scores_to_weight` broadcasts the (K,) score over the rows, so top-ρ
 selection keeps whole high-DSM columns (ties inside a column broken by position). The sieve's
 support choices are dispatched by name inside the isolation set-up (not a registry one can
-extend from outside), so a "dsm" support is not wired in here; `dsm_support` gives the masks.
+extend from outside), so a "dsm" support is not wired in here; `dsm_support` gives the masks. Hugging Face models
+run eager attention during the estimate (`ortho_train.privacy.attention`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ortho_train.privacy.attention import eager_attention
 from ortho_train.sieve.select import top_fraction_mask
 
 
@@ -156,7 +158,8 @@ def dsm_scores(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterabl
 
         device = next(iter(weights.values())).device
         generator = torch.Generator(device=device).manual_seed(config.seed)
-        diagonal = hutchinson_diagonal(mean_loss, weights, config.probes, generator)
+        with eager_attention(model):  # SDPA's CPU backward has no double backward
+            diagonal = hutchinson_diagonal(mean_loss, weights, config.probes, generator)
     finally:
         model.train(was_training)
         for name, w in weights.items():
