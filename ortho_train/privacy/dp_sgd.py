@@ -16,11 +16,12 @@ Per-example gradients: `torch.func` (`vmap(grad(functional_call(...)))`), not op
 `GradSampleModule`. Reasons: it works for any module the loss runs through (Hugging Face
 Llama's RMSNorm, rotary embeddings and tied heads need no per-layer grad-sampler rule), it
 differentiates exactly the tensors named in the masks (nothing off the trainable set gets
-per-example storage), and the mask is one `where` on the result. Cost: the per-example
-gradient of every masked *tensor* is materialised in full, (B, *shape), before masking;
-`chunk_size` bounds the memory. Hugging Face's SDPA mask builder branches on tensor values
-(is the padding mask all ones?), which `vmap` cannot trace, so the model runs with eager
-attention inside the step (same maths) and is switched back after.
+per-example storage), and restricting to S is one gather on the result. Cost: the
+per-example gradient of every masked *tensor* is materialised in full, (B, *shape), before
+the gather to the entries of S, (B, |S|); `chunk_size` bounds the memory. Norms, clipping,
+the sum and the noise then cost O(B·|S|), not O(B·numel). Hugging Face's SDPA mask builder
+branches on tensor values (is the padding mask all ones?), which `vmap` cannot trace, so the
+model runs with eager attention inside the step (same maths) and is switched back after.
 
 `SupportDPStep` writes g̃ into `.grad` on S and nowhere else: off S an existing `.grad` (the
 public gradient, when public base updates run) is kept, a missing one becomes zero there.
@@ -143,7 +144,7 @@ class DPStepStats:
 def clip_per_example(grads: dict[str, torch.Tensor], max_grad_norm: float
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """ĝ_b = g_b · min(1, C / (‖g_b‖ + 1e-6)) with ‖g_b‖² = Σ_tensors Σ_entries g_b²;
-    grads are (B, *shape) per tensor (already zero off S). Returns (ĝ, ‖g_b‖ (B,))."""
+    grads are (B, ...) per tensor, holding the entries of S only. Returns (ĝ, ‖g_b‖ (B,))."""
     squares = [g.flatten(1).float().square().sum(dim=1) for g in grads.values()]  # each (B,)
     norms = torch.stack(squares).sum(dim=0).sqrt()  # (B,)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # (B,)
@@ -203,6 +204,8 @@ class SupportDPStep:
         self.chunk_size = chunk_size
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._index = {name: None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+                       for name, mask in self.masks.items()}  # flat positions of S per tensor
         self._loss = _LossOf(model, loss_fn)
 
     @classmethod
@@ -239,7 +242,8 @@ class SupportDPStep:
         return self._generators[device]
 
     def per_example_grads(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """∇ℓ(θ; x_b) ⊙ S per example: (B, *shape) per masked parameter, zero off S."""
+        """∇ℓ(θ; x_b) on S per example: (B, |S_p|) per masked parameter p, the entries of S in
+        row-major order (all entries, (B, numel), for an unmasked parameter)."""
         params = dict(self.model.named_parameters())
         inputs = {f"model.{name}": params[name].detach() for name in self.masks}
 
@@ -252,32 +256,38 @@ class SupportDPStep:
         with torch.no_grad(), eager_attention(self.model):
             grads = per_example(inputs, batch)
         out = {}
-        for name, mask in self.masks.items():
-            g = grads[f"model.{name}"]  # (B, *shape)
-            out[name] = g if mask is None else torch.where(mask, g, torch.zeros((), dtype=g.dtype,
-                                                                                   device=g.device))
+        for name, index in self._index.items():
+            g = grads[f"model.{name}"].flatten(1)  # (B, numel)
+            out[name] = g if index is None else g.index_select(1, index)  # (B, |S_p|)
         return out
 
     def private_gradient(self, batch: Batch | None) -> tuple[dict[str, torch.Tensor], DPStepStats]:
-        """g̃ = (Σ_b ĝ_b + N(0, σ²C²) on S) / (q·n) per masked parameter (zero off S)."""
+        """g̃ = (Σ_b ĝ_b + N(0, σ²C²) on S) / (q·n) per masked parameter: dense, zero off S."""
         params = dict(self.model.named_parameters())
         size = batch_size_of(batch)
         std = self.noise_multiplier * self.max_grad_norm
         if size:
             clipped, norms = clip_per_example(self.per_example_grads(batch), self.max_grad_norm)
-            summed = {name: g.sum(dim=0) for name, g in clipped.items()}
+            summed = {name: g.sum(dim=0) for name, g in clipped.items()}  # (|S_p|,) each
             stats = DPStepStats(size, float(norms.mean()), float(norms.max()),
                                 float((norms > self.max_grad_norm).float().mean()), std)
         else:
-            summed = {name: torch.zeros_like(params[name]) for name in self.masks}
+            summed = {name: None for name in self.masks}
             stats = DPStepStats(0, 0.0, 0.0, 0.0, std)
         out = {}
-        for name, mask in self.masks.items():
+        for name, index in self._index.items():
             p = params[name]
-            noise = torch.randn(p.shape, generator=self._generator(p.device), device=p.device,
-                                dtype=p.dtype) * std
-            total = (summed[name] + noise) / self.expected_batch_size
-            out[name] = total if mask is None else torch.where(mask, total, torch.zeros_like(total))
+            count = p.numel() if index is None else index.numel()
+            total = torch.randn(count, generator=self._generator(p.device), device=p.device,
+                                dtype=p.dtype) * std  # (|S_p|,) noise on S only
+            if summed[name] is not None:
+                total += summed[name]
+            total /= self.expected_batch_size
+            if index is None:
+                out[name] = total.reshape(p.shape)
+            else:
+                out[name] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device).index_copy_(
+                    0, index, total).reshape(p.shape)  # (numel,) -> param shape
         return out, stats
 
     @torch.no_grad()
