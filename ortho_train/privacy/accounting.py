@@ -15,9 +15,6 @@ the whole sequence of released gradients, hence in everything computed from them
 """
 from __future__ import annotations
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -33,6 +30,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     sampling rate q = `sample_rate` (opacus' `get_noise_multiplier`)."""
     if steps < 1:
         raise ValueError(f"dp steps must be ≥ 1 to calibrate the noise, got {steps}")
+    # opacus' package import loads its whole training engine (seconds): only when accounting runs
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=check_accountant(accountant),
@@ -63,6 +63,8 @@ class PrivacyLedger:
         self.sample_rate = float(sample_rate)
         self.delta = float(delta)
         self.accountant_name = check_accountant(accountant)
+        from opacus.accountants import create_accountant  # see calibrate_noise_multiplier
+
         self.accountant = create_accountant(mechanism=self.accountant_name)
 
     @property

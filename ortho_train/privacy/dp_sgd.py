@@ -241,6 +241,20 @@ class SupportDPStep:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def validate(self, batch: Batch) -> None:
+        """Start-up check on the first example of a batch: per-example gradients of this model
+        and loss can be computed (no data-dependent control flow under vmap) and are finite."""
+        if not batch_size_of(batch):
+            raise ValueError("dp: validation needs a non-empty batch of private examples")
+        try:
+            grads = self.per_example_grads({k: v[:1] for k, v in batch.items()})
+        except RuntimeError as err:
+            raise ValueError(f"dp cannot compute per-example gradients of this model and loss "
+                             f"with torch.func vmap(grad): {err}") from err
+        bad = [name for name, g in grads.items() if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise ValueError(f"dp: non-finite per-example gradients in {bad[:3]}")
+
     def per_example_grads(self, batch: Batch) -> dict[str, torch.Tensor]:
         """∇ℓ(θ; x_b) on S per example: (B, |S_p|) per masked parameter p, the entries of S in
         row-major order (all entries, (B, numel), for an unmasked parameter)."""

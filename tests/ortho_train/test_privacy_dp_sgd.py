@@ -185,3 +185,26 @@ def test_bad_resolve_and_masks_fail_naming_the_setting():
     with pytest.raises(ValueError, match="names no parameter"):
         SupportDPStep(model, {"model.layers.0.mlp.up_proj": torch.ones(64, 32, dtype=torch.bool)},
                       _mean_nll, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0)
+
+
+class _Branchy(nn.Module):
+    """A model whose forward branches on a tensor value: vmap cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y * 2 if bool(y.sum() > 0) else y
+
+
+def test_validate_fails_at_start_up_on_a_model_it_cannot_wrap():
+    batch = {"x": torch.randn(3, 4)}
+    step = SupportDPStep(_Branchy(), None, lambda m, b: m(b["x"]).square().mean(), max_grad_norm=1.0,
+                         noise_multiplier=1.0, expected_batch_size=3.0)
+    with pytest.raises(ValueError, match="dp cannot compute per-example gradients"):
+        step.validate(batch)
+    model, tiny_batch = _tiny()
+    SupportDPStep(model, _support(model), _mean_nll, max_grad_norm=1.0, noise_multiplier=1.0,
+                  expected_batch_size=5.0).validate(tiny_batch)

@@ -6,7 +6,13 @@ import torch
 
 from kernels.packing import group_dequantise, group_quantise
 from ortho_train.curvature import prepare_hessian
-from ortho_train.privacy import StochasticQuantSpec, discrete_gaussian, paper_epsilon, stochastic_quantise
+from ortho_train.privacy import (
+    StochasticQuantSpec,
+    discrete_gaussian,
+    paper_epsilon,
+    stochastic_quantise,
+    stochastic_quantise_model,
+)
 
 
 def _exact_moments(center, sigma):
@@ -94,3 +100,15 @@ def test_paper_epsilon_comes_with_its_assumption_and_bad_settings_fail():
         discrete_gaussian(torch.zeros(3), float("nan"), torch.Generator())
     with pytest.raises(ValueError, match="assumed_sensitivity"):
         paper_epsilon(1.0, 0.0)
+
+
+def test_model_level_quantisation_is_seeded_per_layer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    masks = {"0": torch.rand(32, 64) < 0.05, "1": torch.rand(16, 32) < 0.05}
+    spec = StochasticQuantSpec(bits=4, group_size=32, sigma=0.8, seed=3)
+    first, second = stochastic_quantise_model(model, spec, masks), stochastic_quantise_model(model, spec, masks)
+    assert set(first) == {"0", "1"}
+    for name in first:
+        assert torch.equal(first[name].base.qweight, second[name].base.qweight)
+        assert first[name].ortho.nnz == int(masks[name].sum())
