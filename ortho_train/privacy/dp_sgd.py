@@ -126,6 +126,7 @@ class DPSchedule:
         return PrivacyLedger(self.noise_multiplier, self.sample_rate, self.delta, self.accountant)
 
     def sampler(self, seed: int | None = None) -> PoissonCanarySampler:
+        """Poisson sampler of the members; seed default: the noise seed + 1 (independent draws)."""
         return PoissonCanarySampler(self.num_members, self.sample_rate, self.steps,
                                     self.seed + 1 if seed is None else seed)
 

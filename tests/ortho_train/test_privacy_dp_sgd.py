@@ -208,3 +208,26 @@ def test_validate_fails_at_start_up_on_a_model_it_cannot_wrap():
     model, tiny_batch = _tiny()
     SupportDPStep(model, _support(model), _mean_nll, max_grad_norm=1.0, noise_multiplier=1.0,
                   expected_batch_size=5.0).validate(tiny_batch)
+
+
+def test_pieces_compose_into_a_private_training_loop():
+    model, members = _tiny()
+    masks = _support(model, rho=0.05)
+    schedule = DPConfig(noise_multiplier=1.0, delta=1e-3, expected_batch_size=2.0).resolve(5, steps=6)
+    step = SupportDPStep.from_schedule(model, masks, _mean_nll, schedule)
+    step.validate(members)
+    ledger, optimizer = schedule.ledger(), torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sizes = []
+    for indices in schedule.sampler():
+        batch = {k: v[indices] for k, v in members.items()} if indices else None
+        optimizer.zero_grad(set_to_none=True)
+        sizes.append(step(batch).batch_size)
+        optimizer.step()
+        ledger.step()
+    assert sizes == [len(i) for i in schedule.sampler()]
+    report = ledger.report()
+    assert report["steps"] == 6 and report["sample_rate"] == 0.4 and 0 < report["epsilon"] < math.inf
+    for name, p in model.named_parameters():
+        off = ~masks[name] if name in masks else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[off], before[name][off]), name
