@@ -316,6 +316,17 @@ class SupportDPStep:
             else:
                 p.grad.copy_(torch.where(mask, g, p.grad))
 
+    def state_dict(self) -> dict:
+        """Noise generator states per device, for a checkpoint: a resumed run must not replay
+        noise it already released (the accountant assumes independent draws)."""
+        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generators = {}
+        for device, rng_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(rng_state)
+
     def __call__(self, batch: Batch | None) -> DPStepStats:
         grads, stats = self.private_gradient(batch)
         self.write_grads_(grads)

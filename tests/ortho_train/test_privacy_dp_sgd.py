@@ -231,3 +231,18 @@ def test_pieces_compose_into_a_private_training_loop():
     for name, p in model.named_parameters():
         off = ~masks[name] if name in masks else torch.ones_like(p, dtype=torch.bool)
         assert torch.equal(p.detach()[off], before[name][off]), name
+
+
+def test_resumed_step_continues_the_noise_stream():
+    layer = nn.Linear(8, 4, bias=False)
+    kwargs = dict(max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=1.0, seed=4)
+    first = SupportDPStep(layer, None, lambda m, b: m(b["x"]).sum(), **kwargs)
+    first.private_gradient(None)
+    state = first.state_dict()
+    expected, _ = first.private_gradient(None)
+    resumed = SupportDPStep(layer, None, lambda m, b: m(b["x"]).sum(), **kwargs)
+    resumed.load_state_dict(state)
+    got, _ = resumed.private_gradient(None)
+    assert torch.equal(got["weight"], expected["weight"])
+    fresh, _ = SupportDPStep(layer, None, lambda m, b: m(b["x"]).sum(), **kwargs).private_gradient(None)
+    assert not torch.equal(fresh["weight"], expected["weight"])
