@@ -17,6 +17,7 @@ from ortho_train.privacy.dp_sgd import (
     DPConfig,
     DPSchedule,
     DPStepStats,
+    SCOPES,
     SupportDPStep,
     clip_per_example,
     module_masks_to_params,
@@ -43,7 +44,7 @@ from ortho_train.privacy.stochastic_quant import (
 
 __all__ = [
     "ACCOUNTANTS", "ActivationStats", "DPConfig", "DPSchedule", "DPStepStats", "DSMConfig", "MODES",
-    "PoissonCanarySampler", "PrivacyLedger", "StochasticQuantSpec", "SupportDPStep",
+    "PoissonCanarySampler", "PrivacyLedger", "SCOPES", "StochasticQuantSpec", "SupportDPStep",
     "apply_posthoc_noise_", "calibrate_noise_multiplier", "clip_per_example",
     "column_scores_to_weight", "discrete_gaussian", "dsm_column_scores", "dsm_scores", "dsm_support",
     "hutchinson_diagonal", "layer_rms", "module_masks_to_params", "paper_epsilon", "posthoc_noise",

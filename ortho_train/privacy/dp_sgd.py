@@ -41,6 +41,7 @@ from ortho_train.privacy.attention import eager_attention
 from ortho_train.privacy.poisson import PoissonCanarySampler
 
 Batch = dict[str, torch.Tensor]
+SCOPES = ("support", "global")
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -57,6 +58,8 @@ class DPConfig:
         sample_rate: q, each member's inclusion probability per step; or None.
         expected_batch_size: q·n, the expected members per step; or None. Exactly one of the two.
         seed: seed of the noise generator (the sampler takes its own).
+        scope: where the private gradient and its noise go in training: 'support' (the private
+            support S alone) or 'global' (every trainable weight, the baseline at the same ε).
     """
 
     target_epsilon: float | None = None
@@ -67,8 +70,11 @@ class DPConfig:
     sample_rate: float | None = None
     expected_batch_size: float | None = None
     seed: int = 0
+    scope: str = "support"
 
     def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"dp scope must be one of {SCOPES}, got {self.scope!r}")
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("dp needs exactly one of target_epsilon and noise_multiplier, got "
                              f"target_epsilon={self.target_epsilon}, noise_multiplier={self.noise_multiplier}")
