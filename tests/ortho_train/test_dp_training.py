@@ -91,8 +91,9 @@ def test_checkpoint_round_trip_continues_ledger_noise_and_draws(two_secret_sets)
 
 
 def test_global_scope_noises_every_trainable_weight_and_has_no_switch(tmp_path):
-    module = dp_fit(tmp_path, dp=_dp(scope="global"))
+    module = dp_fit(tmp_path, dp=_dp(scope="global", noise_multiplier=None, target_epsilon=8.0))
     controller = module.private_update
+    assert 8.0 - 0.05 < module.final_metrics["dp"]["epsilon"] <= 8.0  # σ calibrated for the phase
     assert controller.streams() is None
     assert set(controller.dp_step.masks) == {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert all(mask is None for mask in controller.dp_step.masks.values())
