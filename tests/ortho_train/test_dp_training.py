@@ -73,21 +73,25 @@ def test_epsilon_in_the_summary_is_opacus_for_the_same_history(two_secret_sets, 
     assert summary["isolation"]["public_base_updates"] is True
 
 
-def test_checkpoint_round_trip_continues_ledger_noise_and_draws(two_secret_sets):
+def test_checkpoint_round_trip_continues_ledger_noise_and_draws(two_secret_sets, tmp_path):
     module = two_secret_sets[0]
     controller = module.private_update
-    state = controller.state_dict()
-    resumed = DPIsolationController(_dp(), _isolation())
-    resumed.setup(module)
-    resumed.load_state_dict(state)
-    assert resumed.ledger.steps == controller.ledger.steps
-    assert resumed.epsilon() == controller.epsilon()
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)  # plain tensors and numbers
+    resumed = CanarySFTModule(tiny_llama=TINY, dp=_dp(), isolation=_isolation())
+    resumed.trainer = module.trainer
+    resumed.on_load_checkpoint(checkpoint)
+    again = resumed.private_update
+    assert again.ledger.steps == controller.ledger.steps == STEPS - PUBLIC
+    assert again.epsilon() == controller.epsilon() and again.schedule == controller.schedule
     g1, _ = controller.dp_step.private_gradient(None)  # the next noise draw of each
-    g2, _ = resumed.dp_step.private_gradient(None)
+    g2, _ = again.dp_step.private_gradient(None)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
-    assert controller.ledger.steps == controller.schedule.steps
-    assert next(resumed._draws, None) is None  # the draws continue after the steps taken: none left
+    assert next(again._draws, None) is None  # the draws continue after the steps taken: none left
+    assert controller.progress()["dp/epsilon"] == module.final_metrics["dp"]["epsilon"]
 
 
 def test_global_scope_noises_every_trainable_weight_and_has_no_switch(tmp_path):
