@@ -68,15 +68,19 @@ class DPTableCallback(L.Callback):
             raise ValueError(f"dp table metrics must be among {METRICS}, got {unknown}")
         if not 0.0 < rho < 1.0:
             raise ValueError(f"dp table rho must lie in (0, 1), got {rho}")
-        for name, value in (("exposure_references", exposure_references), ("exposure_canaries", exposure_canaries)):
+        for name, value in (("exposure_references", exposure_references),
+                            ("exposure_canaries", exposure_canaries)):
             if value is not None and value < 1:
                 raise ValueError(f"dp table {name} must be ≥ 1 or None, got {value}")
         defaults = PrivacyTableConfig()
+
+        def given(value, default) -> list[float]:  # None: the default; an empty list stays empty
+            return [float(v) for v in (default if value is None else value)]
+
         self.config = PrivacyTableConfig(
-            alphas=[float(a) for a in (defaults.alphas if alphas is None else alphas)],
-            posthoc_sigmas=[float(s) for s in (defaults.posthoc_sigmas if posthoc_sigmas is None else posthoc_sigmas)],
-            stochastic_sigmas=[float(s) for s in
-                               (defaults.stochastic_sigmas if stochastic_sigmas is None else stochastic_sigmas)],
+            alphas=given(alphas, defaults.alphas),
+            posthoc_sigmas=given(posthoc_sigmas, defaults.posthoc_sigmas),
+            stochastic_sigmas=given(stochastic_sigmas, defaults.stochastic_sigmas),
             bits=bits, group_size=group_size, rho=rho, include_lm_head=include_lm_head,
             include=list(METRICS if metrics is None else metrics),
             exposure_references=exposure_references, exposure_canaries=exposure_canaries, seed=seed)

@@ -169,8 +169,9 @@ class PrivacyTable:
                 noisy = copy.deepcopy(base)
                 apply_posthoc_noise_(noisy, masks, sigma, mode, self.config.seed)
                 bits = 32.0 if mode == "global" else dual_bits
+                where = "every sieved weight" if mode == "global" else "S"
                 row = self.sieve.measure(f"posthoc_{mode}", noisy, 1.0, None, bits, 0.0,
-                                         f"σ·RMS(W) noise on {'every sieved weight' if mode == 'global' else 'S'}")
+                                         f"σ·RMS(W) noise on {where}")
                 self._add(row, f"posthoc_{mode}", self.epsilon, sigma)
 
     def gptq_rows(self) -> None:
@@ -218,7 +219,8 @@ def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
         eps = r["epsilon"] if isinstance(r["epsilon"], str) else format_value(float(r["epsilon"]), 2)
         lines.append(
             f"| {r['kind']} | {format_value(r['alpha'], 2)} | {eps} | {format_value(r['noise'], 3)} | "
-            f"{format_value(r['extraction_rate'], 2)} | {format_value(r['exposure_mean'], 2)} | {format_value(r['mia_auc_loss'])} | "
+            f"{format_value(r['extraction_rate'], 2)} | {format_value(r['exposure_mean'], 2)} | "
+            f"{format_value(r['mia_auc_loss'])} | "
             f"{format_value(r.get('mia_auc_minkpp'))} | {format_value(r.get('mia_tpr_at_1pct_fpr_loss'))} | "
             f"{format_value(r.get('mia_tpr_at_1pct_fpr_minkpp'))} | {format_value(r['public_ppl'])} | "
             f"{format_value(r['bits_per_weight'], 2)} |")

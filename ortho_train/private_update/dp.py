@@ -40,7 +40,14 @@ from ortho_train.evaluation import pad_collate
 from ortho_train.private_update.controller import TrainingLoss, register
 from ortho_train.private_update.isolation import IsolationController
 from ortho_train.private_update.streams import SupportStreams
-from ortho_train.privacy import DPConfig, DPSchedule, DPStepStats, PrivacyLedger, SupportDPStep, module_masks_to_params
+from ortho_train.privacy import (
+    DPConfig,
+    DPSchedule,
+    DPStepStats,
+    PrivacyLedger,
+    SupportDPStep,
+    module_masks_to_params,
+)
 from ortho_train.sieve.isolation import IsolationConfig
 
 SUPPORTS_SEEING_CANARIES = ("saliency_canary",)

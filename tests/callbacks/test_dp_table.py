@@ -32,7 +32,8 @@ def test_rows_columns_and_epsilon(table_run):
     assert [r["noise"] for r in rows[2:]] == [0.1, 0.1, None, 0.1, 1.0]
     assert rows[2]["bits_per_weight"] == 32.0 and rows[3]["bits_per_weight"] < 32.0
     markdown = (module.run_dir / "dp_table.md").read_text()
-    assert sum(line.startswith("| ") for line in markdown.splitlines()) == len(rows) + 1 and "not a privacy guarantee" in markdown
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == len(rows) + 1
+    assert "not a privacy guarantee" in markdown
     assert (module.run_dir / "summary.json").exists() and (module.run_dir / "hf_model").is_dir()
 
 

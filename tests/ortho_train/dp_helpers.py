@@ -40,7 +40,8 @@ def dp_fit(tmp, canary_seed=1, dp=None, callbacks=(), isolation=None):
     torch.manual_seed(0)
     module = CanarySFTModule(
         tiny_llama=TINY, public_steps=PUBLIC, lr=1e-2, sft_lr=2e-2, warmup_steps=1, sft_warmup_steps=1,
-        eval_during_validation=False, weight_decay=0.1, isolation=isolation or isolation_config(), dp=dp or dp_config(),
+        eval_during_validation=False, weight_decay=0.1, isolation=isolation or isolation_config(),
+        dp=dp or dp_config(),
     )
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
