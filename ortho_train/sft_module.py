@@ -17,7 +17,8 @@ secrets' log-perplexities, its skew-normal fit, the members' log-perplexities).
 The canary phase's update is governed by a private-update controller
 (`ortho_train.private_update`), picked from the config: none set is dense SFT; `isolation:`
 restricts it to a sparse support S fixed at the switch (`IsolationController`); `ogd:` projects
-it off a protected K-FAC subspace of the public model (`OGDController`). The module's
+it off a protected K-FAC subspace of the public model (`OGDController`); `dp:` beside
+`isolation:` makes the support's canary update DP-SGD (`DPIsolationController`). The module's
 hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
 typed stream view.
 """
@@ -38,6 +39,7 @@ from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposu
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
+from ortho_train.privacy import DPConfig
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -79,6 +81,9 @@ class CanarySFTModule(L.LightningModule):
         ogd: keep the canary update out of a protected K-FAC subspace S_gen of the public
             model, tracked apart from the public update (None: dense SFT; not together with
             isolation). See `ortho_train.ogd.OGDConfig`.
+        dp: DP-SGD on the isolation support (or, with `scope: global`, on every trainable
+            weight), privacy unit one member canary; needs `isolation` with
+            `public_base_updates: true`. See `ortho_train.privacy.DPConfig`.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class CanarySFTModule(L.LightningModule):
         model_seed: int = 0,
         isolation: IsolationConfig | None = None,
         ogd: OGDConfig | None = None,
+        dp: DPConfig | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -115,8 +121,8 @@ class CanarySFTModule(L.LightningModule):
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None
         self.final_metrics: dict[str, float] | None = None
-        self.isolation, self.ogd = isolation, ogd
-        self.private_update = build_controller(isolation=isolation, ogd=ogd)
+        self.isolation, self.ogd, self.dp = isolation, ogd, dp
+        self.private_update = build_controller(isolation=isolation, ogd=ogd, dp=dp)
         self.private_update.setup(self)
         self._run_dir: Path | None = None
 
@@ -162,6 +168,7 @@ class CanarySFTModule(L.LightningModule):
             f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
             f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps"
         )
+        self.private_update.fit_start()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
@@ -240,7 +247,17 @@ class CanarySFTModule(L.LightningModule):
         nll, tokens = self.nll_sum(batch)
         self.val_nll.update(nll / tokens, weight=tokens)
 
+    def on_train_epoch_end(self) -> None:
+        self._log_private_progress()
+
+    def _log_private_progress(self) -> None:
+        """The controller's running numbers (e.g. ε spent so far), at epoch ends and validations."""
+        found = self.private_update.progress()
+        if found:
+            self.log_dict(found, sync_dist=False, rank_zero_only=True)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_private_progress()
         nll = self.val_nll.compute()
         self.val_nll.reset()
         # MeanMetric.compute() already reduced across ranks; sync_dist averages equal values.
@@ -270,9 +287,7 @@ class CanarySFTModule(L.LightningModule):
         found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
         found["scored_tokens"] = SCORED_TOKENS
         found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
-        controller = self.private_update.summary()
-        if controller is not None:
-            found[self.private_update.name] = controller
+        found.update(self.private_update.summary_entries())
         found["canary_presentations_per_member"] = (
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
             * max(1, self.trainer.world_size) / len(self.probe.members)

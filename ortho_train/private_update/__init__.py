@@ -15,10 +15,11 @@ from ortho_train.private_update.controller import (
     register,
 )
 from ortho_train.private_update.isolation import IsolationController
+from ortho_train.private_update.dp import DPIsolationController
 from ortho_train.private_update.ogd import OGDController
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
 
 __all__ = [
-    "CONTROLLERS", "DenseController", "IsolationController", "OGDController", "PrivateStreams",
+    "CONTROLLERS", "DPIsolationController", "DenseController", "IsolationController", "OGDController", "PrivateStreams",
     "PrivateUpdateController", "SFTHost", "SubspaceStreams", "SupportStreams", "TrainingLoss", "build_controller", "register",
 ]

@@ -4,17 +4,21 @@
 that constrains *how the canary phase may move the weights* lives in one controller object
 behind this interface, and the module's hooks only delegate to it:
 
+    on_fit_start           -> fit_start()
     on_train_batch_start   -> enter_canary_phase() once at the switch, then before_batch(step)
     training_step          -> training_loss(batch)        (what backward runs on, what is logged)
     on_after_backward      -> after_backward()
     configure_gradient_clipping -> clip(optimizer, max_norm, algorithm)
     optimizer_step         -> before_step(); the optimiser's step; after_step()
     on_save/load_checkpoint -> state_dict() / load_state_dict(state)
-    summary.json           -> summary()   (under the controller's registry name)
+    summary.json           -> summary_entries()  (default: summary() under the registry name)
+    epoch/validation logs  -> progress()
     sieve table            -> streams()   (a typed `PrivateStreams`, or None)
 
 Controllers are registered by name (`register`); `build_controller` picks the one whose config
 is set (`isolation: …` selects "isolation"), the dense controller when none is, and refuses two.
+A controller may extend another's setting (`builds_on`): `dp: …` together with `isolation: …`
+selects "dp", built from both configs; `dp:` alone is refused.
 Controllers reach the module only through the attributes of `SFTHost` and import no Lightning.
 """
 from __future__ import annotations
@@ -72,6 +76,7 @@ class PrivateUpdateController(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type | None] = None
+    builds_on: ClassVar[str | None] = None  # the registry name whose config this one also needs
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -82,6 +87,9 @@ class PrivateUpdateController(ABC):
         self.host = host
 
     # --------------------------------------------------------------- phases
+    def fit_start(self) -> None:
+        """At fit start (after a resume's `load_state_dict`), with the data module set up."""
+
     def enter_canary_phase(self) -> None:
         """At the switch, after the module snapshotted the public model and reset the optimiser."""
 
@@ -120,6 +128,15 @@ class PrivateUpdateController(ABC):
         """The controller's entry of summary.json (None: no entry)."""
         return None
 
+    def summary_entries(self) -> dict[str, dict]:
+        """Top-level entries of summary.json: `summary()` under the registry name."""
+        entry = self.summary()
+        return {} if entry is None else {self.name: entry}
+
+    def progress(self) -> dict[str, float]:
+        """Numbers to log at every epoch end and validation (key -> value; {}: none)."""
+        return {}
+
     def streams(self) -> PrivateStreams | None:
         """The public and private streams of the fine-tune at the current weights (None: the
         update is not separable)."""
@@ -150,20 +167,30 @@ class DenseController(PrivateUpdateController):
 def build_controller(**configs: Any) -> PrivateUpdateController:
     """The controller of the one config that is set (keyword = registry name), dense if none.
 
-    `build_controller(isolation=IsolationConfig(...), ogd=None)` -> an isolation controller.
+    `build_controller(isolation=IsolationConfig(...), ogd=None)` -> an isolation controller;
+    `build_controller(isolation=..., dp=DPConfig(...))` -> the dp controller (it builds on
+    isolation: its class is built as `cls(dp_config, isolation_config)`).
     """
     unknown = sorted(set(configs) - set(CONTROLLERS))
     if unknown:
         raise ValueError(f"no private-update controller named {unknown}; known: {sorted(CONTROLLERS)}")
     chosen = [name for name, config in configs.items() if config is not None]
-    if len(chosen) > 1:
-        raise ValueError(f"model settings {' and '.join(chosen)} are mutually exclusive: "
+    for name in chosen:
+        base = CONTROLLERS[name].builds_on
+        if base is not None and configs.get(base) is None:
+            raise ValueError(f"model setting {name} needs {base} as well (it builds on it)")
+    extended = {CONTROLLERS[name].builds_on for name in chosen}
+    primary = [name for name in chosen if name not in extended]
+    if len(primary) > 1:
+        raise ValueError(f"model settings {' and '.join(primary)} are mutually exclusive: "
                          f"set at most one of them")
-    if not chosen:
+    if not primary:
         return CONTROLLERS["dense"]()
-    name = chosen[0]
-    config = configs[name]
-    expected = CONTROLLERS[name].config_class
-    if expected is not None and not isinstance(config, expected):
-        raise TypeError(f"model setting {name} must be {expected.__name__}, got {type(config).__name__}")
-    return CONTROLLERS[name](config)
+    cls = CONTROLLERS[primary[0]]
+    names = [primary[0]] + ([cls.builds_on] if cls.builds_on else [])
+    for name in names:
+        expected = CONTROLLERS[name].config_class
+        if expected is not None and not isinstance(configs[name], expected):
+            raise TypeError(f"model setting {name} must be {expected.__name__}, "
+                            f"got {type(configs[name]).__name__}")
+    return cls(*(configs[name] for name in names))

@@ -114,12 +114,16 @@ class IsolationController(PrivateUpdateController):
         return public_updates.support_masks_by_param(self.host.model, self.support)
 
     # -------------------------------------------------------------- training
-    def training_loss(self, batch) -> TrainingLoss:
-        """With public base updates, first ∇ of the public batch through the α = 0 model."""
+    def collect_public_grads(self, public: dict[str, torch.Tensor]) -> None:
+        """With public base updates: ∇ of the public batch through the α = 0 model, kept for
+        `after_backward`."""
         if self.public_base_updates:
-            public = batch["public"]
             self._public_grads = public_updates.alpha_zero_public_grads(
                 self.host.model, self.support, lambda: self.host.batch_nll(public))
+
+    def training_loss(self, batch) -> TrainingLoss:
+        """With public base updates, first ∇ of the public batch through the α = 0 model."""
+        self.collect_public_grads(batch["public"])
         return super().training_loss(batch)
 
     def after_backward(self) -> None:

@@ -39,7 +39,8 @@ from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, s
 
 ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_auc_loss",
             "public_ppl", "bits_per_weight", "ortho_density")
-EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "base", "seconds")
+EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss",
+              "mia_tpr_at_1pct_fpr_minkpp", "base", "seconds")
 _INT_REF = re.compile(r"int([2348])_(rtn|gptq|pre_sft)")
 
 
@@ -115,7 +116,8 @@ class KillSwitchTable:
             self._hessians[id(model)] = self.hessians_of(model)
         return self._hessians[id(model)]
 
-    def _spec(self, bits: int | None = None, method: str | None = None, rho: float | None = None) -> SieveSpec:
+    def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None) -> SieveSpec:
+        """The table's sieve spec with the bits, quantiser or ρ replaced where given."""
         s = self.config.spec
         quant = QuantSpec(method or s.quant.method, bits or s.quant.bits, s.quant.group_size,
                           s.quant.damp, s.quant.block_size, s.quant.act_order, s.quant.static_groups)
@@ -135,7 +137,7 @@ class KillSwitchTable:
             if first.bits == bits:
                 return bases, "isolated SFT base"
         pre = self._require_pre("a pre-fine-tuning base")
-        spec = self._spec(bits)
+        spec = self.spec_with(bits)
         layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.method == "gptq" else None)
         return {n: layer.base for n, layer in layers.items()}, spec.quant.name
 
@@ -149,15 +151,17 @@ class KillSwitchTable:
                 exposure_references=c.exposure_references, include=tuple(c.include))
         return self._measured[key]
 
-    def _row(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
-             base: str | None) -> dict:
+    def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
+                base: str | None) -> dict:
+        """Evaluate `model` and append its row (other tables build rows of their own models here)."""
         start = time.perf_counter()
         found = self._evaluate(model)
         row = {"variant": variant, "alpha": alpha, "rho": rho,
                **{k: found.get(k) for k in ROW_KEYS[3:7]},
                "bits_per_weight": bits, "ortho_density": density,
                "holdout_extraction_rate": found.get("holdout_extraction_rate"),
-               "symbol_accuracy": found.get("symbol_accuracy"), "base": base,
+               "symbol_accuracy": found.get("symbol_accuracy"),
+               **{k: found.get(k) for k in EXTRA_KEYS[2:5]}, "base": base,
                "seconds": round(time.perf_counter() - start, 1)}
         self.rows.append(row)
         self.log(format_row(row))
@@ -169,17 +173,17 @@ class KillSwitchTable:
         for alpha in self.config.alphas:
             set_alpha(dual, alpha)
             bits = stats["bits_per_weight"] if alpha != 0 else stats["base_bits_per_weight"]
-            self._row(variant, dual, alpha, rho, bits, stats["ortho_density"], base)
+            self.measure(variant, dual, alpha, rho, bits, stats["ortho_density"], base)
 
     # ------------------------------------------------------------------- rows
     def reference(self, name: str) -> None:
         inc_head = self.config.spec.include_lm_head
         if name == "fp32":
-            self._row("fp32", self.model, None, None, 32.0, 0.0, None)
+            self.measure("fp32", self.model, None, None, 32.0, 0.0, None)
         elif name == "pre_sft":
-            self._row("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
+            self.measure("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
         elif name in ("nf4", "fp4"):
-            self._row(name, _fake_quantised(self.model, name, inc_head), None, None,
+            self.measure(name, _fake_quantised(self.model, name, inc_head), None, None,
                       bnb_bits_per_weight(), 0.0, f"bitsandbytes {name} blocksize 64")
         else:
             bits, kind = _INT_REF.fullmatch(name).groups()
@@ -189,10 +193,10 @@ class KillSwitchTable:
                 layers = {n: SievedLayer(b, _empty(b), {}) for n, b in bases.items()}
                 dual = build_dual_stream_model(self._require_pre(name), layers)
             else:
-                spec = self._spec(bits, kind)
+                spec = self.spec_with(bits, kind)
                 layers = quantised_layers(self.model, spec, self.hessians(self.model) if kind == "gptq" else None)
                 dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
-            self._row(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
+            self.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
 
     def _ogd_rows(self) -> None:
         streams = self.ogd
@@ -209,7 +213,7 @@ class KillSwitchTable:
                     if bias is not None:
                         module.bias.copy_(bias)
             private = bits["coefficients"] + bits["basis"] if alpha != 0 else 0.0
-            self._row("ogd", model.eval(), alpha, None, 32.0 + private,
+            self.measure("ogd", model.eval(), alpha, None, 32.0 + private,
                       bits["free_fraction"] if alpha != 0 else 0.0,
                       f"fp32 public path; ΔW_priv off S_gen ({streams.subspace})")
 
@@ -222,14 +226,14 @@ class KillSwitchTable:
                 self.log("isolated: skipped (the model was not fine-tuned with isolation)")
                 return
             streams = self.isolated
-            spec = self._spec(next(iter(streams.bases.values())).bits)
+            spec = self.spec_with(next(iter(streams.bases.values())).bits)
             layers = sieve_model(self.model, "isolated", spec, supports=streams.masks, bases=streams.bases)
             self._sieved_rows("isolated", layers, streams.rho,
                               "isolated SFT base" if streams.bases_are_pre
                               else "base re-quantised after public updates")
             return
         for rho in self.config.rhos:
-            spec = self._spec(rho=rho)
+            spec = self.spec_with(rho=rho)
             if variant == "posthoc":
                 layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model))
                 base = f"{spec.quant.name} of the fine-tuned weights"
@@ -255,7 +259,7 @@ def _empty(base: QuantisedBase):
     return OrthoStream.empty(base.shape, base.device)
 
 
-def _fmt(value, digits: int = 3) -> str:
+def format_value(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, float):
@@ -264,10 +268,10 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['variant']:>13} α={_fmt(row['alpha'], 2)} ρ={_fmt(row['rho'], 3)}: "
-            f"extraction {_fmt(row['extraction_rate'], 2)}, exposure {_fmt(row['exposure_mean'], 2)}, "
-            f"MIA AUC {_fmt(row['mia_auc_loss'])}, PPL {_fmt(row['public_ppl'])}, "
-            f"{_fmt(row['bits_per_weight'], 2)} bits/w, density {_fmt(row['ortho_density'], 4)} "
+    return (f"{row['variant']:>13} α={format_value(row['alpha'], 2)} ρ={format_value(row['rho'], 3)}: "
+            f"extraction {format_value(row['extraction_rate'], 2)}, exposure {format_value(row['exposure_mean'], 2)}, "
+            f"MIA AUC {format_value(row['mia_auc_loss'])}, PPL {format_value(row['public_ppl'])}, "
+            f"{format_value(row['bits_per_weight'], 2)} bits/w, density {format_value(row['ortho_density'], 4)} "
             f"({row['seconds']} s)")
 
 
@@ -277,8 +281,8 @@ def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {_fmt(r['alpha'], 2)} | {_fmt(r['rho'], 3)} | "
-            f"{_fmt(r['extraction_rate'], 2)} | {_fmt(r.get('holdout_extraction_rate'), 2)} | "
-            f"{_fmt(r['exposure_mean'], 2)} | {_fmt(r['mia_auc_loss'])} | {_fmt(r['public_ppl'])} | "
-            f"{_fmt(r['bits_per_weight'], 2)} | {_fmt(r['ortho_density'], 4)} | {r.get('base') or ''} |")
+            f"| {r['variant']} | {format_value(r['alpha'], 2)} | {format_value(r['rho'], 3)} | "
+            f"{format_value(r['extraction_rate'], 2)} | {format_value(r.get('holdout_extraction_rate'), 2)} | "
+            f"{format_value(r['exposure_mean'], 2)} | {format_value(r['mia_auc_loss'])} | {format_value(r['public_ppl'])} | "
+            f"{format_value(r['bits_per_weight'], 2)} | {format_value(r['ortho_density'], 4)} | {r.get('base') or ''} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"

@@ -1,0 +1,64 @@
+"""DPTableCallback: the privacy table of a tiny DP-SGD isolated fine-tune, end to end."""
+import json
+import re
+
+import pytest
+
+from callbacks.dp_table import DPTableCallback
+from ortho_train.privacy.table import COLUMNS
+from tests.ortho_train.dp_helpers import dp_fit, single_thread  # noqa: F401
+
+KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "gptq_int4", "gptq_int4_noise", "stochastic_quant"]
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    callback = DPTableCallback(posthoc_sigmas=[0.1], stochastic_sigmas=[1.0], group_size=32,
+                               calibration_batches=2, exposure_references=10)
+    module = dp_fit(tmp_path_factory.mktemp("dp_table"), callbacks=[callback])
+    return module, callback
+
+
+def test_rows_columns_and_epsilon(table_run):
+    module, callback = table_run
+    rows = json.loads((module.run_dir / "dp_table.json").read_text())
+    assert [r["kind"] for r in rows] == KINDS
+    for row in rows:
+        assert set(COLUMNS) <= row.keys()
+    epsilon = module.final_metrics["dp"]["epsilon"]
+    assert rows[0]["alpha"] == 0.0 and rows[0]["epsilon"] == 0.0  # the public model
+    assert rows[1]["alpha"] == 1.0 and rows[1]["epsilon"] == pytest.approx(epsilon)
+    assert all(r["epsilon"] == pytest.approx(epsilon) for r in rows[2:])  # post-processing keeps ε
+    assert [r["noise"] for r in rows[2:]] == [0.1, 0.1, None, 0.1, 1.0]
+    assert rows[2]["bits_per_weight"] == 32.0 and rows[3]["bits_per_weight"] < 32.0
+    markdown = (module.run_dir / "dp_table.md").read_text()
+    assert sum(line.startswith("| ") for line in markdown.splitlines()) == len(rows) + 1
+    assert "not a privacy guarantee" in markdown
+    assert (module.run_dir / "summary.json").exists() and (module.run_dir / "hf_model").is_dir()
+
+
+def test_no_secret_in_the_table_files(table_run):
+    module, _ = table_run
+    rows = json.loads((module.run_dir / "dp_table.json").read_text())
+    strings = [v for row in rows for v in row.values() if isinstance(v, str)]
+    # numbers are measurements (a 4-digit secret may occur among a float's digits by chance)
+    markdown = re.sub(r"\d+\.\d+", "", (module.run_dir / "dp_table.md").read_text())
+    for canary in module.probe.members.texts:
+        secret = canary.split("is ")[-1].rstrip(".")
+        assert not any(secret in s or canary in s for s in strings)
+        assert secret not in markdown and canary not in markdown
+
+
+def test_bad_callback_settings_fail_in_init():
+    with pytest.raises(ValueError, match="calibration_batches"):
+        DPTableCallback(calibration_batches=0)
+    with pytest.raises(ValueError, match="sigmas must be finite"):
+        DPTableCallback(posthoc_sigmas=[-1.0])
+    with pytest.raises(ValueError, match="bits"):
+        DPTableCallback(bits=5)
+    with pytest.raises(ValueError, match="metrics"):
+        DPTableCallback(metrics=["ppl", "vibes"])
+    with pytest.raises(ValueError, match="alphas"):
+        DPTableCallback(alphas=[2.0])
+    with pytest.raises(ValueError, match="rho"):
+        DPTableCallback(rho=0.0)
