@@ -38,6 +38,7 @@ from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposu
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
+from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -79,6 +80,10 @@ class CanarySFTModule(L.LightningModule):
         ogd: keep the canary update out of a protected K-FAC subspace S_gen of the public
             model, tracked apart from the public update (None: dense SFT; not together with
             isolation). See `ortho_train.ogd.OGDConfig`.
+        track_displacements: track the public and private displacements ΔW_pub, ΔW_priv of
+            the canary phase (for η in the separation table). Dense SFT then runs one extra
+            backward through the canary half per step; OGD tracks them anyway; isolation
+            refuses it. See `ortho_train.separation.displacement`.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class CanarySFTModule(L.LightningModule):
         model_seed: int = 0,
         isolation: IsolationConfig | None = None,
         ogd: OGDConfig | None = None,
+        track_displacements: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -117,6 +123,8 @@ class CanarySFTModule(L.LightningModule):
         self.final_metrics: dict[str, float] | None = None
         self.isolation, self.ogd = isolation, ogd
         self.private_update = build_controller(isolation=isolation, ogd=ogd)
+        if track_displacements:
+            self.private_update.track_displacements()
         self.private_update.setup(self)
         self._run_dir: Path | None = None
 
@@ -183,6 +191,10 @@ class CanarySFTModule(L.LightningModule):
     def private_streams(self) -> PrivateStreams | None:
         """The private fine-tune's streams at the current weights (None for dense SFT)."""
         return self.private_update.streams()
+
+    def displacements(self) -> Displacements | None:
+        """ΔW_pub and ΔW_priv of the canary phase so far (None: not tracked)."""
+        return self.private_update.displacements()
 
     @rank_zero_only
     def _record_pre_canary_ppl(self) -> None:
