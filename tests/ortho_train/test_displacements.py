@@ -1,35 +1,16 @@
 """ΔW_pub / ΔW_priv: dense SFT's attributed AdamW steps add up; OGD's η is reported."""
 import math
 
-import lightning as L
 import pytest
 import torch
 
-from ortho_train.datamodule import CanaryDataModule
-from ortho_train.models import TinyLlamaConfig
-from ortho_train.ogd import OGDConfig
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
-
-TINY = TinyLlamaConfig(32, 2, 2, 64)
-
-
-def _fit(tmp, **module_kwargs):
-    torch.manual_seed(0)
-    module = CanarySFTModule(tiny_llama=TINY, public_steps=2, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
-                             sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
-                             **module_kwargs)
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=0.5)
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
-                          num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50)
-    trainer.fit(module, datamodule=dm)
-    return module
+from tests.separation_fits import TINY, dense_fit, ogd_fit
 
 
-def test_dense_displacements_sum_to_the_total_displacement(tmp_path):
-    module = _fit(tmp_path, track_displacements=True)
+def test_dense_displacements_sum_to_the_total_displacement():
+    module, _ = dense_fit()
     found = module.displacements()
     assert found is not None and found.public.keys() == found.private.keys()
     final = module.model.state_dict()
@@ -45,16 +26,15 @@ def test_dense_displacements_sum_to_the_total_displacement(tmp_path):
     assert 0.0 <= eta.overall <= 1.0 and set(eta.per_layer) == set(found.public)
 
 
-def test_dense_without_tracking_reports_none(tmp_path):
-    module = _fit(tmp_path)
+def test_dense_without_tracking_reports_none():
+    module = CanarySFTModule(tiny_llama=TINY)
     assert module.displacements() is None and module.private_update.tracker is None
 
 
-def test_ogd_eta_is_reported_and_within_unit_interval(tmp_path):
-    module = _fit(tmp_path, ogd=OGDConfig(subspace="flattest", fraction=0.5, kfac_batches=2))
+def test_ogd_eta_is_reported_and_within_unit_interval():
+    module, _ = ogd_fit()
     found = module.displacements()
-    controller = module.private_update
-    for name, (dw, _) in controller.delta.items():
+    for name, (dw, _) in module.private_update.delta.items():
         assert torch.equal(found.private[f"{name}.weight"], dw.detach().double())
     eta = found.entanglement()
     assert not math.isnan(eta.overall) and 0.0 <= eta.overall <= 1.0
