@@ -19,10 +19,15 @@ max_t L(θ_t) − min(L(θ_a), L(θ_b)), for (W_pre, W_clean), (W_pre, W_pruned)
 (α = 0, α = 1); bits per weight over the split linears; extraction after NF4 and INT4
 (`quantised_copy`) of each row's model.
 
-bits/weight (over the run's own stream layers for `ogd`/`isolated`, over the split matrices for
-`svd_clean`/`pruned`; everything else is fp32): fp32 models 32; `svd_clean` 32 + 32·Σk(d_out + d_in)/Σ d_out·d_in (W_pre plus fp32 rank-k
-factors); `pruned` 32 + 64·budget/weights (fp32 value + 32-bit index per kept entry);
+bits/weight (over the run's own stream layers for `ogd`/`isolated`, over the split matrices
+for `svd_clean`/`pruned`; everything else is fp32): fp32 models 32;
+`svd_clean` 32 + 32·Σ k(d_out + d_in) / Σ d_out·d_in (W_pre plus fp32 rank-k factors);
+`pruned` 32 + 64·budget/weights (fp32 value + 32-bit index per kept entry);
 `ogd` α = 1 adds the fp16 coefficients and eigenbases, `isolated` counts its packed streams.
+
+Every row is measured by `evaluate_memorisation` on its own model; the α = 1 rows of `ogd`
+and `isolated` are the trained fp32 weights (their stored streams rebuild them to fp16
+precision), the α = 0 rows the public path (OGD) or the dequantised bases (isolation).
 """
 from __future__ import annotations
 
@@ -190,8 +195,8 @@ class SeparationTable:
         pruned = pruned_state_dict(self.pre_state, ft_state, budgets)
         # W_base of the barrier: W_pre on the split matrices, the fine-tune's norm gains (as W_clean)
         base = {k: (self.pre_state[k] if k in split.layers else v) for k, v in ft_state.items()}
-        self._row("svd_clean", _with_state(self.model, split.state_dict), barrier=self._barrier(base, split.state_dict),
-                  bits=32.0 + 32.0 * kept, energy=energy)
+        self._row("svd_clean", _with_state(self.model, split.state_dict),
+                  barrier=self._barrier(base, split.state_dict), bits=32.0 + 32.0 * kept, energy=energy)
         self._row("pruned", _with_state(self.model, pruned), barrier=self._barrier(base, pruned),
                   bits=32.0 + 64.0 * kept, energy=energy)
 
