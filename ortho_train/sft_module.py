@@ -40,6 +40,7 @@ from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_paramete
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
+from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -84,6 +85,10 @@ class CanarySFTModule(L.LightningModule):
         dp: DP-SGD on the isolation support (or, with `scope: global`, on every trainable
             weight), privacy unit one member canary; needs `isolation` with
             `public_base_updates: true`. See `ortho_train.privacy.DPConfig`.
+        track_displacements: track the public and private displacements ΔW_pub, ΔW_priv of
+            the canary phase (for η in the separation table). Dense SFT then runs one extra
+            backward through the canary half per step; OGD tracks them anyway; isolation
+            refuses it. See `ortho_train.separation.displacement`.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class CanarySFTModule(L.LightningModule):
         isolation: IsolationConfig | None = None,
         ogd: OGDConfig | None = None,
         dp: DPConfig | None = None,
+        track_displacements: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -123,6 +129,8 @@ class CanarySFTModule(L.LightningModule):
         self.final_metrics: dict[str, float] | None = None
         self.isolation, self.ogd, self.dp = isolation, ogd, dp
         self.private_update = build_controller(isolation=isolation, ogd=ogd, dp=dp)
+        if track_displacements:
+            self.private_update.track_displacements()
         self.private_update.setup(self)
         self._run_dir: Path | None = None
 
@@ -190,6 +198,10 @@ class CanarySFTModule(L.LightningModule):
     def private_streams(self) -> PrivateStreams | None:
         """The private fine-tune's streams at the current weights (None for dense SFT)."""
         return self.private_update.streams()
+
+    def displacements(self) -> Displacements | None:
+        """ΔW_pub and ΔW_priv of the canary phase so far (None: not tracked)."""
+        return self.private_update.displacements()
 
     @rank_zero_only
     def _record_pre_canary_ppl(self) -> None:

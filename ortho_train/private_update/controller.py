@@ -14,6 +14,7 @@ behind this interface, and the module's hooks only delegate to it:
     summary.json           -> summary_entries()  (default: summary() under the registry name)
     epoch/validation logs  -> progress()
     sieve table            -> streams()   (a typed `PrivateStreams`, or None)
+    separation table       -> displacements()   (ΔW_pub and ΔW_priv, or None)
 
 Controllers are registered by name (`register`); `build_controller` picks the one whose config
 is set (`isolation: …` selects "isolation"), the dense controller when none is, and refuses two.
@@ -30,7 +31,9 @@ from typing import Any, Callable, ClassVar, Protocol
 import torch
 from torch import nn
 
+from ortho_train.curvature import linear_layers
 from ortho_train.private_update.streams import PrivateStreams
+from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
 
 
 class SFTHost(Protocol):
@@ -142,6 +145,15 @@ class PrivateUpdateController(ABC):
         update is not separable)."""
         return None
 
+    # -------------------------------------------------------- displacements
+    def track_displacements(self) -> None:
+        """Ask for ΔW_pub / ΔW_priv (the module's `track_displacements`); called before setup."""
+        raise ValueError(f"track_displacements is not supported with the {self.name!r} private update")
+
+    def displacements(self) -> Displacements | None:
+        """ΔW_pub and ΔW_priv of the canary phase so far, per linear weight (None: not tracked)."""
+        return None
+
 
 CONTROLLERS: dict[str, type[PrivateUpdateController]] = {}
 
@@ -161,7 +173,51 @@ def register(name: str) -> Callable[[type[PrivateUpdateController]], type[Privat
 
 @register("dense")
 class DenseController(PrivateUpdateController):
-    """Ordinary SFT: every parameter takes the gradient of the whole batch."""
+    """Ordinary SFT: every parameter takes the gradient of the whole batch.
+
+    With `track_displacements()`, each canary step also computes the canary part of the
+    gradient of the block linears (one extra backward through the canary half, kept from the
+    forward with `retain_graph`) and `AdamWDisplacementTracker` attributes the applied AdamW
+    step to the public and the private part (rule in `ortho_train.separation.displacement`).
+    The update itself is unchanged; without tracking nothing extra runs.
+    """
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self._track = False
+        self.tracker: AdamWDisplacementTracker | None = None
+
+    def track_displacements(self) -> None:
+        self._track = True
+
+    def enter_canary_phase(self) -> None:
+        if self._track:
+            layers = linear_layers(self.host.model, include_lm_head=False)
+            self.tracker = AdamWDisplacementTracker(layers, self.host.pre_canary_state_dict)
+
+    def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> TrainingLoss:
+        if self.tracker is None:
+            return super().training_loss(batch)
+        nll, tokens = self.host.nll_sum(batch["public"])
+        canary_nll, canary_tokens = self.host.nll_sum(batch["canary"])
+        total_tokens = tokens + canary_tokens
+        loss = (nll + canary_nll) / total_tokens
+        # g_priv = ∇(canary NLL sum / all tokens): the canary term of the same token-mean loss
+        grads = torch.autograd.grad(canary_nll / total_tokens, self.tracker.parameters(),
+                                    retain_graph=True, allow_unused=True)
+        self.tracker.private_gradients(list(grads))
+        return TrainingLoss(loss, loss, canary_nll / canary_tokens)
+
+    def after_backward(self) -> None:
+        if self.tracker is not None:
+            self.tracker.total_gradients()
+
+    def after_step(self) -> None:
+        if self.tracker is not None:
+            self.tracker.after_step(self.host.trainer.optimizers[0])
+
+    def displacements(self) -> Displacements | None:
+        return None if self.tracker is None else self.tracker.displacements()
 
 
 def build_controller(**configs: Any) -> PrivateUpdateController:

@@ -35,6 +35,7 @@ from ortho_train.kfac import KroneckerEigenbasis, project_update_
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SubspaceStreams
+from ortho_train.separation.displacement import Displacements
 
 Pair = tuple[torch.Tensor, "torch.Tensor | None"]  # (weight, bias or None) of one linear
 
@@ -216,6 +217,19 @@ class OGDController(PrivateUpdateController):
         private = {n: SubspaceDelta.compress(dw, db, self.subspaces[n]) for n, (dw, db) in self.delta.items()}
         return SubspaceStreams({n: _clone(*pair) for n, pair in self.public.items()}, private,
                                self.config.subspace)
+
+    def track_displacements(self) -> None:
+        """Nothing to add: OGD keeps the two displacements apart by construction."""
+
+    def displacements(self) -> Displacements | None:
+        """ΔW_pub = W_public_path − W_pre and ΔW_priv of every protected linear weight."""
+        pre = self.host.pre_canary_state_dict
+        if self.subspaces is None or pre is None:
+            return None
+        public = {f"{n}.weight": w.detach().double().cpu() - pre[f"{n}.weight"].double()
+                  for n, (w, _) in self.public.items()}
+        private = {f"{n}.weight": dw.detach().double().cpu() for n, (dw, _) in self.delta.items()}
+        return Displacements(public, private, "OGD: public path and private stream, kept apart by construction")
 
     def summary(self) -> dict | None:
         if self.subspaces is None:

@@ -4,9 +4,14 @@
     split = svd_split_state_dict(base_sd, ft_sd, energy=0.9, keys=linear_weight_keys(model))
     clean_sd, ranks = split.state_dict, {k: s.rank for k, s in split.layers.items()}
     eta = entanglement(delta_public, delta_private).overall
+    eta = module.displacements().entanglement()     # a run's tracked ΔW_pub, ΔW_priv
+
+The separation table (`ortho_train.separation.table`) is imported from its own module: it
+reads the private-update streams, which import this package.
 
 Pure torch; no Lightning.
 """
+from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
 from ortho_train.separation.geometry import (
     Entanglement,
     LossBarrier,
@@ -28,6 +33,8 @@ from ortho_train.separation.svd_split import (
 )
 
 __all__ = [
+    "AdamWDisplacementTracker",
+    "Displacements",
     "Entanglement",
     "LayerSplit",
     "LossBarrier",
