@@ -166,6 +166,20 @@ class PTQGapCallback(L.Callback):
             logger.log_metrics(numbers, step=trainer.global_step)
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse, before any training, a bitsandbytes block wider than a quantised layer's rows."""
+        if not {"nf4", "fp4"} & set(self.formats):
+            return
+        narrow = {name: linear.in_features for name, linear in
+                  ptq.quantisable_linears(pl_module.model, self.settings.skip_modules).items()
+                  if linear.in_features < self.settings.blocksize}
+        if narrow:
+            name, width = next(iter(narrow.items()))
+            raise ValueError(f"PTQGapCallback blocksize={self.settings.blocksize} is larger than the width of "
+                             f"{len(narrow)} quantised layer(s) (e.g. {name}: {width} inputs): choose a blocksize "
+                             f"≤ {min(narrow.values())} (bitsandbytes allows 64 and up) or add those layers "
+                             "to skip_modules")
+
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
         if self.evaluate_before:

@@ -46,6 +46,12 @@ def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[
     return list(forget_members)
 
 
+def _check_positive(**settings: int) -> None:
+    bad = [f"data.{name}={value}" for name, value in settings.items() if value < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be ≥ 1")
+
+
 def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `(ids, answer_start, answer_end)` items; labels are −100 outside [start, end)."""
     longest = max(len(ids) for ids, _, _ in items) if length is None else length
@@ -62,12 +68,16 @@ def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[
 class PublicWindows(Dataset):
     """Non-overlapping windows of `seq_len` tokens over a token stream (labels = inputs)."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None, split: str = "train"):
         count = len(tokens) // seq_len
         if limit is not None:
             count = min(count, limit)
         if count < 1:
-            raise CorpusError(f"corpus split has {len(tokens)} tokens, fewer than one window of {seq_len}")
+            fix = "lower data.seq_len or use a larger corpus"
+            if split == "val":
+                fix += " (or raise data.val_fraction)"
+            raise CorpusError(f"the corpus's {split} split has {len(tokens)} tokens, fewer than one window of "
+                              f"data.seq_len={seq_len}: {fix}")
         self.windows = tokens[: count * seq_len].view(count, seq_len)  # (num_windows, seq_len)
 
     def __len__(self) -> int:
@@ -143,6 +153,10 @@ class CanaryDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        _check_positive(seq_len=seq_len, batch_size=batch_size, canary_batch_size=canary_batch_size,
+                        val_windows=val_windows, num_reference_secrets=num_reference_secrets)
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
         self.canary_spec = CanarySpec(
             template=canary_template,
             alphabet=secret_alphabet,
@@ -205,8 +219,9 @@ class CanaryDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         split = load_corpus(hp.corpus, hp.val_fraction, hp.corpus_text_field, hp.corpus_hf_config)
-        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len)
-        self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows)
+        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len, split="train")
+        self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows,
+                                         split="val")
         members = self._tokenise_canaries(self.canaries.members)
         longest = max(len(s) for s in members.full_ids)
         if longest > hp.seq_len:

@@ -114,6 +114,8 @@ class UnlearnModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if optimizer not in ("adamw", "sgd"):
