@@ -14,7 +14,9 @@ batches when the loss needs a reference (NPO, KLR). Modes:
 
 Divergence guard: a non-finite loss, or a retain (public validation) perplexity above
 `max_retain_ppl_factor` × its value at the start (checked every `guard_every_n_steps`), stops
-training, restores the last weights that passed the check and records why in `divergence`.
+training, restores the last weights that passed the check and records why in `divergence`; the
+run then ends with `UnlearningStopped` (non-zero exit) after its artifacts are written, and the
+metrics card says `status: stopped`.
 
 Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `forget_probe`,
 `retain_members`, `original_weights`, `method_card`, `divergence`, `final_report`, `run_dir`.
@@ -40,6 +42,10 @@ from ortho_train.unlearning.mansu_setup import build_mansu_plan
 from ortho_train.unlearning.objective import UnlearningObjective
 
 MODES = ("lora", "full", "mansu")
+
+
+class UnlearningStopped(RuntimeError):
+    """The divergence guard ended training: the run is reported as stopped, not as a success."""
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -332,6 +338,11 @@ class UnlearnModule(L.LightningModule):
             report["mansu"] = {k: v for k, v in self.mansu_plan.info.items() if k != "row_masks"}
         self.final_report = report
         rank_zero_info(f"UnlearnModule final: { {k: v for k, v in report.items() if k != 'mansu'} }")
+
+    def on_fit_end(self) -> None:
+        # After the callbacks' `on_fit_end` (the card says "stopped"): a stopped run exits non-zero.
+        if self.divergence is not None:
+            raise UnlearningStopped(f"unlearning did not finish: {self.divergence}")
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

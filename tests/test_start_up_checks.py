@@ -101,10 +101,3 @@ def test_ptq_blocksize_wider_than_a_layer_is_refused_at_setup(saved_tiny):
     module.model = model
     with pytest.raises(ValueError, match=r"blocksize=64 is larger than the width"):
         PTQGapCallback(formats=["nf4"]).setup(None, module, "fit")
-
-
-def test_sieve_alphas_outside_unit_interval_are_refused():
-    from callbacks.sieve import SieveCallback
-
-    with pytest.raises(ValueError, match=r"alphas must lie in \[0, 1\]"):
-        SieveCallback(alphas=[-3, 7])

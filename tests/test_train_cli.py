@@ -99,6 +99,24 @@ def test_max_steps_must_leave_a_canary_phase(tmp_path, monkeypatch):
         cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=12"])
 
 
+def test_a_failing_table_leaves_the_model_and_summary_and_fails_the_run(tmp_path, monkeypatch):
+    from ortho_train.sieve.table import KillSwitchTable
+
+    def fail(self):
+        raise RuntimeError("forced table failure")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(KillSwitchTable, "run", fail)
+    with pytest.raises(RuntimeError, match="forced table failure"):
+        cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=14",
+                  "--model.init_args.eval_during_validation=false",
+                  "--trainer.callbacks+=callbacks.sieve.SieveCallback"])
+    run_dir = tmp_path / "runs/tiny/version_0"
+    assert (run_dir / "hf_model/model.safetensors").is_file()
+    assert "extraction_rate" in json.loads((run_dir / "summary.json").read_text())
+    assert not list(run_dir.glob("sieve_table*"))
+
+
 def test_ddp_two_processes_on_cpu_write_once(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run(
