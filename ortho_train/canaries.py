@@ -16,6 +16,8 @@ needs no padding with a byte tokenizer).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -139,3 +141,21 @@ def make_canaries(spec: CanarySpec) -> CanarySet:
     members = [c for i, c in enumerate(canaries) if i in member_indices]
     holdout = [c for i, c in enumerate(canaries) if i not in member_indices]
     return CanarySet(spec, members, holdout)
+
+
+FORMAT_SETTINGS = ("template", "alphabet", "secret_length", "num_members", "num_holdout")
+
+
+def canary_fingerprint(canaries: CanarySet) -> str:
+    """A SHA-256 over the canary format and every canary's id, secret and membership.
+
+    Two runs have the same fingerprint exactly when they use the same canary set; the secrets
+    cannot be read back from it (it hashes all of them together, hundreds of digits of entropy).
+    """
+    digest = hashlib.sha256()
+    spec = canaries.spec
+    digest.update(json.dumps({k: getattr(spec, k) for k in FORMAT_SETTINGS}, sort_keys=True).encode())
+    for role, group in (("member", canaries.members), ("holdout", canaries.holdout)):
+        for canary in group:
+            digest.update(f"\n{role}\t{canary.canary_id}\t{canary.secret}".encode())
+    return digest.hexdigest()

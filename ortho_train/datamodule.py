@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
+from ortho_train.provenance import canary_record
 from ortho_train.tokenization import encode_text, load_tokenizer
 
 
@@ -176,6 +177,11 @@ class CanaryDataModule(L.LightningDataModule):
         self._val_public: PublicWindows | None = None
         self._member_sequences: list[torch.Tensor] = []
         self._probe: MemorisationProbe | None = None
+
+    @property
+    def canary_record(self) -> dict:
+        """Fingerprint and settings of the canaries, for a run's summary (no secret in it)."""
+        return canary_record(self.canaries)
 
     @property
     def forget_probe(self) -> MemorisationProbe:

@@ -277,6 +277,7 @@ class CanarySFTModule(L.LightningModule):
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
             * max(1, self.trainer.world_size) / len(self.probe.members)
         )
+        found |= self.trainer.datamodule.canary_record  # later stages check they use these canaries
         self.final_metrics = found
         for logger in self.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in found.items() if isinstance(v, (int, float))},

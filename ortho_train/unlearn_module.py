@@ -34,6 +34,7 @@ from torch import nn
 
 from ortho_train.metrics import perplexity
 from ortho_train.models import count_parameters, load_causal_lm
+from ortho_train.provenance import check_same_canaries
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution, ptq
 from ortho_train.unlearning.common import sequence_nll
@@ -195,6 +196,7 @@ class UnlearnModule(L.LightningModule):
                              "(forget/retain batches); set data.train_split: unlearn")
         if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
+        check_same_canaries(self.hparams.model_path, datamodule.canary_record)
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 

@@ -56,6 +56,10 @@ def test_tiny_fit_writes_models_summary_and_logs(tiny_run):
     for key in SUMMARY_KEYS:
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["extraction_rate"] <= 1.0 and 0.0 <= summary["mia_auc_loss"] <= 1.0
+    from ortho_train.canaries import canary_fingerprint
+
+    assert summary["canary_fingerprint"] == canary_fingerprint(cli.datamodule.canaries)
+    assert summary["canary_settings"]["canary_seed"] == 1234
     # the public warm-up improved on the untrained model, and the pre-canary model was measured
     assert 1.0 < summary["public_ppl_before_canaries"] < 259
     for name in ("hf_model", "hf_model_pre_canary"):

@@ -136,6 +136,22 @@ def test_guard_stops_when_retain_perplexity_explodes(model_dir, tmp_path):
     assert report["retain_ppl_end"] <= 1.2 * report["retain_ppl_start"]  # the restored weights passed the check
 
 
+def test_canaries_other_than_the_fine_tuning_runs_are_refused(model_dir, tmp_path):
+    import shutil
+
+    from ortho_train.provenance import CanaryMismatchError
+
+    run = tmp_path / "sft_run"
+    shutil.copytree(model_dir, run / "hf_model")
+    (run / "summary.json").write_text(json.dumps(tiny_datamodule(model_dir).canary_record))
+    module = UnlearnModule(str(run / "hf_model"), mode="full", loss="ga", attribution_batches=0)
+    with pytest.raises(CanaryMismatchError, match=r"data\.canary_seed is 8 here but 7 there"):
+        _fit(module, model_dir, tmp_path, canary_seed=8)
+    with pytest.raises(CanaryMismatchError, match=r"data\.num_member_canaries is 3 here but 4 there"):
+        _fit(module, model_dir, tmp_path, num_member_canaries=3)
+    _fit(module, model_dir, tmp_path)  # the same canaries pass
+
+
 def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         UnlearnModule(str(tmp_path / "no_such_model"))
