@@ -11,6 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ortho_train.run_paths import resolve_latest
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
@@ -62,11 +64,13 @@ def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local Hugging Face causal-LM directory (config.json + weights), offline.
 
+    `runs/<name>/latest/...` names the newest run of `<name>` (`ortho_train.run_paths`).
+
     Raises:
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: the directory holds no causal LM, or its weight file is truncated or corrupt.
     """
-    path = Path(path)
+    path = resolve_latest(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model directory {str(path)!r} not found or has no config.json "

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
+from ortho_train.run_paths import resolve_latest
+
 BYTE_TOKENIZER = "byte"
 _BYTE_OFFSET = 3  # ByT5: ids 0..2 are pad/eos/unk, bytes follow
 # Any of these makes a directory a tokenizer source for AutoTokenizer.
@@ -32,7 +34,7 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
     """
     if source is None or str(source) == BYTE_TOKENIZER:
         return build_byte_tokenizer()
-    path = Path(source)
+    path = resolve_latest(source)
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer source {str(source)!r} is neither 'byte' nor an existing local model "

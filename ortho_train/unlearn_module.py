@@ -35,6 +35,7 @@ from torch import nn
 from ortho_train.metrics import perplexity
 from ortho_train.models import count_parameters, load_causal_lm
 from ortho_train.provenance import check_same_canaries
+from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution, ptq
 from ortho_train.unlearning.common import sequence_nll
@@ -84,7 +85,8 @@ class UnlearnModule(L.LightningModule):
     """Unlearning of the forget canaries by LoRA, full-parameter or MANSU updates.
 
     Args:
-        model_path: fine-tuned Hugging Face model directory (with its tokenizer).
+        model_path: fine-tuned Hugging Face model directory (with its tokenizer);
+            `runs/<name>/latest/hf_model` takes the newest run of `<name>`.
         mode: 'lora', 'full' or 'mansu'.
         loss: 'ga', 'gdr', 'klr', 'npo', 'npo_gdr' or 'npo_klr'.
         beta: NPO inverse temperature.
@@ -103,7 +105,7 @@ class UnlearnModule(L.LightningModule):
 
     def __init__(
         self,
-        model_path: str = "runs/quickstart/version_0/hf_model",
+        model_path: str = "runs/quickstart/latest/hf_model",
         mode: str = "lora",
         loss: str = "npo_gdr",
         beta: float = 0.1,
@@ -135,7 +137,8 @@ class UnlearnModule(L.LightningModule):
         self.objective = UnlearningObjective(loss, beta, retain_weight)
         self.lora_settings = lora or LoraSettings()
         self.mansu_settings = mansu or MansuSettings()
-        self.model = load_causal_lm(model_path).train()  # clear FileNotFoundError for a missing directory
+        self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
+        self.model = load_causal_lm(self.model_path).train()  # clear FileNotFoundError for a missing directory
         self.tokenizer = load_tokenizer(model_path)
         self.original_weights = ptq.effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)
@@ -174,7 +177,7 @@ class UnlearnModule(L.LightningModule):
         hp = self.hparams
         card = {"mode": self.mode, "loss": hp.loss, "beta": hp.beta, "retain_weight": hp.retain_weight,
                 "lr": hp.lr, "optimizer": hp.optimizer, "weight_decay": hp.weight_decay,
-                "model_path": hp.model_path, "trainable_parameters": self.trainable_parameter_count}
+                "model_path": self.model_path, "trainable_parameters": self.trainable_parameter_count}
         if self.mode == "lora":
             card["lora"] = asdict(self.lora_settings)
         if self.mode == "mansu":
@@ -196,7 +199,7 @@ class UnlearnModule(L.LightningModule):
                              "(forget/retain batches); set data.train_split: unlearn")
         if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
-        check_same_canaries(self.hparams.model_path, datamodule.canary_record)
+        check_same_canaries(self.model_path, datamodule.canary_record)
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 
