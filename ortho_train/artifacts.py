@@ -105,6 +105,13 @@ def atomic_artifacts(directory: str | Path, names: list[str]) -> Iterator[list[P
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _share(path: Path) -> None:
+    """Ordinary permissions for `path` and everything under it (some writers create 0600 files)."""
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, shared_mode(directory=item.is_dir()))
+
+
 def _swap_in(stage: Path, directory: Path, names: list[str]) -> None:
     moved: list[tuple[Path, Path | None]] = []  # (target, its old artifact moved aside or None)
     try:
@@ -112,7 +119,7 @@ def _swap_in(stage: Path, directory: Path, names: list[str]) -> None:
             source, target = stage / name, directory / name
             if not source.exists():
                 continue
-            os.chmod(source, shared_mode(directory=source.is_dir()))
+            _share(source)
             aside = None
             if target.exists() or target.is_symlink():
                 aside = directory / f".{name}.{stage.name}.old"

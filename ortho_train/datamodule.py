@@ -25,9 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
+from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
 from ortho_train.provenance import canary_record
+from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import encode_text, load_tokenizer
 
 
@@ -123,6 +125,10 @@ class CanaryDataModule(L.LightningDataModule):
         num_holdout_canaries: canaries of the same format never trained.
         num_reference_secrets: secrets sampled from R for exposure (≥ 10,000 for rank exposure).
         canary_seed: seeds secrets and references.
+        canary_key_file: file holding the canary key (`ortho_train.canary_key`): a fine-tuning run
+            (train_split 'sft') writes it once, 0600, if it does not exist; unlearning reads it.
+            With it, the logged seed and settings cannot regenerate the secrets. None: secrets
+            follow from canary_seed alone (reproducible from the logs; tests).
         num_workers: DataLoader workers.
         train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
         forget_members: indices of the member canaries to forget (None: all members).
@@ -147,6 +153,7 @@ class CanaryDataModule(L.LightningDataModule):
         num_holdout_canaries: int = 200,
         num_reference_secrets: int = 10_000,
         canary_seed: int = 1234,
+        canary_key_file: str | None = None,
         num_workers: int = 0,
         train_split: str = "sft",
         forget_members: list[int] | None = None,
@@ -158,6 +165,8 @@ class CanaryDataModule(L.LightningDataModule):
                         val_windows=val_windows, num_reference_secrets=num_reference_secrets)
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
+        if train_split not in ("sft", "unlearn"):
+            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
         self.canary_spec = CanarySpec(
             template=canary_template,
             alphabet=secret_alphabet,
@@ -165,10 +174,10 @@ class CanaryDataModule(L.LightningDataModule):
             num_members=num_member_canaries,
             num_holdout=num_holdout_canaries,
             seed=canary_seed,
+            key=None if canary_key_file is None else load_or_create_key(
+                resolve_latest(canary_key_file), create=train_split == "sft"),
         )
         self.canaries: CanarySet = make_canaries(self.canary_spec)  # validates the spec early
-        if train_split not in ("sft", "unlearn"):
-            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
         if forget_target not in FORGET_TARGETS:
             raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
         self.forget_indices = _forget_indices(forget_members, num_member_canaries)

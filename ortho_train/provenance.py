@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ortho_train.canaries import CanarySet, canary_fingerprint
+from ortho_train.canaries import CanarySet, canary_fingerprint, key_fingerprint
 
 # CanarySpec field -> the data module setting that sets it
 SPEC_SETTINGS = {"template": "canary_template", "alphabet": "secret_alphabet", "secret_length": "secret_length",
@@ -25,10 +25,13 @@ class CanaryMismatchError(ValueError):
     """The data module's canaries are not the ones the model was fine-tuned on."""
 
 
-def canary_record(canaries: CanarySet, extra: dict | None = None) -> dict:
-    """`{"canary_fingerprint", "canary_settings"}` for a run's summary (no secret in it)."""
+def canary_record(canaries: CanarySet) -> dict:
+    """`{"canary_fingerprint", "canary_settings"}` for a run's summary (no secret, no key in it:
+    the key appears as its fingerprint)."""
     settings = {name: getattr(canaries.spec, field) for field, name in SPEC_SETTINGS.items()}
-    return {"canary_fingerprint": canary_fingerprint(canaries), "canary_settings": settings | (extra or {})}
+    fingerprint = key_fingerprint(canaries.spec.key)
+    settings["canary_key_file"] = f"key {fingerprint}" if fingerprint else None
+    return {"canary_fingerprint": canary_fingerprint(canaries), "canary_settings": settings}
 
 
 def check_same_canaries(model_path: str | Path, record: dict) -> None:

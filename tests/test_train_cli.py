@@ -97,6 +97,34 @@ def test_no_canary_secret_reaches_any_log(tiny_run):
             assert secret.encode() not in content, f"a canary secret appears in {path.name}"
 
 
+def test_logged_seed_and_settings_do_not_regenerate_the_secrets(tiny_run):
+    """What an attacker holding the run's config, hparams and summary can rebuild is not the secrets;
+    the key file rebuilds them, and only its owner may read it."""
+    import stat
+
+    import yaml
+
+    from ortho_train.canaries import CanarySpec, make_canaries
+
+    cli, run_dir = tiny_run
+    logged = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    spec = dict(template=logged["canary_template"], alphabet=logged["secret_alphabet"],
+                secret_length=logged["secret_length"], num_members=logged["num_member_canaries"],
+                num_holdout=logged["num_holdout_canaries"], seed=logged["canary_seed"])
+    real = {c.secret for c in cli.datamodule.canaries.members + cli.datamodule.canaries.holdout}
+    guessed = make_canaries(CanarySpec(**spec))
+    assert not real & {c.secret for c in guessed.members + guessed.holdout}
+    key_file = run_dir.parent / "canary.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key_file.read_text().strip() not in "".join(p.read_text(errors="replace") for p in _run_files(run_dir))
+    keyed = make_canaries(CanarySpec(**spec, key=bytes.fromhex(key_file.read_text())))
+    assert [c.secret for c in keyed.members] == [c.secret for c in cli.datamodule.canaries.members]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["canary_settings"]["canary_key_file"].startswith("key ")
+    for shipped in (run_dir / "hf_model", run_dir / "hf_model" / "model.safetensors", run_dir / "summary.json"):
+        assert shipped.stat().st_mode & stat.S_IROTH, f"{shipped.name} should be readable like any artifact"
+
+
 def test_max_steps_must_leave_a_canary_phase(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="must exceed model.public_steps"):

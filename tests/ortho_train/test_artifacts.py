@@ -56,6 +56,7 @@ def test_artifacts_are_readable_by_others(tmp_path):
     try:
         with atomic_directory(tmp_path / "hf_model") as tmp:
             (tmp / "model.safetensors").write_bytes(b"w")
+            os.chmod(tmp / "model.safetensors", 0o600)  # as safetensors writes it
         path = write_json_atomic(tmp_path / "summary.json", {"a": 1})
     finally:
         os.umask(old)
