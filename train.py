@@ -5,18 +5,13 @@ module is always `CanaryDataModule`. `--print_config` prints a complete, editabl
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from ortho_train.datamodule import CanaryDataModule
-from ortho_train.run_paths import next_version
-
-# What a logger writes into a run directory before the first step: a directory holding only
-# these after a failed start is removed, so failed starts leave no empty `version_N`.
-_LOGGER_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
+from ortho_train.run_paths import next_version, remove_if_unstarted
 
 
 class OrthoTrainCLI(LightningCLI):
@@ -50,7 +45,6 @@ class OrthoTrainCLI(LightningCLI):
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version
 
-
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
@@ -70,9 +64,7 @@ class OrthoTrainCLI(LightningCLI):
             if log_dir is not None:
                 candidates.add(Path(log_dir))
         for run_dir in candidates:
-            if run_dir.is_dir() and run_dir.name.startswith("version_") and all(
-                    p.is_file() and any(p.match(pattern) for pattern in _LOGGER_FILES) for p in run_dir.iterdir()):
-                shutil.rmtree(run_dir, ignore_errors=True)
+            remove_if_unstarted(run_dir)
 
 
 def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:

@@ -8,9 +8,12 @@ name holding the artifact, so no config hard-codes `version_0`. A literal direct
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 LATEST = "latest"
+# What loggers write into a run directory before the first step (nothing a run produces).
+LOGGER_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
 _VERSION = re.compile(r"version_(\d+)")
 
 
@@ -45,3 +48,17 @@ def resolve_latest(path: str | Path) -> Path:
         f"{path}: no run under {root} holds {Path(*rest) if rest else 'anything'} (looked for {root}/version_N): "
         f"run the stage that writes it first, or pass the exact path, e.g. model_path={example}"
     )
+
+
+def remove_if_unstarted(run_dir: str | Path) -> bool:
+    """Remove `run_dir` (a `version_N`) if it holds nothing but logger files; True if removed.
+
+    Called after a run failed before its first step, so failed starts leave no empty version.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir.is_dir() and _VERSION.fullmatch(run_dir.name)):
+        return False
+    if not all(p.is_file() and any(p.match(pattern) for pattern in LOGGER_FILES) for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
