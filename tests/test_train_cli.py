@@ -158,7 +158,8 @@ def test_ddp_two_processes_on_cpu_write_once(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
-    runs = sorted((tmp_path / "runs/tiny").iterdir())
+    runs = sorted(p for p in (tmp_path / "runs/tiny").iterdir() if p.is_dir())
     assert [r.name for r in runs] == ["version_0"]
+    assert (tmp_path / "runs/tiny/canary.key").is_file()  # made once, by rank zero before the launch
     assert (runs[0] / "summary.json").is_file() and (runs[0] / "hf_model/model.safetensors").is_file()
     assert (result.stdout + result.stderr).count("summary written to") == 1
