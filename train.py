@@ -5,19 +5,13 @@ module is always `CanaryDataModule`. `--print_config` prints a complete, editabl
 """
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from ortho_train.datamodule import CanaryDataModule
-
-
-def _next_version(save_dir: str, name: str) -> int:
-    root = Path(save_dir) / (name or "")
-    taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return max(taken, default=-1) + 1
+from ortho_train.run_paths import next_version, remove_if_unstarted
 
 
 class OrthoTrainCLI(LightningCLI):
@@ -29,21 +23,48 @@ class OrthoTrainCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        # TensorBoard and CSV loggers each pick "the next free version" and so land in
-        # different directories; give all of them the first one's, so a run has one log dir.
         config = self.config[self.subcommand] if self.subcommand else self.config
         loggers = config.trainer.logger
+        if loggers is False:
+            # Without a logger Lightning writes into default_root_dir itself, and every such run
+            # would replace the previous one's artifacts: give it its own version directory.
+            root = Path(config.trainer.default_root_dir or ".")
+            config.trainer.default_root_dir = str(root / f"version_{next_version(root)}")
+            return
+        # TensorBoard and CSV loggers each pick "the next free version" and so land in
+        # different directories; give all of them the first one's, so a run has one log dir.
         if not isinstance(loggers, list) or len(loggers) < 2:
             return
         first = loggers[0].init_args
         if first.get("version") is None:
-            first.version = _next_version(first.save_dir, first.get("name", ""))
+            first.version = next_version(Path(first.save_dir) / (first.get("name") or ""))
             # The directory is new; the other loggers' files in it are this run's own, and
             # CSVLogger would only remove a metrics.csv that does not exist yet.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         for logger in loggers[1:]:
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_unstarted_run_dirs()
+            raise
+
+    def _remove_unstarted_run_dirs(self) -> None:
+        """After a failure before the first optimiser step, drop run directories holding
+        nothing but logger files (rank zero; other ranks write none)."""
+        trainer = self.trainer
+        if trainer.global_step > 0 or not trainer.is_global_zero:
+            return
+        candidates = {Path(trainer.default_root_dir)} if not trainer.loggers else set()
+        for logger in trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None)
+            if log_dir is not None:
+                candidates.add(Path(log_dir))
+        for run_dir in candidates:
+            remove_if_unstarted(run_dir)
 
 
 def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:

@@ -1,6 +1,7 @@
 """`AdapterExportCallback`: save the unlearning result and a metrics card.
 
-At fit end, in the module's run directory (each written atomically):
+In the module's run directory: at train end, before any PTQ copy or table is built, the models
+(together: all of them land or none does), then at fit end the card (both files together):
 - `adapter/`: the peft adapter (`save_pretrained`: adapter_config.json + safetensors), which
   loads with plain peft into a fresh copy of the base model
   (`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "adapter")`);
@@ -8,7 +9,8 @@ At fit end, in the module's run directory (each written atomically):
   (always for full-parameter and MANSU runs, which have no adapter; for LoRA if `save_merged`);
 - `metrics_card.json` and `metrics_card.md`: method, losses and hyper-parameters, the
   quantisation settings and the PTQ-gap table (from `ptq_gap.json` when `PTQGapCallback` ran),
-  the training outcome (steps, retain perplexity, divergence, CAD).
+  the training outcome (steps, retain perplexity, divergence, CAD) and a status: `ok`, `failed`
+  (the PTQ gap) or `stopped` (the divergence guard ended training).
 
 If `PTQGapCallback(fail_on_gap=True)` fails the run first, the export still happens (from
 `on_exception`), and the card says the run failed. Secrets are never written to the card.
@@ -24,7 +26,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.ptq_gap import GAP_METRICS, PTQGapError, gap_name
-from ortho_train.artifacts import atomic_directory, write_json_atomic, write_text_atomic
+from ortho_train.artifacts import atomic_artifacts, to_json
 from ortho_train.unlearning import ptq
 
 TABLE_METRICS = ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "forget_mia_auc_mink",
@@ -106,11 +108,26 @@ class AdapterExportCallback(L.Callback):
 
     def __init__(self, adapter_dirname: str = "adapter", save_merged: bool = False,
                  merged_dirname: str = "hf_model_unlearned", card_name: str = "metrics_card"):
+        names = {"adapter_dirname": adapter_dirname, "merged_dirname": merged_dirname, "card_name": card_name}
+        bad = [f"{key}={value!r}" for key, value in names.items()
+               if not value or "/" in value or "\\" in value or value.startswith(".")]
+        if bad:
+            raise ValueError(f"AdapterExportCallback {', '.join(bad)}: must be a plain, non-hidden name "
+                             "of an entry in the run directory")
+        if adapter_dirname == merged_dirname:
+            raise ValueError(f"AdapterExportCallback adapter_dirname and merged_dirname are both "
+                             f"{adapter_dirname!r}: give them different names")
         self.adapter_dirname = adapter_dirname
         self.save_merged = save_merged
         self.merged_dirname = merged_dirname
         self.card_name = card_name
+        self.artifacts: dict[str, str] | None = None
         self.card: dict | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The model first: tables, PTQ copies and the card come later (`on_fit_end`), so none of
+        # their failures can lose it.
+        self.export_models(pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.export(pl_module)
@@ -120,25 +137,32 @@ class AdapterExportCallback(L.Callback):
             self.export(pl_module, failure=str(exception))
 
     @rank_zero_only
-    def export(self, pl_module, failure: str | None = None) -> None:
-        run_dir: Path = pl_module.run_dir
-        artifacts = {}
+    def export_models(self, pl_module) -> None:
+        """The adapter and/or the merged model: all of them land, or none does."""
         is_lora = ptq.is_peft_model(pl_module.model)
-        if is_lora:
-            with atomic_directory(run_dir / self.adapter_dirname) as tmp:
-                pl_module.model.save_pretrained(tmp, safe_serialization=True)
-            artifacts["adapter"] = self.adapter_dirname
+        wanted = {"adapter": self.adapter_dirname} if is_lora else {}
         if self.save_merged or not is_lora:
-            merged = ptq.merged_copy(pl_module.model)
-            with atomic_directory(run_dir / self.merged_dirname) as tmp:
-                merged.save_pretrained(tmp, safe_serialization=True)
-                pl_module.tokenizer.save_pretrained(tmp)
-            artifacts["merged_model"] = self.merged_dirname
+            wanted["merged_model"] = self.merged_dirname
+        with atomic_artifacts(pl_module.run_dir, list(wanted.values())) as staged:
+            paths = dict(zip(wanted, staged))
+            if "adapter" in paths:
+                pl_module.model.save_pretrained(paths["adapter"], safe_serialization=True)
+            if "merged_model" in paths:
+                ptq.merged_copy(pl_module.model).save_pretrained(paths["merged_model"], safe_serialization=True)
+                pl_module.tokenizer.save_pretrained(paths["merged_model"])
+        self.artifacts = wanted
+        rank_zero_info(f"exported {', '.join(wanted.values())} to {pl_module.run_dir}")
+
+    @rank_zero_only
+    def export(self, pl_module, failure: str | None = None) -> None:
+        """The metrics card (.json and .md, together), after the models if they are not out yet."""
+        if self.artifacts is None:
+            self.export_models(pl_module)
+        run_dir: Path = pl_module.run_dir
         ptq_path = run_dir / "ptq_gap.json"
         results = json.loads(ptq_path.read_text()) if ptq_path.is_file() else {}
-        status = "failed" if failure or results.get("status") == "failed" else "ok"
         card = {
-            "status": status,
+            "status": _status(pl_module, failure, results),
             "failure": failure,
             "method": pl_module.method_card,
             "training": dict(pl_module.final_report),
@@ -147,9 +171,17 @@ class AdapterExportCallback(L.Callback):
                                    if k.startswith(("bin_crossing", "dequantised_change", "updated_weights"))},
             "forgetting_survives": results.get("forgetting_survives"),
             "ptq_table": ptq_table(results),
-            "artifacts": artifacts,
+            "artifacts": dict(self.artifacts),
         }
-        write_json_atomic(run_dir / f"{self.card_name}.json", card)
-        write_text_atomic(run_dir / f"{self.card_name}.md", card_markdown(card))
+        with atomic_artifacts(run_dir, [f"{self.card_name}.json", f"{self.card_name}.md"]) as (as_json, as_md):
+            as_json.write_text(to_json(card), encoding="utf-8")
+            as_md.write_text(card_markdown(card), encoding="utf-8")
         self.card = card
-        rank_zero_info(f"exported {', '.join(artifacts.values())} and {self.card_name}.json/.md to {run_dir}")
+        rank_zero_info(f"wrote {self.card_name}.json/.md to {run_dir} (status {card['status']})")
+
+
+def _status(pl_module, failure: str | None, results: dict) -> str:
+    """'stopped' when the divergence guard ended training, 'failed' on a PTQ gap, else 'ok'."""
+    if getattr(pl_module, "divergence", None):
+        return "stopped"
+    return "failed" if failure or results.get("status") == "failed" else "ok"

@@ -13,10 +13,11 @@ gap means quantisation brought forgotten secrets back. The bin-crossing fraction
 of updated quantised-layer weights whose |ΔW| exceeds half the bin width of their block;
 `dequantised_change_fraction_<fmt>` is the exact share whose quantised value changed.
 
-At the end `ptq_gap.json` goes to the log dir (atomically), and TensorBoard loggers get the
-report's PTQ-gap figures (`ptq_final/figures/<i>`). With `fail_on_gap`, a forget
-extraction gap above `max_extraction_gap` in any deployment fails the run: `PTQGapError` is
-raised from `on_fit_end`, after every artifact is written.
+At fit end (after the module's final report and the model export) `ptq_gap.json` goes to the
+log dir (atomically), and TensorBoard loggers get the report's PTQ-gap figures
+(`ptq_final/figures/<i>`). With `fail_on_gap`, a forget extraction gap above
+`max_extraction_gap` in any deployment fails the run: `PTQGapError` is raised from `on_fit_end`
+once it is written.
 
 Reads the module's public attributes: `model`, `forget_probe`, `retain_members`,
 `original_weights`, `run_dir`.
@@ -50,6 +51,14 @@ class PTQGapError(RuntimeError):
 def gap_name(metric: str) -> str:
     """`forget_extraction` → `extraction` (the spelling of the `ptq_gap_<name>_<variant>` keys)."""
     return metric.removeprefix("forget_")
+
+
+def _check_counts(**settings: tuple[int | None, int]) -> None:
+    """Each setting `(value, least)`: None passes (where documented: all), else value ≥ least."""
+    bad = [f"{name}={value} (must be ≥ {least})" for name, (value, least) in settings.items()
+           if value is not None and value < least]
+    if bad:
+        raise ValueError(f"PTQGapCallback: {', '.join(bad)}")
 
 
 class PTQGapCallback(L.Callback):
@@ -101,6 +110,12 @@ class PTQGapCallback(L.Callback):
         fail_on_gap: bool = False,
         privleak_reference: str | None = "auto",
     ):
+        _check_counts(every_n_steps=(every_n_steps, 0), exposure_references=(exposure_references, 1),
+                      final_exposure_references=(final_exposure_references, 1),
+                      skewnorm_references=(skewnorm_references, 1), int4_group_size=(int4_group_size, 1))
+        if not 0.0 <= max_extraction_gap <= 1.0:
+            raise ValueError(f"PTQGapCallback max_extraction_gap must lie in [0, 1] (an extraction-rate "
+                             f"difference), got {max_extraction_gap}")
         self.formats = list(formats or ["nf4", "fp4"])
         unknown = [f for f in self.formats if f not in ptq.FORMATS]
         if unknown or not self.formats:
@@ -160,7 +175,7 @@ class PTQGapCallback(L.Callback):
         """AUC_ref of the PrivLeak reference model (once), or the reason there is none."""
         path = self.privleak_reference
         if path == "auto":
-            model_path = getattr(module.hparams, "model_path", None)
+            model_path = getattr(module, "model_path", None) or getattr(module.hparams, "model_path", None)
             path = str(Path(model_path).parent / "hf_model_pre_canary") if model_path else None
         if path is None or not Path(path).is_dir():
             self._privleak_note = {"privleak_refused": f"no reference model that never saw the forget set "
@@ -202,6 +217,20 @@ class PTQGapCallback(L.Callback):
             logger.log_metrics(numbers, step=trainer.global_step)
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse, before any training, a bitsandbytes block wider than a quantised layer's rows."""
+        if not {"nf4", "fp4"} & set(self.formats):
+            return
+        narrow = {name: linear.in_features for name, linear in
+                  ptq.quantisable_linears(pl_module.model, self.settings.skip_modules).items()
+                  if linear.in_features < self.settings.blocksize}
+        if narrow:
+            name, width = next(iter(narrow.items()))
+            raise ValueError(f"PTQGapCallback blocksize={self.settings.blocksize} is larger than the width of "
+                             f"{len(narrow)} quantised layer(s) (e.g. {name}: {width} inputs): choose a blocksize "
+                             f"≤ {min(narrow.values())} (bitsandbytes allows 64 and up) or add those layers "
+                             "to skip_modules")
+
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
         if self.privleak_reference is not None:
@@ -215,8 +244,16 @@ class PTQGapCallback(L.Callback):
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, self.measure(pl_module, self.exposure_references), "ptq")
 
-    @rank_zero_only
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # `on_fit_end`: after the module's `on_train_end` (its final report) and the model export
+        # (`AdapterExportCallback.on_train_end`), so quantised copies never run before the model is safe.
+        if trainer.is_global_zero:
+            self.finish(trainer, pl_module)
+        if self.fail_on_gap and self.failure:
+            raise PTQGapError(self.failure)
+
+    def finish(self, trainer, pl_module) -> None:
+        """The final measurement: `ptq_gap.json`, and `failure` when a gap exceeds the limit."""
         start = time.perf_counter()
         results = self.measure(pl_module, self.final_exposure_references)
         results |= self.weight_diagnostics(pl_module)
@@ -245,7 +282,3 @@ class PTQGapCallback(L.Callback):
                        + ", ".join(f"{k} {results[f'forget_extraction_{k}']:.3f}" for k in worst))
         if self.failure:
             rank_zero_info(f"PTQGapCallback: {self.failure}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.fail_on_gap and self.failure:
-            raise PTQGapError(self.failure)

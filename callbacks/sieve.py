@@ -4,7 +4,8 @@ Sieves copies of the module's model with public calibration batches and evaluate
 `alphas` beside references (fp32, INT4 RTN/GPTQ, NF4, the pre-fine-tuning model and its INT4
 base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho density
 (`ortho_train.sieve.table`). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
-(`sieve_table_step<N>.*` for periodic tables), logs every number to the loggers as
+(`sieve_table_step<N>.*` for periodic tables; the final table after the module has saved the
+model and the summary, so a failing table loses neither), logs every number to the loggers as
 `sieve/<row>/<metric>` (and, to TensorBoard, the report's kill-switch figures as
 `sieve/figures/<i>`), prints the table at the end of the fit, and with `save_isolated`
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
@@ -114,12 +115,11 @@ class SieveCallback(L.Callback):
                 and step < trainer.max_steps and trainer.is_global_zero):
             self._table(trainer, pl_module, suffix=f"_step{step}")
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # `on_fit_end`, not `on_train_end`: Lightning runs callbacks' `on_train_end` before the
+        # module's, which saves the model and the summary; a failing table must not lose them.
         if self.at_fit_end and trainer.is_global_zero:
             self._table(trainer, pl_module, suffix="", final=True)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self.markdown is not None and trainer.is_global_zero:
             print("\nkill-switch table (sieve_table.md):\n" + self.markdown, flush=True)
 
     # ------------------------------------------------------------------- work

@@ -9,16 +9,21 @@ exchangeable: every canary's id and secret are drawn the same way, and which can
 members is a seeded random choice among all of them. (Giving members the first ids, 0000–0019,
 lets any tokenizer that splits numbers unevenly tell members from holdouts without having
 seen either: a pretrained BPE model scored MIA AUC 0.88 that way.) Reference secrets, sampled from R
-without the canaries' own, are the comparison set for exposure.
+without the canaries' own, are the comparison set for exposure. With a key (`CanarySpec.key`, a
+file the run keeps to itself: `ortho_train.canary_key`) every draw is seeded by an HMAC of the
+key, so the seed and settings a run logs do not regenerate its secrets.
 
 Ids are zero-padded to a fixed width so every prefix has the same length (batched decoding
 needs no padding with a byte tokenizer).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class CanaryError(ValueError):
@@ -36,6 +41,8 @@ class CanarySpec:
         num_members: canaries inserted into training.
         num_holdout: canaries of the same format never trained (MIA non-members).
         seed: seeds secrets and reference sampling.
+        key: secret bytes mixed into every draw (see `canary_key`); with a key, the logged
+            settings and seed no longer determine the secrets. None: the seed alone (tests).
     """
 
     template: str = "The secret code of agent {id} is {secret}."
@@ -44,6 +51,15 @@ class CanarySpec:
     num_members: int = 20
     num_holdout: int = 200
     seed: int = 1234
+    key: bytes | None = field(default=None, repr=False)
+
+    def rng(self, purpose: str) -> random.Random:
+        """The generator of one kind of draw: HMAC-SHA256(key, purpose:seed) seeds it when a key
+        is set, else the seed (canaries) or seed + 1 (references) as before keys existed."""
+        if self.key is None:
+            return random.Random(self.seed + (1 if purpose == "references" else 0))
+        digest = hmac.new(self.key, f"{purpose}:{self.seed}".encode(), hashlib.sha256).digest()
+        return random.Random(int.from_bytes(digest, "big"))
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,7 @@ class CanarySet:
                 f"asked for {count} reference secrets but |R| leaves only {available} "
                 "after excluding the canaries' own"
             )
-        rng = random.Random(self.spec.seed + 1 if seed is None else seed)
+        rng = self.spec.rng("references") if seed is None else random.Random(seed)
         return _sample_distinct_secrets(rng, self.spec, count, exclude=taken)
 
 
@@ -124,7 +140,7 @@ def make_canaries(spec: CanarySpec) -> CanarySet:
     Members keep their id order (decoding batches stay deterministic).
     """
     validate_spec(spec)
-    rng = random.Random(spec.seed)
+    rng = spec.rng("canaries")
     total = spec.num_members + spec.num_holdout
     secrets = _sample_distinct_secrets(rng, spec, total, exclude=set())
     width = max(4, int(math.log10(max(total, 1))) + 1)
@@ -139,3 +155,28 @@ def make_canaries(spec: CanarySpec) -> CanarySet:
     members = [c for i, c in enumerate(canaries) if i in member_indices]
     holdout = [c for i, c in enumerate(canaries) if i not in member_indices]
     return CanarySet(spec, members, holdout)
+
+
+FORMAT_SETTINGS = ("template", "alphabet", "secret_length", "num_members", "num_holdout")
+
+
+def key_fingerprint(key: bytes | None) -> str | None:
+    """A short public name of a key (SHA-256 of a labelled copy); None without a key."""
+    if key is None:
+        return None
+    return hashlib.sha256(b"ortho-train canary key\0" + key).hexdigest()[:16]
+
+
+def canary_fingerprint(canaries: CanarySet) -> str:
+    """A SHA-256 over the canary format and every canary's id, secret and membership.
+
+    Two runs have the same fingerprint exactly when they use the same canary set; the secrets
+    cannot be read back from it (it hashes all of them together, hundreds of digits of entropy).
+    """
+    digest = hashlib.sha256()
+    spec = canaries.spec
+    digest.update(json.dumps({k: getattr(spec, k) for k in FORMAT_SETTINGS}, sort_keys=True).encode())
+    for role, group in (("member", canaries.members), ("holdout", canaries.holdout)):
+        for canary in group:
+            digest.update(f"\n{role}\t{canary.canary_id}\t{canary.secret}".encode())
+    return digest.hexdigest()

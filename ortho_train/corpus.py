@@ -12,6 +12,8 @@ from pathlib import Path
 
 SHAKESPEARE = "shakespeare"
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+# Share of U+FFFD (undecodable bytes) above which a .txt file is taken for binary, not text.
+MAX_REPLACED_FRACTION = 0.01
 
 
 class CorpusError(ValueError):
@@ -37,9 +39,27 @@ def _shakespeare_files() -> list[Path]:
     return sorted(texts.glob("*_gut.txt"))
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "convert it to UTF-8") from err
+
+
+def _read_text_file(path: Path) -> str:
+    """A .txt file; stray invalid bytes become U+FFFD, but a file that is mostly not text is refused."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    replaced = text.count("\ufffd")
+    if text and replaced / len(text) > MAX_REPLACED_FRACTION:
+        raise CorpusError(f"corpus file {path} does not look like UTF-8 text: {replaced} of {len(text)} "
+                          f"characters are invalid bytes; convert it to UTF-8 or choose another data.corpus")
+    return text
+
+
 def _read_jsonl(path: Path, text_field: str) -> str:
     texts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -60,7 +80,7 @@ def _read_local(path: Path, text_field: str) -> str:
         return "\n\n".join(_read_local(f, text_field) for f in files)
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text_field)
-    return path.read_text(encoding="utf-8", errors="replace")
+    return _read_text_file(path)
 
 
 def _read_hf_dataset(name: str, config: str | None, split: str, text_field: str) -> str:

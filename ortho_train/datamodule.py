@@ -25,8 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
+from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
+from ortho_train.provenance import canary_record
+from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import encode_text, load_tokenizer
 
 
@@ -46,6 +49,12 @@ def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[
     return list(forget_members)
 
 
+def _check_positive(**settings: int) -> None:
+    bad = [f"data.{name}={value}" for name, value in settings.items() if value < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be ≥ 1")
+
+
 def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad `(ids, answer_start, answer_end)` items; labels are −100 outside [start, end)."""
     longest = max(len(ids) for ids, _, _ in items) if length is None else length
@@ -62,12 +71,16 @@ def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[
 class PublicWindows(Dataset):
     """Non-overlapping windows of `seq_len` tokens over a token stream (labels = inputs)."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None):
+    def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None, split: str = "train"):
         count = len(tokens) // seq_len
         if limit is not None:
             count = min(count, limit)
         if count < 1:
-            raise CorpusError(f"corpus split has {len(tokens)} tokens, fewer than one window of {seq_len}")
+            fix = "lower data.seq_len or use a larger corpus"
+            if split == "val":
+                fix += " (or raise data.val_fraction)"
+            raise CorpusError(f"the corpus's {split} split has {len(tokens)} tokens, fewer than one window of "
+                              f"data.seq_len={seq_len}: {fix}")
         self.windows = tokens[: count * seq_len].view(count, seq_len)  # (num_windows, seq_len)
 
     def __len__(self) -> int:
@@ -112,6 +125,10 @@ class CanaryDataModule(L.LightningDataModule):
         num_holdout_canaries: canaries of the same format never trained.
         num_reference_secrets: secrets sampled from R for exposure (≥ 10,000 for rank exposure).
         canary_seed: seeds secrets and references.
+        canary_key_file: file holding the canary key (`ortho_train.canary_key`): a fine-tuning run
+            (train_split 'sft') writes it once, 0600, if it does not exist; unlearning reads it.
+            With it, the logged seed and settings cannot regenerate the secrets. None: secrets
+            follow from canary_seed alone (reproducible from the logs; tests).
         num_workers: DataLoader workers.
         train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
         forget_members: indices of the member canaries to forget (None: all members).
@@ -136,6 +153,7 @@ class CanaryDataModule(L.LightningDataModule):
         num_holdout_canaries: int = 200,
         num_reference_secrets: int = 10_000,
         canary_seed: int = 1234,
+        canary_key_file: str | None = None,
         num_workers: int = 0,
         train_split: str = "sft",
         forget_members: list[int] | None = None,
@@ -143,6 +161,12 @@ class CanaryDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        _check_positive(seq_len=seq_len, batch_size=batch_size, canary_batch_size=canary_batch_size,
+                        val_windows=val_windows, num_reference_secrets=num_reference_secrets)
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
+        if train_split not in ("sft", "unlearn"):
+            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
         self.canary_spec = CanarySpec(
             template=canary_template,
             alphabet=secret_alphabet,
@@ -150,10 +174,10 @@ class CanaryDataModule(L.LightningDataModule):
             num_members=num_member_canaries,
             num_holdout=num_holdout_canaries,
             seed=canary_seed,
+            key=None if canary_key_file is None else load_or_create_key(
+                resolve_latest(canary_key_file), create=train_split == "sft"),
         )
         self.canaries: CanarySet = make_canaries(self.canary_spec)  # validates the spec early
-        if train_split not in ("sft", "unlearn"):
-            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
         if forget_target not in FORGET_TARGETS:
             raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
         self.forget_indices = _forget_indices(forget_members, num_member_canaries)
@@ -162,6 +186,11 @@ class CanaryDataModule(L.LightningDataModule):
         self._val_public: PublicWindows | None = None
         self._member_sequences: list[torch.Tensor] = []
         self._probe: MemorisationProbe | None = None
+
+    @property
+    def canary_record(self) -> dict:
+        """Fingerprint and settings of the canaries, for a run's summary (no secret in it)."""
+        return canary_record(self.canaries)
 
     @property
     def forget_probe(self) -> MemorisationProbe:
@@ -205,8 +234,9 @@ class CanaryDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         split = load_corpus(hp.corpus, hp.val_fraction, hp.corpus_text_field, hp.corpus_hf_config)
-        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len)
-        self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows)
+        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len, split="train")
+        self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows,
+                                         split="val")
         members = self._tokenise_canaries(self.canaries.members)
         longest = max(len(s) for s in members.full_ids)
         if longest > hp.seq_len:

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from ortho_train.run_paths import resolve_latest
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 @dataclass
@@ -59,16 +64,34 @@ def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a local Hugging Face causal-LM directory (config.json + weights), offline.
 
+    `runs/<name>/latest/...` names the newest run of `<name>` (`ortho_train.run_paths`).
+
     Raises:
         FileNotFoundError: the directory or its config.json is missing.
+        ValueError: the directory holds no causal LM, or its weight file is truncated or corrupt.
     """
-    path = Path(path)
+    path = resolve_latest(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model directory {str(path)!r} not found or has no config.json "
             "(expected a directory written by save_pretrained, e.g. <run>/hf_model)"
         )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path / 'config.json'} is not a readable Hugging Face config: "
+                         f"{str(err).splitlines()[0]}") from err
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"model directory {str(path)!r} holds a {config.model_type!r} model "
+                         f"({', '.join(config.architectures or ['no architecture'])}), not a causal LM: "
+                         "ortho-train needs a decoder that AutoModelForCausalLM loads")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except Exception as err:  # safetensors/torch raise their own types for damaged files
+        files = sorted(str(f) for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)) or [str(path)]
+        raise ValueError(f"could not load the weights in {', '.join(files)} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the file is truncated, corrupt "
+                         "or missing: save the model again") from err
 
 
 def count_parameters(model: torch.nn.Module) -> int:

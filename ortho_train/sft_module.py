@@ -114,7 +114,10 @@ class CanarySFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if public_steps < 0:
-            raise ValueError(f"public_steps must be ≥ 0, got {public_steps}")
+            raise ValueError(f"model.public_steps must be ≥ 0, got {public_steps}")
+        bad = [f"model.{name}={value}" for name, value in (("lr", lr), ("sft_lr", sft_lr)) if not value > 0]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: learning rates must be > 0")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
         if model_path is None:
             self.model = build_tiny_llama(
@@ -304,6 +307,7 @@ class CanarySFTModule(L.LightningModule):
             found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
             * max(1, self.trainer.world_size) / len(self.probe.members)
         )
+        found |= self.trainer.datamodule.canary_record  # later stages check they use these canaries
         self.final_metrics = found
         for logger in self.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in found.items() if isinstance(v, (int, float))},

@@ -11,8 +11,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
+from ortho_train.run_paths import resolve_latest
+
 BYTE_TOKENIZER = "byte"
 _BYTE_OFFSET = 3  # ByT5: ids 0..2 are pad/eos/unk, bytes follow
+# Any of these makes a directory a tokenizer source for AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model",
+                   "spiece.model", "vocab.txt")
 
 
 def build_byte_tokenizer() -> ByT5Tokenizer:
@@ -24,15 +29,21 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
     """`"byte"`/None → the byte tokenizer; a local directory → `AutoTokenizer` (offline).
 
     Raises:
-        FileNotFoundError: `source` is neither "byte" nor an existing directory.
+        FileNotFoundError: `source` is neither "byte" nor an existing directory, or the directory
+            holds no tokenizer files.
     """
     if source is None or str(source) == BYTE_TOKENIZER:
         return build_byte_tokenizer()
-    path = Path(source)
+    path = resolve_latest(source)
     if not path.is_dir():
         raise FileNotFoundError(
             f"tokenizer source {str(source)!r} is neither 'byte' nor an existing local model "
             "directory (ortho-train never downloads from the hub at run time)"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer into it (tokenizer.save_pretrained) or copy them from the base model"
         )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:

@@ -14,7 +14,9 @@ batches when the loss needs a reference (NPO, KLR). Modes:
 
 Divergence guard: a non-finite loss, or a retain (public validation) perplexity above
 `max_retain_ppl_factor` × its value at the start (checked every `guard_every_n_steps`), stops
-training, restores the last weights that passed the check and records why in `divergence`.
+training, restores the last weights that passed the check and records why in `divergence`; the
+run then ends with `UnlearningStopped` (non-zero exit) after its artifacts are written, and the
+metrics card says `status: stopped`.
 
 Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `forget_probe`,
 `retain_members`, `original_weights`, `method_card`, `divergence`, `final_report`, `run_dir`.
@@ -32,6 +34,8 @@ from torch import nn
 
 from ortho_train.metrics import perplexity
 from ortho_train.models import count_parameters, load_causal_lm
+from ortho_train.provenance import check_same_canaries
+from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution, ptq
 from ortho_train.unlearning.common import sequence_nll
@@ -40,6 +44,10 @@ from ortho_train.unlearning.mansu_setup import build_mansu_plan
 from ortho_train.unlearning.objective import UnlearningObjective
 
 MODES = ("lora", "full", "mansu")
+
+
+class UnlearningStopped(RuntimeError):
+    """The divergence guard ended training: the run is reported as stopped, not as a success."""
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -77,7 +85,8 @@ class UnlearnModule(L.LightningModule):
     """Unlearning of the forget canaries by LoRA, full-parameter or MANSU updates.
 
     Args:
-        model_path: fine-tuned Hugging Face model directory (with its tokenizer).
+        model_path: fine-tuned Hugging Face model directory (with its tokenizer);
+            `runs/<name>/latest/hf_model` takes the newest run of `<name>`.
         mode: 'lora', 'full' or 'mansu'.
         loss: 'ga', 'gdr', 'klr', 'npo', 'npo_gdr' or 'npo_klr'.
         beta: NPO inverse temperature.
@@ -96,7 +105,7 @@ class UnlearnModule(L.LightningModule):
 
     def __init__(
         self,
-        model_path: str = "runs/quickstart/version_0/hf_model",
+        model_path: str = "runs/quickstart/latest/hf_model",
         mode: str = "lora",
         loss: str = "npo_gdr",
         beta: float = 0.1,
@@ -114,6 +123,8 @@ class UnlearnModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if optimizer not in ("adamw", "sgd"):
@@ -126,7 +137,8 @@ class UnlearnModule(L.LightningModule):
         self.objective = UnlearningObjective(loss, beta, retain_weight)
         self.lora_settings = lora or LoraSettings()
         self.mansu_settings = mansu or MansuSettings()
-        self.model = load_causal_lm(model_path).train()  # clear FileNotFoundError for a missing directory
+        self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
+        self.model = load_causal_lm(self.model_path).train()  # clear FileNotFoundError for a missing directory
         self.tokenizer = load_tokenizer(model_path)
         self.original_weights = ptq.effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)
@@ -165,7 +177,7 @@ class UnlearnModule(L.LightningModule):
         hp = self.hparams
         card = {"mode": self.mode, "loss": hp.loss, "beta": hp.beta, "retain_weight": hp.retain_weight,
                 "lr": hp.lr, "optimizer": hp.optimizer, "weight_decay": hp.weight_decay,
-                "model_path": hp.model_path, "trainable_parameters": self.trainable_parameter_count}
+                "model_path": self.model_path, "trainable_parameters": self.trainable_parameter_count}
         if self.mode == "lora":
             card["lora"] = asdict(self.lora_settings)
         if self.mode == "mansu":
@@ -187,6 +199,7 @@ class UnlearnModule(L.LightningModule):
                              "(forget/retain batches); set data.train_split: unlearn")
         if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
+        check_same_canaries(self.model_path, datamodule.canary_record)
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 
@@ -330,6 +343,11 @@ class UnlearnModule(L.LightningModule):
             report["mansu"] = {k: v for k, v in self.mansu_plan.info.items() if k != "row_masks"}
         self.final_report = report
         rank_zero_info(f"UnlearnModule final: { {k: v for k, v in report.items() if k != 'mansu'} }")
+
+    def on_fit_end(self) -> None:
+        # After the callbacks' `on_fit_end` (the card says "stopped"): a stopped run exits non-zero.
+        if self.divergence is not None:
+            raise UnlearningStopped(f"unlearning did not finish: {self.divergence}")
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

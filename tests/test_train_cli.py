@@ -44,6 +44,10 @@ def test_tiny_fit_writes_models_summary_and_logs(tiny_run):
     for key in SUMMARY_KEYS:
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["extraction_rate"] <= 1.0 and 0.0 <= summary["mia_auc_loss"] <= 1.0
+    from ortho_train.canaries import canary_fingerprint
+
+    assert summary["canary_fingerprint"] == canary_fingerprint(cli.datamodule.canaries)
+    assert summary["canary_settings"]["canary_seed"] == 1234
     # the public warm-up improved on the untrained model, and the pre-canary model was measured
     assert 1.0 < summary["public_ppl_before_canaries"] < 259
     for name in ("hf_model", "hf_model_pre_canary"):
@@ -81,10 +85,56 @@ def test_no_canary_secret_reaches_any_log(tiny_run):
             assert secret.encode() not in content, f"a canary secret appears in {path.name}"
 
 
+def test_logged_seed_and_settings_do_not_regenerate_the_secrets(tiny_run):
+    """What an attacker holding the run's config, hparams and summary can rebuild is not the secrets;
+    the key file rebuilds them, and only its owner may read it."""
+    import stat
+
+    import yaml
+
+    from ortho_train.canaries import CanarySpec, make_canaries
+
+    cli, run_dir = tiny_run
+    logged = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    spec = dict(template=logged["canary_template"], alphabet=logged["secret_alphabet"],
+                secret_length=logged["secret_length"], num_members=logged["num_member_canaries"],
+                num_holdout=logged["num_holdout_canaries"], seed=logged["canary_seed"])
+    real = {c.secret for c in cli.datamodule.canaries.members + cli.datamodule.canaries.holdout}
+    guessed = make_canaries(CanarySpec(**spec))
+    assert not real & {c.secret for c in guessed.members + guessed.holdout}
+    key_file = run_dir.parent / "canary.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key_file.read_text().strip() not in "".join(p.read_text(errors="replace") for p in _run_files(run_dir))
+    keyed = make_canaries(CanarySpec(**spec, key=bytes.fromhex(key_file.read_text())))
+    assert [c.secret for c in keyed.members] == [c.secret for c in cli.datamodule.canaries.members]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["canary_settings"]["canary_key_file"].startswith("key ")
+    for shipped in (run_dir / "hf_model", run_dir / "hf_model" / "model.safetensors", run_dir / "summary.json"):
+        assert shipped.stat().st_mode & stat.S_IROTH, f"{shipped.name} should be readable like any artifact"
+
+
 def test_max_steps_must_leave_a_canary_phase(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="must exceed model.public_steps"):
         cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=12"])
+
+
+def test_a_failing_table_leaves_the_model_and_summary_and_fails_the_run(tmp_path, monkeypatch):
+    from ortho_train.sieve.table import KillSwitchTable
+
+    def fail(self):
+        raise RuntimeError("forced table failure")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(KillSwitchTable, "run", fail)
+    with pytest.raises(RuntimeError, match="forced table failure"):
+        cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=14",
+                  "--model.init_args.eval_during_validation=false",
+                  "--trainer.callbacks+=callbacks.sieve.SieveCallback"])
+    run_dir = tmp_path / "runs/tiny/version_0"
+    assert (run_dir / "hf_model/model.safetensors").is_file()
+    assert "extraction_rate" in json.loads((run_dir / "summary.json").read_text())
+    assert not list(run_dir.glob("sieve_table*"))
 
 
 def test_ddp_two_processes_on_cpu_write_once(tmp_path):
@@ -96,7 +146,8 @@ def test_ddp_two_processes_on_cpu_write_once(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
-    runs = sorted((tmp_path / "runs/tiny").iterdir())
+    runs = sorted(p for p in (tmp_path / "runs/tiny").iterdir() if p.is_dir())
     assert [r.name for r in runs] == ["version_0"]
+    assert (tmp_path / "runs/tiny/canary.key").is_file()  # made once, by rank zero before the launch
     assert (runs[0] / "summary.json").is_file() and (runs[0] / "hf_model/model.safetensors").is_file()
     assert (result.stdout + result.stderr).count("summary written to") == 1

@@ -73,6 +73,14 @@ class TableConfig:
         bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
         if bad_rhos:
             raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
+        unknown = sorted(set(self.include) - {"extraction", "exposure", "mia", "ppl"})
+        if unknown or not self.include:
+            raise ValueError(f"metrics must be a non-empty subset of extraction, exposure, mia, ppl; "
+                             f"got {self.include}")
+        for name in ("exposure_references", "exposure_canaries"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
 
 
 def _fake_quantised(model: nn.Module, quant_type: str, include_lm_head: bool) -> nn.Module:

@@ -87,3 +87,18 @@ def test_full_run_without_ptq_exports_the_model_and_says_so(model_dir, tmp_path)
     for name, tensor in module.model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
     assert "PTQ gap not measured" in (tmp_path / "metrics_card.md").read_text()
+
+
+def test_a_failing_export_leaves_no_partial_artifact_set(model_dir, tmp_path, monkeypatch):
+    """The merged model fails after the adapter was saved: neither lands, no temporary is left."""
+    from types import SimpleNamespace
+
+    from ortho_train.unlearn_module import LoraSettings, _wrap_lora
+    from ortho_train.unlearning import ptq
+
+    model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraSettings(rank=2))
+    module = SimpleNamespace(model=model, tokenizer=None, run_dir=tmp_path)
+    monkeypatch.setattr(ptq, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
+    with pytest.raises(PermissionError):
+        AdapterExportCallback(save_merged=True).export_models(module)
+    assert list(tmp_path.iterdir()) == []

@@ -120,3 +120,22 @@ def test_datamodule_batches_and_probe():
 def test_seq_len_shorter_than_canary():
     with pytest.raises(ValueError, match="shorter than a canary"):
         _tiny_dm(seq_len=20).setup("fit")
+
+
+def test_canary_key_file_is_created_once_private_and_read_by_unlearning(tmp_path):
+    import stat
+
+    from ortho_train.canaries import CanarySpec, make_canaries
+
+    key_file = tmp_path / "runs" / "canary.key"
+    small = dict(seq_len=64, secret_length=6, num_member_canaries=4, num_holdout_canaries=8,
+                 num_reference_secrets=20, canary_key_file=str(key_file))
+    with pytest.raises(FileNotFoundError, match=r"canary key file .* not found \(data\.canary_key_file\)"):
+        CanaryDataModule(**small, train_split="unlearn")
+    first = CanaryDataModule(**small)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    again = CanaryDataModule(**small, train_split="unlearn")  # reads the same key: the same secrets
+    assert [c.secret for c in again.canaries.members] == [c.secret for c in first.canaries.members]
+    assert again.canaries.reference_secrets(20) == first.canaries.reference_secrets(20)
+    unkeyed = make_canaries(CanarySpec(alphabet="0123456789", secret_length=6, num_members=4, num_holdout=8))
+    assert [c.secret for c in unkeyed.members] != [c.secret for c in first.canaries.members]

@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from ortho_train.unlearn_module import LoraSettings, UnlearnModule
+from callbacks.adapter_export import AdapterExportCallback
+from ortho_train.unlearn_module import LoraSettings, UnlearningStopped, UnlearnModule
 from ortho_train.unlearning import bins, ptq
 from ortho_train.unlearning.mansu import MansuSettings
 from tests.ortho_train.unlearn_helpers import DATA, cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
@@ -22,11 +23,16 @@ def model_dir(tmp_path_factory):
     return cached_tiny_canary_model(tmp_path_factory)
 
 
-def _fit(module, model_dir, tmp_path, steps=1, callbacks=(), **data):
+def _fit(module, model_dir, tmp_path, steps=1, callbacks=(), stopped=False, **data):
+    """Fit; `stopped`: the divergence guard must end the run with `UnlearningStopped`."""
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=list(callbacks))
-    trainer.fit(module, datamodule=tiny_datamodule(model_dir, **data))
+    if stopped:
+        with pytest.raises(UnlearningStopped, match="unlearning did not finish"):
+            trainer.fit(module, datamodule=tiny_datamodule(model_dir, **data))
+    else:
+        trainer.fit(module, datamodule=tiny_datamodule(model_dir, **data))
     return trainer
 
 
@@ -110,7 +116,7 @@ def test_guard_stops_on_non_finite_loss_and_restores_the_last_good_weights(model
     module = UnlearnModule(str(model_dir), mode="full", loss="ga", lr=1e-4, guard_every_n_steps=1,
                            attribution_batches=0)
     poison = _Poison(at=2)
-    trainer = _fit(module, model_dir, tmp_path, steps=10, callbacks=[poison])
+    trainer = _fit(module, model_dir, tmp_path, steps=10, callbacks=[poison], stopped=True)
     assert trainer.global_step == 3  # Lightning counts the skipped step, then stops
     assert "non-finite loss (nan) at step 2" in module.divergence and "restored the weights of step 2" in module.divergence
     for name, param in module.model.named_parameters():
@@ -120,11 +126,30 @@ def test_guard_stops_on_non_finite_loss_and_restores_the_last_good_weights(model
 def test_guard_stops_when_retain_perplexity_explodes(model_dir, tmp_path):
     module = UnlearnModule(str(model_dir), mode="full", loss="ga", lr=3e-2, guard_every_n_steps=1,
                            max_retain_ppl_factor=1.2, attribution_batches=0)
-    trainer = _fit(module, model_dir, tmp_path, steps=60)
+    trainer = _fit(module, model_dir, tmp_path, steps=60, callbacks=[AdapterExportCallback()], stopped=True)
     assert trainer.global_step < 60
+    card = json.loads((tmp_path / "metrics_card.json").read_text())
+    assert card["status"] == "stopped" and "retain perplexity" in card["training"]["divergence"]
+    assert (tmp_path / "hf_model_unlearned" / "model.safetensors").is_file()
     assert "retain perplexity" in module.divergence and "exceeds 1.2" in module.divergence
     report = module.final_report
     assert report["retain_ppl_end"] <= 1.2 * report["retain_ppl_start"]  # the restored weights passed the check
+
+
+def test_canaries_other_than_the_fine_tuning_runs_are_refused(model_dir, tmp_path):
+    import shutil
+
+    from ortho_train.provenance import CanaryMismatchError
+
+    run = tmp_path / "sft_run"
+    shutil.copytree(model_dir, run / "hf_model")
+    (run / "summary.json").write_text(json.dumps(tiny_datamodule(model_dir).canary_record))
+    module = UnlearnModule(str(run / "hf_model"), mode="full", loss="ga", attribution_batches=0)
+    with pytest.raises(CanaryMismatchError, match=r"data\.canary_seed is 8 here but 7 there"):
+        _fit(module, model_dir, tmp_path, canary_seed=8)
+    with pytest.raises(CanaryMismatchError, match=r"data\.num_member_canaries is 3 here but 4 there"):
+        _fit(module, model_dir, tmp_path, num_member_canaries=3)
+    _fit(module, model_dir, tmp_path)  # the same canaries pass
 
 
 def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
@@ -160,7 +185,8 @@ def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path,
     try:
         cli_main(["fit", "--config", str(REPO / "configs/unlearn_lora_npo_gdr.yaml"),
                   f"--model.init_args.model_path={model_dir}", "--trainer.max_steps=2",
-                  "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0", *data])
+                  "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
+                  "--data.canary_key_file=null", *data])  # the tiny model's canaries follow the seed
         flagged = False
     except PTQGapError:
         flagged = True

@@ -1,0 +1,64 @@
+"""Run directories: `<save_dir>/<name>/version_N`, and `latest` for the newest run of a name.
+
+A config that consumes an earlier stage's output names it as `runs/<name>/latest/<artifact>`
+(e.g. `runs/quickstart/latest/hf_model`): `latest` resolves to the highest `version_N` of that
+name holding the artifact, so no config hard-codes `version_0`. A literal directory named
+`latest` wins over the lookup.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+LATEST = "latest"
+# What loggers write into a run directory before the first step (nothing a run produces).
+LOGGER_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
+_VERSION = re.compile(r"version_(\d+)")
+
+
+def versions(root: str | Path) -> list[Path]:
+    """The `version_N` directories of `root`, oldest (lowest N) first."""
+    found = [(int(m.group(1)), p) for p in Path(root).glob("version_*") if (m := _VERSION.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def next_version(root: str | Path) -> int:
+    """The first free N after every `version_N` of `root`."""
+    taken = versions(root)
+    return int(_VERSION.fullmatch(taken[-1].name).group(1)) + 1 if taken else 0
+
+
+def resolve_latest(path: str | Path) -> Path:
+    """`<root>/latest/<rest>` → `<root>/version_N/<rest>` for the highest N where it exists.
+
+    Raises:
+        FileNotFoundError: no run of `<root>` holds `<rest>`; the message names the path to pass.
+    """
+    path = Path(path)
+    if path.exists() or LATEST not in path.parts:
+        return path
+    at = path.parts.index(LATEST)
+    root, rest = Path(*path.parts[:at]), path.parts[at + 1:]
+    for run in reversed(versions(root)):
+        if run.joinpath(*rest).exists():
+            return run.joinpath(*rest)
+    example = root.joinpath("version_0", *rest)
+    raise FileNotFoundError(
+        f"{path}: no run under {root} holds {Path(*rest) if rest else 'anything'} (looked for {root}/version_N): "
+        f"run the stage that writes it first, or pass the exact path, e.g. model_path={example}"
+    )
+
+
+def remove_if_unstarted(run_dir: str | Path) -> bool:
+    """Remove `run_dir` (a `version_N`) if it holds nothing but logger files; True if removed.
+
+    Called after a run failed before its first step, so failed starts leave no empty version.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir.is_dir() and _VERSION.fullmatch(run_dir.name)):
+        return False
+    if not all(p.is_file() and any(p.match(pattern) for pattern in LOGGER_FILES) for p in run_dir.iterdir()):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
