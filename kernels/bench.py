@@ -158,7 +158,8 @@ def _raw_gemv(rt, x32: torch.Tensor):
     (m, k), n = x32.shape, rt.shape[0]
     y = torch.empty(m, n)
     args = (rt.qweight.data_ptr(), rt.scales.data_ptr(), rt.zeros.data_ptr(), m, n, k,
-            rt.group_size, x32.data_ptr(), y.data_ptr(), None, None, None, 0.0)
+            rt.group_size, x32.data_ptr(), y.data_ptr(), None, None, None, 0.0,
+            torch.get_num_threads())
     return lambda keep=(x32, y, rt): fn(*args)  # keep: the pointers' owners stay alive
 
 
