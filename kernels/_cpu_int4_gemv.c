@@ -119,15 +119,18 @@ static float row_dot(const uint8_t *qrow, const uint16_t *srow, const uint16_t *
     return hsum256(total) + tail - zterm;
 }
 
-/* sum_{j0 <= j < j1} val[j] * x[col[j]]: 8 entries per step with a gather. */
+/* sum_{j0 <= j < j1} val[j] * x[col[j]]: 8 entries per step. X is gathered with 8 scalar
+ * loads, not vpgatherdps: on AMD Zen the gather instruction is microcoded and this loop ran
+ * ~1.4x slower with it (standalone 4096 rows x 41 entries: 0.108 vs 0.078 ms, best of 7). */
 static float sparse_row_dot(const int32_t *col, const uint16_t *val, int j0, int j1,
                             const float *x) {
     __m256 acc = _mm256_setzero_ps();
     int j = j0;
     for (; j + 8 <= j1; j += 8) {
-        __m256i idx = _mm256_loadu_si256((const __m256i *)(col + j));
+        const int32_t *c = col + j;
+        __m256 xv = _mm256_set_ps(x[c[7]], x[c[6]], x[c[5]], x[c[4]], x[c[3]], x[c[2]], x[c[1]], x[c[0]]);
         __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(val + j)));
-        acc = _mm256_fmadd_ps(v, _mm256_i32gather_ps(x, idx, 4), acc);
+        acc = _mm256_fmadd_ps(v, xv, acc);
     }
     float tail = 0.f;
     for (; j < j1; ++j) tail += half_to_float(val[j]) * x[col[j]];
