@@ -9,12 +9,12 @@ One signature, three paths (`backend`):
   spins); for 8 < M <= 32, or where the GEMV cannot be built, torch's INT4 weight-only CPU
   op (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
   accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream; for
-  M > 32 (prefill, evaluation batches) the reference's own computation, x · W_effᵀ with
-  W_eff = dequant(W_base) + α·W_ortho dense fp32, cached per (base, ortho, α): there the
-  matmul is compute-bound, torch's op falls behind fp32 (1.3x at M = 128), and the dense
-  weight makes the op exactly as fast as fp32 and bit for bit the reference. The cache costs
-  4 bytes per weight (the fp32 model's size; `clear_cpu_caches()` frees it). The
-  operands are prepared once and cached per base.
+  M > 32 (prefill, evaluation batches) an fp32 matmul with dequant(W_base) built once and
+  cached per base, plus the same CSR product: there the matmul is compute-bound and torch's
+  op falls behind fp32 (1.3x at M = 128), while the dense base makes the op as fast as fp32
+  and, at α = 0, bit for bit the reference. The cache costs 4 bytes per weight (the fp32
+  model's size; `clear_cpu_caches()` frees it) and does not depend on α, so flipping α
+  rebuilds nothing. The operands are prepared once and cached per base.
 - "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
   TRITON_INTERPRET=1.
 "auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
@@ -96,7 +96,7 @@ class CpuInt4Runtime:
         self.k_pad = base.n_groups * base.group_size - k  # ragged last group -> whole group
         self._torch_operands = None
         self.bits = base.bits
-        self._dense = None  # (stamp of ortho and α, W_eff fp32 (N, K)) for M >= DENSE_MIN_M
+        self._dense = None  # dequant(W_base) fp32 (N, K) for M >= DENSE_MIN_M
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -121,16 +121,14 @@ class CpuInt4Runtime:
             self._torch_operands = to_int4pack_cpu_layout(codes, scales, zeros, self.group_size)
         return self._torch_operands
 
-    def dense_weight(self, ortho: OrthoStream | None, alpha: float) -> torch.Tensor:
-        """W_eff = dequant(W_base) + α·W_ortho, fp32 (N, K), built as the reference builds it
-        and kept for the latest (ortho, α): prefill at M >= DENSE_MIN_M. 4 bytes per weight."""
-        key = (None,) if ortho is None else (_stamp(ortho.indices, ortho.values), alpha)
-        if self._dense is None or self._dense[0] != key:
-            self._dense = None  # free the old weight before building the new one
+    def dense_weight(self) -> torch.Tensor:
+        """dequant(W_base) as fp32 (N, K), built as the reference builds it, kept for prefill
+        (M >= DENSE_MIN_M): 4 bytes per weight, independent of α and of the ortho stream."""
+        if self._dense is None:
             base = QuantisedBase(self.qweight, self.scales, self.zeros, self.shape,
                                  self.group_size, self.bits)
-            self._dense = (key, effective_weight(base, ortho, alpha, torch.float32))
-        return self._dense[1]
+            self._dense = base.dequantise(torch.float32)
+        return self._dense
 
     def gemv(self, x2d: torch.Tensor, csr: tuple | None = None, alpha: float = 0.0) -> torch.Tensor:
         """(M, K) -> (M, N) fp32 with ortho-train's GEMV; M <= gemv_max_m."""
@@ -251,10 +249,12 @@ def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream 
         csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
         y = runtime.gemv(x2d, csr, alpha)  # (M, N)
         return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
-    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: the reference's product on a cached W_eff
-        w = runtime.dense_weight(ortho, alpha)  # (N, K)
-        return (x2d.float() @ w.T).to(x2d.dtype)
-    y = runtime.matmul(x2d)  # (M, N) bf16
+    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: fp32 product with the cached dense base
+        y = x2d.float() @ runtime.dense_weight().T  # (M, N): at α = 0 the reference's product
+        if ortho is None:
+            return y.to(x2d.dtype)
+    else:
+        y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
         if x2d.dtype is torch.bfloat16:
             return y
