@@ -268,3 +268,41 @@ void ortho_int4_dequant(const uint8_t *q, const uint16_t *s, const uint16_t *z, 
     j.rows_per_chunk = chunk_rows(K * 4, 1);
     pool_run((n1 - n0 + j.rows_per_chunk - 1) / j.rows_per_chunk, n_threads, dequant_chunk, &j);
 }
+
+typedef struct {
+    const int32_t *crow, *col;
+    const uint16_t *val;
+    const float *xt;
+    float *y;
+    int M, N, rows_per_chunk;
+    float alpha;
+} csr_job;
+
+/* y[m, n] += alpha * sum_j val_j * X[m, col_j] for the rows of one chunk, with X transposed
+ * (xt: K x M) so that each sparse entry is one contiguous FMA over 64 rows of X: the prefill
+ * ortho term without torch's sparse-times-dense (which took as long as the whole fp32 matmul
+ * at M = 64 under load). */
+static void csr_chunk(void *ctx, int chunk) {
+    const csr_job *j = (const csr_job *)ctx;
+    int n0 = chunk * j->rows_per_chunk, n1 = n0 + j->rows_per_chunk < j->N ? n0 + j->rows_per_chunk : j->N;
+    float acc[64];
+    for (int n = n0; n < n1; ++n) {
+        for (int mb = 0; mb < j->M; mb += 64) {
+            const int w = j->M - mb < 64 ? j->M - mb : 64;
+            for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+            for (int e = j->crow[n]; e < j->crow[n + 1]; ++e) {
+                const float v = half_to_float(j->val[e]);
+                const float *xr = j->xt + (size_t)j->col[e] * j->M + mb;
+                for (int i = 0; i < w; ++i) acc[i] += v * xr[i];
+            }
+            for (int i = 0; i < w; ++i) j->y[(size_t)(mb + i) * j->N + n] += j->alpha * acc[i];
+        }
+    }
+}
+
+/* Adds alpha * X . ortho^T into y (M x N, fp32) from the CSR of the ortho stream. */
+void ortho_csr_addmm(const int32_t *crow, const int32_t *col, const uint16_t *val, int M, int N,
+                     const float *xt, float *y, float alpha, int n_threads) {
+    csr_job j = {crow, col, val, xt, y, M, N, 64, alpha};
+    pool_run((N + 63) / 64, n_threads, csr_chunk, &j);
+}
