@@ -98,9 +98,6 @@ def _load() -> ctypes.CDLL | str:
     lib.ortho_int4_dequant.restype = None
     lib.ortho_int4_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [
         ctypes.c_void_p, ctypes.c_int]
-    lib.ortho_csr_addmm.restype = None
-    lib.ortho_csr_addmm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [
-        ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.pool_workers.restype = ctypes.c_int
     return lib
 
@@ -166,19 +163,3 @@ def dequantise_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     lib.ortho_int4_dequant(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n0, n1, k,
                            group_size, out.data_ptr(), torch.get_num_threads())
     return out
-
-
-def csr_addmm_(y: torch.Tensor, x2d: torch.Tensor, csr: tuple, alpha: float) -> torch.Tensor:
-    """y (M, N) fp32 += α · X · orthoᵀ from the raw CSR (crow, col int32, values fp16), in place.
-
-    For prefill (large M): X is transposed once so each sparse entry is a contiguous FMA over
-    the rows of X; fp32 accumulation per output. Returns y.
-    """
-    lib = library()
-    if isinstance(lib, str):
-        raise RuntimeError(f"CPU GEMV unavailable: {lib}")
-    xt = x2d.float().T.contiguous()  # (K, M)
-    m, n = y.shape
-    lib.ortho_csr_addmm(csr[0].data_ptr(), csr[1].data_ptr(), csr[2].data_ptr(), m, n,
-                        xt.data_ptr(), y.data_ptr(), alpha, torch.get_num_threads())
-    return y

@@ -251,9 +251,6 @@ def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream 
         return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
     if x2d.shape[0] >= DENSE_MIN_M:  # prefill: fp32 product with the cached dense base
         y = x2d.float() @ runtime.dense_weight().T  # (M, N): at α = 0 the reference's product
-        if ortho is not None and runtime.gemv_max_m:  # the ortho term in C, on the pool
-            cpu_gemv.csr_addmm_(y, x2d, _ortho_csr(ortho, torch_sparse=False), alpha)
-            ortho = None
         if ortho is None:
             return y.to(x2d.dtype)
     else:
