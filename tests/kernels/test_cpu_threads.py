@@ -89,12 +89,13 @@ def test_prefill_at_alpha_zero_is_the_reference_product():
 # α ≠ 0: x·Wᵀ + α·(CSR product) against the reference's x·(W + α·O)ᵀ — two fp32 orders of
 # the same sum, so fp32 rounding of K = 320 terms: 1e-5 relative is ~100x that.
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_prefill_with_the_ortho_stream_matches_the_reference(alpha, assert_rel_close):
+@pytest.mark.parametrize("m", [ds.DENSE_MIN_M + 5, 130])
+def test_prefill_with_the_ortho_stream_matches_the_reference(alpha, m, assert_rel_close):
     base, ortho = _streams(96, 320)
-    x = torch.randn(ds.DENSE_MIN_M + 5, 320)
+    x = torch.randn(m, 320)
     y = dual_stream_linear(x, base, ortho, alpha, backend="cpu")
     ref = dual_stream_linear(x, base, ortho, alpha, backend="reference")
-    assert_rel_close(y, ref, 1e-5, f"prefill alpha={alpha}")
+    assert_rel_close(y, ref, 1e-5, f"prefill alpha={alpha} m={m}")
 
 
 def test_prefill_cache_is_kept_across_alpha_and_freed_with_the_base():
