@@ -9,12 +9,12 @@ One signature, three paths (`backend`):
   spins); for 8 < M <= 32, or where the GEMV cannot be built, torch's INT4 weight-only CPU
   op (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
   accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream; for
-  M > 32 (prefill, evaluation batches) an fp32 matmul with dequant(W_base) built once and
-  cached per base, plus the same CSR product: there the matmul is compute-bound and torch's
-  op falls behind fp32 (1.3x at M = 128), while the dense base makes the op as fast as fp32
-  and, at α = 0, bit for bit the reference. The cache costs 4 bytes per weight (the fp32
-  model's size; `clear_cpu_caches()` frees it) and does not depend on α, so flipping α
-  rebuilds nothing. The operands are prepared once and cached per base.
+  M > 32 (prefill, evaluation batches) the reference's own product, an fp32 matmul with
+  dequant(W_base) (+ α·W_ortho) built once and cached: there the matmul is compute-bound and
+  torch's op falls behind fp32 (1.3x at M = 128), while the dense weight makes the op as fast
+  as fp32 and bit for bit the reference at every α. The caches cost 4 bytes per weight for
+  the base and 4 more per ortho stream run at α != 0 (rebuilt when α changes; freed with the
+  tensors, or by `clear_cpu_caches()`). The operands are prepared once and cached per base.
 - "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
   TRITON_INTERPRET=1.
 "auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
@@ -189,6 +189,7 @@ class _TensorKeyedCache:
 
 _CPU_BASE_CACHE = _TensorKeyedCache()
 _CSR_CACHE = _TensorKeyedCache()
+_DENSE_EFF_CACHE = _TensorKeyedCache()
 _WARNED: set[str] = set()
 
 
@@ -196,6 +197,7 @@ def clear_cpu_caches() -> None:
     """Drop every cached CPU operand (torch-op layouts, CSRs, dense prefill weights)."""
     _CPU_BASE_CACHE.clear()
     _CSR_CACHE.clear()
+    _DENSE_EFF_CACHE.clear()
 
 
 def _version(t: torch.Tensor) -> int:
@@ -243,18 +245,29 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
     return _CSR_CACHE.get(ortho.indices, stamp, build)
 
 
+def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) -> torch.Tensor:
+    """W_eff = dequant(W_base) + α·W_ortho fp32 (N, K) for prefill, cached per ortho stream
+    (freed with it) and rebuilt when α or either stream changes: the reference's weight bit
+    for bit (the same index_add on the same dense base), 4 more bytes per weight."""
+    def build():
+        w = runtime.dense_weight().clone()  # (N, K)
+        return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.float(),
+                                        alpha=alpha).reshape(w.shape)
+
+    stamp = _stamp(ortho.indices, ortho.values, runtime.qweight) + (alpha, ortho.shape)
+    return _DENSE_EFF_CACHE.get(ortho.indices, stamp, build)
+
+
 def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
                  alpha: float) -> torch.Tensor:
     if x2d.shape[0] <= runtime.gemv_max_m:  # decoding: one fused pass, fp32 out
         csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
         y = runtime.gemv(x2d, csr, alpha)  # (M, N)
         return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
-    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: fp32 product with the cached dense base
-        y = x2d.float() @ runtime.dense_weight().T  # (M, N): at α = 0 the reference's product
-        if ortho is None:
-            return y.to(x2d.dtype)
-    else:
-        y = runtime.matmul(x2d)  # (M, N) bf16
+    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: the reference's product on a cached weight
+        w = runtime.dense_weight() if ortho is None else _dense_effective(runtime, ortho, alpha)
+        return (x2d.float() @ w.T).to(x2d.dtype)  # (M, N)
+    y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
         if x2d.dtype is torch.bfloat16:
             return y

@@ -3,8 +3,8 @@
 Every output row of the GEMV is computed by the same code whichever thread takes its chunk,
 so 1, 2 or 3 threads (the non-spinning pool) and the OpenMP variant agree bit for bit — one
 computation order, split differently. The prefill path (M >= DENSE_MIN_M) multiplies by the
-dense base built exactly as the reference builds it, so at α = 0 it equals the reference
-bit for bit; the dense dequantisation in C equals `QuantisedBase.dequantise` exactly ((q - z)·s is
+dense weight built exactly as the reference builds it, so it equals the reference bit for
+bit at every α; the dense dequantisation in C equals `QuantisedBase.dequantise` exactly ((q - z)·s is
 exact in fp32).
 """
 import ctypes
@@ -86,16 +86,12 @@ def test_prefill_at_alpha_zero_is_the_reference_product():
     assert torch.equal(y, dual_stream_linear(x, base, ortho, 0.0, backend="reference"))
 
 
-# α ≠ 0: x·Wᵀ + α·(CSR product) against the reference's x·(W + α·O)ᵀ — two fp32 orders of
-# the same sum, so fp32 rounding of K = 320 terms: 1e-5 relative is ~100x that.
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-@pytest.mark.parametrize("m", [ds.DENSE_MIN_M + 5, 130])
-def test_prefill_with_the_ortho_stream_matches_the_reference(alpha, m, assert_rel_close):
+def test_prefill_with_the_ortho_stream_is_the_reference_product(alpha):
     base, ortho = _streams(96, 320)
-    x = torch.randn(m, 320)
+    x = torch.randn(ds.DENSE_MIN_M + 5, 320)
     y = dual_stream_linear(x, base, ortho, alpha, backend="cpu")
-    ref = dual_stream_linear(x, base, ortho, alpha, backend="reference")
-    assert_rel_close(y, ref, 1e-5, f"prefill alpha={alpha} m={m}")
+    assert torch.equal(y, dual_stream_linear(x, base, ortho, alpha, backend="reference"))
 
 
 def test_prefill_cache_is_kept_across_alpha_and_freed_with_the_base():
