@@ -124,7 +124,11 @@ class CpuInt4Runtime:
     def dense_weight(self) -> torch.Tensor:
         """dequant(W_base) as fp32 (N, K), built as the reference builds it, kept for prefill
         (M >= DENSE_MIN_M): 4 bytes per weight, independent of α and of the ortho stream."""
-        if self._dense is None:
+        if self._dense is None and self.gemv_max_m:  # the C dequantiser: exact, on the pool
+            n, k = self.shape
+            self._dense = cpu_gemv.dequantise_rows(self.qweight, self.scales, self.zeros, k,
+                                                   self.group_size, 0, n, torch.empty(n, k))
+        elif self._dense is None:
             base = QuantisedBase(self.qweight, self.scales, self.zeros, self.shape,
                                  self.group_size, self.bits)
             self._dense = base.dequantise(torch.float32)
