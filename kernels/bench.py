@@ -1,6 +1,7 @@
 """Benchmark of the dual-stream linear against dense and 4-bit baselines.
 
-    python -m kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T]
+    python -m kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T] [--load N]
+                            [--ms 1,16,128,512] [--shapes 4096x4096,...]
 
 Shapes are weight shapes (N, K) = (out_features, in_features) as `nn.Linear.weight` stores
 them; X is (M, K). For every (shape, M) all rows are timed in interleaved rounds (every
@@ -15,7 +16,11 @@ ms / floor_ms.
 On CPU the ortho-train rows use the CPU fast path with fp32 X: ortho-train's fused GEMV
 (`kernels.cpu_gemv`) for M <= 8, torch's INT4 op (bf16 activations) above; "GEMV kernel
 alone" calls the compiled kernel with prebuilt arguments (the null test's base-only op), and
-"torch int4 CPU op alone" is torch's op with bf16 X, the anchor. The ortho stream sits at
+"torch int4 CPU op alone" is torch's op with bf16 X, the anchor. Two more GEMV rows show
+the threading side by side: the same kernel with OpenMP's static split (what the op used
+before its non-spinning pool) and on one thread. `--load N` runs N busy-loop processes
+(`kernels.bench_load`) for the whole measurement: the numbers under competing load, ratios
+in the same run; the load average is printed before and after. The ortho stream sits at
 uniformly random positions. On CUDA (untested here: this
 project's machines have no GPU) the rows add cuBLAS fp16 and run the Triton kernel with
 fp16 X, reporting GB/s and the speed-up over fp16 next to its bound 16 / b_eff.
@@ -32,12 +37,13 @@ import time
 
 import torch
 
+from kernels.bench_load import busy_load
 from kernels.dual_stream import dual_stream_linear, prepare_cpu
 from kernels.packing import effective_bits
 from kernels.streams import OrthoStream, QuantisedBase
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
-MS = [1, 16, 128]
+MS = [1, 16, 128, 512]
 RHOS = [0.005, 0.01, 0.02, 0.05]
 GROUP = 128
 
@@ -142,6 +148,8 @@ def build_rows(w: torch.Tensor, m: int, streams: dict, nf4, device: torch.device
         b_base, xin.element_size())
     if not cuda and m <= rt.gemv_max_m:  # the base-only kernel without the op's dispatch
         add("ortho-train GEMV kernel alone", _raw_gemv(rt, x32), b_base, 4)
+        add("GEMV alone, OpenMP static split", _raw_gemv(rt, x32, "omp"), b_base, 4)
+        add("GEMV alone, 1 thread", _raw_gemv(rt, x32, threads=1), b_base, 4)
     for rho, ortho in orthos.items():
         sparse_bytes = ortho.nnz * (4 + (2 if cuda else 4)) + (n + 1) * 4  # runtime CSR
         add(f"ortho-train {kind} a=1 rho={rho:.1%}",
@@ -150,15 +158,18 @@ def build_rows(w: torch.Tensor, m: int, streams: dict, nf4, device: torch.device
     return rows
 
 
-def _raw_gemv(rt, x32: torch.Tensor):
-    """The compiled GEMV called directly with prebuilt pointers and output (no wrapper)."""
+def _raw_gemv(rt, x32: torch.Tensor, threading: str = "pool", threads: int | None = None):
+    """The compiled GEMV called directly with prebuilt pointers and output (no wrapper);
+    threading "pool" (the op's) or "omp" (OpenMP static split, the previous version)."""
     from kernels import cpu_gemv
 
-    fn = cpu_gemv.library().ortho_int4_gemv
+    lib = cpu_gemv.library()
+    fn = lib.ortho_int4_gemv if threading == "pool" else lib.ortho_int4_gemv_omp
     (m, k), n = x32.shape, rt.shape[0]
     y = torch.empty(m, n)
     args = (rt.qweight.data_ptr(), rt.scales.data_ptr(), rt.zeros.data_ptr(), m, n, k,
-            rt.group_size, x32.data_ptr(), y.data_ptr(), None, None, None, 0.0)
+            rt.group_size, x32.data_ptr(), y.data_ptr(), None, None, None, 0.0,
+            threads or torch.get_num_threads())
     return lambda keep=(x32, y, rt): fn(*args)  # keep: the pointers' owners stay alive
 
 
@@ -187,7 +198,7 @@ def build_streams(n: int, k: int, device: torch.device, with_nf4: bool):
 def run(shapes, ms, rounds: int, budget_s: float, device: torch.device, with_nf4: bool):
     bw = copy_bandwidth(device)
     print(f"# device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"load avg {os.getloadavg()[0]:.2f}, copy bandwidth {bw / 1e9:.1f} GB/s")
+          f"load avg {_loadavg()}, copy bandwidth {bw / 1e9:.1f} GB/s")
     results = []
     for n, k in shapes:
         with torch.no_grad():  # weights and streams as a model holds them: normal tensors
@@ -215,6 +226,22 @@ def run(shapes, ms, rounds: int, budget_s: float, device: torch.device, with_nf4
     return results, bw
 
 
+def _loadavg() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def prefill_lines(results: list[dict], device: torch.device) -> list[str]:
+    """M > 8: the dual stream (a=0 and a=1 at rho=1%) against fp32 at every shape and M."""
+    kind = "Triton" if device.type == "cuda" else "CPU"
+    lines = []
+    for r in results:
+        if r["m"] > 8 and r["name"] in (f"ortho-train {kind} a=0", f"ortho-train {kind} a=1 rho=1.0%"):
+            ok = r["ratio_to_fp32"] <= 1.0
+            lines.append(f"- {r['shape'][0]}x{r['shape'][1]} M={r['m']} {r['name']}: "
+                         f"{r['ratio_to_fp32']:.3f}x fp32 (target <= 1) -> {'MET' if ok else 'MISSED'}")
+    return lines
+
+
 def _format_row(r: dict) -> str:
     shape = f"{r['shape'][0]}x{r['shape'][1]}"
     extra = ""
@@ -238,6 +265,13 @@ def acceptance(results: list[dict], device: torch.device) -> list[str]:
         lines.append(f"- {label}: {value} (target {target}) -> {'MET' if ok else 'MISSED'}")
 
     fp32 = pick["fp32 nn.Linear"]["ms"]
+    alone = pick.get("ortho-train GEMV kernel alone")
+    if alone:
+        check("GEMV kernel alone speed-up over fp32 (under --load: >= 2x)",
+              f"{fp32 / alone['ms']:.2f}x", ">= 2x", fp32 / alone["ms"] >= 2)
+        for name in ("GEMV alone, OpenMP static split", "GEMV alone, 1 thread"):
+            if name in pick:
+                lines.append(f"- ({name}: {fp32 / pick[name]['ms']:.2f}x fp32)")
     check("a=0 speed-up over fp32 nn.Linear", f"{fp32 / a0['ms']:.2f}x", ">= 4x",
           fp32 / a0["ms"] >= 4)
     nf4 = pick.get("bitsandbytes NF4 Linear4bit")
@@ -291,18 +325,30 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=30.0, help="max seconds per (shape, M)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--no-nf4", action="store_true", help="skip bitsandbytes")
+    p.add_argument("--load", type=int, default=0,
+                   help="run N busy-loop processes as competing load while timing")
+    p.add_argument("--ms", default=None, help="comma-separated M values (default 1,16,128,512)")
+    p.add_argument("--shapes", default=None, help="comma-separated NxK weight shapes")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes, ms = (SHAPES[:1], MS[:1]) if args.quick else (SHAPES, MS)
+    if args.ms:
+        ms = [int(v) for v in args.ms.split(",")]
+    if args.shapes:
+        shapes = [tuple(int(d) for d in v.split("x")) for v in args.shapes.split(",")]
     rounds = min(args.rounds, 21) if args.quick else args.rounds
+    print(f"# competing load: {args.load} busy-loop process(es)")
     print("| shape NxK | M | row | ms (median) | /fp32 | bits/w | floor ms | x floor |"
           + (" GB/s | vs fp16/bound |" if device.type == "cuda" else ""))
-    results, bw = run(shapes, ms, rounds, args.budget, device, not args.no_nf4)
-    print(f"# load avg after: {os.getloadavg()[0]:.2f}")
+    with busy_load(args.load):
+        results, bw = run(shapes, ms, rounds, args.budget, device, not args.no_nf4)
+        print(f"# load avg after: {_loadavg()}")
     print("\nAcceptance (4096x4096, M=1):")
     for line in acceptance(results, device):
+        print(line)
+    for line in prefill_lines(results, device):
         print(line)
     identical = null_test_identical(device)
     print(f"- null test: a=0 output identical to base-only (NaN ortho values): {identical}")

@@ -7,7 +7,9 @@ compiler, cached under $ORTHO_TRAIN_CACHE or ~/.cache/ortho_train) and calls it 
 ctypes on ortho-train's own storage in place: packed codes, fp16 scales/zeros, and the CSR of
 the ortho stream added into the same accumulator (one pass, no second launch). The dense
 K-loop is integer (vpmaddwd of the nibbles with X in 16-bit fixed point per 64 elements);
-see the C file's header for the layout.
+see the C file's header for the layout. Rows run on `_cpu_pool.c`, a thread pool that never
+spins and hands out small chunks, so a thread that loses its core to another process delays
+the call by at most one chunk (OpenMP's static split waited for it: 10x slower under load).
 
 `library()` returns the loaded library or a string saying why it is unavailable (no compiler,
 no AVX2, not x86-64); callers fall back to torch's op then. Numerics: X rounded to 16-bit
@@ -29,7 +31,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_cpu_int4_gemv.c")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_pool.h"))
+# -fopenmp only for the OpenMP variant the benchmark compares against; the op uses the pool
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-fPIC", "-shared"]
 MAX_M = 8  # above this torch's GEMM-shaped op is faster (see `python -m kernels.bench`)
 
 _LIB: ctypes.CDLL | str | None = None
@@ -57,7 +61,7 @@ def _build(target: Path, compiler: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp],
+        proc = subprocess.run([compiler, *CFLAGS, *(str(p) for p in SOURCES[:2]), "-o", tmp],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip()[-2000:])
@@ -78,7 +82,8 @@ def _load() -> ctypes.CDLL | str:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return "no C compiler (gcc/cc) on PATH"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    text = b"".join(p.read_bytes() for p in SOURCES) + " ".join(CFLAGS).encode()
+    digest = hashlib.sha256(text).hexdigest()[:16]
     target = _cache_dir() / f"cpu_int4_gemv-{digest}.so"
     try:
         if not target.exists():
@@ -86,9 +91,14 @@ def _load() -> ctypes.CDLL | str:
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as err:
         return f"building {SOURCE.name} failed: {err}"
-    fn = lib.ortho_int4_gemv
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5 + [ctypes.c_float]
+    for fn in (lib.ortho_int4_gemv, lib.ortho_int4_gemv_omp):
+        fn.restype = ctypes.c_int
+        fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 5
+                       + [ctypes.c_float, ctypes.c_int])
+    lib.ortho_int4_dequant.restype = None
+    lib.ortho_int4_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [
+        ctypes.c_void_p, ctypes.c_int]
+    lib.pool_workers.restype = ctypes.c_int
     return lib
 
 
@@ -133,7 +143,23 @@ def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: in
     else:
         crow, col, val = csr[0].data_ptr(), csr[1].data_ptr(), csr[2].data_ptr()
     rc = lib.ortho_int4_gemv(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), m, n, k,
-                             group_size, x2d.data_ptr(), y.data_ptr(), crow, col, val, alpha)
+                             group_size, x2d.data_ptr(), y.data_ptr(), crow, col, val, alpha,
+                             torch.get_num_threads())
     if rc:
         raise MemoryError("ortho_int4_gemv: workspace allocation failed")
     return y
+
+
+def dequantise_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
+                    group_size: int, n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+    """Dense fp32 rows [n0, n1) of dequant(base) into `out` (contiguous fp32, n1-n0 by K).
+
+    Bit for bit `QuantisedBase.dequantise()[n0:n1]` ((q - z) * s is exact in fp32); any
+    group size, on the pool's threads. Returns `out`.
+    """
+    lib = library()
+    if isinstance(lib, str):
+        raise RuntimeError(f"CPU GEMV unavailable: {lib}")
+    lib.ortho_int4_dequant(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n0, n1, k,
+                           group_size, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -5,11 +5,16 @@ One signature, three paths (`backend`):
   Exact up to the matmul's rounding; it defines correctness.
 - "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`kernels.cpu_gemv`: AVX2 C, X
   in 16-bit fixed point per 64 elements, exact int32 products, fp32 accumulation, the ortho
-  CSR added in the same pass in fp32, built on first use); for
-  larger M, or where the GEMV cannot be built, torch's INT4 weight-only CPU op
-  (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
-  accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream. The
-  operands are prepared once and cached per base.
+  CSR added in the same pass in fp32, built on first use, threads from a pool that never
+  spins); for 8 < M <= 32, or where the GEMV cannot be built, torch's INT4 weight-only CPU
+  op (`aten._weight_int4pack_mm_for_cpu`, bf16 activations, bf16 scale/zero, fp32
+  accumulation, bf16 output) plus an MKL CSR product in fp32 for the ortho stream; for
+  M > 32 (prefill, evaluation batches) the reference's own product, an fp32 matmul with
+  dequant(W_base) (+ α·W_ortho) built once and cached: there the matmul is compute-bound and
+  torch's op falls behind fp32 (1.3x at M = 128), while the dense weight makes the op as fast
+  as fp32 and bit for bit the reference at every α. The caches cost 4 bytes per weight for
+  the base and 4 more per ortho stream run at α != 0 (rebuilt when α changes; freed with the
+  tensors, or by `clear_cpu_caches()`). The operands are prepared once and cached per base.
 - "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
   TRITON_INTERPRET=1.
 "auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
@@ -36,6 +41,7 @@ from kernels import cpu_gemv
 from kernels.streams import OrthoStream, QuantisedBase
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
+DENSE_MIN_M = 33  # from here the CPU path multiplies by a cached dense W_eff (see above)
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 # the C-bound function, not torch.ops.aten...: no Python frame per call on the hot path
 _CPU_OP = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
@@ -74,7 +80,11 @@ class CpuInt4Runtime:
     def __init__(self, base: QuantisedBase):
         n, k = base.shape
         self.shape, self.group_size = (n, k), base.group_size
-        self.qweight = base.qweight.contiguous()  # (N, ceil(K/2)) uint8
+        qweight = base.qweight.contiguous()  # (N, ceil(K/2)) uint8
+        # The caches are keyed on base.qweight and drop an entry when it is freed, so the
+        # entry must not keep it alive: held weakly (a copy, if one was made, strongly).
+        self._qweight_copy = None if qweight is base.qweight else qweight
+        self._qweight_ref = weakref.ref(qweight)
         self.scales, self.zeros = base.scales.contiguous(), base.zeros.contiguous()  # (N, G)
         reason = cpu_gemv.unsupported(base.bits, base.group_size)
         self.gemv_max_m = cpu_gemv.MAX_M if reason is None else 0
@@ -85,6 +95,12 @@ class CpuInt4Runtime:
         self.n_pad = -n % 16
         self.k_pad = base.n_groups * base.group_size - k  # ragged last group -> whole group
         self._torch_operands = None
+        self.bits = base.bits
+        self._dense = None  # dequant(W_base) fp32 (N, K) for M >= DENSE_MIN_M
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self._qweight_ref()
 
     @property
     def packed(self) -> torch.Tensor:
@@ -104,6 +120,19 @@ class CpuInt4Runtime:
             zeros = F.pad(self.zeros, (0, 0, 0, self.n_pad), value=8.0)  # (N', G)
             self._torch_operands = to_int4pack_cpu_layout(codes, scales, zeros, self.group_size)
         return self._torch_operands
+
+    def dense_weight(self) -> torch.Tensor:
+        """dequant(W_base) as fp32 (N, K), built as the reference builds it, kept for prefill
+        (M >= DENSE_MIN_M): 4 bytes per weight, independent of α and of the ortho stream."""
+        if self._dense is None and self.gemv_max_m:  # the C dequantiser: exact, on the pool
+            n, k = self.shape
+            self._dense = cpu_gemv.dequantise_rows(self.qweight, self.scales, self.zeros, k,
+                                                   self.group_size, 0, n, torch.empty(n, k))
+        elif self._dense is None:
+            base = QuantisedBase(self.qweight, self.scales, self.zeros, self.shape,
+                                 self.group_size, self.bits)
+            self._dense = base.dequantise(torch.float32)
+        return self._dense
 
     def gemv(self, x2d: torch.Tensor, csr: tuple | None = None, alpha: float = 0.0) -> torch.Tensor:
         """(M, K) -> (M, N) fp32 with ortho-train's GEMV; M <= gemv_max_m."""
@@ -164,7 +193,15 @@ class _TensorKeyedCache:
 
 _CPU_BASE_CACHE = _TensorKeyedCache()
 _CSR_CACHE = _TensorKeyedCache()
+_DENSE_EFF_CACHE = _TensorKeyedCache()
 _WARNED: set[str] = set()
+
+
+def clear_cpu_caches() -> None:
+    """Drop every cached CPU operand (torch-op layouts, CSRs, dense prefill weights)."""
+    _CPU_BASE_CACHE.clear()
+    _CSR_CACHE.clear()
+    _DENSE_EFF_CACHE.clear()
 
 
 def _version(t: torch.Tensor) -> int:
@@ -212,12 +249,28 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
     return _CSR_CACHE.get(ortho.indices, stamp, build)
 
 
+def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) -> torch.Tensor:
+    """W_eff = dequant(W_base) + α·W_ortho fp32 (N, K) for prefill, cached per ortho stream
+    (freed with it) and rebuilt when α or either stream changes: the reference's weight bit
+    for bit (the same index_add on the same dense base), 4 more bytes per weight."""
+    def build():
+        w = runtime.dense_weight().clone()  # (N, K)
+        return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.float(),
+                                        alpha=alpha).reshape(w.shape)
+
+    stamp = _stamp(ortho.indices, ortho.values, runtime.qweight) + (alpha, ortho.shape)
+    return _DENSE_EFF_CACHE.get(ortho.indices, stamp, build)
+
+
 def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
                  alpha: float) -> torch.Tensor:
     if x2d.shape[0] <= runtime.gemv_max_m:  # decoding: one fused pass, fp32 out
         csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
         y = runtime.gemv(x2d, csr, alpha)  # (M, N)
         return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
+    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: the reference's product on a cached weight
+        w = runtime.dense_weight() if ortho is None else _dense_effective(runtime, ortho, alpha)
+        return (x2d.float() @ w.T).to(x2d.dtype)  # (M, N)
     y = runtime.matmul(x2d)  # (M, N) bf16
     if ortho is None:
         if x2d.dtype is torch.bfloat16:

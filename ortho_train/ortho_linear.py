@@ -17,11 +17,12 @@ complete α = 0 model.
 on the host: the ortho buffers are then not read at all (not even wrapped), so the output is
 bit for bit the base-only output whatever they hold, NaN included.
 
-`backend` is passed to `kernels.dual_stream_linear`. The default "reference" dequantises to
-fp32 and runs one matmul: exact (bit-reproducible dequantisation), so α = 0 equals the
-quantised public model exactly, which the sieve table and the tests rely on. "auto"/"cpu"
-use torch's INT4 CPU op with bf16 activations (faster at batch 1, not bit-exact), "triton"
-the fused GPU kernel.
+`backend` is passed to `kernels.dual_stream_linear`. The default "auto" is the deployed op:
+the CPU fast path on CPU (ortho-train's fused INT4 + sparse GEMV while decoding, the
+reference's own dense product for prefill and evaluation batches, torch's INT4 op in between)
+and the Triton kernel on CUDA. "reference" dequantises to fp32 and runs one matmul on every
+call (exact, slow), kept for tests. Whatever the backend, α = 0 and the base-only model run
+the same path, so α = 0 equals the quantised public model of the same backend bit for bit.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class StreamLayout:
 class OrthoLinear(nn.Module):
     """Dual-stream linear layer; see the module docstring. Streams are frozen buffers."""
 
-    def __init__(self, layout: StreamLayout, alpha: float = 1.0, backend: str = "reference",
+    def __init__(self, layout: StreamLayout, alpha: float = 1.0, backend: str = "auto",
                  device=None):
         super().__init__()
         n, k = layout.out_features, layout.in_features
@@ -78,7 +79,7 @@ class OrthoLinear(nn.Module):
     @classmethod
     def from_streams(cls, base: QuantisedBase, ortho: OrthoStream | None,
                      bias: torch.Tensor | None = None, alpha: float = 1.0,
-                     backend: str = "reference") -> "OrthoLinear":
+                     backend: str = "auto") -> "OrthoLinear":
         n, k = base.shape
         nnz = 0 if ortho is None else ortho.nnz
         layout = StreamLayout(k, n, base.bits, base.group_size, nnz, bias is not None)
@@ -151,6 +152,7 @@ def set_alpha(model: nn.Module, alpha: float) -> int:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
+    """Set the `dual_stream_linear` backend of every `OrthoLinear` ("auto", "reference", …)."""
     for layer in ortho_layers(model).values():
         layer.backend = backend
 
@@ -162,7 +164,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alpha: float = 1.0,
-                         backend: str = "reference") -> nn.Module:
+                         backend: str = "auto") -> nn.Module:
     """Replace the named `nn.Linear` layers by empty `OrthoLinear` of the given layouts (in place).
 
     The result takes a sieved state dict with `load_state_dict(sd, assign=True)`.

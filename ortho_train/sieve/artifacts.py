@@ -115,10 +115,12 @@ def _read_stream(directory: Path, config: dict, stream: str, verify: bool) -> di
 
 
 def load_sieved(directory: str | Path, with_ortho: bool = True, alpha: float | None = None,
-                backend: str = "reference", verify: bool = True) -> nn.Module:
+                backend: str = "auto", verify: bool = True) -> nn.Module:
     """Rebuild a sieved model. `with_ortho=False` reads the base file only: the α = 0 model.
 
     alpha: None keeps the saved per-layer α (0 everywhere without the ortho stream).
+    backend: "auto" (default) runs the deployed op — the CPU fast path on CPU, the Triton
+    kernel on CUDA; "reference" the dense dequantise-and-matmul (tests).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 

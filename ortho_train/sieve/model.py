@@ -102,8 +102,12 @@ def quantised_layers(model: nn.Module, spec: SieveSpec,
 
 
 def build_dual_stream_model(model: nn.Module, layers: dict[str, SievedLayer], alpha: float = 1.0,
-                            backend: str = "reference", inplace: bool = False) -> nn.Module:
-    """A copy of `model` (or the model itself) whose sieved linears are `OrthoLinear`."""
+                            backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """A copy of `model` (or the model itself) whose sieved linears are `OrthoLinear`.
+
+    backend "auto" runs the deployed op (CPU fast path / Triton); "reference" the dense
+    dequantise-and-matmul on every call.
+    """
     target = model if inplace else copy.deepcopy(model)
     for name, sieved in layers.items():
         old = target.get_submodule(name)
