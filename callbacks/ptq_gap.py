@@ -8,7 +8,7 @@ VerbMem ROUGE-L) and retain utility (public perplexity; extraction of members ke
 LoRA model each format is measured in two deployments: `<fmt>` = merge the adapter, then
 quantise everything; `<fmt>_adapter` = quantised base + full-precision adapter.
 
-PTQ gap = metric(quantised) − metric(full precision) (DESIGN.md §3): a positive extraction
+PTQ gap = metric(quantised) − metric(full precision) (docs/methods.md §2): a positive extraction
 gap means quantisation brought forgotten secrets back. The bin-crossing fraction is the share
 of updated quantised-layer weights whose |ΔW| exceeds half the bin width of their block;
 `dequantised_change_fraction_<fmt>` is the exact share whose quantised value changed.

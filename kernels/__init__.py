@@ -25,10 +25,10 @@ from kernels.packing import (
     unpack_bits,
     unpack_int4,
 )
-from kernels.streams import CSR, ELL, Int4Base, OrthoStream, QuantisedBase
+from kernels.streams import CSR, ELL, OrthoStream, QuantisedBase
 
 __all__ = [
-    "CSR", "ELL", "DualStreamFunction", "Int4Base", "OrthoStream", "QuantisedBase",
+    "CSR", "ELL", "DualStreamFunction", "OrthoStream", "QuantisedBase",
     "cpu_fast_path_unsupported", "dual_stream_linear", "dual_stream_linear_ref",
     "effective_bits", "effective_weight", "group_dequantise", "group_quantise", "pack_bits",
     "pack_int4", "prepare_cpu", "to_int4pack_cpu_layout", "unpack_bits", "unpack_int4",

@@ -253,7 +253,7 @@ def _format_row(r: dict) -> str:
 
 
 def acceptance(results: list[dict], device: torch.device) -> list[str]:
-    """The issue's acceptance checks at M=1, 4096x4096, from this run's medians."""
+    """The op's speed targets at M=1, 4096x4096, from this run's medians."""
     kind = "Triton" if device.type == "cuda" else "CPU"
     pick = {r["name"]: r for r in results if r["shape"] == [4096, 4096] and r["m"] == 1}
     a0 = pick.get(f"ortho-train {kind} a=0")

@@ -4,7 +4,7 @@ Pure torch, no kernels. Paired primitives in the gpt-fast style (`group_quantise
 `group_dequantise`, `pack_*` / `unpack_*`) plus two small containers, `QuantisedBase` and
 `OrthoStream`, that validate what they hold.
 
-Quantisation (DESIGN §5): asymmetric, group-wise along the input dim K. Per group g of a row
+Quantisation (docs/methods.md §4): asymmetric, group-wise along the input dim K. Per group g of a row
 
     min_g = min(0, min w),  max_g = max(0, max w)        (the range always contains 0)
     scale = (max_g - min_g) / (2^k - 1)                   (stored fp16, rounded *up*)

@@ -106,9 +106,6 @@ class QuantisedBase:
         return total / (n * k)
 
 
-Int4Base = QuantisedBase  # name from the issue; an Int4Base is a QuantisedBase with bits=4
-
-
 class CSR(NamedTuple):
     """Compressed sparse rows: crow int32 (N+1,), col int32 (nnz,), values (nnz,)."""
 

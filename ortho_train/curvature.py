@@ -1,7 +1,7 @@
 """Per-layer curvature from calibration text: the GPTQ Hessian of every `nn.Linear`.
 
 For a linear layer y = x Wᵀ and the layer-wise objective ‖(W' − W) X‖², the Hessian with
-respect to one row of W is (DESIGN §4)
+respect to one row of W is (docs/methods.md §3)
 
     H = 2/N · Σ_t x_t x_tᵀ            (d_in × d_in, N = number of *tokens*, pads masked)
 

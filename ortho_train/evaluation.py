@@ -1,6 +1,6 @@
 """One evaluation of memorisation, shared by training, the sieve and the PTQ-gap callbacks.
 
-`evaluate_memorisation(model, probe)` measures (DESIGN.md §3):
+`evaluate_memorisation(model, probe)` measures (docs/methods.md §2):
 - extraction: greedy decoding from each canary prefix, exact match of the whole secret
   (`extraction_rate`) and per-token accuracy (`symbol_accuracy`; one token = one symbol with
   the byte tokenizer), for members and for holdout canaries (never trained: ≈ 0 expected);
@@ -317,7 +317,7 @@ def evaluate_unlearning(
     skewnorm_references: int = 200,
     include: Sequence[str] = ("extraction", "exposure", "mia", "verbmem", "ppl"),
 ) -> dict[str, float]:
-    """Forget and retain metrics of an unlearned model (DESIGN.md §3, MUSE), flat floats.
+    """Forget and retain metrics of an unlearned model (docs/methods.md §2, MUSE), flat floats.
 
     `forget_probe` has the forget canaries as its members. Keys: `forget_extraction`,
     `forget_symbol_accuracy`, `holdout_extraction`, `retain_extraction` (the members not

@@ -1,6 +1,6 @@
 """`OrthoLinear`: a linear layer stored as a packed INT-k base stream plus a sparse ortho stream.
 
-    y = x · dequant(W_base)ᵀ + α · x · W_orthoᵀ + b            (DESIGN §6–7)
+    y = x · dequant(W_base)ᵀ + α · x · W_orthoᵀ + b            (docs/methods.md §5, §6)
 
 Buffers (the gpt-fast pattern: their shapes are the packed shapes, so a module built from a
 `StreamLayout` takes `load_state_dict(..., assign=True)` as is):

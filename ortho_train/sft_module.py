@@ -10,7 +10,7 @@ Two phases within one `fit`, split at `public_steps`:
 
 Training ends at `trainer.max_steps` (the single source of truth for the run length). At the
 end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
-`<run>/summary.json` (DESIGN.md §3), on rank zero only, with the plot data of the report
+`<run>/summary.json` (docs/methods.md §2), on rank zero only, with the plot data of the report
 beside it: `roc.json` (MIA ROC rates) and `exposure_refs.json` (histogram of the reference
 secrets' log-perplexities, its skew-normal fit, the members' log-perplexities).
 

@@ -1,4 +1,4 @@
-"""`UnlearnModule`: remove planted canaries from a fine-tuned model (DESIGN.md §10, seeds 003/004).
+"""`UnlearnModule`: remove planted canaries from a fine-tuned model (docs/methods.md §9; quantisation-robust LoRA unlearning, MANSU).
 
 The model comes from a Hugging Face directory (the quickstart's `hf_model` by default); the
 data module must run with `train_split: unlearn`, so each step sees a forget batch (answer
@@ -6,11 +6,11 @@ tokens labelled) and a retain batch (public windows, plus the members not forgot
 loss is one of `ortho_train.unlearning.LOSSES`; a frozen copy of the starting model scores the
 batches when the loss needs a reference (NPO, KLR). Modes:
 
-- `lora`: peft LoRA adapters on `lora.target_modules`, base frozen (seed 003);
+- `lora`: peft LoRA adapters on `lora.target_modules`, base frozen (quantisation-robust LoRA unlearning);
 - `full`: every parameter trains;
 - `mansu`: only the weight rows of the forget-specific components train, and every applied
   update is projected off the retain-gradient span, bounded by the diagonal Fisher and floored
-  at one quantisation bin per weight (seed 004; `ortho_train.unlearning.mansu`).
+  at one quantisation bin per weight (MANSU; `ortho_train.unlearning.mansu`).
 
 Divergence guard: a non-finite loss, or a retain (public validation) perplexity above
 `max_retain_ppl_factor` × its value at the start (checked every `guard_every_n_steps`), stops

@@ -1,7 +1,7 @@
 """Memorisation metrics (pure torch + scipy/torchmetrics; no Lightning).
 
 Log-prob helpers shared with the unlearning losses, perplexity, extraction, exposure,
-membership inference and MUSE-style VerbMem/KnowMem/PrivLeak. See DESIGN.md §3.
+membership inference and MUSE-style VerbMem/KnowMem/PrivLeak. See docs/methods.md §2.
 """
 from ortho_train.metrics.exposure import (
     count_references_below,

@@ -20,7 +20,7 @@ Departures from reference GPTQ: dead columns (H_jj = 0) are quantised from their
 rather than zeroed, so a column idle on calibration data keeps its function elsewhere; the
 lazy block is a whole number of groups, so group statistics always see updated weights.
 
-Outliers (the sieve, DESIGN §6): with `outlier_threshold` τ, an entry whose error-compensated
+Outliers (the sieve, docs/methods.md §5): with `outlier_threshold` τ, an entry whose error-compensated
 weight w has impact (w − q)² / U_jj² > τ is kept exact: its error is not propagated (the
 ortho stream will hold w − dequant(q)), the compensated w is recorded. τ = inf is plain GPTQ.
 """

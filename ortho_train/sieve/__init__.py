@@ -1,11 +1,11 @@
-"""The Hessian sieve (DESIGN §6): split each linear into a low-bit base and a sparse ortho stream.
+"""The Hessian sieve (docs/methods.md §5): split each linear into a low-bit base and a sparse ortho stream.
 
     from ortho_train.sieve import SieveSpec, sieve_model, build_dual_stream_model
     layers = sieve_model(model, "posthoc", SieveSpec(rho=0.01), hessians)
     dual = build_dual_stream_model(model, layers)       # OrthoLinear layers, HF generate works
     save_sieved(dual, "out/")                           # base.safetensors + ortho.safetensors
 
-Variants: "posthoc" (paper 000), "delta" (base from the pre-fine-tuning weights), "isolated"
+Variants: "posthoc" (LibOrtho), "delta" (base from the pre-fine-tuning weights), "isolated"
 (ortho on a support fixed before fine-tuning; see `ortho_train.sieve.support` and the
 isolated mode of `CanarySFTModule`).
 """

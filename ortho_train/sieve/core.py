@@ -1,6 +1,6 @@
-"""The sieve on one layer: W ≈ dequant(W_base) + α·W_ortho, three ways (DESIGN §6).
+"""The sieve on one layer: W ≈ dequant(W_base) + α·W_ortho, three ways (docs/methods.md §5).
 
-- `sieve_posthoc` (seed 000): base = Q(W) of the fine-tuned weight; the ortho stream keeps
+- `sieve_posthoc` (LibOrtho): base = Q(W) of the fine-tuned weight; the ortho stream keeps
   the entries of R = W − dequant(base) with the largest impact R²/[H⁻¹]_jj. With GPTQ the
   selection runs inside the sweep (SpQR-style): impact (w − q)²/U_jj² of the
   error-compensated weight w, outliers kept exact and not propagated, value w − dequant(q).
@@ -50,7 +50,7 @@ class SieveSpec:
         rho: ortho fraction per layer for top-ρ selection (0.01 = 1%).
         selection: 'top' (top-ρ per layer) or 'adaptive' (τ = μ + β·σ of the impacts).
         beta: β of the adaptive threshold.
-        dqc: fold the regular part's error into the ortho entries (seed 002's DQC).
+        dqc: fold the regular part's error into the ortho entries (the functional-outlier separability paper's DQC).
         dqc_gamma: γ of the DQC compensation.
         hop_beta: β of the per-column HOP outlier report.
         include_lm_head: sieve the LM head too (embeddings always stay dense).

@@ -1,6 +1,6 @@
 """Isolation by construction: fine-tune only a sparse support S fixed before the private data.
 
-At the switch to private fine-tuning (DESIGN §6, issue #3 item 4):
+At the switch to private fine-tuning (docs/methods.md §5):
 1. base_l = Q(W_pre,l) for every sieved linear l (GPTQ on public calibration text, or RTN);
 2. S_l = top-ρ entries of a score chosen in advance (`ortho_train.sieve.support`);
 3. with `train_on_base`, the weights off S are set to dequant(base_l) and training runs on top

@@ -2,16 +2,16 @@
 
 Pure tensor maths on one layer (W: N × K, H: K × K), no modules.
 
-- Impact (seed 000, eq. 8):  I_ij = R_ij² / [H⁻¹]_jj, R = W − dequant(Q(W)). It is the
+- Impact (LibOrtho, eq. 8):  I_ij = R_ij² / [H⁻¹]_jj, R = W − dequant(Q(W)). It is the
   increase of the layer loss ‖ΔW X‖² when entry ij alone is left quantised and the other
   entries of row i re-optimised (the OBS saliency); with GPTQ the sweep's own denominator
   U_jj² (upper Cholesky of H⁻¹) is used instead, see `ortho_train.quantisation.gptq`.
 - Selection: top-ρ per layer (exactly ceil(ρ·N·K) entries) or adaptive τ = μ_I + β·σ_I over
-  the layer's impacts (seed 002, eq. 5).
-- HOP report (seed 002, Alg. 1): per input column j the geometric error
+  the layer's impacts (functional-outlier separability paper, eq. 5).
+- HOP report (functional-outlier separability paper, Alg. 1): per input column j the geometric error
   E_j = ‖(ΔW L)_{:, j}‖² with H = L Lᵀ, ΔW = W_eff − W; Σ_j E_j = tr(ΔW H ΔWᵀ), the layer-output
   error. Columns with E_j > μ_E + β·σ_E are the "functional outliers".
-- DQC (seed 002, eq. 8): quantise the regular part first, then fold its error into the
+- DQC (functional-outlier separability paper, eq. 8): quantise the regular part first, then fold its error into the
   outlier entries by the H-metric projection: per row, with δ_off = base error off S fixed,
   the S entries move by γ·δ_S, δ_S = −H_SS⁻¹ H_S,off δ_off (γ = 1 minimises the row's
   H-weighted error).
@@ -72,7 +72,7 @@ def top_fraction_threshold(score: torch.Tensor, rho: float) -> float:
 
 
 def adaptive_threshold(score: torch.Tensor, beta: float) -> float:
-    """τ = μ + β·σ over the layer's scores (seed 002)."""
+    """τ = μ + β·σ over the layer's scores (functional-outlier separability paper)."""
     s = score.reshape(-1).double()
     return float(s.mean() + beta * s.std(unbiased=False))
 

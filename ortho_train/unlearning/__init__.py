@@ -2,7 +2,7 @@
 
 One file per method (`ga`, `gdr`, `klr`, `npo`), shared maths in `common`; `objective` picks a
 loss by name. `bins` and `ptq` measure whether an update survives 4-bit quantisation;
-`attribution`, `mansu` and `mansu_setup` implement MANSU (seed 004). No Lightning here.
+`attribution`, `mansu` and `mansu_setup` implement MANSU (Mechanistic-Aligned Null-Space Unlearning). No Lightning here.
 """
 from ortho_train.unlearning.common import masked_kl, prompt_masked_labels, sequence_nll, token_mean_nll
 from ortho_train.unlearning.ga import ga_loss

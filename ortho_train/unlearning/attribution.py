@@ -11,7 +11,7 @@ i.e. the predicted loss change when unit j is ablated on sequence s, in absolute
 on the forget set (secret NLL) and the retain set (public-text NLL) are turned into shares
 Â = A / Σ A over all units, so forget and retain are comparable whatever their lengths.
 
-Circuit attribution divergence (seed 004), our definition: the total-variation distance
+Circuit attribution divergence (MANSU), our definition: the total-variation distance
 between the forget-set attribution shares before and after unlearning,
 ``CAD = ½ Σ_{m,j} |Â_before − Â_after| ∈ [0, 1]`` — 0 when the model still routes the forget
 behaviour through the same units in the same proportions (suppression downstream), larger

@@ -1,4 +1,4 @@
-"""Quantisation bin widths and the bin-crossing diagnostic (DESIGN.md §3, §5, §10).
+"""Quantisation bin widths and the bin-crossing diagnostic (docs/methods.md §2, §4, §9).
 
 A weight update survives round-to-nearest quantisation only if it moves the weight across a
 decision boundary of the quantisation grid. The grid at a weight depends on its block/group:

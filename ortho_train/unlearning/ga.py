@@ -1,7 +1,7 @@
 """Gradient ascent (GA) on the forget set.
 
 Jang et al. 2023, "Knowledge Unlearning for Mitigating Privacy Risks in Language Models";
-the baseline of MUSE (Shi et al. 2024) and of seeds 003/004:
+the baseline of MUSE (Shi et al. 2024) and of the quantisation-robust LoRA unlearning and MANSU papers:
 
     L_GA = −CE(F) = (1/N_F) Σ_{answer tokens of F} log p_θ(y_t | y_<t, x)
 

@@ -1,7 +1,7 @@
 """Gradient descent on the retain set (GDR), the usual regulariser of GA and NPO.
 
 MUSE (Shi et al. 2024, "MUSE: Machine Unlearning Six-Way Evaluation for Language Models"),
-§4 "regularizers"; seed 003 uses GA+GDR and NPO+GDR:
+§4 "regularizers"; quantisation-robust LoRA unlearning uses GA+GDR and NPO+GDR:
 
     L_GDR-term = CE(R),    L_GA+GDR = −CE(F) + λ·CE(R)
 

@@ -1,6 +1,6 @@
 """KL minimisation on the retain set (KLR): stay close to the reference model on R.
 
-MUSE (Shi et al. 2024), §4; TOFU (Maini et al. 2024) "KL" baseline; seed 003 uses GA+KLR:
+MUSE (Shi et al. 2024), §4; TOFU (Maini et al. 2024) "KL" baseline; quantisation-robust LoRA unlearning uses GA+KLR:
 
     L_KLR-term = (1/N_R) Σ_{scored positions t of R} KL(p_ref(·|y_<t) ‖ p_θ(·|y_<t))
     L_GA+KLR   = −CE(F) + λ·L_KLR-term

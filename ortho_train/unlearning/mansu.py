@@ -1,4 +1,4 @@
-"""MANSU pieces (seed 004, "Mechanistic-Aligned Null-Space Unlearning"), pure torch.
+"""MANSU pieces (MANSU, "Mechanistic-Aligned Null-Space Unlearning"), pure torch.
 
 Three constraints turn an ordinary forget-loss descent into an update that a 4-bit deployment
 cannot round away:
@@ -20,7 +20,7 @@ move would cost most are dropped before training (`fisher_prune`) until the floo
 at most `floor_budget_share` of the budget, and during training the part of |Δ| above the
 floor is shrunk whenever D(Δ) would exceed the budget (`fisher_bound`). The update direction
 comes from the optimiser (any forget loss); the constraints act on the *applied* update after
-each optimiser step, so Adam's re-entry into the retain directions (DESIGN.md §9) is undone.
+each optimiser step, so Adam's re-entry into the retain directions (docs/methods.md §7) is undone.
 """
 from __future__ import annotations
 

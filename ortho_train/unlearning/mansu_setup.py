@@ -1,6 +1,6 @@
 """Build a `MansuPlan` for a model: attribute, select, estimate the retain geometry, prune.
 
-Steps (seed 004; maths in `mansu.py` and `attribution.py`):
+Steps (MANSU; maths in `mansu.py` and `attribution.py`):
 1. forget and retain attribution of every linear output unit; select the units most specific
    to the forget set (a boolean row mask per linear weight);
 2. magnitude floor (1 + margin)·bin width at every selected weight;

@@ -11,7 +11,7 @@ once the forget answer is already unlikely (what keeps NPO from GA's collapse).
 NLL here is the *sum* over the answer tokens (sequence log-likelihood ratio); a widespread
 bug feeds raw logits or token means instead.
 
-Variants (MUSE, seed 003): NPO+GDR adds λ·CE(R); NPO+KLR adds λ·KL(p_ref ‖ p_θ) on R.
+Variants (MUSE; quantisation-robust LoRA unlearning): NPO+GDR adds λ·CE(R); NPO+KLR adds λ·KL(p_ref ‖ p_θ) on R.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ class UnlearningObjective:
 
     Args:
         name: one of `LOSSES` (ga, gdr, klr, npo, npo_gdr, npo_klr).
-        beta: NPO inverse temperature β (seed 003/MUSE: 0.1).
+        beta: NPO inverse temperature β (MUSE and the quantisation-robust LoRA unlearning paper: 0.1).
         retain_weight: λ of the retain term.
     """
 

@@ -1,6 +1,6 @@
 """Post-training quantisation of a (possibly LoRA-adapted) model for the PTQ-gap check.
 
-Formats (DESIGN.md §5): NF4 and FP4 with bitsandbytes (block of 64, fp32 absmax per block,
+Formats (docs/methods.md §4): NF4 and FP4 with bitsandbytes (block of 64, fp32 absmax per block,
 optional double quantisation of the absmax, a compute dtype), and INT4 RTN with the project's
 group quantiser (`kernels.packing`). As in transformers' `BitsAndBytesConfig` loading, every
 `nn.Linear` is quantised except `skip_modules` (default: the LM head); embeddings and norms
@@ -11,7 +11,7 @@ CPU triggers the quantisation), so the forward pass is the one a bitsandbytes de
 `fake_quantise` gives the same quantise→dequantise round trip on a bare tensor for the
 bin-crossing and "did the quantised weight change" diagnostics.
 
-Two LoRA deployments (seed 003) are different models and are measured separately:
+Two LoRA deployments (quantisation-robust LoRA unlearning) are different models and are measured separately:
 - "merged": merge the adapter into the fp weights, then quantise everything;
 - "adapter": quantise the base linears and keep the adapter in full precision on top.
 """
@@ -112,11 +112,8 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _int4_round_trip(w: Tensor, group_size: int) -> Tensor:
-    try:
-        from kernels.packing import group_dequantise, group_quantise
-    except ImportError as error:  # lands on main with the kernels issue
-        raise RuntimeError("INT4 needs kernels.packing (group_quantise/group_dequantise), which this "
-                           "branch does not have yet: merge main or drop 'int4' from the formats") from error
+    from kernels.packing import group_dequantise, group_quantise
+
     codes, scales, zeros = group_quantise(w.float(), bits=4, group_size=group_size)
     return group_dequantise(codes, scales, zeros, group_size).to(w.dtype).view_as(w)
 

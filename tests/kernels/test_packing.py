@@ -14,7 +14,7 @@ from kernels.packing import (
     unpack_bits,
     unpack_int4,
 )
-from kernels.streams import Int4Base, OrthoStream, QuantisedBase
+from kernels.streams import OrthoStream, QuantisedBase
 
 
 def _codes(n, k, bits, seed=0):
@@ -146,7 +146,7 @@ def test_quantised_base_round_trip(bits):
 
 
 def test_quantised_base_validation():
-    base = Int4Base.from_dense(torch.randn(4, 64), group_size=32)
+    base = QuantisedBase.from_dense(torch.randn(4, 64), group_size=32)
     assert base.bits == 4 and base.n_groups == 2
     with pytest.raises(ValueError, match=r"qweight must be uint8 \(4, 32\)"):
         QuantisedBase(base.qweight[:, :31], base.scales, base.zeros, (4, 64), 32)
