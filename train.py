@@ -30,6 +30,7 @@ class OrthoTrainCLI(LightningCLI):
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
             config.trainer.default_root_dir = str(root / f"version_{next_version(root)}")
+            _drop_callbacks_needing_a_logger(config.trainer)
             return
         # TensorBoard and CSV loggers each pick "the next free version" and so land in
         # different directories; give all of them the first one's, so a run has one log dir.
@@ -65,6 +66,16 @@ class OrthoTrainCLI(LightningCLI):
                 candidates.add(Path(log_dir))
         for run_dir in candidates:
             remove_if_unstarted(run_dir)
+
+
+def _drop_callbacks_needing_a_logger(trainer_config) -> None:
+    """LearningRateMonitor refuses a Trainer without a logger; with `logger=false` it has nothing
+    to write to, so it is left out (with a warning) instead of failing the run at start-up."""
+    callbacks = trainer_config.get("callbacks") or []
+    kept = [c for c in callbacks if not str(c.get("class_path", "")).endswith("LearningRateMonitor")]
+    if len(kept) != len(callbacks):
+        warnings.warn("trainer.logger=false: LearningRateMonitor left out (it needs a logger)", stacklevel=2)
+        trainer_config.callbacks = kept
 
 
 def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:

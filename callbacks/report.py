@@ -73,7 +73,8 @@ class ReportCallback(L.Callback):
         self.write(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if self.path is None and self._run_dir is not None:
+        # a run that failed before its first step has nothing to show (and its directory is removed)
+        if self.path is None and self._run_dir is not None and trainer.global_step > 0:
             self.write(trainer)
 
     @rank_zero_only
