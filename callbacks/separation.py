@@ -25,6 +25,7 @@ import time
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.sieve import periodic_table_due
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.separation.table import METRICS, QUANTISED, SeparationConfig, SeparationTable, to_markdown
 
@@ -75,11 +76,8 @@ class SeparationTableCallback(L.Callback):
         self.markdown: str | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
-        if (self.every_n_steps and step % self.every_n_steps == 0 and started
-                and step < trainer.max_steps and trainer.is_global_zero):
-            self._table(trainer, pl_module, suffix=f"_step{step}")
+        if periodic_table_due(trainer, pl_module, self.every_n_steps):
+            self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not (self.at_fit_end and trainer.is_global_zero):

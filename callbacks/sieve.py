@@ -37,6 +37,14 @@ from ortho_train.sieve.model import build_dual_stream_model, sieve_model
 from ortho_train.sieve.table import KillSwitchTable, TableConfig, to_markdown
 
 
+def periodic_table_due(trainer, pl_module, every_n_steps: int) -> bool:
+    """A periodic table is due: every N steps of the canary phase, before the final step, rank zero."""
+    step = trainer.global_step
+    started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
+    return bool(every_n_steps and step % every_n_steps == 0 and started
+                and step < trainer.max_steps and trainer.is_global_zero)
+
+
 class SieveCallback(L.Callback):
     """Kill-switch table of the model being fine-tuned (see the module docstring).
 
@@ -109,11 +117,8 @@ class SieveCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
-        if (self.every_n_steps and step % self.every_n_steps == 0 and started
-                and step < trainer.max_steps and trainer.is_global_zero):
-            self._table(trainer, pl_module, suffix=f"_step{step}")
+        if periodic_table_due(trainer, pl_module, self.every_n_steps):
+            self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # `on_fit_end`, not `on_train_end`: Lightning runs callbacks' `on_train_end` before the
