@@ -3,8 +3,9 @@
 Evaluates the run itself (at α = 0 and α = 1 when it trained on a support, with its DP-SGD ε
 or "none"), post-hoc global/dual weight noise over a σ grid, GPTQ INT-k (plain and with
 Gaussian noise) and DQC + stochastic quantisation over its σ grid
-(`ortho_train.privacy.table`). Writes `<run>/dp_table.json` and `<run>/dp_table.md`, logs the
-numbers as `dp_table/<row>/<metric>` and prints the table.
+(`ortho_train.privacy.table`). Writes `<run>/dp_table.json` and `<run>/dp_table.md`, writes each
+row to TensorBoard as the run `dp_table_rows/<row>` (kind, α, σ as hparams; scalars
+`dp_table/<metric>`) and prints the table.
 
 It runs at `on_fit_end`, after the module's `on_train_end` saved `hf_model/` and wrote
 `summary.json`: a table that fails cannot lose the trained model. Reads only public attributes
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians, linear_layers
 from ortho_train.privacy.table import PrivacyTable, PrivacyTableConfig, to_markdown
+from ortho_train.report.tensorboard import log_table_rows
 
 METRICS = ("extraction", "exposure", "mia", "ppl")
 
@@ -133,14 +135,10 @@ class DPTableCallback(L.Callback):
         return notes
 
     def _log(self, trainer) -> None:
-        values = {}
-        for row in self.rows:
-            label = row["kind"] + ("" if row["alpha"] is None else f"_a{row['alpha']:g}") + \
+        def label(row: dict) -> str:
+            return row["kind"] + ("" if row["alpha"] is None else f"_a{row['alpha']:g}") + \
                 ("" if row["noise"] is None else f"_s{row['noise']:g}")
-            for key in ("extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_minkpp", "public_ppl",
-                        "bits_per_weight"):
-                if isinstance(row.get(key), (int, float)):
-                    values[f"dp_table/{label}/{key}"] = float(row[key])
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
-            logger.save()
+
+        log_table_rows(trainer.loggers, "dp_table", self.rows, ("kind", "alpha", "noise"),
+                       ("extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_minkpp", "public_ppl",
+                        "bits_per_weight"), trainer.global_step, label)

@@ -13,9 +13,12 @@ gap means quantisation brought forgotten secrets back. The bin-crossing fraction
 of updated quantised-layer weights whose |ΔW| exceeds half the bin width of their block;
 `dequantised_change_fraction_<fmt>` is the exact share whose quantised value changed.
 
-At fit end (after the module's final report and the model export) `ptq_gap.json` goes to the
-log dir (atomically), and TensorBoard loggers get the report's PTQ-gap figures
-(`ptq_final/figures/<i>`). With `fail_on_gap`, a forget extraction gap above
+Each periodic measurement is written to `ptq_gap_step<N>.json`; at fit end (after the module's
+final report and the model export) `ptq_gap.json` goes to the log dir (atomically). Every
+measurement (before training with `evaluate_before`, periodic, final) goes to TensorBoard one
+run per measured model, `ptq_rows/<deployment>` (deployment, format, LoRA deployment as
+hparams; scalars `ptq/<metric>` at the step), and the final one adds the report's PTQ-gap
+figures (`ptq_final/figures/<i>`). With `fail_on_gap`, a forget extraction gap above
 `max_extraction_gap` in any deployment fails the run: `PTQGapError` is raised from `on_fit_end`
 once it is written.
 
@@ -35,7 +38,7 @@ from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import evaluate_unlearning
 from ortho_train.metrics import privleak
 from ortho_train.models import load_causal_lm
-from ortho_train.report.tensorboard import log_figures
+from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.report.unlearning import ptq_gap_figures
 from ortho_train.unlearning import bins, ptq
 
@@ -211,10 +214,23 @@ class PTQGapCallback(L.Callback):
         out["median_abs_update"] = float(moved.median()) if moved.numel() else 0.0
         return out
 
-    def _log(self, trainer, values: dict[str, float], prefix: str) -> None:
-        numbers = {f"{prefix}/{k}": float(v) for k, v in values.items() if isinstance(v, (int, float)) and v == v}
-        for logger in trainer.loggers:
-            logger.log_metrics(numbers, step=trainer.global_step)
+    def deployment_rows(self, module, values: dict) -> list[dict]:
+        """`values` (keys `<metric>_<name>`) as one row per measured model: fp and each deployment."""
+        names = ["fp"] + [name for name, _, _ in self.variants(module)]
+        rows = {name: {"deployment": name, "format": name.removesuffix("_adapter"),
+                       "lora": "adapter" if name.endswith("_adapter") else "merged"} for name in names}
+        by_length = sorted(names, key=len, reverse=True)  # `nf4_adapter` before `nf4`
+        for key, value in values.items():
+            name = next((n for n in by_length if key.endswith(f"_{n}")), None)
+            if name is not None:
+                rows[name][key.removesuffix(f"_{name}")] = value
+        return list(rows.values())
+
+    def _log(self, trainer, module, values: dict[str, float]) -> None:
+        rows = self.deployment_rows(module, values)
+        metrics = sorted({k for row in rows for k, v in row.items() if isinstance(v, (int, float))})
+        log_table_rows(trainer.loggers, "ptq", rows, ("deployment", "format", "lora"), metrics,
+                       trainer.global_step, lambda row: row["deployment"])
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -237,12 +253,16 @@ class PTQGapCallback(L.Callback):
             self.reference_auc(pl_module)
         if self.evaluate_before:
             self._before = self.measure(pl_module, self.final_exposure_references)
-            self._log(trainer, self._before, "ptq_before")
+            self._log(trainer, pl_module, self._before)
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, self.measure(pl_module, self.exposure_references), "ptq")
+        step = trainer.global_step
+        final = 0 <= trainer.max_steps <= step  # the final measurement follows at fit end
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and not final:
+            values = self.measure(pl_module, self.exposure_references)
+            write_json_atomic(pl_module.run_dir / f"ptq_gap_step{step}.json", values)
+            self._log(trainer, pl_module, values)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # `on_fit_end`: after the module's `on_train_end` (its final report) and the model export
@@ -275,7 +295,7 @@ class PTQGapCallback(L.Callback):
         results["seconds"] = time.perf_counter() - start
         self.results = results
         write_json_atomic(pl_module.run_dir / "ptq_gap.json", results)
-        self._log(trainer, {k: v for k, v in results.items() if not k.endswith("_before")}, "ptq_final")
+        self._log(trainer, pl_module, {k: v for k, v in results.items() if not k.endswith("_before")})
         log_figures(trainer.loggers, "ptq_final/figures", lambda: ptq_gap_figures(results), trainer.global_step)
         rank_zero_info(f"PTQ gap written to {pl_module.run_dir / 'ptq_gap.json'}: forget extraction fp "
                        f"{results['forget_extraction_fp']:.3f}, "

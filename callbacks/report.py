@@ -6,7 +6,7 @@ then builds the report from everything the run directory holds (`ortho_train.rep
 other callbacks and the module have written their artifacts by then (`on_train_end`), so put
 this callback last in the list. A run that fails with an exception (e.g. `PTQGapError`) still
 gets its report, from `on_exception`. With a TensorBoard logger it also writes a
-custom-scalars layout (all α / deployments of a metric in one chart) at fit start and the
+custom-scalars layout (every table row of a metric in one chart) at fit start and the
 final headline numbers as `hparams` metrics at the end. Runs on rank zero.
 """
 from __future__ import annotations

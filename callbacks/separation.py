@@ -6,7 +6,8 @@ the same budget; columns extraction, holdout extraction, exposure, MIA AUC, publ
 the tracked displacements, LMC barriers on fixed public batches, bits per weight, and the
 extraction after NF4 and INT4 (`ortho_train.separation.table`). Writes
 `<run>/separation_table.json` (rows, η per layer, notes) and `<run>/separation_table.md`
-(`separation_table_step<N>.*` for periodic tables).
+(`separation_table_step<N>.*` for periodic tables), and each row to TensorBoard as the run
+`separation_rows/<row>` (variant, α as hparams; scalars `separation/<metric>`).
 
 The final table is built in `on_fit_end`: Lightning runs callbacks' `on_train_end` *before*
 the module's, so only `on_fit_end` comes after the module saved `hf_model` and wrote
@@ -27,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.sieve import periodic_table_due
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
+from ortho_train.report.tensorboard import log_table_rows
 from ortho_train.separation.table import METRICS, QUANTISED, SeparationConfig, SeparationTable, to_markdown
 
 
@@ -110,10 +112,10 @@ class SeparationTableCallback(L.Callback):
         write_text_atomic(run_dir / f"separation_table{suffix}.md", markdown)
         if final:
             self.markdown = markdown
-        values = {f"separation/{_label(r)}/{k}": float(v) for r in rows for k, v in r.items()
-                  if k not in ("alpha", "energy") and isinstance(v, (int, float))}
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+        metrics = sorted({k for r in rows for k, v in r.items()
+                          if k not in ("alpha", "energy") and isinstance(v, (int, float))})
+        log_table_rows(trainer.loggers, "separation", rows, ("variant", "alpha", "energy"), metrics,
+                       trainer.global_step, _label)
         rank_zero_info(f"SeparationTableCallback: table written to {run_dir / f'separation_table{suffix}.md'}")
         return rows
 

@@ -5,9 +5,9 @@ Sieves copies of the module's model with public calibration batches and evaluate
 base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho density
 (`ortho_train.sieve.table`). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
 (`sieve_table_step<N>.*` for periodic tables; the final table after the module has saved the
-model and the summary, so a failing table loses neither), logs every number to the loggers as
-`sieve/<row>/<metric>` (and, to TensorBoard, the report's kill-switch figures as
-`sieve/figures/<i>`), prints the table at the end of the fit, and with `save_isolated`
+model and the summary, so a failing table loses neither), writes each row to TensorBoard as
+the run `sieve_rows/<row>` (variant, α, ρ as hparams; scalars `sieve/<metric>`) with the
+report's kill-switch figures as `sieve/figures/<i>`, prints the table at the end of the fit, and with `save_isolated`
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
 
 Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
@@ -30,7 +30,7 @@ from ortho_train.curvature import collect_hessians, linear_layers
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec
 from ortho_train.report.kill_switch import kill_switch_figures
-from ortho_train.report.tensorboard import log_figures
+from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.sieve.artifacts import save_sieved
 from ortho_train.sieve.core import SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
@@ -41,8 +41,12 @@ def periodic_table_due(trainer, pl_module, every_n_steps: int) -> bool:
     """A periodic table is due: every N steps of the canary phase, before the final step, rank zero."""
     step = trainer.global_step
     started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
-    return bool(every_n_steps and step % every_n_steps == 0 and started
-                and step < trainer.max_steps and trainer.is_global_zero)
+    before_final = trainer.max_steps < 0 or step < trainer.max_steps  # max_steps -1: epoch-bounded
+    return bool(every_n_steps and step % every_n_steps == 0 and started and before_final
+                and trainer.is_global_zero)
+
+
+ROW_METRICS = ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl", "bits_per_weight", "ortho_density")
 
 
 class SieveCallback(L.Callback):
@@ -196,15 +200,8 @@ class SieveCallback(L.Callback):
         return label
 
     def _log(self, trainer, rows: list[dict]) -> None:
-        values = {}
-        for row in rows:
-            for key in ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl",
-                        "bits_per_weight", "ortho_density"):
-                if isinstance(row.get(key), (int, float)):
-                    values[f"sieve/{self._label(row)}/{key}"] = float(row[key])
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
-            logger.save()
+        log_table_rows(trainer.loggers, "sieve", rows, ("variant", "alpha", "rho", "base"), ROW_METRICS,
+                       trainer.global_step, self._label)
         log_figures(trainer.loggers, "sieve/figures", lambda: kill_switch_figures(rows), trainer.global_step)
 
     def _save_isolated(self, pl_module, model, isolated: SupportStreams, run_dir) -> None:

@@ -24,6 +24,7 @@ JSON_FILES = {
     "run_info": ("run_info.json", dict),
 }
 _PERIODIC = re.compile(r"sieve_table_step(\d+)\.json")
+_PERIODIC_PTQ = re.compile(r"ptq_gap_step(\d+)\.json")
 STREAMS_DIR = "sieved_isolated"
 
 
@@ -39,6 +40,7 @@ class RunArtifacts:
     summary: dict | None = None
     sieve_table: list | None = None
     periodic_tables: dict[int, list] = field(default_factory=dict)  # step -> rows
+    periodic_ptq: dict[int, dict] = field(default_factory=dict)  # step -> PTQ measurement
     ptq_gap: dict | None = None
     metrics_card: dict | None = None
     roc: dict | None = None
@@ -124,6 +126,11 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         rows = _read_json(table, list, run.problems) if match else None
         if rows is not None:
             run.periodic_tables[int(match.group(1))] = rows
+    for measurement in sorted(path.glob("ptq_gap_step*.json")):
+        match = _PERIODIC_PTQ.fullmatch(measurement.name)
+        values = _read_json(measurement, dict, run.problems) if match else None
+        if values is not None:
+            run.periodic_ptq[int(match.group(1))] = values
     config = path / "config.yaml"
     if config.is_file():
         run.config_text = config.read_text(encoding="utf-8", errors="replace")

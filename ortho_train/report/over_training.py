@@ -1,7 +1,8 @@
 """The over-training section: periodic kill-switch tables and PTQ gaps as curves over steps.
 
-Periodic tables are `sieve_table_step<N>.json` (`SieveCallback(every_n_steps=N)`) and the
-`ptq/forget_extraction_<deployment>` columns of `metrics.csv` (`PTQGapCallback(every_n_steps=N)`).
+Periodic tables are `sieve_table_step<N>.json` (`SieveCallback(every_n_steps=N)`) and
+`ptq_gap_step<N>.json` (`PTQGapCallback(every_n_steps=N)`), joined by the final table and the
+final `ptq_gap.json` (with its `_before` values at step 0 when it has them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ortho_train.report.kill_switch import sieve_label
 from ortho_train.report.load import RunArtifacts
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
-PTQ_PREFIX = "ptq/forget_extraction_"
+PTQ_PREFIX = "forget_extraction_"
 PALETTE = colormaps["tab20"]  # tables have more rows than the default cycle has colours
 
 
@@ -36,6 +37,25 @@ def table_curves(tables: dict[int, list], key: str) -> dict[str, list[tuple[int,
             value = number(row.get(key))
             if value is not None:
                 curves[label].append((step, value))
+    return dict(curves)
+
+
+def ptq_curves(run: RunArtifacts, step: int | None) -> dict[str, list[tuple[int, float]]]:
+    """`{deployment: [(step, forget extraction)]}` from the periodic and final PTQ measurements."""
+    if not run.periodic_ptq:
+        return {}
+    measurements = dict(run.periodic_ptq)
+    final = run.ptq_gap or {}
+    if step is not None and step not in measurements and PTQ_PREFIX + "fp" in final:
+        before = {k.removesuffix("_before"): v for k, v in final.items() if k.endswith("_before")}
+        if before:
+            measurements.setdefault(0, before)
+        measurements[step] = {k: v for k, v in final.items() if not k.endswith("_before")}
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for at in sorted(measurements):
+        for key, value in measurements[at].items():
+            if key.startswith(PTQ_PREFIX) and (value := number(value)) is not None:
+                curves[key.removeprefix(PTQ_PREFIX)].append((at, value))
     return dict(curves)
 
 
@@ -73,10 +93,10 @@ def over_training_section(run: RunArtifacts) -> Section:
     step = final_step(run)
     if tables and run.sieve_table and step is not None and step not in tables:
         tables[step] = run.sieve_table
-    ptq = {c.removeprefix(PTQ_PREFIX): points for c, points in run.series.items() if c.startswith(PTQ_PREFIX)}
+    ptq = ptq_curves(run, step)
     if not run.periodic_tables and not ptq:
         section.skipped = ("no periodic tables (SieveCallback / PTQGapCallback with every_n_steps write "
-                           "sieve_table_step<N>.json and ptq/* columns)")
+                           "sieve_table_step<N>.json / ptq_gap_step<N>.json)")
         return section
     section.figures.append(("the periodic tables over steps (dashed: reference rows)",
                             over_training_figure(tables, ptq)))

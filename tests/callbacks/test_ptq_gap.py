@@ -20,6 +20,7 @@ from ortho_train.evaluation import evaluate_unlearning
 from ortho_train.unlearn_module import UnlearnModule
 from ortho_train.unlearning import bins, ptq
 from ortho_train.unlearning.mansu import MansuSettings
+from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -107,25 +108,33 @@ def test_mansu_update_crosses_every_bin_and_survives(model_dir, tmp_path):
     assert "forget_extraction_nf4_before" not in results
 
 
-def test_periodic_evaluation_logs_lora_deployments(model_dir, tmp_path):
-    logged = []
-
-    class Recorder(L.pytorch.loggers.logger.DummyLogger):
-        def log_metrics(self, metrics, step=None):
-            logged.append((step, dict(metrics)))
-
+def test_periodic_evaluation_writes_and_logs_lora_deployments(model_dir, tmp_path):
     module = UnlearnModule(str(model_dir), mode="lora", loss="npo", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
     callback = PTQGapCallback(formats=["nf4"], every_n_steps=2, exposure_references=20, final_exposure_references=20,
                               evaluate_before=False)
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=Recorder(), enable_checkpointing=False,
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="ptq", version=0)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback])
     trainer.fit(module, datamodule=tiny_datamodule(model_dir))
-    periodic = [(step, m) for step, m in logged if "ptq/forget_extraction_fp" in m]
-    assert [step for step, _ in periodic] == [2, 4]
-    assert {"ptq/ptq_gap_extraction_nf4", "ptq/ptq_gap_extraction_nf4_adapter"} <= periodic[0][1].keys()
+    run_dir = module.run_dir
+    # step 2 periodic (its own file); step 4 is the last step: the final measurement, ptq_gap.json
+    assert sorted(p.name for p in run_dir.glob("ptq_gap_step*.json")) == ["ptq_gap_step2.json"]
+    periodic = json.loads((run_dir / "ptq_gap_step2.json").read_text())
+    assert {"forget_extraction_fp", "ptq_gap_extraction_nf4", "ptq_gap_extraction_nf4_adapter"} <= periodic.keys()
     assert callback.results["variants"] == ["nf4", "nf4_adapter"]
+    # TensorBoard: one run per deployment, its identity as hparams, tags without the deployment
+    rows = row_runs(run_dir, "ptq")
+    assert set(rows) == {"fp", "nf4", "nf4_adapter"}
+    adapter = rows["nf4_adapter"]
+    assert adapter["hparams"] == {"deployment": "nf4_adapter", "format": "nf4", "lora": "adapter"}
+    steps = adapter["scalars"]["ptq/forget_extraction"]
+    assert [step for step, _ in steps] == [2, 4]
+    assert steps[0][1] == pytest.approx(periodic["forget_extraction_nf4_adapter"])
+    assert steps[1][1] == pytest.approx(callback.results["forget_extraction_nf4_adapter"])
+    assert rows["nf4"]["scalars"]["ptq/ptq_gap_extraction"][-1][1] == pytest.approx(
+        callback.results["ptq_gap_extraction_nf4"])
 
 
 def test_bad_settings_are_rejected():

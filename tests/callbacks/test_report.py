@@ -14,6 +14,7 @@ from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.sft_module import CanarySFTModule
+from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import one_thread, single_thread  # noqa: F401
 
 
@@ -75,6 +76,15 @@ def test_sieve_tables_reach_the_report_and_tensorboard(sieve_fit):
     images = _events(sieve_fit).Tags()["images"]
     assert {"sieve/figures/0", "sieve/figures/1"} <= set(images)
     assert [e.step for e in _events(sieve_fit).Images("sieve/figures/0")] == [4, 6]
+    # every table row is a TensorBoard run: α and the variant as hparams, not inside the tag name
+    rows = row_runs(sieve_fit, "sieve")
+    assert set(rows) == {"fp32", "posthoc_rho0.05_a0", "posthoc_rho0.05_a0.5", "posthoc_rho0.05_a1"}
+    half = rows["posthoc_rho0.05_a0.5"]
+    assert half["hparams"]["variant"] == "posthoc" and half["hparams"]["alpha"] == 0.5
+    assert [step for step, _ in half["scalars"]["sieve/extraction_rate"]] == [4, 6]
+    final = [r for r in json.loads((sieve_fit / "sieve_table.json").read_text()) if r["alpha"] == 0.5][0]
+    assert half["scalars"]["sieve/extraction_rate"][-1][1] == pytest.approx(final["extraction_rate"])
+    assert not any("_a0" in tag for tag in _events(sieve_fit).Tags()["scalars"])
 
 
 class LoggingBoringModel(BoringModel):

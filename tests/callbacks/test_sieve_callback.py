@@ -71,13 +71,19 @@ def test_logs_and_isolated_artifacts(run):
     module, callback, run_dir = run
     assert set(callback.tables) == {7}
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
-    assert "sieve/isolated_rho0.05_a0/public_ppl" in header and "sieve/fp32/extraction_rate" in header
-    dual = load_sieved(run_dir / "sieved_isolated")
+    assert "sieve/" not in header  # table rows live in sieve_table.json and TensorBoard runs, not columns
+    exact = load_sieved(run_dir / "sieved_isolated", backend="reference")
+    deployed = load_sieved(run_dir / "sieved_isolated")  # the CPU fast path
     base_only = load_sieved(run_dir / "sieved_isolated", with_ortho=False)
     ids = torch.tensor([[10, 20, 30, 40]])
     with torch.no_grad():
         trained = module.model.eval()(ids).logits
-        assert (dual(ids).logits - trained).abs().max() < 2e-3
+        reference = exact(ids).logits
+        # the saved streams are the trained model up to fp16 ortho values
+        assert (reference - trained).abs().max() < 2e-3
+        # the deployed op quantises activations (16-bit fixed point in the GEMV, bf16 in torch's
+        # INT4 op): relative error ≤ 2^-8 of each product, well under 1% of the logits' scale
+        assert (deployed(ids).logits - reference).abs().max() < 1e-2 * reference.abs().max()
         assert sum(m.nnz for m in ortho_layers(base_only).values()) == 0
 
 

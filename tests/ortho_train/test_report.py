@@ -73,11 +73,13 @@ def write_unlearning_run(root):
     (run / "ptq_gap.json").write_text(json.dumps(gap))
     (run / "metrics_card.json").write_text(json.dumps({"method": {"mode": "lora", "loss": "npo_gdr", "lr": 1e-3},
                                                        "training": {"cad": 0.31, "steps": 60}}))
-    lines = ["epoch,step,train/loss,train/forget_loss,guard/retain_ppl,ptq/forget_extraction_fp,"
-             "ptq/forget_extraction_nf4"]
-    lines += [f"0,{s},{1.0 - s / 100},{2.0 - s / 50},{6.6 + s / 1000},{1.0 - s / 60},{1.0 - s / 70}"
-              for s in range(0, 60, 10)]
+    lines = ["epoch,step,train/loss,train/forget_loss,guard/retain_ppl"]
+    lines += [f"0,{s},{1.0 - s / 100},{2.0 - s / 50},{6.6 + s / 1000}" for s in range(0, 60, 10)]
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    for step in range(10, 60, 10):  # PTQGapCallback(every_n_steps=10) before the final step 60
+        (run / f"ptq_gap_step{step}.json").write_text(json.dumps(
+            {"forget_extraction_fp": 1.0 - step / 60, "forget_extraction_nf4": 1.0 - step / 70}))
+    (run / "run_info.json").write_text(json.dumps({"global_step": 60}))
     return run
 
 
@@ -229,3 +231,16 @@ def test_skewnorm_density_matches_scipy():
 
     x = np.linspace(30.0, 70.0, 41)
     assert np.allclose(skewnorm_pdf(x, 1.8, 46.9, 2.5), stats.skewnorm.pdf(x, 1.8, 46.9, 2.5), rtol=1e-10, atol=1e-14)
+
+
+def test_ptq_curves_join_before_periodic_and_final(runs):
+    """The over-training PTQ curves: `_before` values at step 0, the periodic files, the final gap."""
+    from ortho_train.report.load import load_run
+    from ortho_train.report.over_training import ptq_curves
+
+    run = load_run(runs["unlearn"])
+    curves = ptq_curves(run, 60)
+    assert [step for step, _ in curves["fp"]] == [0, 10, 20, 30, 40, 50, 60]
+    assert curves["fp"][0] == (0, 1.0) and curves["fp"][-1] == (60, 0.0)  # before, final
+    assert dict(curves["nf4"])[20] == pytest.approx(1.0 - 20 / 70)
+    assert "nf4_adapter" in curves and "fp_before" not in curves
