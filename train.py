@@ -2,16 +2,26 @@
 
 Any LightningModule of the toolkit is selected by `model.class_path` in the config; the data
 module is always `CanaryDataModule`. `--print_config` prints a complete, editable config.
+
+Threads: torch uses as many as the cores this process may run on (its CPU affinity and cgroup
+quota; `OMP_NUM_THREADS` overrides), and they wait passively (`OMP_WAIT_POLICY=PASSIVE` unless
+set): beside another busy process a 2-thread run then slows ~1.5×, not ~2.7×
+(`python -m ortho_train.threads_bench`).
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from ortho_train.threads import set_passive_wait
 
-from ortho_train.datamodule import CanaryDataModule
-from ortho_train.run_paths import next_version, remove_if_unstarted
+set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, beside other processes
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from ortho_train.datamodule import CanaryDataModule  # noqa: E402
+from ortho_train.run_paths import next_version, remove_if_unstarted  # noqa: E402
+from ortho_train.threads import configure_threads  # noqa: E402
 
 
 class OrthoTrainCLI(LightningCLI):
@@ -90,4 +100,5 @@ def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:
 
 
 if __name__ == "__main__":
+    configure_threads()  # the cores this process may use (OMP_NUM_THREADS overrides), not the machine's
     cli_main()

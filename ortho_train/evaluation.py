@@ -127,14 +127,16 @@ def exposure_metrics(
     The skew-normal extrapolation is fitted to the first `skewnorm_references` references,
     scored in full, and capped at log2|R| (`randomness_space_size`); when it is refused (too
     few references, a fit that does not converge) `exposure_skewnorm_mean` is None and
-    `exposure_skewnorm_refused` says why. Both cover the secret's tokens only, conditioned on
+    `exposure_skewnorm_refused` says why. `skewnorm_references=0` skips it (tables that do not
+    show it: scoring the fit's references in full is most of the cost of exposure). Both cover the secret's tokens only, conditioned on
     the canary's prefix.
     """
     count = len(canaries) if max_canaries is None else min(max_canaries, len(canaries))
     ref_groups = _groups_by_length(reference_secret_ids)
     fit_groups = _groups_by_length(reference_secret_ids[:skewnorm_references])
     max_bits = math.log2(randomness_space_size) if randomness_space_size else math.inf
-    ranked, extrapolated, refused = [], [], None
+    ranked, extrapolated = [], []
+    refused = "not computed (skewnorm_references=0)" if skewnorm_references == 0 else None
     for i in tqdm(range(count), desc="exposure", unit="canary", disable=not progress, leave=False):
         prefix = canaries.prefix_ids[i]
         canary_lp = metrics.secret_log_perplexity(model, prefix, canaries.secret_ids[i][None], batch_size)
@@ -271,6 +273,7 @@ def evaluate_memorisation(
     exposure_references: int | None = None,
     include: Sequence[str] = ("extraction", "exposure", "mia", "ppl"),
     progress: bool = False,
+    skewnorm_references: int = 1000,
 ) -> dict[str, float]:
     """All memorisation metrics of `model` on `probe` as a flat dict of floats.
 
@@ -279,6 +282,7 @@ def evaluate_memorisation(
         exposure_references: use the first n reference secrets (None: all).
         include: subset of {"extraction", "exposure", "mia", "ppl"}.
         progress: show a progress bar over the exposure computation (the slow part).
+        skewnorm_references: references the skew-normal exposure is fitted to (0: not computed).
     """
     was_training = model.training
     model.eval()
@@ -293,7 +297,8 @@ def evaluate_memorisation(
         if "exposure" in include:
             references = probe.reference_secret_ids[:exposure_references]
             out.update(exposure_metrics(model, probe.members, references, exposure_canaries, progress=progress,
-                                        randomness_space_size=probe.randomness_space_size))
+                                        randomness_space_size=probe.randomness_space_size,
+                                        skewnorm_references=skewnorm_references))
         if "mia" in include:
             out.update(mia_metrics(model, probe))
         if "ppl" in include:

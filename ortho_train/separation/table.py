@@ -151,7 +151,8 @@ class SeparationTable:
              barrier: LossBarrier | None = None, bits: float = 32.0, energy: float | None = None) -> dict:
         c = self.config
         found = evaluate_memorisation(model, self.probe, exposure_canaries=c.exposure_canaries,
-                                      exposure_references=c.exposure_references, include=tuple(c.metrics))
+                                      exposure_references=c.exposure_references, include=tuple(c.metrics),
+                                      skewnorm_references=0)  # the table shows the exact rank only
         row = {"variant": variant, "alpha": alpha, "energy": energy,
                **{k: found.get(k) for k in COLUMNS[3:8]}, "eta": eta,
                "barrier_linear": None if barrier is None else barrier.linear,

@@ -50,3 +50,16 @@ def test_memorised_secret_gets_maximal_exposure(probe_and_model):
     assert found["holdout_extraction_rate"] == 0.0
     assert found["mia_auc_loss"] == pytest.approx(1.0, abs=1e-6)  # 3 memorised members vs 12 unseen holdout canaries
     assert found["public_ppl"] > 1.0
+
+
+@pytest.mark.filterwarnings("ignore:TPR at FPR")
+def test_skewnorm_skipped_on_request_leaves_the_exact_rank(probe_and_model):
+    """Tables show the exact rank only: `skewnorm_references=0` drops the fit, not the rank."""
+    probe, model = probe_and_model
+    full = evaluate_memorisation(model, probe, include=("exposure",))
+    exact_only = evaluate_memorisation(model, probe, include=("exposure",), skewnorm_references=0)
+    assert exact_only["exposure_mean"] == full["exposure_mean"]
+    assert exact_only["exposure_min"] == full["exposure_min"]
+    assert exact_only["exposure_skewnorm_mean"] is None
+    assert "skewnorm_references=0" in exact_only["exposure_skewnorm_refused"]
+    assert full["exposure_skewnorm_mean"] is not None or "exposure_skewnorm_refused" in full
