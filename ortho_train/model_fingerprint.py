@@ -2,9 +2,10 @@
 
 Two models with the same fingerprint have bit-identical parameters and buffers on every path
 their forward reads, the same α per `OrthoLinear` and the same backends: their metrics are
-the same, so a table measures them once. At α = 0 an `OrthoLinear` never reads its ortho
-buffers (the switch is decided on the host), so they are left out of the hash: the isolated
-model at α = 0 and the quantised public model share one fingerprint, as they share outputs.
+the same, so a table measures them once. At α = 0, or with an empty ortho stream, an
+`OrthoLinear` never reads its ortho buffers and its α does not matter (the switch is decided
+on the host), so the layer is hashed as "switched off": the isolated and delta models at α = 0
+and the quantised public model (an empty stream) share one fingerprint, as they share outputs.
 """
 from __future__ import annotations
 
@@ -18,8 +19,13 @@ from ortho_train.ortho_linear import ortho_layers
 ORTHO_BUFFERS = ("ortho_indices", "ortho_values")
 
 
+def _switched_off(layer) -> bool:
+    """The layer computes its base stream alone (mirrors `OrthoLinear.forward`)."""
+    return layer.alpha == 0 or layer.nnz == 0
+
+
 def _unread_keys(model: nn.Module) -> set[str]:
-    return {f"{name}.{buffer}" for name, layer in ortho_layers(model).items() if layer.alpha == 0
+    return {f"{name}.{buffer}" for name, layer in ortho_layers(model).items() if _switched_off(layer)
             for buffer in ORTHO_BUFFERS}
 
 
@@ -35,5 +41,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{key}|{data.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
     for name, layer in ortho_layers(model).items():
-        digest.update(f"{name}|alpha={layer.alpha!r}|backend={layer.backend}".encode())
+        alpha = "off" if _switched_off(layer) else repr(layer.alpha)
+        digest.update(f"{name}|alpha={alpha}|backend={layer.backend}".encode())
     return digest.hexdigest()

@@ -34,6 +34,22 @@ def test_fingerprint_ignores_unread_ortho_values_only():
     assert len(ortho_layers(a)) == 7
 
 
+def test_empty_stream_at_any_alpha_is_the_alpha_zero_model():
+    """An empty ortho stream computes the base alone at every α, like α = 0 with a full one:
+    the quantised public model and the delta/isolated α = 0 rows share one fingerprint."""
+    model = build_tiny_llama(TinyLlamaConfig(32, 1, 2, 64), 40, 0, 1)
+    layers = quantised_layers(model, SieveSpec(QuantSpec("rtn", 4, 32)))
+    empty = build_dual_stream_model(model, layers)  # empty ortho streams
+    full = _dual(model, 0.5)
+    set_alpha(empty, 1.0), set_alpha(full, 0.0)
+    assert model_fingerprint(empty) == model_fingerprint(full)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(empty(ids).logits, full(ids).logits)  # one computation path: base only
+    set_alpha(full, 1.0)
+    assert model_fingerprint(empty) != model_fingerprint(full)
+
+
 def test_fingerprint_sees_every_weight_and_buffer():
     model = build_tiny_llama(TinyLlamaConfig(32, 1, 2, 64), 40, 0, 1)
     before = model_fingerprint(model)
