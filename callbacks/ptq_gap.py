@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ortho_train.artifacts import write_json_atomic
-from ortho_train.evaluation import evaluate_unlearning
+from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
 from ortho_train.metrics import privleak
 from ortho_train.models import load_causal_lm
 from ortho_train.report.tensorboard import log_figures, log_table_rows
@@ -79,6 +79,9 @@ class PTQGapCallback(L.Callback):
             `ortho_train.unlearning.ptq.QuantSettings`).
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
         every_n_steps: evaluate every n optimiser steps (0: only before and after training).
+        periodic_metrics: what the periodic measurements compute, a subset of extraction,
+            exposure, mia, verbmem, ppl (None: all). Each costs one pass per quantised copy:
+            `[extraction]` keeps a periodic PTQ gap cheap enough to run often.
         evaluate_before: also measure the starting model (keys `*_before`).
         exposure_references: reference secrets for the rank exposure during training (None: all).
         final_exposure_references: reference secrets for the rank exposure before and at the end
@@ -105,6 +108,7 @@ class PTQGapCallback(L.Callback):
         cpu_kernel: str = "portable",
         lora_deployments: list[str] | None = None,
         every_n_steps: int = 0,
+        periodic_metrics: list[str] | None = None,
         evaluate_before: bool = True,
         exposure_references: int | None = 200,
         final_exposure_references: int | None = 1000,
@@ -116,6 +120,11 @@ class PTQGapCallback(L.Callback):
         _check_counts(every_n_steps=(every_n_steps, 0), exposure_references=(exposure_references, 1),
                       final_exposure_references=(final_exposure_references, 1),
                       skewnorm_references=(skewnorm_references, 1), int4_group_size=(int4_group_size, 1))
+        self.periodic_metrics = tuple(UNLEARNING_METRICS if periodic_metrics is None else periodic_metrics)
+        unknown = sorted(set(self.periodic_metrics) - set(UNLEARNING_METRICS))
+        if unknown or not self.periodic_metrics:
+            raise ValueError(f"PTQGapCallback periodic_metrics must be a non-empty subset of "
+                             f"{list(UNLEARNING_METRICS)}, got {periodic_metrics}")
         if not 0.0 <= max_extraction_gap <= 1.0:
             raise ValueError(f"PTQGapCallback max_extraction_gap must lie in [0, 1] (an extraction-rate "
                              f"difference), got {max_extraction_gap}")
@@ -153,12 +162,13 @@ class PTQGapCallback(L.Callback):
                 out.append((fmt if deployment == "merged" else f"{fmt}_adapter", fmt, deployment))
         return out
 
-    def measure(self, module, exposure_references: int | None) -> dict[str, float]:
+    def measure(self, module, exposure_references: int | None,
+                include: tuple[str, ...] = UNLEARNING_METRICS) -> dict[str, float]:
         """`{metric}_{variant}` for variant fp and each quantised copy, and `ptq_gap_*`."""
         def evaluate(model):
             return evaluate_unlearning(model, module.forget_probe, module.retain_members,
                                        exposure_references=exposure_references,
-                                       skewnorm_references=self.skewnorm_references)
+                                       skewnorm_references=self.skewnorm_references, include=include)
 
         found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
         for name, fmt, deployment in self.variants(module):
@@ -260,7 +270,7 @@ class PTQGapCallback(L.Callback):
         step = trainer.global_step
         final = 0 <= trainer.max_steps <= step  # the final measurement follows at fit end
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and not final:
-            values = self.measure(pl_module, self.exposure_references)
+            values = self.measure(pl_module, self.exposure_references, self.periodic_metrics)
             write_json_atomic(pl_module.run_dir / f"ptq_gap_step{step}.json", values)
             self._log(trainer, pl_module, values)
 

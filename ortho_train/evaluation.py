@@ -314,13 +314,16 @@ def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> Toke
                              [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
 
 
+UNLEARNING_METRICS = ("extraction", "exposure", "mia", "verbmem", "ppl")
+
+
 def evaluate_unlearning(
     model,
     forget_probe: MemorisationProbe,
     retain_members: TokenisedCanaries | None = None,
     exposure_references: int | None = None,
     skewnorm_references: int = 200,
-    include: Sequence[str] = ("extraction", "exposure", "mia", "verbmem", "ppl"),
+    include: Sequence[str] = UNLEARNING_METRICS,
 ) -> dict[str, float]:
     """Forget and retain metrics of an unlearned model (docs/methods.md §2, MUSE), flat floats.
 

@@ -111,8 +111,8 @@ def test_mansu_update_crosses_every_bin_and_survives(model_dir, tmp_path):
 def test_periodic_evaluation_writes_and_logs_lora_deployments(model_dir, tmp_path):
     module = UnlearnModule(str(model_dir), mode="lora", loss="npo", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
-    callback = PTQGapCallback(formats=["nf4"], every_n_steps=2, exposure_references=20, final_exposure_references=20,
-                              evaluate_before=False)
+    callback = PTQGapCallback(formats=["nf4"], every_n_steps=2, periodic_metrics=["extraction"],
+                              exposure_references=20, final_exposure_references=20, evaluate_before=False)
     logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="ptq", version=0)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
@@ -123,6 +123,8 @@ def test_periodic_evaluation_writes_and_logs_lora_deployments(model_dir, tmp_pat
     assert sorted(p.name for p in run_dir.glob("ptq_gap_step*.json")) == ["ptq_gap_step2.json"]
     periodic = json.loads((run_dir / "ptq_gap_step2.json").read_text())
     assert {"forget_extraction_fp", "ptq_gap_extraction_nf4", "ptq_gap_extraction_nf4_adapter"} <= periodic.keys()
+    assert not any("exposure" in key or "mia" in key for key in periodic)  # periodic_metrics: extraction only
+    assert "forget_exposure_nf4_adapter" in callback.results  # the final measurement has every metric
     assert callback.results["variants"] == ["nf4", "nf4_adapter"]
     # TensorBoard: one run per deployment, its identity as hparams, tags without the deployment
     rows = row_runs(run_dir, "ptq")
@@ -142,6 +144,8 @@ def test_bad_settings_are_rejected():
         PTQGapCallback(formats=["nf3"])
     with pytest.raises(ValueError, match="lora_deployments"):
         PTQGapCallback(lora_deployments=["fused"])
+    with pytest.raises(ValueError, match="periodic_metrics"):
+        PTQGapCallback(periodic_metrics=["accuracy"])
     with pytest.raises(ValueError, match="compute_dtype"):
         PTQGapCallback(compute_dtype="float8")
 
