@@ -92,7 +92,7 @@ class CanarySFTModule(L.LightningModule):
         dtype: dtype of the model's weights: 'float32' (default), 'bfloat16' or 'float16'
             (`from_pretrained(dtype=...)` for `model_path`, a cast for the built Llama). Dense
             SFT trains in it (AdamW states in that dtype too); isolation, OGD and DP need float32
-            and refuse another at start-up. Metrics are computed in float32 either way.
+            and refuse another at start-up. Metrics take float32 log-probs of the logits.
     """
 
     def __init__(

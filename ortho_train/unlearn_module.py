@@ -114,7 +114,8 @@ class UnlearnModule(L.LightningModule):
         attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
         dtype: dtype the model is loaded in: 'float32' (default), 'bfloat16' or 'float16'. LoRA
             (peft keeps the adapters in float32) and full unlearning train in it; MANSU needs
-            float32 and refuses another at start-up. Metrics and PTQ copies run in float32.
+            float32 and refuses another at start-up. PTQ copies are float32; metrics take float32
+            log-probs of the logits.
     """
 
     def __init__(

@@ -21,6 +21,7 @@ from callbacks.ptq_gap import PTQGapCallback
 from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.model_support import UnsupportedLayerError, conv1d_as_linear
+from ortho_train.ogd import OGDConfig
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
@@ -168,12 +169,13 @@ def test_conv1d_as_linear_computes_the_same_map():
     assert torch.allclose(conv1d_as_linear(layer)(x), layer(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("setting", ["isolation", "sieve", "mansu"])
+@pytest.mark.parametrize("setting", ["isolation", "ogd", "track_displacements", "sieve", "mansu"])
 def test_gpt2_conv1d_is_refused_by_name_at_start_up(gpt2_dir, tmp_path, setting):
     message = r"Conv1D projection\(s\) \(transformer\.h\.0\.attn\.c_attn"
-    if setting == "isolation":
-        with pytest.raises(UnsupportedLayerError, match=f"model.isolation: .*{message}"):
-            CanarySFTModule(model_path=str(gpt2_dir), public_steps=0, isolation=IsolationConfig(support="random"))
+    if setting in ("isolation", "ogd", "track_displacements"):
+        value = {"isolation": IsolationConfig(support="random"), "ogd": OGDConfig(), "track_displacements": True}
+        with pytest.raises(UnsupportedLayerError, match=f"model.{setting}: .*{message}"):
+            CanarySFTModule(model_path=str(gpt2_dir), public_steps=0, **{setting: value[setting]})
     elif setting == "mansu":
         with pytest.raises(UnsupportedLayerError, match=f"model.mode=mansu: .*{message}"):
             UnlearnModule(str(gpt2_dir), mode="mansu", loss="npo", optimizer="sgd")
@@ -193,6 +195,18 @@ def test_gpt2_dense_sft_round_trips(gpt2_dir, tmp_path):
         assert torch.equal(param, module.model.state_dict()[name]), name
 
 
+def test_gpt2_full_unlearning_and_ptq_gap(gpt2_dir, tmp_path):
+    module = UnlearnModule(str(gpt2_dir), mode="full", loss="ga", lr=1e-3, guard_every_n_steps=0,
+                           attribution_batches=0)
+    callback = PTQGapCallback(formats=["int4"], exposure_references=10, final_exposure_references=10,
+                              evaluate_before=False, **QUANT)
+    _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
+    results = callback.results
+    assert results["variants"] == ["int4"] and math.isfinite(results["public_ppl_int4"])
+    assert results["quantised_linear_weights"] == BLOCKS * 12 * WIDTH * WIDTH
+    assert results["updated_weights"] == results["quantised_linear_weights"]  # GA moves every weight
+
+
 def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     """peft adapts the Conv1D projections; the PTQ copies quantise them as (d_out, d_in) linears."""
     module = UnlearnModule(str(gpt2_dir), mode="lora", loss="npo", lr=1e-2, lora=ALL_LINEAR,
@@ -205,7 +219,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     results = callback.results
     assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
     assert results["quantised_linear_weights"] == BLOCKS * 12 * WIDTH * WIDTH  # 3d² + d² + 4d² + 4d² per block
-    assert results["updated_weights"] > 0
+    assert results["updated_weights"] > 0 and math.isfinite(module.final_report["cad"])
     for name in ["fp"] + results["variants"]:
         assert math.isfinite(results[f"public_ppl_{name}"]), name
     for deployment in ("merged", "adapter"):  # no Conv1D left in a quantised copy, the model keeps its own
@@ -223,6 +237,10 @@ def test_dtype_is_validated_and_isolation_needs_float32(arch_dir):
         UnlearnModule(str(model_dir), dtype="bf16")
     with pytest.raises(ValueError, match=r"model\.isolation needs float32 weights .* bfloat16"):
         CanarySFTModule(model_path=str(model_dir), dtype="bfloat16", isolation=IsolationConfig(support="random"))
+    with pytest.raises(ValueError, match=r"model\.ogd needs float32 weights .* float16"):
+        CanarySFTModule(model_path=str(model_dir), dtype="float16", ogd=OGDConfig())
+    with pytest.raises(ValueError, match=r"model\.track_displacements needs float32 weights"):
+        CanarySFTModule(model_path=str(model_dir), dtype="bfloat16", track_displacements=True)
     with pytest.raises(ValueError, match=r"model\.mode=mansu needs float32 weights .* float16"):
         UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", dtype="float16")
 
