@@ -1,4 +1,5 @@
-"""Every mode on tiny random models of the architectures users bring (Llama, Qwen2, Mistral, Phi),
+"""Every mode on tiny random models of the architectures users bring (Llama, Qwen2, Mistral, Phi):
+dense, isolated, OGD and DP SFT, the sieve table, LoRA and MANSU unlearning, the PTQ gap;
 GPT-2's Conv1D projections (PTQ and LoRA supported, sieve/isolation/MANSU refused by name) and
 bfloat16 loading (`dtype:`).
 
@@ -22,6 +23,7 @@ from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.model_support import UnsupportedLayerError, conv1d_as_linear
 from ortho_train.ogd import OGDConfig
+from ortho_train.privacy import DPConfig
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
@@ -115,6 +117,24 @@ def test_dense_bf16_sft_and_posthoc_table(arch_dir, tmp_path):
     assert saved.dtype == torch.bfloat16
     for name, param in saved.state_dict().items():
         assert torch.equal(param, module.model.state_dict()[name]), (arch, name)
+
+
+@pytest.mark.parametrize("private", ["ogd", "dp"])
+def test_ogd_and_dp_sft(arch_dir, tmp_path, private):
+    """OGD's K-FAC subspaces and DP-SGD on the support cover every projection of the architecture."""
+    arch, model_dir = arch_dir
+    settings = (dict(ogd=OGDConfig(subspace="flattest", fraction=0.5, kfac_batches=1)) if private == "ogd" else
+                dict(isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 64),
+                                               calibration_batches=1, public_base_updates=True),
+                     dp=DPConfig(noise_multiplier=1.0, delta=1e-2, max_grad_norm=0.5, expected_batch_size=2.0)))
+    module = CanarySFTModule(model_path=str(model_dir), public_steps=0, sft_lr=1e-2, sft_warmup_steps=1,
+                             eval_during_validation=False, **settings)
+    _trainer(tmp_path, 2).fit(module, datamodule=_sft_data(model_dir))
+    controller = module.private_update
+    layers = controller.subspaces if private == "ogd" else controller.support.masks
+    assert sorted(name.rsplit(".", 1)[-1] for name in layers) == sorted(PROJECTIONS[arch] * BLOCKS)
+    if private == "dp":
+        assert 0 < module.final_metrics["dp"]["epsilon"] < math.inf
 
 
 # ------------------------------------------------------------------------------- unlearning, PTQ gap
@@ -249,6 +269,8 @@ def test_bf16_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_path):
     arch, model_dir = arch_dir
     module = UnlearnModule(str(model_dir), mode="lora", loss="npo", lr=1e-2, lora=ALL_LINEAR,
                            guard_every_n_steps=0, attribution_batches=0, dtype="bfloat16")
+    trained = {p.dtype for p in module.model.parameters() if p.requires_grad}
+    assert trained == {torch.float32} and module.model.get_input_embeddings().weight.dtype == torch.bfloat16
     callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
                               evaluate_before=False, **QUANT)
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
