@@ -81,9 +81,12 @@ def _wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     wanted = list(settings.target_modules)
     if wanted == [ALL_LINEAR]:
         targets = ALL_LINEAR  # peft's own selection: a string, not a list of names
+    elif ALL_LINEAR in wanted:
+        raise ValueError(f"model.lora.target_modules {wanted}: {ALL_LINEAR!r} stands alone ([{ALL_LINEAR!r}]), "
+                         "not beside layer names")
     else:
         missing = sorted(set(wanted) - linears)
-        if not wanted or missing or ALL_LINEAR in wanted:
+        if not wanted or missing:
             raise ValueError(f"model.lora.target_modules {missing or wanted} match no linear layer of the model; "
                              f"its linear layers are named {sorted(linears)} (or use [{ALL_LINEAR!r}] alone)")
         targets = wanted

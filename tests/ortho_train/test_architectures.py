@@ -160,6 +160,18 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
     assert (module.run_dir / "adapter" / "adapter_config.json").is_file()
 
 
+def test_lora_targets_are_checked_against_the_architecture(tmp_path_factory):
+    phi = cached_tiny_model("phi", tmp_path_factory)
+    with pytest.raises(ValueError, match=r"target_modules \['down_proj', 'gate_proj', 'o_proj', 'up_proj'\] match no "
+                                         r"linear layer.*'dense', 'fc1', 'fc2'"):
+        UnlearnModule(str(phi), mode="lora")  # the Llama names of the default
+    with pytest.raises(ValueError, match="'all-linear' stands alone"):
+        UnlearnModule(str(phi), mode="lora", lora=LoraSettings(target_modules=["all-linear", "fc1"]))
+    module = UnlearnModule(str(phi), mode="lora", lora=LoraSettings(target_modules=["q_proj", "dense", "fc2"]))
+    adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
+    assert adapted == {"q_proj", "dense", "fc2"}
+
+
 def test_mansu_unlearning(arch_dir, tmp_path):
     """MANSU: only the planned rows move, each by at least one NF4 bin."""
     arch, model_dir = arch_dir
