@@ -18,7 +18,10 @@ stored transposed, (d_in, d_out). Per mode:
 dtype: isolation, OGD and DP-SGD on the support hold weights at exact dequantised INT4 values
 and compare them bit for bit, and MANSU's bin floor is checked on the stored weights; they
 need float32 weights (`require_float32`). Tables and PTQ copies cast their copies to float32
-instead, and every metric computes its log-probabilities in float32.
+instead, and every metric computes its log-probabilities in float32. float16 weights that AdamW
+trains directly (dense SFT, full unlearning) are refused (`refuse_float16_training`): without
+loss scaling AdamW's ε = 1e-8 is 0 in float16, a weight whose gradient is 0 gets 0/0, and the
+first step is NaN (measured on a tiny Phi); LoRA trains float32 adapters on a float16 base.
 """
 from __future__ import annotations
 
@@ -61,6 +64,15 @@ def require_float32(model: nn.Module, setting: str) -> None:
                          f"compares them bit for bit), but the model has {', '.join(dtypes)} parameters: "
                          "set model.dtype: float32 (or train with LoRA unlearning / dense SFT, which take "
                          "bfloat16 and float16)")
+
+
+def refuse_float16_training(dtype: torch.dtype, setting: str) -> None:
+    """Raise `ValueError` when float16 weights would be trained by AdamW (see the module docstring)."""
+    if dtype == torch.float16:
+        raise ValueError(f"{setting}: model.dtype=float16 weights trained by AdamW turn NaN at the first step "
+                         "(no loss scaling; AdamW's eps 1e-8 is 0 in float16): use model.dtype: bfloat16, or "
+                         "float32 with trainer.precision: 16-mixed; float16 suits LoRA unlearning, whose "
+                         "adapters stay float32")
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ from ortho_train.run_paths import resolve_latest
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # `model.dtype` settings: the dtype a model is loaded (or built) in. float32 is the default and
-# the only one isolation, OGD, DP on the support and MANSU accept (`ortho_train.model_support`).
+# the only one isolation, OGD, DP on the support and MANSU accept; float16 only LoRA unlearning
+# takes (`ortho_train.model_support`).
 MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

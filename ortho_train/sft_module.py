@@ -36,6 +36,7 @@ from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposure_reference_histogram,
                                     mia_roc_curves)
+from ortho_train.model_support import refuse_float16_training
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
@@ -89,10 +90,11 @@ class CanarySFTModule(L.LightningModule):
             the canary phase (for η in the separation table). Dense SFT then runs one extra
             backward through the canary half per step; OGD tracks them anyway; isolation
             refuses it. See `ortho_train.separation.displacement`.
-        dtype: dtype of the model's weights: 'float32' (default), 'bfloat16' or 'float16'
+        dtype: dtype of the model's weights: 'float32' (default) or 'bfloat16'
             (`from_pretrained(dtype=...)` for `model_path`, a cast for the built Llama). Dense
             SFT trains in it (AdamW states in that dtype too); isolation, OGD and DP need float32
-            and refuse another at start-up. Metrics take float32 log-probs of the logits.
+            and refuse another at start-up; 'float16' is refused (AdamW without loss scaling
+            gives NaN). Metrics take float32 log-probs of the logits.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class CanarySFTModule(L.LightningModule):
         if bad:
             raise ValueError(f"{', '.join(bad)}: learning rates must be > 0")
         torch_dtype = model_dtype(dtype, "model.dtype")
+        refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
         if model_path is None:
             self.model = build_tiny_llama(

@@ -34,7 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ortho_train.metrics import perplexity
-from ortho_train.model_support import require_float32, require_linear_only
+from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.run_paths import resolve_latest
@@ -116,8 +116,9 @@ class UnlearnModule(L.LightningModule):
         guard_windows: held-out public windows used for that check.
         attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
         dtype: dtype the model is loaded in: 'float32' (default), 'bfloat16' or 'float16'. LoRA
-            (peft keeps the adapters in float32) and full unlearning train in it; MANSU needs
-            float32 and refuses another at start-up. PTQ copies are float32; metrics take float32
+            (peft keeps the adapters in float32) takes all three, full unlearning float32 and
+            bfloat16 (float16 under AdamW without loss scaling gives NaN); MANSU needs float32.
+            Refused combinations fail at start-up. PTQ copies are float32; metrics take float32
             log-probs of the logits.
     """
 
@@ -158,7 +159,10 @@ class UnlearnModule(L.LightningModule):
         self.mansu_settings = mansu or MansuSettings()
         self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
         # clear FileNotFoundError for a missing directory
-        self.model = load_causal_lm(self.model_path, model_dtype(dtype, "model.dtype")).train()
+        torch_dtype = model_dtype(dtype, "model.dtype")
+        if mode == "full":
+            refuse_float16_training(torch_dtype, "model.mode=full")
+        self.model = load_causal_lm(self.model_path, torch_dtype).train()
         if mode == "mansu":  # row masks over (d_out, d_in) nn.Linear weights, bin floors on stored values
             require_linear_only(self.model, "model.mode=mansu")
             require_float32(self.model, "model.mode=mansu")
