@@ -92,7 +92,8 @@ class CanarySFTModule(L.LightningModule):
             refuses it. See `ortho_train.separation.displacement`.
         dtype: dtype of the model's weights: 'float32' (default) or 'bfloat16'
             (`from_pretrained(dtype=...)` for `model_path`, a cast for the built Llama). Dense
-            SFT trains in it (AdamW states in that dtype too); isolation, OGD and DP need float32
+            SFT trains in it (AdamW states too, no float32 master copy: a step below a weight's
+            bfloat16 spacing, 2⁻⁸ of its size, rounds away); isolation, OGD and DP need float32
             and refuse another at start-up; 'float16' is refused (AdamW without loss scaling
             gives NaN). Metrics take float32 log-probs of the logits.
     """
