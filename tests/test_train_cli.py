@@ -174,5 +174,14 @@ def test_bring_your_own_config_runs_on_a_local_model(tmp_path, tmp_path_factory,
     assert rows[("isolated", 1.0)]["ortho_density"] == pytest.approx(0.005, abs=0.002)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["isolation"]["rho"] == 0.005 and summary["isolation"]["support"] == "impact"
-    assert (run_dir / "sieved_isolated").is_dir() and (run_dir / "report.html").is_file()
+    assert (run_dir / "report.html").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from ortho_train.sieve import load_sieved
+
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():  # the saved streams of the Qwen2 are the trained model up to fp16 ortho values
+        trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")(ids).logits
+        sieved = load_sieved(run_dir / "sieved_isolated", backend="reference")(ids).logits
+    assert (sieved - trained).abs().max() < 2e-3
     assert (tmp_path / "runs/bring_your_own/canary.key").is_file()
