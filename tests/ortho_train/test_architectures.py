@@ -247,7 +247,13 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     assert module.original_weights["transformer.h.0.attn.c_attn"].shape == (3 * WIDTH, WIDTH)  # (d_out, d_in)
     callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
                               evaluate_before=False, **QUANT)
-    _trainer(tmp_path, 3, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
+    export = AdapterExportCallback(save_merged=True)
+    _trainer(tmp_path, 3, [callback, export]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
+    merged = AutoModelForCausalLM.from_pretrained(module.run_dir / "hf_model_unlearned")  # GPT-2 with Conv1D again
+    assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, module.model.eval()(ids).logits, atol=1e-5)
     results = callback.results
     assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
     assert results["quantised_linear_weights"] == BLOCKS * 12 * WIDTH * WIDTH  # 3d² + d² + 4d² + 4d² per block
