@@ -15,9 +15,10 @@ stored transposed, (d_in, d_out). Per mode:
   by name (`require_linear_only`): skipping the Conv1D layers silently would leave every
   projection of a GPT-2 block outside the base/ortho split.
 
-dtype: isolation, OGD and DP-SGD on the support hold weights at exact dequantised INT4 values
-and compare them bit for bit, and MANSU's bin floor is checked on the stored weights; they
-need float32 weights (`require_float32`). Tables and PTQ copies cast their copies to float32
+dtype: isolation and DP-SGD on the support hold the weights off S at exact dequantised INT4
+values and compare them bit for bit, OGD keeps W = W_pub + ΔW_priv as exact parts, the
+displacement tracker splits every AdamW step exactly, and MANSU's bin floor is checked on the
+stored weights; they need float32 weights (`require_float32`). Tables and PTQ copies cast their copies to float32
 instead, and every metric computes its log-probabilities in float32. float16 weights that AdamW
 trains directly (dense SFT, full unlearning) are refused (`refuse_float16_training`): without
 loss scaling AdamW's ε = 1e-8 is 0 in float16, a weight whose gradient is 0 gets 0/0, and the
@@ -60,8 +61,9 @@ def require_float32(model: nn.Module, setting: str) -> None:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
                      if p.is_floating_point() and p.dtype != torch.float32})
     if dtypes:
-        raise ValueError(f"{setting} needs float32 weights (it holds weights at exact dequantised values and "
-                         f"compares them bit for bit), but the model has {', '.join(dtypes)} parameters: "
+        raise ValueError(f"{setting} needs float32 weights (it keeps exact weight values: dequantised INT4 "
+                         f"bases, public/private splits, bin floors), but the model has {', '.join(dtypes)} "
+                         "parameters: "
                          "set model.dtype: float32 (or train with LoRA unlearning / dense SFT, which take "
                          "bfloat16 and float16)")
 
