@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.model_support import require_linear_only
 from ortho_train.privacy.table import PrivacyTable, PrivacyTableConfig, to_markdown
 from ortho_train.report.tensorboard import log_table_rows
 
@@ -97,6 +98,10 @@ class DPTableCallback(L.Callback):
             return collect_hessians(model, trainer.datamodule.public_train_dataloader(), modules,
                                     self.calibration_batches)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse, before any training, a model whose projections the table would skip (Conv1D)."""
+        require_linear_only(pl_module.model, "callbacks.dp_table.DPTableCallback")
+
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
@@ -104,7 +109,7 @@ class DPTableCallback(L.Callback):
         final = pl_module.final_metrics or {}
         epsilon = (final.get("dp") or {}).get("epsilon")
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
-        model = copy.deepcopy(pl_module.model).eval()
+        model = copy.deepcopy(pl_module.model).float().eval()  # the table's maths in float32
         rank_zero_info("DPTableCallback: building the privacy table…")
         table = PrivacyTable(model, trainer.datamodule.probe, self.config,
                              lambda m: self._calibration(trainer, m), streams, epsilon, rank_zero_info)

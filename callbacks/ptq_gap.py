@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
 from ortho_train.metrics import privleak
+from ortho_train.model_support import linear_weight
 from ortho_train.models import load_causal_lm
 from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.report.unlearning import ptq_gap_figures
@@ -247,9 +248,9 @@ class PTQGapCallback(L.Callback):
         """Refuse, before any training, a bitsandbytes block wider than a quantised layer's rows."""
         if not {"nf4", "fp4"} & set(self.formats):
             return
-        narrow = {name: linear.in_features for name, linear in
-                  ptq.quantisable_linears(pl_module.model, self.settings.skip_modules).items()
-                  if linear.in_features < self.settings.blocksize}
+        widths = {name: linear_weight(linear).shape[1] for name, linear in  # d_in of (d_out, d_in)
+                  ptq.quantisable_linears(pl_module.model, self.settings.skip_modules).items()}
+        narrow = {name: width for name, width in widths.items() if width < self.settings.blocksize}
         if narrow:
             name, width = next(iter(narrow.items()))
             raise ValueError(f"PTQGapCallback blocksize={self.settings.blocksize} is larger than the width of "

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.sieve import periodic_table_due
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
+from ortho_train.model_support import require_linear_only
 from ortho_train.report.tensorboard import log_table_rows
 from ortho_train.separation.table import METRICS, QUANTISED, SeparationConfig, SeparationTable, to_markdown
 
@@ -77,6 +78,10 @@ class SeparationTableCallback(L.Callback):
         self.tables: dict[int, list[dict]] = {}
         self.markdown: str | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse, before any training, a model whose projections the split would skip (Conv1D)."""
+        require_linear_only(pl_module.model, "callbacks.separation.SeparationTableCallback")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if periodic_table_due(trainer, pl_module, self.every_n_steps):
             self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
@@ -95,7 +100,7 @@ class SeparationTableCallback(L.Callback):
     def _table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
         start = time.perf_counter()
         rank_zero_info(f"SeparationTableCallback: building the separation table at step {trainer.global_step}…")
-        model = copy.deepcopy(pl_module.model).eval()
+        model = copy.deepcopy(pl_module.model).float().eval()  # the table's maths in float32
         displacements = pl_module.displacements()
         table = SeparationTable(model, pl_module.pre_canary_state_dict, trainer.datamodule.probe, self.config,
                                 pl_module.private_streams(), displacements, rank_zero_info)

@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.model_support import require_linear_only
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec
 from ortho_train.report.kill_switch import kill_switch_figures
@@ -120,6 +121,10 @@ class SieveCallback(L.Callback):
         self.markdown: str | None = None
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Refuse, before any training, a model whose projections the sieve would skip (Conv1D)."""
+        require_linear_only(pl_module.model, "callbacks.sieve.SieveCallback")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if periodic_table_due(trainer, pl_module, self.every_n_steps):
             self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
@@ -140,12 +145,13 @@ class SieveCallback(L.Callback):
 
     def _table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
         start = time.perf_counter()
-        model = copy.deepcopy(pl_module.model).eval()
+        # float32 copies: GPTQ, the sieve and the metrics run in float32 whatever model.dtype is
+        model = copy.deepcopy(pl_module.model).float().eval()
         pre_model = None
         if pl_module.pre_canary_state_dict is not None:
             pre_model = copy.deepcopy(pl_module.model)
             pre_model.load_state_dict(pl_module.pre_canary_state_dict)
-            pre_model.eval()
+            pre_model.float().eval()
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
         isolated = streams if isinstance(streams, SupportStreams) else None
         rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")

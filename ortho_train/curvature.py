@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ortho_train.model_support import require_linear_only
+
 
 def head_is_tied(model: nn.Module) -> bool:
     """True when the LM head's weight is the input embedding's (`tie_word_embeddings`)."""
@@ -41,7 +43,12 @@ def linear_layers(model: nn.Module, include_lm_head: bool = False) -> dict[str, 
     embedding is always left out (with a warning when it was asked for): quantising, sieving
     or training its support would change the input embedding too, which then sits outside
     the base/ortho split — the α = 0 model's embedding would carry what S learnt.
+
+    A model with GPT-2-style `Conv1D` projections is refused by name
+    (`ortho_train.model_support.UnsupportedLayerError`): returning its nn.Linear layers alone
+    would skip them silently.
     """
+    require_linear_only(model, "selecting the linear layers to quantise, sieve or isolate")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if include_lm_head and head is not None and head_is_tied(model):
         warnings.warn("the LM head is tied to the input embedding: it stays dense (not quantised, "

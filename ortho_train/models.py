@@ -14,6 +14,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from ortho_train.run_paths import resolve_latest
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# `model.dtype` settings: the dtype a model is loaded (or built) in. float32 is the default and
+# the only one isolation, OGD, DP on the support and MANSU accept; float16 only LoRA unlearning
+# takes (`ortho_train.model_support`).
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, setting: str = "model.dtype") -> torch.dtype:
+    """The torch dtype of a `model.dtype` setting; an unknown name raises ValueError naming `setting`."""
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"{setting}={name!r} is not a known dtype: choose one of {sorted(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
 
 
 @dataclass
@@ -62,7 +73,7 @@ def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a local Hugging Face causal-LM directory (config.json + weights), offline.
+    """Load a local Hugging Face causal-LM directory (config.json + weights), offline, in `dtype`.
 
     `runs/<name>/latest/...` names the newest run of `<name>` (`ortho_train.run_paths`).
 

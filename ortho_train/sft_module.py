@@ -36,7 +36,8 @@ from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
 from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposure_reference_histogram,
                                     mia_roc_curves)
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm
+from ortho_train.model_support import refuse_float16_training
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
@@ -89,6 +90,12 @@ class CanarySFTModule(L.LightningModule):
             the canary phase (for η in the separation table). Dense SFT then runs one extra
             backward through the canary half per step; OGD tracks them anyway; isolation
             refuses it. See `ortho_train.separation.displacement`.
+        dtype: dtype of the model's weights: 'float32' (default) or 'bfloat16'
+            (`from_pretrained(dtype=...)` for `model_path`, a cast for the built Llama). Dense
+            SFT trains in it (AdamW states too, no float32 master copy: a step below a weight's
+            bfloat16 spacing, 2⁻⁸ of its size, rounds away); isolation, OGD and DP need float32
+            and refuse another at start-up; 'float16' is refused (AdamW without loss scaling
+            gives NaN). Metrics take float32 log-probs of the logits.
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class CanarySFTModule(L.LightningModule):
         ogd: OGDConfig | None = None,
         dp: DPConfig | None = None,
         track_displacements: bool = False,
+        dtype: str = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -118,14 +126,16 @@ class CanarySFTModule(L.LightningModule):
         bad = [f"model.{name}={value}" for name, value in (("lr", lr), ("sft_lr", sft_lr)) if not value > 0]
         if bad:
             raise ValueError(f"{', '.join(bad)}: learning rates must be > 0")
+        torch_dtype = model_dtype(dtype, "model.dtype")
+        refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
         if model_path is None:
             self.model = build_tiny_llama(
                 tiny_llama or TinyLlamaConfig(), len(self.tokenizer),
                 self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, seed=model_seed,
-            )
+            ).to(torch_dtype)
         else:
-            self.model = load_causal_lm(model_path).train()  # from_pretrained returns eval mode
+            self.model = load_causal_lm(model_path, torch_dtype).train()  # from_pretrained returns eval mode
         self.val_nll = MeanMetric()
         self.pre_canary_state_dict: dict[str, torch.Tensor] | None = None
         self.public_ppl_before_canaries: float | None = None

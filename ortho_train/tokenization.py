@@ -2,10 +2,14 @@
 
 The byte-level tokenizer is transformers' `ByT5Tokenizer` without extra ids: 256 byte tokens
 plus pad (0), eos (1) and unk (2), byte b ↦ id b + 3. It saves and loads through
-`AutoTokenizer`, so a model directory written by ortho-train is self-describing.
+`AutoTokenizer`, so a model directory written by ortho-train is self-describing — except that
+transformers ≥ 5 replaces the declared tokenizer class by the model type's own for some types
+(Qwen2's, Mistral's): a directory whose `tokenizer_config.json` declares `ByT5Tokenizer` is
+therefore loaded as the byte tokenizer directly, whatever model sits beside it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,12 +49,23 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
             f"model directory {str(path)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
             "save the tokenizer into it (tokenizer.save_pretrained) or copy them from the base model"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if _declared_class(path) == ByT5Tokenizer.__name__:
+        tokenizer = ByT5Tokenizer.from_pretrained(path, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token_id is None:
         # Causal LMs often ship without a pad token; eos is the conventional stand-in and pads
         # are masked everywhere in ortho-train, so its identity never reaches a loss.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _declared_class(path: Path) -> str | None:
+    """`tokenizer_class` of the directory's tokenizer_config.json (None: absent or unreadable)."""
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:

@@ -31,9 +31,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ortho_train.metrics import perplexity
-from ortho_train.models import count_parameters, load_causal_lm
+from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
+from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
@@ -49,6 +51,7 @@ MODES = ("lora", "full", "mansu")
 class UnlearningStopped(RuntimeError):
     """The divergence guard ended training: the run is reported as stopped, not as a success."""
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEAR = "all-linear"  # peft: every linear / Conv1D projection but the output layer, any architecture
 
 
 @dataclass
@@ -58,7 +61,10 @@ class LoraSettings:
     Args:
         rank: adapter rank r.
         alpha: scaling numerator (the update is alpha/r · B A).
-        target_modules: linear names (last dotted component) that get an adapter.
+        target_modules: linear names (last dotted component) that get an adapter: Llama, Qwen2 and
+            Mistral name them as the default does; Phi uses q_proj, k_proj, v_proj, dense, fc1,
+            fc2; GPT-2 c_attn, c_proj, c_fc (Conv1D). `["all-linear"]` lets peft take every
+            linear projection of any architecture except the output layer.
         dropout: dropout on the adapter input.
     """
 
@@ -71,12 +77,20 @@ class LoraSettings:
 def _wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = sorted(set(settings.target_modules) - linears)
-    if not settings.target_modules or missing:
-        raise ValueError(f"LoRA target modules {missing or '[]'} match no linear layer of the model; "
-                         f"its linear layers are named {sorted(linears)}")
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.target_modules),
+    linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    wanted = list(settings.target_modules)
+    if wanted == [ALL_LINEAR]:
+        targets = ALL_LINEAR  # peft's own selection: a string, not a list of names
+    elif ALL_LINEAR in wanted:
+        raise ValueError(f"model.lora.target_modules {wanted}: {ALL_LINEAR!r} stands alone ([{ALL_LINEAR!r}]), "
+                         "not beside layer names")
+    else:
+        missing = sorted(set(wanted) - linears)
+        if not wanted or missing:
+            raise ValueError(f"model.lora.target_modules {missing or wanted} match no linear layer of the model; "
+                             f"its linear layers are named {sorted(linears)} (or use [{ALL_LINEAR!r}] alone)")
+        targets = wanted
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets,
                         lora_dropout=settings.dropout, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -101,6 +115,11 @@ class UnlearnModule(L.LightningModule):
         guard_every_n_steps: how often the retain perplexity is checked (and a good state kept).
         guard_windows: held-out public windows used for that check.
         attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
+        dtype: dtype the model is loaded in: 'float32' (default), 'bfloat16' or 'float16'. LoRA
+            (peft keeps the adapters in float32) takes all three, full unlearning float32 and
+            bfloat16 (float16 under AdamW without loss scaling gives NaN); MANSU needs float32.
+            Refused combinations fail at start-up. PTQ copies are float32; metrics take float32
+            log-probs of the logits.
     """
 
     def __init__(
@@ -120,6 +139,7 @@ class UnlearnModule(L.LightningModule):
         guard_every_n_steps: int = 10,
         guard_windows: int = 16,
         attribution_batches: int = 4,
+        dtype: str = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -138,7 +158,14 @@ class UnlearnModule(L.LightningModule):
         self.lora_settings = lora or LoraSettings()
         self.mansu_settings = mansu or MansuSettings()
         self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
-        self.model = load_causal_lm(self.model_path).train()  # clear FileNotFoundError for a missing directory
+        # clear FileNotFoundError for a missing directory
+        torch_dtype = model_dtype(dtype, "model.dtype")
+        if mode == "full":
+            refuse_float16_training(torch_dtype, "model.mode=full")
+        self.model = load_causal_lm(self.model_path, torch_dtype).train()
+        if mode == "mansu":  # row masks over (d_out, d_in) nn.Linear weights, bin floors on stored values
+            require_linear_only(self.model, "model.mode=mansu")
+            require_float32(self.model, "model.mode=mansu")
         self.tokenizer = load_tokenizer(model_path)
         self.original_weights = ptq.effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)

@@ -151,3 +151,37 @@ def test_ddp_two_processes_on_cpu_write_once(tmp_path):
     assert (tmp_path / "runs/tiny/canary.key").is_file()  # made once, by rank zero before the launch
     assert (runs[0] / "summary.json").is_file() and (runs[0] / "hf_model/model.safetensors").is_file()
     assert (result.stdout + result.stderr).count("summary written to") == 1
+
+
+def test_bring_your_own_config_runs_on_a_local_model(tmp_path, tmp_path_factory, monkeypatch):
+    """configs/bring_your_own.yaml as shipped, on a tiny Qwen2 directory, for a few steps."""
+    from tests.ortho_train.arch_models import cached_tiny_model
+
+    model_dir = cached_tiny_model("qwen2", tmp_path_factory)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli_main(["fit", "--config", str(REPO / "configs/bring_your_own.yaml"), f"--model.init_args.model_path={model_dir}",
+                  "--trainer.max_steps=3", "--trainer.enable_progress_bar=false"])
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = tmp_path / "runs/bring_your_own/version_0"
+    rows = {(r["variant"], r["alpha"]): r for r in json.loads((run_dir / "sieve_table.json").read_text())}
+    assert set(rows) == {("pre_sft", None), ("int4_pre_sft", None), ("isolated", 0.0), ("isolated", 1.0)}
+    for key in ("extraction_rate", "exposure_mean", "public_ppl"):  # α = 0 is the INT4 base of the model brought
+        assert rows[("isolated", 0.0)][key] == rows[("int4_pre_sft", None)][key], key
+    assert rows[("isolated", 1.0)]["ortho_density"] == pytest.approx(0.005, abs=0.002)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["isolation"]["rho"] == 0.005 and summary["isolation"]["support"] == "impact"
+    assert (run_dir / "report.html").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from ortho_train.sieve import load_sieved
+
+    ids = torch.tensor([[10, 20, 30, 40]])
+    with torch.no_grad():  # the saved streams of the Qwen2 are the trained model up to fp16 ortho values
+        trained = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")(ids).logits
+        sieved = load_sieved(run_dir / "sieved_isolated", backend="reference")(ids).logits
+    assert (sieved - trained).abs().max() < 2e-3
+    assert (tmp_path / "runs/bring_your_own/canary.key").is_file()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ortho_train.curvature import linear_layers
+from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.private_update.streams import PrivateStreams
 from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
 
@@ -80,14 +81,25 @@ class PrivateUpdateController(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type | None] = None
     builds_on: ClassVar[str | None] = None  # the registry name whose config this one also needs
+    # Selects the model's linears and holds weights at exact (dequantised) values: refuses
+    # Conv1D layers and non-float32 weights at start-up (`ortho_train.model_support`).
+    needs_float32_linears: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config
         self.host: SFTHost | None = None
 
     def setup(self, host: SFTHost) -> None:
-        """Bind to the module (called once, when the module is built)."""
+        """Bind to the module (called once, when the module is built); start-up checks of the model."""
         self.host = host
+        if self.needs_float32_linears:
+            self.check_model(host.model, f"model.{self.name}")
+
+    @staticmethod
+    def check_model(model: nn.Module, setting: str) -> None:
+        """Refuse a model this controller cannot separate: Conv1D projections, non-float32 weights."""
+        require_linear_only(model, setting)
+        require_float32(model, setting)
 
     # --------------------------------------------------------------- phases
     def fit_start(self) -> None:
@@ -189,6 +201,11 @@ class DenseController(PrivateUpdateController):
 
     def track_displacements(self) -> None:
         self._track = True
+
+    def setup(self, host) -> None:
+        super().setup(host)
+        if self._track:  # the tracker splits every block linear's AdamW step exactly
+            self.check_model(host.model, "model.track_displacements")
 
     def enter_canary_phase(self) -> None:
         if self._track:

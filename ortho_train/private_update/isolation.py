@@ -28,6 +28,7 @@ class IsolationController(PrivateUpdateController):
     """Isolation by construction (see the module docstring); `config` is an `IsolationConfig`."""
 
     config_class = IsolationConfig
+    needs_float32_linears = True
 
     def __init__(self, config: IsolationConfig):
         super().__init__(config)

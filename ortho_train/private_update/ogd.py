@@ -45,6 +45,7 @@ class OGDController(PrivateUpdateController):
     """OGD-projected canary SFT (see the module docstring); `config` is an `OGDConfig`."""
 
     config_class = OGDConfig
+    needs_float32_linears = True
 
     def __init__(self, config: OGDConfig):
         super().__init__(config)

@@ -4,7 +4,11 @@ Formats (docs/methods.md §4): NF4 and FP4 with bitsandbytes (block of 64, fp32 
 optional double quantisation of the absmax, a compute dtype), and INT4 RTN with the project's
 group quantiser (`kernels.packing`). As in transformers' `BitsAndBytesConfig` loading, every
 `nn.Linear` is quantised except `skip_modules` (default: the LM head); embeddings and norms
-stay in full precision.
+stay in full precision. GPT-2-style `Conv1D` projections are quantised too: in the copy each
+becomes the equivalent `nn.Linear` first (`ortho_train.model_support.conv1d_as_linear`), so
+blocks and groups run along the input dimension of the (d_out, d_in) weight, as for any linear.
+Copies are built in float32 whatever the model's dtype (a bfloat16/float16 weight is exact in
+float32); the matmul then runs in `compute_dtype`.
 
 NF4/FP4 copies are built with real `bitsandbytes.nn.Linear4bit` modules (moving them to the
 CPU triggers the quantisation), so the forward pass is the one a bitsandbytes deployment runs.
@@ -23,6 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ortho_train.model_support import conv1d_as_linear, linear_weight
 
 FORMATS = ("nf4", "fp4", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,10 +96,11 @@ def plain_name(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def quantisable_linears(model: nn.Module, skip_modules=("lm_head",)) -> dict[str, nn.Linear]:
-    """`nn.Linear` modules a 4-bit deployment quantises, by their full name in `model`.
+def quantisable_linears(model: nn.Module, skip_modules=("lm_head",)) -> dict[str, nn.Module]:
+    """`nn.Linear` (and GPT-2 `Conv1D`) modules a 4-bit deployment quantises, by full name in `model`.
 
     Excludes the skipped names, peft adapter matrices (`lora_*`) and already quantised layers.
+    `ortho_train.model_support.linear_weight` gives any of them as (d_out, d_in).
     """
     import bitsandbytes as bnb
 
@@ -100,7 +108,7 @@ def quantisable_linears(model: nn.Module, skip_modules=("lm_head",)) -> dict[str
     found = {}
     for name, module in model.named_modules():
         parts = name.split(".")
-        if (type(module) is nn.Linear and not isinstance(module, bnb.nn.Linear4bit)
+        if ((type(module) is nn.Linear or isinstance(module, Conv1D)) and not isinstance(module, bnb.nn.Linear4bit)
                 and not skip.intersection(parts) and not any(p.startswith("lora_") for p in parts)):
             found[name] = module
     return found
@@ -166,12 +174,15 @@ def use_native_cpu_kernel(layer: nn.Module, settings: QuantSettings) -> bool:
 
 
 def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings) -> nn.Module:
-    """Quantise every quantisable linear of `model` in place; returns `model`."""
+    """Quantise every quantisable linear of `model` in place (Conv1D become nn.Linear); returns `model`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown quantisation format {fmt!r}: expected one of {FORMATS}")
-    for name, linear in quantisable_linears(model, settings.skip_modules).items():
+    for name, layer in quantisable_linears(model, settings.skip_modules).items():
+        linear = conv1d_as_linear(layer) if isinstance(layer, Conv1D) else layer
         if fmt == "int4":
             linear.weight.data = fake_quantise(linear.weight, "int4", settings).to(linear.weight.dtype)
+            if linear is not layer:
+                _set_module(model, name, linear)
         else:
             _set_module(model, name, _to_linear4bit(linear, fmt, settings))
     return model
@@ -185,7 +196,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def quantised_copy(model: nn.Module, fmt: str, settings: QuantSettings, deployment: str = "merged") -> nn.Module:
-    """A quantised copy of `model`, in eval mode; `model` itself is untouched.
+    """A quantised float32 copy of `model`, in eval mode; `model` itself is untouched.
 
     Args:
         deployment: for a peft model, 'merged' (merge the adapter, then quantise) or 'adapter'
@@ -194,12 +205,18 @@ def quantised_copy(model: nn.Module, fmt: str, settings: QuantSettings, deployme
     if deployment not in ("merged", "adapter"):
         raise ValueError(f"deployment must be 'merged' or 'adapter', got {deployment!r}")
     clone = merged_copy(model) if deployment == "merged" else copy.deepcopy(model)
-    return quantise_linears_(clone, fmt, settings).eval()
+    return quantise_linears_(clone.float(), fmt, settings).eval()  # .float(): no-op for a float32 model
+
+
+def _owned(weight: Tensor) -> Tensor:
+    """A float32 CPU copy of `weight`, contiguous (a Conv1D's transposed view included)."""
+    return weight.detach().float().cpu().clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
 def effective_linear_weights(model: nn.Module, skip_modules=("lm_head",)) -> dict[str, Tensor]:
-    """Full-precision weights of the quantisable linears as deployed (LoRA merged), by plain name, on CPU."""
+    """Full-precision (d_out, d_in) weights of the quantisable linears as deployed (LoRA merged), by
+    plain name, float32 on CPU."""
     plain = merged_copy(model) if is_peft_model(model) else model
-    return {plain_name(name): linear.weight.detach().float().cpu().clone()
+    return {plain_name(name): _owned(linear_weight(linear))
             for name, linear in quantisable_linears(plain, skip_modules).items()}

@@ -159,7 +159,7 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
         tiny_datamodule(model_dir, forget_members=[])
     with pytest.raises(ValueError, match=r"forget_members \[9\] out of range"):
         tiny_datamodule(model_dir, forget_members=[0, 9])
-    with pytest.raises(ValueError, match=r"LoRA target modules \['qkv_proj'\] match no linear layer"):
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules \['qkv_proj'\] match no linear layer"):
         UnlearnModule(str(model_dir), mode="lora", lora=LoraSettings(target_modules=["q_proj", "qkv_proj"]))
     with pytest.raises(ValueError, match="mode must be one of"):
         UnlearnModule(str(model_dir), mode="partial")
