@@ -19,13 +19,13 @@ depend on the weights. Reported, as medians over `--rounds` interleaved rounds:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+from ortho_train.artifacts import write_json_atomic
 from ortho_train.curvature import linear_layers
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis
 from ortho_train.kfac.factors import KFACCollector, _gram
@@ -122,8 +122,7 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "threads": torch.get_num_threads(), **summary,
               "totals": totals, "layers": layers}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)
     return result
 
 

@@ -19,13 +19,13 @@ machine load: the numbers are wall-clock times on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
 
+from ortho_train.artifacts import write_json_atomic
 from ortho_train.canaries import CanarySpec, make_canaries
 from ortho_train.curvature import linear_layers
 from ortho_train.evaluation import pad_collate
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"|S| = {result['support_entries']} of {result['linear_weight_entries']} linear weights, "
           f"{result['threads']} threads on {args.device}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)
     return result
 
 

@@ -15,13 +15,13 @@ both alike; medians are reported, with their ratio, and the K-FAC refresh (facto
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from types import SimpleNamespace
 
 import torch
 
+from ortho_train.artifacts import write_json_atomic
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ogd import OGDConfig
@@ -131,8 +131,7 @@ def main(argv=None) -> dict:
               "ogd_step_s": ogd_s, "ratio": ogd_s / dense_s, "kfac_refresh_s": kfac_s,
               "dense_steps_s": times["dense"], "ogd_steps_s": times["ogd"]}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)
     return result
 
 
