@@ -29,6 +29,7 @@ from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
 from ortho_train.provenance import canary_record
+from ortho_train.resumable_loader import ResumableLoader, derive_seed
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import encode_text, load_tokenizer
 
@@ -133,6 +134,10 @@ class CanaryDataModule(L.LightningDataModule):
         train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
         forget_members: indices of the member canaries to forget (None: all members).
         forget_target: answer tokens of a forget canary: 'secret', 'secret_suffix' or 'full'.
+        shuffle_seed: seeds the order of the training loaders (`ResumableLoader`: each pass's
+            permutation follows from it, and a checkpoint holds every loader's position, so a
+            resumed run sees the batches of the uninterrupted one). None: the run's seed
+            (`seed_everything`, read as `torch.initial_seed()` when the loaders are made).
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class CanaryDataModule(L.LightningDataModule):
         train_split: str = "sft",
         forget_members: list[int] | None = None,
         forget_target: str = "secret",
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -204,8 +210,9 @@ class CanaryDataModule(L.LightningDataModule):
         keep = [i for i in range(len(self.probe.members)) if i not in set(self.forget_indices)]
         return subset_canaries(self.probe.members, keep)
 
-    def forget_dataloader(self, shuffle: bool = True) -> DataLoader:
-        """Forget canaries, labelled on their answer tokens only (−100 on prompt and pads)."""
+    def forget_dataloader(self, shuffle: bool = True, resumable: bool = False) -> DataLoader:
+        """Forget canaries, labelled on their answer tokens only (−100 on prompt and pads).
+        `resumable`: a training loader (`ResumableLoader` named 'forget')."""
         members, target = self.probe.members, self.hparams.forget_target
         items = []
         for i in self.forget_indices:
@@ -214,17 +221,19 @@ class CanaryDataModule(L.LightningDataModule):
             items.append((members.full_ids[i], start, end))
         batch = min(self.hparams.canary_batch_size, len(items))
         collate = partial(answer_collate, pad_token_id=self.tokenizer.pad_token_id)
-        return self._loader(SequenceList(items), batch, shuffle=shuffle, collate=collate)
+        return self._loader(SequenceList(items), batch, shuffle=shuffle, collate=collate,
+                            resume_as="forget" if resumable else None)
 
-    def retain_canary_dataloader(self) -> DataLoader | None:
-        """Remaining members (labels on every token, as in SFT), padded to `seq_len`; None if none."""
+    def retain_canary_dataloader(self, resumable: bool = False) -> DataLoader | None:
+        """Remaining members (labels on every token, as in SFT), padded to `seq_len`; None if none.
+        `resumable`: a training loader (`ResumableLoader` named 'retain_canary')."""
         members = self.retain_members
         if len(members) == 0:
             return None
         items = [(ids, 0, len(ids)) for ids in members.full_ids]
         collate = partial(answer_collate, pad_token_id=self.tokenizer.pad_token_id, length=self.hparams.seq_len)
         return self._loader(SequenceList(items), min(self.hparams.canary_batch_size, len(items)), shuffle=True,
-                            collate=collate, drop_last=True)
+                            collate=collate, drop_last=True, resume_as="retain_canary" if resumable else None)
 
     def _tokenise_canaries(self, canaries) -> TokenisedCanaries:
         return TokenisedCanaries.from_canaries(canaries, lambda text: encode_text(self.tokenizer, text))
@@ -262,24 +271,27 @@ class CanaryDataModule(L.LightningDataModule):
             self.setup()
         return self._probe
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, collate=None, drop_last=False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=collate,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
+    def _loader(self, dataset, batch_size: int, shuffle: bool, collate=None, drop_last=False,
+                resume_as: str | None = None) -> DataLoader:
+        """A DataLoader; with `resume_as` (a training loader's name) a `ResumableLoader` whose
+        order follows from `shuffle_seed` and that name, and whose position is checkpointed."""
+        common = dict(batch_size=batch_size, drop_last=drop_last, collate_fn=collate,
+                      num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        if resume_as is None:
+            return DataLoader(dataset, shuffle=shuffle, **common)
+        seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else torch.initial_seed()
+        return ResumableLoader(dataset, seed=derive_seed(seed, resume_as), shuffle=shuffle, name=resume_as, **common)
 
-    def public_train_dataloader(self) -> DataLoader:
-        return self._loader(self._train_public, self.hparams.batch_size, shuffle=True, drop_last=True)
+    def public_train_dataloader(self, resumable: bool = False) -> DataLoader:
+        """Shuffled public windows; `resumable`: the training loader (`ResumableLoader` 'public')."""
+        return self._loader(self._train_public, self.hparams.batch_size, shuffle=True, drop_last=True,
+                            resume_as="public" if resumable else None)
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         if self.hparams.train_split == "unlearn":
-            loaders = {"forget": self.forget_dataloader(), "retain": self.public_train_dataloader()}
-            retain_canaries = self.retain_canary_dataloader()
+            loaders = {"forget": self.forget_dataloader(resumable=True),
+                       "retain": self.public_train_dataloader(resumable=True)}
+            retain_canaries = self.retain_canary_dataloader(resumable=True)
             if retain_canaries is not None:
                 loaders["retain_canary"] = retain_canaries
             return loaders
@@ -290,8 +302,9 @@ class CanaryDataModule(L.LightningDataModule):
             shuffle=True,
             collate=partial(pad_collate, pad_token_id=pad_id),
             drop_last=True,
+            resume_as="canary",
         )
-        return {"public": self.public_train_dataloader(), "canary": canary_loader}
+        return {"public": self.public_train_dataloader(resumable=True), "canary": canary_loader}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._val_public, self.hparams.batch_size, shuffle=False)
