@@ -41,6 +41,7 @@ from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_paramete
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
+from ortho_train.rng_state import GlobalRNG
 from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
@@ -146,6 +147,7 @@ class CanarySFTModule(L.LightningModule):
             self.private_update.track_displacements()
         self.private_update.setup(self)
         self._run_dir: Path | None = None
+        self.global_rng = GlobalRNG()
 
     # ----------------------------------------------------------------- phases
     @property
@@ -192,6 +194,7 @@ class CanarySFTModule(L.LightningModule):
         self.private_update.fit_start()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.global_rng.apply_pending()  # a resumed run draws on as the uninterrupted one
         if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
             self._enter_canary_phase()
         self.private_update.before_batch(self.global_step)
@@ -336,10 +339,14 @@ class CanarySFTModule(L.LightningModule):
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):
+        """AdamW over every floating-point parameter (decay on matrices only) and the two-phase
+        schedule. Parameters a private update freezes stay in the optimiser (they get no
+        gradient, so AdamW leaves them alone): its groups are the same whether it is built
+        before the freeze (a fresh run) or after it (a resumed one), and its state loads."""
         hp = self.hparams
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
+            if param.is_floating_point():
                 (no_decay if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -359,18 +366,23 @@ class CanarySFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Everything a resumed run needs beyond weights, optimiser and loop state: the public
+        model and its perplexity (the pre_sft / delta rows, summary.json), the controller's
+        state and the global generators."""
         checkpoint["public_ppl_before_canaries"] = self.public_ppl_before_canaries
+        checkpoint["pre_canary_state_dict"] = self.pre_canary_state_dict
         state = self.private_update.state_dict()
-        if state:  # the sieve table of a resumed private fine-tune needs the public model too
+        if state:
             checkpoint["private_update"] = {"name": self.private_update.name, "state": state}
-            checkpoint["pre_canary_state_dict"] = self.pre_canary_state_dict
+        self.global_rng.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.public_ppl_before_canaries = checkpoint.get("public_ppl_before_canaries")
+        self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
+        self.global_rng.load(checkpoint)
         saved = checkpoint.get("private_update")
         if saved is not None:
             if saved["name"] != self.private_update.name:
                 raise ValueError(f"the checkpoint was trained with {saved['name']!r}, the config sets "
                                  f"{self.private_update.name!r}")
-            self.pre_canary_state_dict = checkpoint.get("pre_canary_state_dict")
             self.private_update.load_state_dict(saved["state"])

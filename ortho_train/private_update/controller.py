@@ -212,6 +212,15 @@ class DenseController(PrivateUpdateController):
             layers = linear_layers(self.host.model, include_lm_head=False)
             self.tracker = AdamWDisplacementTracker(layers, self.host.pre_canary_state_dict)
 
+    def state_dict(self) -> dict:
+        return {} if self.tracker is None else {"displacements": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The tracker of a run resumed after the switch (the module restored its public model first)."""
+        if "displacements" in state and self._track:
+            self.enter_canary_phase()
+            self.tracker.load_state_dict(state["displacements"])
+
     def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> TrainingLoss:
         if self.tracker is None:
             return super().training_loss(batch)

@@ -114,6 +114,15 @@ class AdamWDisplacementTracker:
             self.public[key].mul_(1 - lr * wd).sub_(lr * wd * self.pre[key] + step * m_pub / denom)
         self._private_grad = self._total_grad = None
 
+    def state_dict(self) -> dict:
+        """ΔW_pub, ΔW_priv and the split first moments so far (for a checkpoint)."""
+        return {"public": self.public, "private": self.private, "moments": self._moments}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.public = {k: v.clone() for k, v in state["public"].items()}
+        self.private = {k: v.clone() for k, v in state["private"].items()}
+        self._moments = {k: (a.clone(), b.clone()) for k, (a, b) in state["moments"].items()}
+
     def displacements(self) -> Displacements:
         return Displacements({k: v.clone() for k, v in self.public.items()},
                              {k: v.clone() for k, v in self.private.items()}, self.RULE)
