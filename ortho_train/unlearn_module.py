@@ -24,23 +24,24 @@ Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `forget_p
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ortho_train.metrics import perplexity
 from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
+from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution, ptq
 from ortho_train.unlearning.common import sequence_nll
+from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraSettings, wrap_lora  # noqa: F401 (re-exported)
 from ortho_train.unlearning.mansu import MansuPlan, MansuSettings
 from ortho_train.unlearning.mansu_setup import build_mansu_plan
 from ortho_train.unlearning.objective import UnlearningObjective
@@ -50,49 +51,6 @@ MODES = ("lora", "full", "mansu")
 
 class UnlearningStopped(RuntimeError):
     """The divergence guard ended training: the run is reported as stopped, not as a success."""
-LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL_LINEAR = "all-linear"  # peft: every linear / Conv1D projection but the output layer, any architecture
-
-
-@dataclass
-class LoraSettings:
-    """peft LoRA adapters.
-
-    Args:
-        rank: adapter rank r.
-        alpha: scaling numerator (the update is alpha/r · B A).
-        target_modules: linear names (last dotted component) that get an adapter: Llama, Qwen2 and
-            Mistral name them as the default does; Phi uses q_proj, k_proj, v_proj, dense, fc1,
-            fc2; GPT-2 c_attn, c_proj, c_fc (Conv1D). `["all-linear"]` lets peft take every
-            linear projection of any architecture except the output layer.
-        dropout: dropout on the adapter input.
-    """
-
-    rank: int = 8
-    alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
-    dropout: float = 0.0
-
-
-def _wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    wanted = list(settings.target_modules)
-    if wanted == [ALL_LINEAR]:
-        targets = ALL_LINEAR  # peft's own selection: a string, not a list of names
-    elif ALL_LINEAR in wanted:
-        raise ValueError(f"model.lora.target_modules {wanted}: {ALL_LINEAR!r} stands alone ([{ALL_LINEAR!r}]), "
-                         "not beside layer names")
-    else:
-        missing = sorted(set(wanted) - linears)
-        if not wanted or missing:
-            raise ValueError(f"model.lora.target_modules {missing or wanted} match no linear layer of the model; "
-                             f"its linear layers are named {sorted(linears)} (or use [{ALL_LINEAR!r}] alone)")
-        targets = wanted
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets,
-                        lora_dropout=settings.dropout, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 class UnlearnModule(L.LightningModule):
@@ -174,7 +132,7 @@ class UnlearnModule(L.LightningModule):
         reference = copy.deepcopy(self.model).eval().requires_grad_(False) if self.objective.needs_reference else None
         object.__setattr__(self, "_reference", reference)
         if mode == "lora":
-            self.model = _wrap_lora(self.model, self.lora_settings)
+            self.model = wrap_lora(self.model, self.lora_settings)
         elif mode == "mansu":
             self.model.requires_grad_(False)
             for linear in ptq.quantisable_linears(self.model).values():
@@ -190,6 +148,8 @@ class UnlearnModule(L.LightningModule):
         self._start_retain_ppl: float | None = None
         self._attribution_before: dict | None = None
         self._mansu_before: torch.Tensor | None = None
+        self._resumed = False  # the start-of-run state came from a checkpoint
+        self.global_rng = GlobalRNG()
 
     # ------------------------------------------------------------------ setup
     @property
@@ -262,6 +222,14 @@ class UnlearnModule(L.LightningModule):
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self._reference is not None:
             self._reference.to(self.device)
+        if not self._resumed:  # a resumed run keeps the start measured on the starting weights
+            self._measure_start()
+        rank_zero_info(f"UnlearnModule[{self.mode}, {self.hparams.loss}]: {count_parameters(self.model) / 1e6:.2f}M "
+                       f"parameters, {self.trainable_parameter_count} trainable; retain ppl at start "
+                       f"{self._start_retain_ppl:.3f}")
+
+    def _measure_start(self) -> None:
+        """Retain perplexity, CAD's attribution baseline and the MANSU plan of the starting model."""
         self._start_retain_ppl = self._retain_ppl()
         if self.hparams.attribution_batches > 0 or self.mode == "mansu":
             forget, retain = self._attribution_data()
@@ -271,9 +239,32 @@ class UnlearnModule(L.LightningModule):
                                                    self.mansu_settings, self.linear_names, self._mansu_params())
                 rank_zero_info(f"MANSU plan: {self.mansu_plan.info}")
         self._keep_good_state()
-        rank_zero_info(f"UnlearnModule[{self.mode}, {self.hparams.loss}]: {count_parameters(self.model) / 1e6:.2f}M "
-                       f"parameters, {self.trainable_parameter_count} trainable; retain ppl at start "
-                       f"{self._start_retain_ppl:.3f}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What the start of the run measured (the guard's start perplexity and last good
+        weights, CAD's baseline, the MANSU plan) and the global generators: a resumed run
+        continues with them instead of measuring its resumed weights."""
+        checkpoint["unlearn"] = {
+            "start_retain_ppl": self._start_retain_ppl, "good_state": self._good_state, "good_step": self._good_step,
+            "attribution_before": self._attribution_before, "divergence": self.divergence,
+            "mansu_plan": None if self.mansu_plan is None else vars(self.mansu_plan),
+        }
+        self.global_rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("unlearn")
+        if state is None:
+            raise ValueError("the checkpoint holds no unlearning state (not written by UnlearnModule): "
+                             "resume with a checkpoint of the same unlearning run")
+        self._start_retain_ppl, self._good_state = state["start_retain_ppl"], state["good_state"]
+        self._good_step, self._attribution_before = state["good_step"], state["attribution_before"]
+        self.divergence = state["divergence"]
+        self.mansu_plan = None if state["mansu_plan"] is None else MansuPlan(**state["mansu_plan"])
+        self.global_rng.load(checkpoint)
+        self._resumed = True
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.global_rng.apply_pending()  # a resumed run draws on as the uninterrupted one
 
     def _mansu_params(self) -> dict[str, nn.Parameter]:
         return {name: linear.weight for name, linear in ptq.quantisable_linears(self.model).items()}

@@ -93,7 +93,7 @@ def test_a_failing_export_leaves_no_partial_artifact_set(model_dir, tmp_path, mo
     """The merged model fails after the adapter was saved: neither lands, no temporary is left."""
     from types import SimpleNamespace
 
-    from ortho_train.unlearn_module import LoraSettings, _wrap_lora
+    from ortho_train.unlearning.lora import LoraSettings, wrap_lora as _wrap_lora
     from ortho_train.unlearning import ptq
 
     model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraSettings(rank=2))
