@@ -152,6 +152,7 @@ class PTQGapCallback(L.Callback):
         self.results: dict | None = None
         self.failure: str | None = None
         self._before: dict[str, float] = {}
+        self._restored = False  # the starting model's measurements came from a checkpoint
 
     # ------------------------------------------------------------ measuring
     def variants(self, module) -> list[tuple[str, str, str]]:
@@ -260,11 +261,24 @@ class PTQGapCallback(L.Callback):
 
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
+        if self._restored:  # a resumed run: the starting model was measured before the checkpoint
+            return
         if self.privleak_reference is not None:
             self.reference_auc(pl_module)
         if self.evaluate_before:
             self._before = self.measure(pl_module, self.final_exposure_references)
             self._log(trainer, pl_module, self._before)
+
+    def state_dict(self) -> dict:
+        """The measurements of the starting model (`*_before`, PrivLeak's reference AUC) for a
+        checkpoint: a resumed run reports them instead of measuring its resumed weights."""
+        return {"before": self._before, "auc_reference": self._auc_reference, "privleak_note": self._privleak_note}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = state_dict["before"]
+        self._auc_reference = state_dict["auc_reference"]
+        self._privleak_note = state_dict["privleak_note"]
+        self._restored = True
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
