@@ -7,6 +7,9 @@ Threads: torch uses as many as the cores this process may run on (its CPU affini
 quota; `OMP_NUM_THREADS` overrides), and they wait passively (`OMP_WAIT_POLICY=PASSIVE` unless
 set): beside another busy process a 2-thread run then slows ~1.5×, not ~2.7×
 (`python -m ortho_train.threads_bench`).
+
+Resume: the same command with `--ckpt_path <run>/version_N/checkpoints/<file>.ckpt` continues that
+run in its own `version_N` (README, "Resume").
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ from ortho_train.threads import set_passive_wait
 
 set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, beside other processes
 
+from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
-from ortho_train.run_paths import next_version, remove_if_unstarted  # noqa: E402
+from ortho_train.run_paths import (checkpoint_run_dir, next_version, remove_if_unstarted,  # noqa: E402
+                                   set_aside_metrics_csv)
 from ortho_train.threads import configure_threads  # noqa: E402
 
 
@@ -34,23 +39,32 @@ class OrthoTrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        resumed = checkpoint_run_dir(config.get("ckpt_path"))  # --ckpt_path: continue in its run directory
         loggers = config.trainer.logger
         if loggers is False:
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            config.trainer.default_root_dir = str(root / f"version_{next_version(root)}")
+            run_dir = resumed if _resumes_in(resumed, root) else root / f"version_{next_version(root)}"
+            config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
+            return
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        loggers = [logger for logger in loggers if isinstance(logger, Namespace) and "init_args" in logger]
+        if not loggers or loggers[0].init_args.get("save_dir") is None or (len(loggers) < 2 and resumed is None):
             return
         # TensorBoard and CSV loggers each pick "the next free version" and so land in
         # different directories; give all of them the first one's, so a run has one log dir.
-        if not isinstance(loggers, list) or len(loggers) < 2:
-            return
         first = loggers[0].init_args
         if first.get("version") is None:
-            first.version = next_version(Path(first.save_dir) / (first.get("name") or ""))
-            # The directory is new; the other loggers' files in it are this run's own, and
-            # CSVLogger would only remove a metrics.csv that does not exist yet.
+            root = Path(first.save_dir) / (first.get("name") or "")
+            if _resumes_in(resumed, root):
+                first.version = int(resumed.name.removeprefix("version_"))
+                set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
+            else:
+                first.version = next_version(root)
+            # The directory is this run's own (new, or the one it resumes): the other loggers'
+            # files in it are its own, and CSVLogger finds no metrics.csv there to remove.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         for logger in loggers[1:]:
             if logger.init_args.get("version") is None:
@@ -76,6 +90,17 @@ class OrthoTrainCLI(LightningCLI):
                 candidates.add(Path(log_dir))
         for run_dir in candidates:
             remove_if_unstarted(run_dir)
+
+
+def _resumes_in(run_dir: Path | None, root: Path) -> bool:
+    """The checkpoint's run directory is a `version_N` of `root` (else the run gets a new one)."""
+    if run_dir is None:
+        return False
+    if run_dir.parent != root.resolve():
+        warnings.warn(f"--ckpt_path lies in {run_dir}, not in a run directory of {root}: the resumed run "
+                      "writes into a new version directory", stacklevel=3)
+        return False
+    return True
 
 
 def _drop_callbacks_needing_a_logger(trainer_config) -> None:

@@ -29,6 +29,29 @@ def next_version(root: str | Path) -> int:
     return int(_VERSION.fullmatch(taken[-1].name).group(1)) + 1 if taken else 0
 
 
+def checkpoint_run_dir(ckpt_path: str | Path | None) -> Path | None:
+    """The `version_N` directory a checkpoint file lies in (its nearest such ancestor), or None
+    (no path, a Lightning alias such as 'last', or a file outside any run directory)."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return None
+    for parent in Path(ckpt_path).resolve().parents:
+        if _VERSION.fullmatch(parent.name):
+            return parent
+    return None
+
+
+def set_aside_metrics_csv(run_dir: str | Path) -> Path | None:
+    """Before a resumed run writes into `run_dir`: rename its `metrics.csv` (which the CSV logger
+    would delete) to `metrics_before_resume_<i>.csv`, the first free i; returns the new path."""
+    current = Path(run_dir) / "metrics.csv"
+    if not current.is_file():
+        return None
+    i = 0
+    while (target := current.with_name(f"metrics_before_resume_{i}.csv")).exists():
+        i += 1
+    return current.rename(target)
+
+
 def resolve_latest(path: str | Path) -> Path:
     """`<root>/latest/<rest>` → `<root>/version_N/<rest>` for the highest N where it exists.
 
