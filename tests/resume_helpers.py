@@ -1,0 +1,69 @@
+"""For tests/test_resume.py: runs of train.py in a subprocess, one of them killed with SIGKILL.
+
+`KillAtStep` is put into a run's callbacks by class path (`resume_helpers.KillAtStep`, with
+`tests/` on PYTHONPATH): at the start of the batch after `step` optimiser steps it kills its own
+process, as `kill -9` would, with no chance to clean up or save anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SECONDS = "seconds"  # wall-clock entries (`seconds`, `kfac_seconds`, …) differ between any two runs
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL the training process once `step` optimiser steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_every(steps: int) -> dict:
+    """A ModelCheckpoint keeping a checkpoint every `steps` optimiser steps."""
+    return {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": steps, "save_top_k": -1, "filename": "{step}"}}
+
+
+def killer(step: int) -> dict:
+    return {"class_path": "resume_helpers.KillAtStep", "init_args": {"step": step}}
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def train(workdir: Path, config: Path, *args: str, killed: bool = False) -> subprocess.CompletedProcess:
+    """`python train.py fit --config config [args]` in `workdir` with one thread; checks the
+    exit: SIGKILL when `killed`, else success."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(config),
+                             "--trainer.enable_progress_bar=false", *args],
+                            cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+    expected = -signal.SIGKILL if killed else 0
+    assert result.returncode == expected, (result.returncode, result.stderr[-4000:])
+    return result
+
+
+def results(path: Path) -> dict:
+    """A run's JSON results without its wall-clock entries."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if SECONDS not in k}
+        return value
+
+    return strip(json.loads(path.read_text()))

@@ -1,0 +1,119 @@
+"""Kill -9, then `--ckpt_path`: the resumed run ends with the uninterrupted run's numbers.
+
+Each test runs train.py three times in one working directory (one canary key), one thread each:
+uninterrupted (version_0); killed with SIGKILL one step after a checkpoint (version_1); resumed
+from that checkpoint, which must write into version_1 again. Same machine, seed and thread count,
+so the resumed run's results must equal the uninterrupted run's exactly (wall-clock entries
+aside).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.resume_helpers import REPO, checkpoint_every, killer, results, train, write_config
+
+CHECKPOINT_AT, KILL_AT = 5, 6  # the killed run loses step 6 and must redo it
+
+
+def _sft_config(**model) -> dict:
+    """configs/tiny.yaml, 8 steps (3 public), validation at 4 and 8, a checkpoint every 5 steps."""
+    config = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
+    config["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=1)
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "Report" not in c["class_path"]]
+    config["trainer"]["callbacks"].append(checkpoint_every(CHECKPOINT_AT))
+    config["model"]["init_args"].update(public_steps=3, eval_during_validation=False, **model)
+    return config
+
+
+def _kill_and_resume(workdir: Path, config: dict, name: str, kill_at: int = KILL_AT,
+                     checkpoint_at: int = CHECKPOINT_AT) -> tuple[Path, Path]:
+    """Run `config` uninterrupted, then killed at `kill_at`, then resumed; (uninterrupted, resumed) run dirs."""
+    plain = write_config(workdir / "run.yaml", config)
+    doomed = copy.deepcopy(config)
+    doomed["trainer"]["callbacks"].append(killer(kill_at))
+    train(workdir, plain)
+    train(workdir, write_config(workdir / "killed.yaml", doomed), killed=True)
+    runs = workdir / "runs" / name
+    checkpoint = runs / "version_1" / "checkpoints" / f"step={checkpoint_at}.ckpt"
+    assert checkpoint.is_file(), sorted(p.name for p in (runs / "version_1").rglob("*"))
+    train(workdir, plain, f"--ckpt_path={checkpoint}")
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["version_0", "version_1"]  # no new version
+    return runs / "version_0", runs / "version_1"
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_dense_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
+    plain, resumed = _kill_and_resume(tmp_path, _sft_config(), "tiny")
+    assert results(resumed / "summary.json") == results(plain / "summary.json")
+    _same_weights(resumed / "hf_model/model.safetensors", plain / "hf_model/model.safetensors")
+    # the checkpoint carries the public (pre-canary) model the pre_sft and delta rows start from
+    saved = torch.load(resumed / f"checkpoints/step={CHECKPOINT_AT}.ckpt", map_location="cpu", weights_only=False)
+    public = load_file(plain / "hf_model_pre_canary/model.safetensors")
+    assert {k: v for k, v in saved["pre_canary_state_dict"].items() if k in public}.keys() == public.keys()
+    for key, value in public.items():
+        assert torch.equal(saved["pre_canary_state_dict"][key], value), key
+
+
+def test_isolated_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
+    isolation = {"support": "impact", "rho": 0.1, "calibration_batches": 2,
+                 "quant": {"method": "rtn", "bits": 4, "group_size": 32}}
+    plain, resumed = _kill_and_resume(tmp_path, _sft_config(isolation=isolation), "tiny")
+    summary = results(resumed / "summary.json")
+    assert summary == results(plain / "summary.json")
+    assert summary["isolation"]["off_support_max_drift"] == 0.0  # the resumed run kept the support's freeze
+    _same_weights(resumed / "hf_model/model.safetensors", plain / "hf_model/model.safetensors")
+
+
+@pytest.mark.slow
+def test_isolated_sft_with_public_base_updates_resumes_across_the_base_freeze(tmp_path):
+    """Checkpoint before the base is re-quantised and frozen (step 5 of 3 + 5 canary steps): the
+    resumed run draws its calibration batches from the restored global generators."""
+    isolation = {"support": "impact", "rho": 0.1, "calibration_batches": 2, "public_base_updates": True,
+                 "public_updates_fraction": 0.8, "quant": {"method": "rtn", "bits": 4, "group_size": 32}}
+    plain, resumed = _kill_and_resume(tmp_path, _sft_config(isolation=isolation), "tiny", kill_at=7)
+    assert results(resumed / "summary.json") == results(plain / "summary.json")
+
+
+def _unlearn_config(model_dir: Path) -> dict:
+    """configs/unlearn_lora_npo_gdr.yaml on the tiny memorised model: 6 steps, periodic PTQ gaps and
+    guard checks every 2 steps, a checkpoint every 3."""
+    from tests.ortho_train.unlearn_helpers import DATA
+
+    config = yaml.safe_load((REPO / "configs/unlearn_lora_npo_gdr.yaml").read_text())
+    config["trainer"].update(max_steps=6)
+    callbacks = [c for c in config["trainer"]["callbacks"] if "Report" not in c["class_path"]]
+    for callback in callbacks:
+        if callback["class_path"].endswith("PTQGapCallback"):
+            callback["init_args"].update(every_n_steps=2, fail_on_gap=False, formats=["nf4", "int4"])
+    config["trainer"]["callbacks"] = callbacks + [checkpoint_every(3)]
+    config["model"]["init_args"].update(model_path=str(model_dir), guard_every_n_steps=2, lr=1e-2,
+                                        lora={"rank": 4, "alpha": 8})
+    config["data"].update(DATA, canary_key_file=None)  # the tiny model's canaries follow the seed
+    return config
+
+
+def test_lora_unlearning_resumes_to_the_uninterrupted_numbers(tmp_path, tmp_path_factory):
+    from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model
+
+    model_dir = cached_tiny_canary_model(tmp_path_factory)
+    plain, resumed = _kill_and_resume(tmp_path, _unlearn_config(model_dir), "unlearn_lora_npo_gdr",
+                                      kill_at=4, checkpoint_at=3)
+    final = results(resumed / "ptq_gap.json")
+    assert final == results(plain / "ptq_gap.json")
+    assert final["forget_extraction_fp_before"] == 1.0  # measured on the starting model, kept through the kill
+    assert results(resumed / "ptq_gap_step4.json") == results(plain / "ptq_gap_step4.json")
+    card, plain_card = results(resumed / "metrics_card.json"), results(plain / "metrics_card.json")
+    assert card["training"] == plain_card["training"]  # retain perplexity at start and end, CAD, steps
+    assert card["training"]["cad"] is not None and card["ptq_table"] == plain_card["ptq_table"]
