@@ -1,13 +1,13 @@
 """Dual-stream kernels: packed INT-k base + sparse fp16 ortho stream, and the op running them.
 
-    from kernels import QuantisedBase, OrthoStream, dual_stream_linear
+    from ortho_kernels import QuantisedBase, OrthoStream, dual_stream_linear
     base = QuantisedBase.from_dense(w)                  # INT4, group 128, RTN
     ortho = OrthoStream.top_fraction(w - base.dequantise(), 0.01)
     y = dual_stream_linear(x, base, ortho, alpha=1.0)   # alpha=0: the kill switch
 
 No Lightning here; Triton is imported lazily, only when its backend runs.
 """
-from kernels.dual_stream import (
+from ortho_kernels.dual_stream import (
     DualStreamFunction,
     cpu_fast_path_unsupported,
     dual_stream_linear,
@@ -15,7 +15,7 @@ from kernels.dual_stream import (
     effective_weight,
     prepare_cpu,
 )
-from kernels.packing import (
+from ortho_kernels.packing import (
     effective_bits,
     group_dequantise,
     group_quantise,
@@ -25,7 +25,7 @@ from kernels.packing import (
     unpack_bits,
     unpack_int4,
 )
-from kernels.streams import CSR, ELL, OrthoStream, QuantisedBase
+from ortho_kernels.streams import CSR, ELL, OrthoStream, QuantisedBase
 
 __all__ = [
     "CSR", "ELL", "DualStreamFunction", "OrthoStream", "QuantisedBase",

@@ -1,4 +1,4 @@
-"""Triton kernels of the dual-stream linear (private; use `kernels.dual_stream`).
+"""Triton kernels of the dual-stream linear (private; use `ortho_kernels.dual_stream`).
 
     Y[m, n] = sum_k X[m, k] * (q[n, k] - z[n, g(k)]) * s[n, g(k)]
             + alpha * sum_{p in row n of the CSR} v[p] * X[m, col[p]]

@@ -1,6 +1,6 @@
 """Benchmark of the dual-stream linear against dense and 4-bit baselines.
 
-    python -m kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T] [--load N]
+    python -m ortho_kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T] [--load N]
                             [--ms 1,16,128,512] [--shapes 4096x4096,...]
 
 Shapes are weight shapes (N, K) = (out_features, in_features) as `nn.Linear.weight` stores
@@ -14,12 +14,12 @@ weight streams + X + Y) divided by the copy bandwidth measured at start-up; `x_f
 ms / floor_ms.
 
 On CPU the ortho-train rows use the CPU fast path with fp32 X: ortho-train's fused GEMV
-(`kernels.cpu_gemv`) for M <= 8, torch's INT4 op (bf16 activations) above; "GEMV kernel
+(`ortho_kernels.cpu_gemv`) for M <= 8, torch's INT4 op (bf16 activations) above; "GEMV kernel
 alone" calls the compiled kernel with prebuilt arguments (the null test's base-only op), and
 "torch int4 CPU op alone" is torch's op with bf16 X, the anchor. Two more GEMV rows show
 the threading side by side: the same kernel with OpenMP's static split (what the op used
 before its non-spinning pool) and on one thread. `--load N` runs N busy-loop processes
-(`kernels.bench_load`) for the whole measurement: the numbers under competing load, ratios
+(`ortho_kernels.bench_load`) for the whole measurement: the numbers under competing load, ratios
 in the same run; the load average is printed before and after. The ortho stream sits at
 uniformly random positions. On CUDA (untested here: this
 project's machines have no GPU) the rows add cuBLAS fp16 and run the Triton kernel with
@@ -37,10 +37,10 @@ import time
 
 import torch
 
-from kernels.bench_load import busy_load
-from kernels.dual_stream import dual_stream_linear, prepare_cpu
-from kernels.packing import effective_bits
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels.bench_load import busy_load
+from ortho_kernels.dual_stream import dual_stream_linear, prepare_cpu
+from ortho_kernels.packing import effective_bits
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 512]
@@ -161,7 +161,7 @@ def build_rows(w: torch.Tensor, m: int, streams: dict, nf4, device: torch.device
 def _raw_gemv(rt, x32: torch.Tensor, threading: str = "pool", threads: int | None = None):
     """The compiled GEMV called directly with prebuilt pointers and output (no wrapper);
     threading "pool" (the op's) or "omp" (OpenMP static split, the previous version)."""
-    from kernels import cpu_gemv
+    from ortho_kernels import cpu_gemv
 
     lib = cpu_gemv.library()
     fn = lib.ortho_int4_gemv if threading == "pool" else lib.ortho_int4_gemv_omp

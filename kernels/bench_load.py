@@ -1,4 +1,4 @@
-"""Competing CPU load for `python -m kernels.bench --load N`: N busy-loop processes.
+"""Competing CPU load for `python -m ortho_kernels.bench --load N`: N busy-loop processes.
 
 Each process spins in pure Python (no memory traffic to speak of: it takes a core, as a
 data loader or another job would) and ends by itself after `seconds`, so a benchmark that

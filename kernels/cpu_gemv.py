@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("_cpu_int4_gemv.c")
 SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_pool.h"))
 # -fopenmp only for the OpenMP variant the benchmark compares against; the op uses the pool
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-fPIC", "-shared"]
-MAX_M = 8  # above this torch's GEMM-shaped op is faster (see `python -m kernels.bench`)
+MAX_M = 8  # above this torch's GEMM-shaped op is faster (see `python -m ortho_kernels.bench`)
 
 _LIB: ctypes.CDLL | str | None = None
 
@@ -127,7 +127,7 @@ def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: in
 
     qweight uint8 (N, ceil(K/2)), scales/zeros fp16 (N, G) as `QuantisedBase` stores them,
     csr = (crow int32 (N+1), col int32 (nnz), values fp16 (nnz)). No checks here beyond the
-    dtype of X: the caller (`kernels.dual_stream`) validated the streams once.
+    dtype of X: the caller (`ortho_kernels.dual_stream`) validated the streams once.
     """
     lib = library()
     if isinstance(lib, str):

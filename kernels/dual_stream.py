@@ -3,7 +3,7 @@
 One signature, three paths (`backend`):
 - "reference": dequantise to a dense fp32 (fp64 for fp64 X) weight, add α·ortho, one matmul.
   Exact up to the matmul's rounding; it defines correctness.
-- "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`kernels.cpu_gemv`: AVX2 C, X
+- "cpu": for M <= 8 (decoding) ortho-train's fused GEMV (`ortho_kernels.cpu_gemv`: AVX2 C, X
   in 16-bit fixed point per 64 elements, exact int32 products, fp32 accumulation, the ortho
   CSR added in the same pass in fp32, built on first use, threads from a pool that never
   spins); for 8 < M <= 32, or where the GEMV cannot be built, torch's INT4 weight-only CPU
@@ -15,7 +15,7 @@ One signature, three paths (`backend`):
   as fp32 and bit for bit the reference at every α. The caches cost 4 bytes per weight for
   the base and 4 more per ortho stream run at α != 0 (rebuilt when α changes; freed with the
   tensors, or by `clear_cpu_caches()`). The operands are prepared once and cached per base.
-- "triton": one Triton launch (`kernels._triton_dual_stream`), CUDA, or CPU tensors under
+- "triton": one Triton launch (`ortho_kernels._triton_dual_stream`), CUDA, or CPU tensors under
   TRITON_INTERPRET=1.
 "auto" picks "triton" for CUDA tensors and "cpu" otherwise; when the CPU op cannot take a
 base (bits != 4, group size not in {32, 64, 128, 256}, op missing) it warns once with the
@@ -37,8 +37,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_gemv
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels import cpu_gemv
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 DENSE_MIN_M = 33  # from here the CPU path multiplies by a cached dense W_eff (see above)
@@ -70,7 +70,7 @@ def dual_stream_linear_ref(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoS
 class CpuInt4Runtime:
     """CPU operands of one base: ortho-train's GEMV (small M) and torch's INT4 op (the rest).
 
-    For M <= `cpu_gemv.MAX_M` the fused GEMV (`kernels.cpu_gemv`) reads the base's own
+    For M <= `cpu_gemv.MAX_M` the fused GEMV (`ortho_kernels.cpu_gemv`) reads the base's own
     buffers in place and adds the ortho CSR in the same pass. Larger M go to torch's op,
     whose operands are converted on first use: it wants N % 16 == 0, K % group == 0 and K
     even, so extra rows get zero scales and are sliced off the output; K is padded to whole
@@ -112,7 +112,7 @@ class CpuInt4Runtime:
 
     def _torch_op_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._torch_operands is None:
-            from kernels.packing import to_int4pack_cpu_layout, unpack_int4
+            from ortho_kernels.packing import to_int4pack_cpu_layout, unpack_int4
 
             k = self.shape[1]
             codes = F.pad(unpack_int4(self.qweight, k), (0, self.k_pad, 0, self.n_pad), value=8)  # (N', K')
@@ -320,7 +320,7 @@ def _forward(x2d, base, ortho, alpha, backend, runtime, variant):
         return dual_stream_linear_ref(x2d, base, ortho, alpha)
     if backend == "cpu":
         return _cpu_forward(x2d, runtime, ortho, alpha)
-    from kernels import _triton_dual_stream  # lazy: Triton only where it is used
+    from ortho_kernels import _triton_dual_stream  # lazy: Triton only where it is used
 
     csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
     return _triton_dual_stream.dual_stream_forward(

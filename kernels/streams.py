@@ -1,6 +1,6 @@
 """Containers for the two streams of a dual-stream linear, W ~= dequant(base) + alpha * ortho.
 
-`QuantisedBase` holds a packed group-wise INT-k weight (see `kernels.packing` for the
+`QuantisedBase` holds a packed group-wise INT-k weight (see `ortho_kernels.packing` for the
 convention); `OrthoStream` holds the sparse fp16 residual as COO with row-major flat int32
 indices. Both are plain dataclasses over tensors so that a module can keep the tensors as
 separate buffers (base file alone = complete α=0 model) and wrap them on each call; they
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.packing import (
+from ortho_kernels.packing import (
     COO_ENTRY_BITS,
     SUPPORTED_BITS,
     group_dequantise,

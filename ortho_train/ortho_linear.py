@@ -4,7 +4,7 @@
 
 Buffers (the gpt-fast pattern: their shapes are the packed shapes, so a module built from a
 `StreamLayout` takes `load_state_dict(..., assign=True)` as is):
-    qweight        uint8 (N, ceil(K·bits/8))   packed codes (`kernels.pack_bits`)
+    qweight        uint8 (N, ceil(K·bits/8))   packed codes (`ortho_kernels.pack_bits`)
     scales, zeros  fp16  (N, G)                G = ceil(K / group_size)
     ortho_indices  int32 (nnz,)                sorted row-major flat positions i·K + j
     ortho_values   fp16  (nnz,)
@@ -17,7 +17,7 @@ complete α = 0 model.
 on the host: the ortho buffers are then not read at all (not even wrapped), so the output is
 bit for bit the base-only output whatever they hold, NaN included.
 
-`backend` is passed to `kernels.dual_stream_linear`. The default "auto" is the deployed op:
+`backend` is passed to `ortho_kernels.dual_stream_linear`. The default "auto" is the deployed op:
 the CPU fast path on CPU (ortho-train's fused INT4 + sparse GEMV while decoding, the
 reference's own dense product for prefill and evaluation batches, torch's INT4 op in between)
 and the Triton kernel on CUDA. "reference" dequantises to fp32 and runs one matmul on every
@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from kernels import OrthoStream, QuantisedBase, dual_stream_linear
-from kernels.packing import packed_width
+from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear
+from ortho_kernels.packing import packed_width
 
 BASE_KEYS = ("qweight", "scales", "zeros", "bias")
 ORTHO_KEYS = ("ortho_indices", "ortho_values")

@@ -6,7 +6,7 @@ For each thread count and OpenMP wait policy (the library default, PASSIVE as `t
 sets it), a fresh Python process (OpenMP reads its environment once, at load) times optimiser
 steps of the quickstart's 3.3M-parameter Llama (batch 8 × 128 tokens, AdamW) and greedy
 decoding (20 prompts × 12 new tokens, the extraction probe's shape), first on the idle
-machine, then while `--load` busy-loop processes hold cores (`kernels.bench_load`). It
+machine, then while `--load` busy-loop processes hold cores (`ortho_kernels.bench_load`). It
 prints ms per step / per decoded batch and the slowdown loaded / idle of each setting.
 Timings mean something only when nothing else runs: the script reports the load average
 it started at.
@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from kernels.bench_load import busy_load
+from ortho_kernels.bench_load import busy_load
 
 _CHILD = r"""
 import json, sys, time

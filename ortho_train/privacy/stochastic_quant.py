@@ -1,7 +1,7 @@
 """Stochastic quantisation of the regular weights (the HOP/DQC paper, "A Geometric Theory of
 Functionally Sensitive Outlier Separability", §5.3 "privacy extension: stochastic quantisation").
 
-On the INT-k lattice of `kernels.group_quantise` (asymmetric, group-wise: per group a scale s
+On the INT-k lattice of `ortho_kernels.group_quantise` (asymmetric, group-wise: per group a scale s
 and an integer zero z), round-to-nearest stores q = clamp(round(w/s) + z, 0, 2^k − 1). Here a
 regular (non-outlier) weight instead stores
 
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import OrthoStream
-from kernels.packing import group_dequantise, group_quantise
+from ortho_kernels import OrthoStream
+from ortho_kernels.packing import group_dequantise, group_quantise
 from ortho_train.quantisation import base_from_codes
 from ortho_train.sieve.core import SievedLayer
 from ortho_train.sieve.select import dqc_compensate

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kernels import QuantisedBase
+from ortho_kernels import QuantisedBase
 from ortho_train.ogd.delta import SubspaceDelta, bits_per_weight
 
 

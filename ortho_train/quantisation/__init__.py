@@ -1,11 +1,11 @@
 """Weight quantisers: group-wise INT-k (RTN, GPTQ) and bitsandbytes NF4/FP4.
 
     spec = QuantSpec(method="gptq", bits=4, group_size=128)
-    base = quantise_weight(w, spec, hessian)        # a kernels.QuantisedBase (packed codes)
+    base = quantise_weight(w, spec, hessian)        # an ortho_kernels.QuantisedBase (packed codes)
     w_hat = base.dequantise()
 
-INT-k storage (pack/unpack, dequantise, bits per weight) is `kernels.packing`'s: a base
-built here runs in `kernels.dual_stream_linear` unchanged. No Lightning in this package.
+INT-k storage (pack/unpack, dequantise, bits per weight) is `ortho_kernels.packing`'s: a base
+built here runs in `ortho_kernels.dual_stream_linear` unchanged. No Lightning in this package.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import QuantisedBase, pack_bits
+from ortho_kernels import QuantisedBase, pack_bits
 from ortho_train.quantisation.bnb4 import (
     QUANT_TYPES,
     bnb_bits_per_weight,
@@ -63,7 +63,7 @@ class QuantSpec:
 
 def base_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     bits: int, group_size: int) -> QuantisedBase:
-    """Pack unpacked codes (N, K) into a `kernels.QuantisedBase`."""
+    """Pack unpacked codes (N, K) into a `ortho_kernels.QuantisedBase`."""
     return QuantisedBase(pack_bits(codes, bits), scales, zeros, tuple(codes.shape), group_size, bits)
 
 

@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2023) on the group-wise INT-k convention of `kernels.packing`.
+"""GPTQ (Frantar et al., 2023) on the group-wise INT-k convention of `ortho_kernels.packing`.
 
 Minimises the layer-output error ‖(Q − W) X‖² = Σ_rows (q − w) H (q − w)ᵀ column by column:
 quantise column j, then push its error onto the columns not yet quantised,
@@ -9,9 +9,9 @@ with U the upper Cholesky factor of H⁻¹ (`ortho_train.curvature.inverse_chole
 Columns are processed in lazy blocks: updates inside a block are applied at once, the rest
 of the matrix gets one rank-B update per block.
 
-Group parameters (scale, zero) follow `kernels.group_quantise` exactly (range widened to
-contain 0, fp16 scale rounded up), so the codes pack with `kernels.pack_bits` and
-dequantise with `kernels.group_dequantise`. They are taken, as in GPTQ, from the
+Group parameters (scale, zero) follow `ortho_kernels.group_quantise` exactly (range widened to
+contain 0, fp16 scale rounded up), so the codes pack with `ortho_kernels.pack_bits` and
+dequantise with `ortho_kernels.group_dequantise`. They are taken, as in GPTQ, from the
 error-updated weights when the sweep reaches a group's first column, or with
 `static_groups` once from the original weights (required with `act_order`, so inference
 needs no g_idx permutation: codes come back in the original column order).
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import group_quantise
+from ortho_kernels import group_quantise
 from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
 
 
@@ -57,7 +57,7 @@ class GPTQResult:
 
 
 def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 (scale, zero) (N, 1) of one group slice (N, g), by `kernels.group_quantise`."""
+    """fp32 (scale, zero) (N, 1) of one group slice (N, g), by `ortho_kernels.group_quantise`."""
     _, scales, zeros = group_quantise(w, bits=bits, group_size=w.shape[1])
     return scales.float(), zeros.float()
 

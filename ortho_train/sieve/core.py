@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import OrthoStream, QuantisedBase
-from kernels.packing import group_dequantise, group_quantise
+from ortho_kernels import OrthoStream, QuantisedBase
+from ortho_kernels.packing import group_dequantise, group_quantise
 from ortho_train.quantisation import QuantSpec, base_from_codes, quantise_weight, run_gptq
 from ortho_train.sieve.select import (
     SELECTIONS,

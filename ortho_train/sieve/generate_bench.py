@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from kernels.bench_load import busy_load
+from ortho_kernels.bench_load import busy_load
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import set_alpha

@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kernels import QuantisedBase
+from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians, linear_layers
 from ortho_train.quantisation import QuantSpec, quantise_weight
 from ortho_train.sieve.support import (

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels import OrthoStream, QuantisedBase
+from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train.curvature import linear_layers
 from ortho_train.ortho_linear import OrthoLinear, ortho_layers
 from ortho_train.quantisation import quantise_weight

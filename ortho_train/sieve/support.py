@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from kernels import QuantisedBase
+from ortho_kernels import QuantisedBase
 from ortho_train.sieve.select import hinv_diagonal, impact_scores, top_fraction_mask
 
 SUPPORTS = ("impact", "saliency_public", "saliency_canary", "random")

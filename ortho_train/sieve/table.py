@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kernels import QuantisedBase
+from ortho_kernels import QuantisedBase
 from ortho_train.curvature import linear_layers
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_fingerprint import model_fingerprint
@@ -263,7 +263,7 @@ class KillSwitchTable:
 
 
 def _empty(base: QuantisedBase):
-    from kernels import OrthoStream
+    from ortho_kernels import OrthoStream
 
     return OrthoStream.empty(base.shape, base.device)
 

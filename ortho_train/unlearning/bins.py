@@ -9,7 +9,7 @@ decision boundary of the quantisation grid. The grid at a weight depends on its 
   interval of its level k: between the midpoints ``(c_{k−1}+c_k)/2`` and ``(c_k+c_{k+1})/2``,
   width ``absmax · (c_{k+1} − c_{k−1})/2`` (at the two end levels, where one midpoint is
   missing, the spacing to the one neighbour ``absmax · |c_k − c_{k∓1}|``).
-- INT4 RTN (asymmetric, groups of `group_size` along the input dim, `kernels.packing`):
+- INT4 RTN (asymmetric, groups of `group_size` along the input dim, `ortho_kernels.packing`):
   uniform bins of width ``scale = (max(0, max) − min(0, min))/15`` of the group.
 
 Bin-crossing fraction = share of updated weights (ΔW ≠ 0) with ``|ΔW| > width/2``, the width
@@ -63,7 +63,7 @@ def blockwise_bin_width(w: Tensor, quant_type: str = "nf4", blocksize: int = 64)
 
 
 def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:
-    """Per-weight INT-k RTN bin width: the scale of its input-dim group, as `kernels.packing`
+    """Per-weight INT-k RTN bin width: the scale of its input-dim group, as `ortho_kernels.packing`
     computes it, ``(max(0, max w) − min(0, min w)) / (2^k − 1)`` (the range always holds 0).
 
     A ragged last group (d_in not a multiple of group_size) is its own, shorter group.

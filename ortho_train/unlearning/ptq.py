@@ -2,7 +2,7 @@
 
 Formats (docs/methods.md §4): NF4 and FP4 with bitsandbytes (block of 64, fp32 absmax per block,
 optional double quantisation of the absmax, a compute dtype), and INT4 RTN with the project's
-group quantiser (`kernels.packing`). As in transformers' `BitsAndBytesConfig` loading, every
+group quantiser (`ortho_kernels.packing`). As in transformers' `BitsAndBytesConfig` loading, every
 `nn.Linear` is quantised except `skip_modules` (default: the LM head); embeddings and norms
 stay in full precision. GPT-2-style `Conv1D` projections are quantised too: in the copy each
 becomes the equivalent `nn.Linear` first (`ortho_train.model_support.conv1d_as_linear`), so
@@ -120,7 +120,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _int4_round_trip(w: Tensor, group_size: int) -> Tensor:
-    from kernels.packing import group_dequantise, group_quantise
+    from ortho_kernels.packing import group_dequantise, group_quantise
 
     codes, scales, zeros = group_quantise(w.float(), bits=4, group_size=group_size)
     return group_dequantise(codes, scales, zeros, group_size).to(w.dtype).view_as(w)

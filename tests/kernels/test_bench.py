@@ -1,7 +1,7 @@
 """The benchmark script runs end to end on a tiny shape and writes the promised JSON keys."""
 import json
 
-from kernels import bench
+from ortho_kernels import bench
 
 
 def test_bench_smoke(tmp_path, monkeypatch, capsys):

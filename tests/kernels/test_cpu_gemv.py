@@ -8,10 +8,10 @@ are exact int32, accumulation fp32: a tolerance 10x below the issue's 1e-3 for f
 import pytest
 import torch
 
-from kernels import cpu_gemv
-from kernels import dual_stream as ds
-from kernels.dual_stream import dual_stream_linear, effective_weight
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels import cpu_gemv
+from ortho_kernels import dual_stream as ds
+from ortho_kernels.dual_stream import dual_stream_linear, effective_weight
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 pytestmark = pytest.mark.skipif(isinstance(cpu_gemv.library(), str),
                                 reason=f"CPU GEMV unavailable: {cpu_gemv.library()}")

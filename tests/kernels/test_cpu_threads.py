@@ -12,11 +12,11 @@ import ctypes
 import pytest
 import torch
 
-from kernels import cpu_gemv
-from kernels import dual_stream as ds
-from kernels.bench_load import busy_load
-from kernels.dual_stream import dual_stream_linear
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels import cpu_gemv
+from ortho_kernels import dual_stream as ds
+from ortho_kernels.bench_load import busy_load
+from ortho_kernels.dual_stream import dual_stream_linear
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 pytestmark = pytest.mark.skipif(isinstance(cpu_gemv.library(), str),
                                 reason=f"CPU GEMV unavailable: {cpu_gemv.library()}")

@@ -8,9 +8,9 @@ odd (the last packed byte is half padding) and the last quantisation group is ra
 import pytest
 import torch
 
-from kernels import dual_stream as ds
-from kernels.dual_stream import dual_stream_linear, effective_weight, prepare_cpu
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels import dual_stream as ds
+from ortho_kernels.dual_stream import dual_stream_linear, effective_weight, prepare_cpu
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 N, K, GROUP = 72, 201, 32
 TOL = {torch.float32: 1e-3, torch.float16: 5e-3}

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.packing import (
+from ortho_kernels.packing import (
     effective_bits,
     group_dequantise,
     group_quantise,
@@ -14,7 +14,7 @@ from kernels.packing import (
     unpack_bits,
     unpack_int4,
 )
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 
 def _codes(n, k, bits, seed=0):

@@ -1,7 +1,7 @@
 """Fingerprints tell identical models apart from different ones, and ignore what α = 0 never reads."""
 import torch
 
-from kernels import OrthoStream
+from ortho_kernels import OrthoStream
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import ortho_layers, set_alpha

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import OrthoStream, QuantisedBase
+from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import (
     OrthoLinear,

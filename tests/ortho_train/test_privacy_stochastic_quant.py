@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.packing import group_quantise
+from ortho_kernels.packing import group_quantise
 from ortho_train.curvature import prepare_hessian
 from ortho_train.privacy import (
     StochasticQuantSpec,

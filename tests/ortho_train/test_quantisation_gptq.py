@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import QuantisedBase, group_dequantise, group_quantise, unpack_bits
+from ortho_kernels import QuantisedBase, group_dequantise, group_quantise, unpack_bits
 from ortho_train.quantisation import QuantSpec, gptq_quantise, quantise_weight, run_gptq
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import QuantisedBase
+from ortho_kernels import QuantisedBase
 from ortho_train.quantisation import QuantSpec, quantise_weight, run_gptq
 from ortho_train.sieve import (
     SieveSpec,

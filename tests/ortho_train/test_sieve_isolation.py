@@ -13,7 +13,7 @@ from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model
 from ortho_train.sieve.core import SievedLayer
 from ortho_train.sieve.isolation import IsolationConfig, build_isolation
-from kernels import OrthoStream
+from ortho_kernels import OrthoStream
 
 
 def _datamodule():
