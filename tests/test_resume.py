@@ -22,12 +22,13 @@ CHECKPOINT_AT, KILL_AT = 5, 6  # the killed run loses step 6 and must redo it
 
 
 def _sft_config(**model) -> dict:
-    """configs/tiny.yaml, 8 steps (3 public), validation at 4 and 8, a checkpoint every 5 steps."""
+    """configs/tiny.yaml, 8 steps (3 public), validation at 4 and 8 (one batch), 50 reference secrets,
+    a checkpoint every 5 steps."""
     config = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
-    config["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=1)
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "Report" not in c["class_path"]]
-    config["trainer"]["callbacks"].append(checkpoint_every(CHECKPOINT_AT))
+    config["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0)
+    config["trainer"]["callbacks"] = [checkpoint_every(CHECKPOINT_AT)]  # no report, no learning-rate monitor
     config["model"]["init_args"].update(public_steps=3, eval_during_validation=False, **model)
+    config["data"].update(num_reference_secrets=50)
     return config
 
 
@@ -66,6 +67,7 @@ def test_dense_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
         assert torch.equal(saved["pre_canary_state_dict"][key], value), key
 
 
+@pytest.mark.slow  # ~100 s on one loaded core (three runs)
 def test_isolated_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
     isolation = {"support": "impact", "rho": 0.1, "calibration_batches": 2,
                  "quant": {"method": "rtn", "bits": 4, "group_size": 32}}
@@ -92,7 +94,7 @@ def _unlearn_config(model_dir: Path) -> dict:
     from tests.ortho_train.unlearn_helpers import DATA
 
     config = yaml.safe_load((REPO / "configs/unlearn_lora_npo_gdr.yaml").read_text())
-    config["trainer"].update(max_steps=6)
+    config["trainer"].update(max_steps=6, enable_checkpointing=True)
     callbacks = [c for c in config["trainer"]["callbacks"] if "Report" not in c["class_path"]]
     for callback in callbacks:
         if callback["class_path"].endswith("PTQGapCallback"):
@@ -104,6 +106,7 @@ def _unlearn_config(model_dir: Path) -> dict:
     return config
 
 
+@pytest.mark.slow  # ~100 s of CPU (memorised model, three runs with PTQ copies)
 def test_lora_unlearning_resumes_to_the_uninterrupted_numbers(tmp_path, tmp_path_factory):
     from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model
 
