@@ -8,7 +8,8 @@ W(α) = W_public_path + α·ΔW_priv. Each canary step:
 1. g_pub = ∇ (public batch mean NLL) at the α = 0 weights (W_pub swapped in): the public
    update never depends on a canary;
 2. g_priv = ∇ (canary batch mean NLL) at the full weights W_pub + ΔW_priv, by the ordinary
-   backward; on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
+   backward (with `private_sees_public`: of the joint public + canary token-mean NLL there);
+   on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
 3. every model parameter takes g_pub; the private gradients go to ΔW_priv; the two parts are
    clipped separately (a joint norm would let the canaries scale the public update);
 4. the module's AdamW steps W_pub (the model holds W_pub during its step); a separate AdamW
@@ -137,7 +138,8 @@ class OGDController(PrivateUpdateController):
 
     # -------------------------------------------------------------- training
     def training_loss(self, batch) -> TrainingLoss:
-        """g_pub at α = 0 (kept for after_backward); backward then runs on the canary mean NLL."""
+        """g_pub at α = 0 (kept for after_backward); backward then runs at α = 1 on the canary
+        mean NLL (or, with `private_sees_public`, the joint public + canary token mean)."""
         host = self.host
         params = [p for p in host.model.parameters() if p.requires_grad]
         with self.alpha_zero():
@@ -147,7 +149,11 @@ class OGDController(PrivateUpdateController):
         canary_nll, canary_tokens = host.nll_sum(batch["canary"])
         canary = canary_nll / canary_tokens
         logged = (nll.detach() + canary_nll.detach()) / (tokens + canary_tokens)
-        return TrainingLoss(canary, logged, canary.detach())
+        private = canary
+        if self.config.private_sees_public:  # ΔW_priv also descends the public NLL at α = 1
+            public_at_one, _ = host.nll_sum(batch["public"])
+            private = (public_at_one + canary_nll) / (tokens + canary_tokens)
+        return TrainingLoss(private, logged, canary.detach())
 
     def after_backward(self) -> None:
         """Private gradients (projected off S_gen) to ΔW_priv; g_pub to every model parameter;
@@ -245,6 +251,7 @@ class OGDController(PrivateUpdateController):
         return {
             "subspace": cfg.subspace, "fraction": None if cfg.k is not None else cfg.fraction, "k": cfg.k,
             "layers": len(masks), "include_lm_head": cfg.include_lm_head,
+            "private_sees_public": cfg.private_sees_public,
             "protected_fraction": sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks),
             "private_in_subspace_max": max(ratios.values()),
             "private_relative_norm": (delta_sq / public_sq) ** 0.5 if public_sq > 0 else None,
