@@ -28,11 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from kernels import group_quantise
+from kernels import QuantisedBase, group_quantise
+from kernels.packing import SUPPORTED_BITS
 from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
+from ortho_train.quantisation.format import WeightFormat, base_from_codes
+
+if TYPE_CHECKING:
+    from ortho_train.quantisation.spec import QuantSpec
 
 
 @dataclass
@@ -154,3 +160,30 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
                       float(total_error),
                       outliers if track else None, compensated if track else None,
                       impact if track else None)
+
+
+def run_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+             outlier_threshold: float | None = None) -> GPTQResult:
+    """`gptq_quantise` with the settings of `spec`."""
+    return gptq_quantise(w.detach(), hessian, bits=spec.bits, group_size=spec.group_size,
+                         damp=spec.damp, block_size=spec.block_size, act_order=spec.act_order,
+                         static_groups=spec.static_groups, outlier_threshold=outlier_threshold)
+
+
+class GPTQ(WeightFormat):
+    """GPTQ INT-k: the codes of `kernels.packing`'s grid, chosen column by column to minimise
+    ‖(Q − W) X‖² with the calibration Hessian H = X Xᵀ (see the module docstring)."""
+
+    name = "gptq"
+    bits = SUPPORTED_BITS
+    needs_hessian = True
+    outlier_aware = True
+    base_quantiser = True
+
+    def quantise(self, w: torch.Tensor, spec: "QuantSpec", hessian: torch.Tensor | None = None) -> QuantisedBase:
+        result = run_gptq(w, hessian, spec)
+        return base_from_codes(result.codes, result.scales, result.zeros, spec.bits, spec.group_size)
+
+    def quantise_with_outliers(self, w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+                               outlier_threshold) -> GPTQResult:
+        return run_gptq(w, hessian, spec, outlier_threshold=outlier_threshold)
