@@ -37,9 +37,10 @@ from ortho_train.metrics import perplexity
 from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
+from ortho_train.quantisation import effective_linear_weights, quantisable_linears
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
-from ortho_train.unlearning import attribution, ptq
+from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.mansu import MansuPlan, MansuSettings
 from ortho_train.unlearning.mansu_setup import build_mansu_plan
@@ -167,7 +168,7 @@ class UnlearnModule(L.LightningModule):
             require_linear_only(self.model, "model.mode=mansu")
             require_float32(self.model, "model.mode=mansu")
         self.tokenizer = load_tokenizer(model_path)
-        self.original_weights = ptq.effective_linear_weights(self.model)
+        self.original_weights = effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)
         # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
         # registration): not trained, not checkpointed, not switched to train mode by Lightning.
@@ -177,7 +178,7 @@ class UnlearnModule(L.LightningModule):
             self.model = _wrap_lora(self.model, self.lora_settings)
         elif mode == "mansu":
             self.model.requires_grad_(False)
-            for linear in ptq.quantisable_linears(self.model).values():
+            for linear in quantisable_linears(self.model).values():
                 linear.weight.requires_grad_(True)
         self.divergence: str | None = None
         self.final_report: dict = {}
@@ -276,7 +277,7 @@ class UnlearnModule(L.LightningModule):
                        f"{self._start_retain_ppl:.3f}")
 
     def _mansu_params(self) -> dict[str, nn.Parameter]:
-        return {name: linear.weight for name, linear in ptq.quantisable_linears(self.model).items()}
+        return {name: linear.weight for name, linear in quantisable_linears(self.model).items()}
 
     # --------------------------------------------------------------- training
     def _logits(self, model, batch) -> torch.Tensor:
