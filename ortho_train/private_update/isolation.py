@@ -9,6 +9,11 @@ batches through the α = 0 model (`ortho_train.sieve.public_updates`), and at
 
 `support` holds the masks, the bases and the frozen values; `streams()` gives the sieve table
 the isolated streams at the current weights.
+
+Under DDP the freezing happens after the model was wrapped (`freezes_parameters`: the module
+has DDP detect unused parameters); the gradient masks are tensor hooks, so they act before
+DDP's all-reduce; the support and a re-quantised base come from rank zero, and the α = 0
+public gradients are averaged over the ranks before they are merged.
 """
 from __future__ import annotations
 
