@@ -64,10 +64,10 @@ def _run_dir(workdir: Path, name: str = "tiny") -> Path:
     return runs[0]
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _weights(run_dir: Path, name: str = "hf_model") -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "hf_model" / "model.safetensors")
+    return load_file(run_dir / name / "model.safetensors")
 
 
 def _max_weight_difference(a: Path, b: Path) -> float:
@@ -97,6 +97,10 @@ def test_isolated_sft_ddp_matches_one_process_of_the_same_global_batch(tmp_path,
     assert s_ddp["isolation"]["density"] == s_one["isolation"]["density"]
     if mode == "frozen":  # isolation held on the rank that saved the model
         assert s_ddp["isolation"]["off_support_max_drift"] == 0.0
+        # parameters frozen after DDP wrapped the model kept grad None: no AdamW weight decay
+        post, pre = _weights(ddp_dir), _weights(ddp_dir, "hf_model_pre_canary")
+        frozen = [k for k in post if not k.endswith("_proj.weight")]  # all but the sieved linears
+        assert "model.embed_tokens.weight" in frozen and all(torch.equal(post[k], pre[k]) for k in frozen)
     diff = _max_weight_difference(ddp_dir, one_dir)
     rel = {k: abs(s_ddp[k] - s_one[k]) / max(abs(s_one[k]), 1e-12) for k in METRICS if s_one[k]}
     print(f"DDP vs one process ({mode}): max |ΔW| = {diff:.3g}; relative metric differences {rel}")
