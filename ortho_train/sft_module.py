@@ -20,7 +20,7 @@ restricts it to a sparse support S fixed at the switch (`IsolationController`); 
 it off a protected K-FAC subspace of the public model (`OGDController`); `dp:` beside
 `isolation:` makes the support's canary update DP-SGD (`DPIsolationController`). The module's
 hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
-typed stream view.
+typed stream view. `setup` prepares DDP before it wraps the model (`ortho_train.distributed`).
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ortho_train.curvature import linear_layers
+from ortho_train.distributed import average_gradients_
 from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.private_update.streams import PrivateStreams
 from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
@@ -232,9 +233,10 @@ class DenseController(PrivateUpdateController):
         total_tokens = tokens + canary_tokens
         loss = (nll + canary_nll) / total_tokens
         # g_priv = ∇(canary NLL sum / all tokens): the canary term of the same token-mean loss
-        grads = torch.autograd.grad(canary_nll / total_tokens, self.tracker.parameters(),
-                                    retain_graph=True, allow_unused=True)
-        self.tracker.private_gradients(list(grads))
+        grads = list(torch.autograd.grad(canary_nll / total_tokens, self.tracker.parameters(),
+                                         retain_graph=True, allow_unused=True))
+        average_gradients_(grads)  # under DDP, as the backward's total gradients are
+        self.tracker.private_gradients(grads)
         return TrainingLoss(loss, loss, canary_nll / canary_tokens)
 
     def after_backward(self) -> None:
