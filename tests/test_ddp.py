@@ -132,7 +132,8 @@ def _unlearn_config(tmp_path: Path, model_dir: Path, mode: str) -> Path:
 @pytest.mark.slow
 def test_dense_sft_then_lora_and_full_unlearning_under_ddp_write_their_artifacts_once(tmp_path):
     key = tmp_path / "canary.key"
-    sft, log = _fit(tmp_path / "sft", TINY, *SHORT, *DDP2, key=key)
+    wide = ["--model.init_args.tiny_llama.hidden_size=64", "--model.init_args.tiny_llama.intermediate_size=128"]
+    sft, log = _fit(tmp_path / "sft", TINY, *SHORT, *DDP2, *wide, key=key)  # NF4 blocks need ≥ 64 inputs
     assert sft.returncode == 0, log[-3000:]
     model_dir = _run_dir(tmp_path / "sft") / "hf_model"
     for mode in ("lora", "full"):
