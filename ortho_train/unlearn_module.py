@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
 from ortho_train.metrics import perplexity
 from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
@@ -228,6 +229,7 @@ class UnlearnModule(L.LightningModule):
         if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
         check_same_canaries(self.model_path, datamodule.canary_record)
+        refuse_sharded_strategy(self.trainer, "UnlearnModule")
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 
@@ -268,8 +270,9 @@ class UnlearnModule(L.LightningModule):
             forget, retain = self._attribution_data()
             self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
             if self.mode == "mansu":
-                self.mansu_plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
-                                                   self.mansu_settings, self.linear_names, self._mansu_params())
+                plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
+                                        self.mansu_settings, self.linear_names, self._mansu_params())
+                self.mansu_plan = broadcast_from_zero(self.trainer.strategy, plan)  # one plan on every rank
                 rank_zero_info(f"MANSU plan: {self.mansu_plan.info}")
         self._keep_good_state()
         rank_zero_info(f"UnlearnModule[{self.mode}, {self.hparams.loss}]: {count_parameters(self.model) / 1e6:.2f}M "
@@ -304,7 +307,8 @@ class UnlearnModule(L.LightningModule):
         parts = objective(forget_logits, forget["labels"], ref_forget, retain_logits,
                           retain["labels"] if retain is not None else None, ref_retain)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
+        # under DDP every rank must skip the step together (one skipping backward alone would hang)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             self._stop(f"non-finite loss ({loss.item()}) at step {self.global_step}")
             return None  # Lightning skips backward and the optimiser step
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, prog_bar=True)

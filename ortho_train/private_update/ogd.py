@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ortho_train.curvature import linear_layers
+from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.kfac import KroneckerEigenbasis, project_update_
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
@@ -79,9 +80,8 @@ class OGDController(PrivateUpdateController):
         """K-FAC of the public model on public batches, S_gen per layer, the two displacements."""
         host, cfg = self.host, self.config
         trainer = host.trainer
-        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-            raise ValueError("ogd supports one process and accumulate_grad_batches=1 "
-                             "(it replaces gradients after backward)")
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError("ogd supports accumulate_grad_batches=1 (it replaces gradients after backward)")
         precision = str(getattr(trainer, "precision", "32-true"))
         if "16" in precision and "bf16" not in precision:
             raise ValueError(f"ogd does not support trainer.precision={precision}: the loss scaler "
@@ -90,8 +90,9 @@ class OGDController(PrivateUpdateController):
         start = time.perf_counter()
         with torch.random.fork_rng():  # drawing K-FAC batches must not shift the training RNG
             batches = itertools.islice(trainer.datamodule.public_train_dataloader(), cfg.kfac_batches)
-            self.subspaces = build_subspaces(host.model, layers, cfg.spec, batches,
-                                             lambda model, batch: host.nll_sum(batch))
+            subspaces = build_subspaces(host.model, layers, cfg.spec, batches,
+                                        lambda model, batch: host.nll_sum(batch))
+        self.subspaces = broadcast_from_zero(trainer.strategy, subspaces)  # one S_gen on every rank
         self.kfac_seconds = time.perf_counter() - start
         self.public = {n: _clone(m.weight, m.bias) for n, m in layers.items()}
         self.delta = {n: _zeros_param(m.weight, m.bias) for n, m in layers.items()}
@@ -157,9 +158,11 @@ class OGDController(PrivateUpdateController):
 
     def after_backward(self) -> None:
         """Private gradients (projected off S_gen) to ΔW_priv; g_pub to every model parameter;
-        the model at W_pub for the module's optimiser step."""
+        the model at W_pub for the module's optimiser step. Under DDP g_pub is averaged over
+        the ranks here (the backward's private gradients already are)."""
         if self._public_grads is None:
             return
+        average_gradients_(list(self._public_grads.values()))
         for name, module in self._modules().items():
             dw, db = self.delta[name]
             grad_w = module.weight.grad if module.weight.grad is not None else torch.zeros_like(dw)
