@@ -44,6 +44,7 @@ class BenchHost:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
         self.trainer = SimpleNamespace(
             global_step=0, world_size=1, accumulate_grad_batches=1, optimizers=[self.optimizer],
+            strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),  # one process
             datamodule=SimpleNamespace(public_train_dataloader=lambda: iter(public_batches)))
         self.in_canary_phase = True
         self.probe = None
