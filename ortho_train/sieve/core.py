@@ -110,7 +110,7 @@ def _select(score: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
 
 def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
                   report: bool = False) -> SievedLayer:
-    """Paper 000's sieve of a fine-tuned weight (N, K); see the module docstring."""
+    """LibOrtho's sieve of a fine-tuned weight (N, K); see the module docstring."""
     w = w.detach().float()
     quantiser = spec.quant.quantiser
     if not quantiser.outlier_aware:  # quantise, then select the outliers from the residual
