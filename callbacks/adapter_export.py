@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks.ptq_gap import GAP_METRICS, PTQGapError, gap_name
 from ortho_train.artifacts import atomic_artifacts, to_json
-from ortho_train.unlearning import ptq
+from ortho_train.model_support import is_peft_model, merged_copy
 
 TABLE_METRICS = ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "forget_mia_auc_mink",
                  "forget_verbmem", "forget_privleak", "retain_extraction", "holdout_extraction", "public_ppl")
@@ -139,7 +139,7 @@ class AdapterExportCallback(L.Callback):
     @rank_zero_only
     def export_models(self, pl_module) -> None:
         """The adapter and/or the merged model: all of them land, or none does."""
-        is_lora = ptq.is_peft_model(pl_module.model)
+        is_lora = is_peft_model(pl_module.model)
         wanted = {"adapter": self.adapter_dirname} if is_lora else {}
         if self.save_merged or not is_lora:
             wanted["merged_model"] = self.merged_dirname
@@ -148,7 +148,7 @@ class AdapterExportCallback(L.Callback):
             if "adapter" in paths:
                 pl_module.model.save_pretrained(paths["adapter"], safe_serialization=True)
             if "merged_model" in paths:
-                ptq.merged_copy(pl_module.model).save_pretrained(paths["merged_model"], safe_serialization=True)
+                merged_copy(pl_module.model).save_pretrained(paths["merged_model"], safe_serialization=True)
                 pl_module.tokenizer.save_pretrained(paths["merged_model"])
         self.artifacts = wanted
         rank_zero_info(f"exported {', '.join(wanted.values())} to {pl_module.run_dir}")

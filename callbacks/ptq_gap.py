@@ -1,8 +1,9 @@
 """`PTQGapCallback`: does the forgetting survive 4-bit post-training quantisation?
 
 Every `every_n_steps` optimiser steps and at the end of training it quantises a *copy* of the
-module's model in each requested format (NF4/FP4 with bitsandbytes `Linear4bit`, INT4 RTN
-with the project's group quantiser) and evaluates, on the full-precision model and on every
+module's model in each requested format (any deployment format of
+`ortho_train.quantisation.registry`: NF4/FP4 with bitsandbytes `Linear4bit`, INT4 RTN with the
+project's group quantiser; `ortho_train.quantisation.quantised_copy`) and evaluates, on the full-precision model and on every
 quantised copy, the forget metrics (extraction rate, exposure, MIA AUC forget vs holdout,
 VerbMem ROUGE-L) and retain utility (public perplexity; extraction of members kept). For a
 LoRA model each format is measured in two deployments: `<fmt>` = merge the adapter, then
@@ -37,11 +38,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
 from ortho_train.metrics import privleak
-from ortho_train.model_support import linear_weight
+from ortho_train.model_support import is_peft_model, linear_weight
 from ortho_train.models import load_causal_lm
+from ortho_train.quantisation import (
+    QuantSettings,
+    deployment_format,
+    deployment_formats,
+    effective_linear_weights,
+    quantisable_linears,
+    quantised_copy,
+)
+from ortho_train.quantisation.bins import bin_crossing_counts, dequantised_change_counts
 from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.report.unlearning import ptq_gap_figures
-from ortho_train.unlearning import bins, ptq
 
 PRIVLEAK_AUC = "forget_mia_auc_mink_40_"  # MUSE's PrivLeak uses Min-40% (forget vs holdout)
 GAP_METRICS = ("forget_extraction", "forget_symbol_accuracy", "forget_exposure", "forget_mia_auc_loss",
@@ -69,7 +78,7 @@ class PTQGapCallback(L.Callback):
     """Measure the PTQ gap of forget and retain metrics during and after unlearning.
 
     Args:
-        formats: quantisation formats among 'nf4', 'fp4', 'int4'.
+        formats: registered deployment formats ('nf4', 'fp4', 'int4'; `registry.deployment_formats()`).
         blocksize: NF4/FP4 block size.
         double_quant: bitsandbytes double quantisation of the block absmax.
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
@@ -77,7 +86,7 @@ class PTQGapCallback(L.Callback):
         skip_modules: linears left in full precision (transformers' default: the LM head).
         cpu_kernel: bitsandbytes CPU kernel of the NF4/FP4 copies: 'portable' (the same numbers on
             every CPU) or 'native' (its AVX512-BF16 kernel where the CPU has one; see
-            `ortho_train.unlearning.ptq.QuantSettings`).
+            `ortho_train.quantisation.QuantSettings`).
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
         every_n_steps: evaluate every n optimiser steps (0: only before and after training).
         periodic_metrics: what the periodic measurements compute, a subset of extraction,
@@ -130,13 +139,13 @@ class PTQGapCallback(L.Callback):
             raise ValueError(f"PTQGapCallback max_extraction_gap must lie in [0, 1] (an extraction-rate "
                              f"difference), got {max_extraction_gap}")
         self.formats = list(formats or ["nf4", "fp4"])
-        unknown = [f for f in self.formats if f not in ptq.FORMATS]
+        unknown = [f for f in self.formats if f not in deployment_formats()]
         if unknown or not self.formats:
-            raise ValueError(f"unknown quantisation formats {unknown}: choose from {ptq.FORMATS}")
+            raise ValueError(f"unknown quantisation formats {unknown}: choose from {deployment_formats()}")
         self.deployments = list(lora_deployments or ["merged", "adapter"])
         if not self.deployments or set(self.deployments) - {"merged", "adapter"}:
             raise ValueError(f"lora_deployments must be a non-empty subset of ['merged', 'adapter'], got {self.deployments}")
-        self.settings = ptq.QuantSettings(blocksize, double_quant, compute_dtype, int4_group_size,
+        self.settings = QuantSettings(blocksize, double_quant, compute_dtype, int4_group_size,
                                           list(skip_modules if skip_modules is not None else ["lm_head"]),
                                           cpu_kernel)
         self.every_n_steps = every_n_steps
@@ -157,7 +166,7 @@ class PTQGapCallback(L.Callback):
     # ------------------------------------------------------------ measuring
     def variants(self, module) -> list[tuple[str, str, str]]:
         """(name, format, deployment) of every quantised model to measure."""
-        lora = ptq.is_peft_model(module.model)
+        lora = is_peft_model(module.model)
         out = []
         for fmt in self.formats:
             for deployment in (self.deployments if lora else ["merged"]):
@@ -174,7 +183,7 @@ class PTQGapCallback(L.Callback):
 
         found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
         for name, fmt, deployment in self.variants(module):
-            quantised = ptq.quantised_copy(module.model, fmt, self.settings, deployment)
+            quantised = quantised_copy(module.model, fmt, self.settings, deployment)
             for key, value in evaluate(quantised).items():
                 found[f"{key}_{name}"] = value
                 if key in GAP_METRICS and f"{key}_fp" in found:
@@ -203,17 +212,17 @@ class PTQGapCallback(L.Callback):
 
     def weight_diagnostics(self, module) -> dict[str, float]:
         """Bin-crossing fraction per format and the exact share of changed quantised values."""
-        weights = ptq.effective_linear_weights(module.model, self.settings.skip_modules)
+        weights = effective_linear_weights(module.model, self.settings.skip_modules)
         out: dict[str, float] = {}
         for fmt in self.formats:
+            format_ = deployment_format(fmt)
             crossing = updated = changed = 0
             for name, w1 in weights.items():
                 w0 = module.original_weights[name]
-                width = bins.bin_width(w0, fmt, self.settings.blocksize, self.settings.int4_group_size)
-                c, u = bins.bin_crossing_counts(w0, w1, width)
+                c, u = bin_crossing_counts(w0, w1, format_.bin_width(w0, self.settings))
                 crossing, updated = crossing + c, updated + u
-                q0, q1 = ptq.fake_quantise(w0, fmt, self.settings), ptq.fake_quantise(w1, fmt, self.settings)
-                changed += bins.dequantised_change_counts(q0, q1, w0, w1)[0]
+                q0, q1 = format_.fake_quantise(w0, self.settings), format_.fake_quantise(w1, self.settings)
+                changed += dequantised_change_counts(q0, q1, w0, w1)[0]
             out[f"bin_crossing_fraction_{fmt}"] = crossing / updated if updated else 0.0
             out[f"dequantised_change_fraction_{fmt}"] = changed / updated if updated else 0.0
             out[f"updated_weights_{fmt}"] = updated
@@ -247,10 +256,10 @@ class PTQGapCallback(L.Callback):
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Refuse, before any training, a bitsandbytes block wider than a quantised layer's rows."""
-        if not {"nf4", "fp4"} & set(self.formats):
+        if not any(deployment_format(fmt).blockwise for fmt in self.formats):
             return
         widths = {name: linear_weight(linear).shape[1] for name, linear in  # d_in of (d_out, d_in)
-                  ptq.quantisable_linears(pl_module.model, self.settings.skip_modules).items()}
+                  quantisable_linears(pl_module.model, self.settings.skip_modules).items()}
         narrow = {name: width for name, width in widths.items() if width < self.settings.blocksize}
         if narrow:
             name, width = next(iter(narrow.items()))

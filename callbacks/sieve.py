@@ -58,10 +58,11 @@ class SieveCallback(L.Callback):
         at_fit_end: build the table when training ends.
         variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune).
         references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
-            (any int{2,3,4,8}_{rtn,gptq,pre_sft}).
+            (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
         alphas: α values evaluated for each sieve.
         rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
-        method: base quantiser of the posthoc/delta sieves and int references: gptq or rtn.
+        method: base quantiser of the posthoc/delta sieves and int references (a registered
+            one: gptq or rtn).
         bits: base bits of the posthoc/delta sieves.
         group_size: quantisation group size.
         selection: 'top' (top-ρ per layer) or 'adaptive' (τ = μ + β·σ).

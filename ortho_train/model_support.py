@@ -5,7 +5,7 @@ layers, whose weight is (d_out, d_in). GPT-2-style models use
 `transformers.pytorch_utils.Conv1D` instead: the same affine map y = x W + b with the weight
 stored transposed, (d_in, d_out). Per mode:
 
-- PTQ copies (`ortho_train.unlearning.ptq`) support it: each Conv1D of the *copy* becomes the
+- PTQ copies (`ortho_train.quantisation.copies`) support it: each Conv1D of the *copy* becomes the
   equivalent `nn.Linear` (`conv1d_as_linear`, weight transposed) before it is quantised, so NF4,
   FP4 and INT4 see the (d_out, d_in) layout a deployment quantises; the model itself, and what
   `save_pretrained` writes, keep their Conv1D layers. LoRA (peft adapts Conv1D) and full
@@ -25,6 +25,8 @@ loss scaling AdamW's ε = 1e-8 is 0 in float16, a weight whose gradient is 0 get
 first step is NaN (measured on a tiny Phi); LoRA trains float32 adapters on a float16 base.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -92,3 +94,22 @@ def conv1d_as_linear(layer: Conv1D) -> nn.Linear:
 def linear_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of an `nn.Linear` or `Conv1D` as (d_out, d_in) (a transposed view for Conv1D)."""
     return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A peft-wrapped model (an adapter that `merge_and_unload` can fold into the weights)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def plain_name(name: str) -> str:
+    """Module name in the unwrapped Hugging Face model (peft prefixes and `.base_layer` removed)."""
+    for prefix in ("base_model.model.",):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.replace(".base_layer", "")
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain (unwrapped) copy of `model` with any LoRA adapter merged into its weights."""
+    clone = copy.deepcopy(model)
+    return clone.merge_and_unload() if is_peft_model(clone) else clone

@@ -20,7 +20,7 @@ restricts it to a sparse support S fixed at the switch (`IsolationController`); 
 it off a protected K-FAC subspace of the public model (`OGDController`); `dp:` beside
 `isolation:` makes the support's canary update DP-SGD (`DPIsolationController`). The module's
 hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
-typed stream view.
+typed stream view. `setup` prepares DDP before it wraps the model (`ortho_train.distributed`).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from torchmetrics import MeanMetric
 
 from ortho_train import metrics
 from ortho_train.artifacts import atomic_directory, write_json_atomic
+from ortho_train.distributed import allow_parameters_frozen_later, refuse_sharded_strategy
 from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposure_reference_histogram,
                                     mia_roc_curves)
 from ortho_train.model_support import refuse_float16_training
@@ -178,6 +179,16 @@ class CanarySFTModule(L.LightningModule):
                 f"data tokenizer has {len(datamodule.tokenizer)} tokens but the model's embedding "
                 f"only {self.model.get_input_embeddings().num_embeddings}: use the model's tokenizer"
             )
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        """Before the strategy wraps the model: one device or DDP (sharding refused), the
+        controller's limits on processes, and DDP told when parameters freeze mid-fit."""
+        trainer = self.trainer
+        refuse_sharded_strategy(trainer, "CanarySFTModule")
+        self.private_update.check_processes(trainer.world_size)
+        if self.private_update.freezes_parameters:
+            allow_parameters_frozen_later(trainer, f"model.{self.private_update.name}")
 
     def on_fit_start(self) -> None:
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)

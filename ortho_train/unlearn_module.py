@@ -32,14 +32,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
 from ortho_train.metrics import perplexity
 from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
+from ortho_train.quantisation import effective_linear_weights, quantisable_linears
 from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
-from ortho_train.unlearning import attribution, ptq
+from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraSettings, wrap_lora  # noqa: F401 (re-exported)
 from ortho_train.unlearning.mansu import MansuPlan, MansuSettings
@@ -125,7 +127,7 @@ class UnlearnModule(L.LightningModule):
             require_linear_only(self.model, "model.mode=mansu")
             require_float32(self.model, "model.mode=mansu")
         self.tokenizer = load_tokenizer(model_path)
-        self.original_weights = ptq.effective_linear_weights(self.model)
+        self.original_weights = effective_linear_weights(self.model)
         self.linear_names = list(self.original_weights)
         # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
         # registration): not trained, not checkpointed, not switched to train mode by Lightning.
@@ -135,7 +137,7 @@ class UnlearnModule(L.LightningModule):
             self.model = wrap_lora(self.model, self.lora_settings)
         elif mode == "mansu":
             self.model.requires_grad_(False)
-            for linear in ptq.quantisable_linears(self.model).values():
+            for linear in quantisable_linears(self.model).values():
                 linear.weight.requires_grad_(True)
         self.divergence: str | None = None
         self.final_report: dict = {}
@@ -187,6 +189,7 @@ class UnlearnModule(L.LightningModule):
         if len(datamodule.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             raise ValueError("the data tokenizer is larger than the model's embedding: use the model's tokenizer")
         check_same_canaries(self.model_path, datamodule.canary_record)
+        refuse_sharded_strategy(self.trainer, "UnlearnModule")
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 
@@ -235,8 +238,9 @@ class UnlearnModule(L.LightningModule):
             forget, retain = self._attribution_data()
             self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
             if self.mode == "mansu":
-                self.mansu_plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
-                                                   self.mansu_settings, self.linear_names, self._mansu_params())
+                plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
+                                        self.mansu_settings, self.linear_names, self._mansu_params())
+                self.mansu_plan = broadcast_from_zero(self.trainer.strategy, plan)  # one plan on every rank
                 rank_zero_info(f"MANSU plan: {self.mansu_plan.info}")
         self._keep_good_state()
 
@@ -267,7 +271,7 @@ class UnlearnModule(L.LightningModule):
         self.global_rng.apply_pending()  # a resumed run draws on as the uninterrupted one
 
     def _mansu_params(self) -> dict[str, nn.Parameter]:
-        return {name: linear.weight for name, linear in ptq.quantisable_linears(self.model).items()}
+        return {name: linear.weight for name, linear in quantisable_linears(self.model).items()}
 
     # --------------------------------------------------------------- training
     def _logits(self, model, batch) -> torch.Tensor:
@@ -294,7 +298,8 @@ class UnlearnModule(L.LightningModule):
         parts = objective(forget_logits, forget["labels"], ref_forget, retain_logits,
                           retain["labels"] if retain is not None else None, ref_retain)
         loss = parts["loss"]
-        if not torch.isfinite(loss):
+        # under DDP every rank must skip the step together (one skipping backward alone would hang)
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             self._stop(f"non-finite loss ({loss.item()}) at step {self.global_step}")
             return None  # Lightning skips backward and the optimiser step
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, prog_bar=True)

@@ -25,6 +25,13 @@ class OGDConfig:
         kfac_batches: public training batches the K-FAC factors are averaged over.
         include_lm_head: the LM head is a protected linear too (else it trains on public
             batches only, like the embeddings and norms).
+        private_sees_public: what ΔW_priv descends. False (the method as stated): the canary
+            mean NLL at the α = 1 weights, g_priv = P⊥ ∇_W(1) L_can. True: the joint token-mean
+            NLL of the public and canary batch at the α = 1 weights,
+            g_priv = P⊥ ∇_W(1) (NLL_pub + NLL_can)/(N_pub + N_can), so the private stream also
+            keeps the α = 1 model good on public text. The public path is the same either way
+            (it never sees ΔW_priv or a canary); the price is a second public forward/backward
+            per step.
     """
 
     subspace: str = "flattest"
@@ -32,6 +39,7 @@ class OGDConfig:
     k: int | None = None
     kfac_batches: int = 8
     include_lm_head: bool = False
+    private_sees_public: bool = False
 
     def __post_init__(self) -> None:
         if self.subspace not in SUBSPACES:

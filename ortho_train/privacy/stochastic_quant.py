@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ortho_kernels import OrthoStream
-from ortho_kernels.packing import group_dequantise, group_quantise
+from ortho_kernels.packing import SUPPORTED_BITS, group_dequantise, group_quantise
 from ortho_train.quantisation import base_from_codes
 from ortho_train.sieve.core import SievedLayer
 from ortho_train.sieve.select import dqc_compensate
@@ -95,8 +95,8 @@ class StochasticQuantSpec:
             raise ValueError(f"stochastic quantisation sigma must be finite and ≥ 0, got {self.sigma}")
         if self.group_size < 1:
             raise ValueError(f"stochastic quantisation group_size must be positive, got {self.group_size}")
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"stochastic quantisation bits must be one of (2, 3, 4, 8), got {self.bits}")
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"stochastic quantisation bits must be one of {SUPPORTED_BITS}, got {self.bits}")
 
 
 def stochastic_codes(w: torch.Tensor, bits: int, group_size: int, sigma: float,

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python -m ortho_train.private_update.bench            # the quickstart's Llama
     python -m ortho_train.private_update.bench --steps 10 --subspace sharpest --json out.json
+    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public
 
 Both modes run through their private-update controller, driven in the order Lightning calls
 the module's hooks (before_step, training_loss, backward, after_backward, clip, the optimiser
@@ -43,6 +44,7 @@ class BenchHost:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
         self.trainer = SimpleNamespace(
             global_step=0, world_size=1, accumulate_grad_batches=1, optimizers=[self.optimizer],
+            strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),  # one process
             datamodule=SimpleNamespace(public_train_dataloader=lambda: iter(public_batches)))
         self.in_canary_phase = True
         self.probe = None
@@ -100,6 +102,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--subspace", default="flattest")
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--kfac-batches", type=int, default=8)
+    parser.add_argument("--private-sees-public", action="store_true",
+                        help="ΔW_priv descends the joint public + canary NLL at α = 1 (a second public pass)")
     parser.add_argument("--hidden", type=int, default=TinyLlamaConfig.hidden_size)
     parser.add_argument("--blocks", type=int, default=TinyLlamaConfig.num_layers)
     parser.add_argument("--intermediate", type=int, default=TinyLlamaConfig.intermediate_size)
@@ -112,7 +116,8 @@ def main(argv=None) -> dict:
     batch = {"public": publics[0], "canary": _batch(args.canary_batch_size, args.canary_len, generator)}
     dense = DenseController()
     dense_host, _ = _setup(dense, config, publics)
-    ogd = OGDController(OGDConfig(subspace=args.subspace, fraction=args.fraction, kfac_batches=args.kfac_batches))
+    ogd = OGDController(OGDConfig(subspace=args.subspace, fraction=args.fraction, kfac_batches=args.kfac_batches,
+                                  private_sees_public=args.private_sees_public))
     ogd_host, kfac_s = _setup(ogd, config, publics)
     times = {"dense": [], "ogd": []}
     for i in range(args.steps + 1):  # interleaved; the first step of each is a warm-up

@@ -4,6 +4,7 @@
 that constrains *how the canary phase may move the weights* lives in one controller object
 behind this interface, and the module's hooks only delegate to it:
 
+    setup                  -> check_processes(world_size)   (start-up, before DDP wraps)
     on_fit_start           -> fit_start()
     on_train_batch_start   -> enter_canary_phase() once at the switch, then before_batch(step)
     training_step          -> training_loss(batch)        (what backward runs on, what is logged)
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ortho_train.curvature import linear_layers
+from ortho_train.distributed import average_gradients_
 from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.private_update.streams import PrivateStreams
 from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
@@ -84,6 +86,9 @@ class PrivateUpdateController(ABC):
     # Selects the model's linears and holds weights at exact (dequantised) values: refuses
     # Conv1D layers and non-float32 weights at start-up (`ortho_train.model_support`).
     needs_float32_linears: ClassVar[bool] = False
+    # Freezes parameters during the fit (after DDP wrapped the model): under DDP the module
+    # then asks for unused-parameter detection (`ortho_train.distributed`).
+    freezes_parameters: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -100,6 +105,14 @@ class PrivateUpdateController(ABC):
         """Refuse a model this controller cannot separate: Conv1D projections, non-float32 weights."""
         require_linear_only(model, setting)
         require_float32(model, setting)
+
+    def check_processes(self, world_size: int) -> None:
+        """Refuse, at start-up, a number of training processes the update cannot run on.
+
+        The default supports DDP: gradients of the backward are averaged by DDP, gradients a
+        controller computes itself go through `ortho_train.distributed.average_gradients_`,
+        and every later change of the weights is the same function of the same values on
+        every rank."""
 
     # --------------------------------------------------------------- phases
     def fit_start(self) -> None:
@@ -229,9 +242,10 @@ class DenseController(PrivateUpdateController):
         total_tokens = tokens + canary_tokens
         loss = (nll + canary_nll) / total_tokens
         # g_priv = ∇(canary NLL sum / all tokens): the canary term of the same token-mean loss
-        grads = torch.autograd.grad(canary_nll / total_tokens, self.tracker.parameters(),
-                                    retain_graph=True, allow_unused=True)
-        self.tracker.private_gradients(list(grads))
+        grads = list(torch.autograd.grad(canary_nll / total_tokens, self.tracker.parameters(),
+                                         retain_graph=True, allow_unused=True))
+        average_gradients_(grads)  # under DDP, as the backward's total gradients are
+        self.tracker.private_gradients(grads)
         return TrainingLoss(loss, loss, canary_nll / canary_tokens)
 
     def after_backward(self) -> None:

@@ -91,6 +91,14 @@ class DPIsolationController(IsolationController):
         self.last_stats: DPStepStats | None = None
         self._draws: Iterator[list[int]] | None = None
 
+    def check_processes(self, world_size: int) -> None:
+        """One process only: the accountant's ε holds for one Poisson sampler of the members and
+        one noise draw per step; under DDP every rank would draw its own batch and noise."""
+        if world_size > 1:
+            raise ValueError(f"model.dp (DP-SGD) runs in one process, got {world_size} (trainer.devices / "
+                             "trainer.num_nodes): its privacy accountant assumes one Poisson sampler of the "
+                             "member canaries and one noise draw per step; run it with --trainer.devices=1")
+
     # ---------------------------------------------------------------- phases
     def fit_start(self) -> None:
         """Resolve σ for the run (unless a checkpoint brought it) and check that per-example

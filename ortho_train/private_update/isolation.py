@@ -9,12 +9,18 @@ batches through the α = 0 model (`ortho_train.sieve.public_updates`), and at
 
 `support` holds the masks, the bases and the frozen values; `streams()` gives the sieve table
 the isolated streams at the current weights.
+
+Under DDP the freezing happens after the model was wrapped (`freezes_parameters`: the module
+has DDP detect unused parameters); the gradient masks are tensor hooks, so they act before
+DDP's all-reduce; the support and a re-quantised base come from rank zero, and the α = 0
+public gradients are averaged over the ranks before they are merged.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.evaluation import pad_collate
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SupportStreams
@@ -29,6 +35,7 @@ class IsolationController(PrivateUpdateController):
 
     config_class = IsolationConfig
     needs_float32_linears = True
+    freezes_parameters = True  # at the switch, and again at a base freeze
 
     def __init__(self, config: IsolationConfig):
         super().__init__(config)
@@ -60,7 +67,7 @@ class IsolationController(PrivateUpdateController):
         with torch.random.fork_rng():  # drawing calibration batches must not shift training RNG
             support = build_isolation(host.model, cfg, self._public_batches,
                                       self._canary_batches, self._batch_nll)
-        self.support = host.trainer.strategy.broadcast(support, src=0)
+        self.support = broadcast_from_zero(host.trainer.strategy, support)
         self._activate(initial=True)
         self.host.info(
             f"isolated SFT: support={cfg.support} (sees {SUPPORT_SEES[cfg.support]}), "
@@ -84,7 +91,8 @@ class IsolationController(PrivateUpdateController):
         switch = host.hparams.public_steps + math.ceil(self.config.public_updates_fraction * canary_steps)
         if step < switch:
             return
-        self.support.freeze_base(host.model, self._requantised_public_bases())
+        bases = broadcast_from_zero(host.trainer.strategy, self._requantised_public_bases())
+        self.support.freeze_base(host.model, bases)
         self._public_updates_done = True
         self._activate(initial=True)
         self.host.info(f"isolated SFT: base re-quantised after public updates and frozen at step "
@@ -100,9 +108,9 @@ class IsolationController(PrivateUpdateController):
         base updates the off-S weights are trained values and are left as they are."""
         model, trainer = self.host.model, self.host.trainer
         if self.public_base_updates:
-            if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-                raise ValueError("isolation.public_base_updates supports one process and "
-                                 "accumulate_grad_batches=1 (it replaces gradients after backward)")
+            if trainer.accumulate_grad_batches > 1:
+                raise ValueError("isolation.public_base_updates supports accumulate_grad_batches=1 "
+                                 "(it replaces gradients after backward)")
             if initial:
                 apply_isolation(model, self.support, freeze_rest=False)
         else:
@@ -129,8 +137,10 @@ class IsolationController(PrivateUpdateController):
 
     def after_backward(self) -> None:
         """Public base updates: off S and unsieved parameters take the α = 0 public gradient,
-        S keeps the gradient of the whole batch."""
+        S keeps the gradient of the whole batch. Under DDP the public gradients are averaged
+        over the ranks first (the backward's already are), so every rank merges the same."""
         if self._public_grads is not None:
+            average_gradients_(list(self._public_grads.values()))
             public_updates.merge_public_grads_(self.host.model, self._public_grads, self._masks_by_param())
             self._public_grads = None
 

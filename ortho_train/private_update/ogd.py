@@ -8,7 +8,8 @@ W(α) = W_public_path + α·ΔW_priv. Each canary step:
 1. g_pub = ∇ (public batch mean NLL) at the α = 0 weights (W_pub swapped in): the public
    update never depends on a canary;
 2. g_priv = ∇ (canary batch mean NLL) at the full weights W_pub + ΔW_priv, by the ordinary
-   backward; on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
+   backward (with `private_sees_public`: of the joint public + canary token-mean NLL there);
+   on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
 3. every model parameter takes g_pub; the private gradients go to ΔW_priv; the two parts are
    clipped separately (a joint norm would let the canaries scale the public update);
 4. the module's AdamW steps W_pub (the model holds W_pub during its step); a separate AdamW
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from ortho_train.curvature import linear_layers
+from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.kfac import KroneckerEigenbasis, project_update_
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
@@ -78,9 +80,8 @@ class OGDController(PrivateUpdateController):
         """K-FAC of the public model on public batches, S_gen per layer, the two displacements."""
         host, cfg = self.host, self.config
         trainer = host.trainer
-        if trainer.world_size > 1 or trainer.accumulate_grad_batches > 1:
-            raise ValueError("ogd supports one process and accumulate_grad_batches=1 "
-                             "(it replaces gradients after backward)")
+        if trainer.accumulate_grad_batches > 1:
+            raise ValueError("ogd supports accumulate_grad_batches=1 (it replaces gradients after backward)")
         precision = str(getattr(trainer, "precision", "32-true"))
         if "16" in precision and "bf16" not in precision:
             raise ValueError(f"ogd does not support trainer.precision={precision}: the loss scaler "
@@ -89,8 +90,9 @@ class OGDController(PrivateUpdateController):
         start = time.perf_counter()
         with torch.random.fork_rng():  # drawing K-FAC batches must not shift the training RNG
             batches = itertools.islice(trainer.datamodule.public_train_dataloader(), cfg.kfac_batches)
-            self.subspaces = build_subspaces(host.model, layers, cfg.spec, batches,
-                                             lambda model, batch: host.nll_sum(batch))
+            subspaces = build_subspaces(host.model, layers, cfg.spec, batches,
+                                        lambda model, batch: host.nll_sum(batch))
+        self.subspaces = broadcast_from_zero(trainer.strategy, subspaces)  # one S_gen on every rank
         self.kfac_seconds = time.perf_counter() - start
         self.public = {n: _clone(m.weight, m.bias) for n, m in layers.items()}
         self.delta = {n: _zeros_param(m.weight, m.bias) for n, m in layers.items()}
@@ -137,7 +139,8 @@ class OGDController(PrivateUpdateController):
 
     # -------------------------------------------------------------- training
     def training_loss(self, batch) -> TrainingLoss:
-        """g_pub at α = 0 (kept for after_backward); backward then runs on the canary mean NLL."""
+        """g_pub at α = 0 (kept for after_backward); backward then runs at α = 1 on the canary
+        mean NLL (or, with `private_sees_public`, the joint public + canary token mean)."""
         host = self.host
         params = [p for p in host.model.parameters() if p.requires_grad]
         with self.alpha_zero():
@@ -147,13 +150,19 @@ class OGDController(PrivateUpdateController):
         canary_nll, canary_tokens = host.nll_sum(batch["canary"])
         canary = canary_nll / canary_tokens
         logged = (nll.detach() + canary_nll.detach()) / (tokens + canary_tokens)
-        return TrainingLoss(canary, logged, canary.detach())
+        private = canary
+        if self.config.private_sees_public:  # ΔW_priv also descends the public NLL at α = 1
+            public_at_one, _ = host.nll_sum(batch["public"])
+            private = (public_at_one + canary_nll) / (tokens + canary_tokens)
+        return TrainingLoss(private, logged, canary.detach())
 
     def after_backward(self) -> None:
         """Private gradients (projected off S_gen) to ΔW_priv; g_pub to every model parameter;
-        the model at W_pub for the module's optimiser step."""
+        the model at W_pub for the module's optimiser step. Under DDP g_pub is averaged over
+        the ranks here (the backward's private gradients already are)."""
         if self._public_grads is None:
             return
+        average_gradients_(list(self._public_grads.values()))
         for name, module in self._modules().items():
             dw, db = self.delta[name]
             grad_w = module.weight.grad if module.weight.grad is not None else torch.zeros_like(dw)
@@ -245,6 +254,7 @@ class OGDController(PrivateUpdateController):
         return {
             "subspace": cfg.subspace, "fraction": None if cfg.k is not None else cfg.fraction, "k": cfg.k,
             "layers": len(masks), "include_lm_head": cfg.include_lm_head,
+            "private_sees_public": cfg.private_sees_public,
             "protected_fraction": sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks),
             "private_in_subspace_max": max(ratios.values()),
             "private_relative_norm": (delta_sq / public_sq) ** 0.5 if public_sq > 0 else None,

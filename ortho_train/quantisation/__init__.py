@@ -1,19 +1,28 @@
-"""Weight quantisers: group-wise INT-k (RTN, GPTQ) and bitsandbytes NF4/FP4.
+"""Every weight format of the project, behind one registry (no Lightning in this package).
 
-    spec = QuantSpec(method="gptq", bits=4, group_size=128)
+    spec = QuantSpec(method="gptq", bits=4, group_size=128)     # a base stream (sieve, isolation)
     base = quantise_weight(w, spec, hessian)        # an ortho_kernels.QuantisedBase (packed codes)
     w_hat = base.dequantise()
 
+    copy = quantised_copy(model, "nf4", QuantSettings())         # a deployed copy (PTQ gap, tables)
+
+Who owns what:
+- `format.py`: `WeightFormat`, the interface (base quantiser and/or deployment format).
+- `registry.py`: `FORMATS`, name → format, one line each; lookups by role.
+- `int_rtn.py`: INT-k round to nearest (`rtn` base quantiser, `int4` deployment, group bin widths).
+- `gptq.py`: GPTQ (`gptq` base quantiser, outlier-aware sweep for the post-hoc sieve).
+- `bnb4.py`: bitsandbytes NF4/FP4 (`nf4`, `fp4`: fake quantisation, `Linear4bit` modules with
+  the CPU-kernel choice, code books, block bin widths, bits per weight).
+- `spec.py`: `QuantSpec` (base stream settings), `quantise_weight`, `QuantSettings` (copies).
+- `copies.py`: `quantised_copy` and the one rule for which linears a copy quantises (LM head
+  included), `effective_linear_weights`, `fake_quantise` / `bin_width` by format name.
+- `bins.py`: code-book rounding intervals and the bin-crossing counts.
+
 INT-k storage (pack/unpack, dequantise, bits per weight) is `ortho_kernels.packing`'s: a base
-built here runs in `ortho_kernels.dual_stream_linear` unchanged. No Lightning in this package.
+built here runs in `ortho_kernels.dual_stream_linear` unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-from ortho_kernels import QuantisedBase, pack_bits
 from ortho_train.quantisation.bnb4 import (
     QUANT_TYPES,
     bnb_bits_per_weight,
@@ -21,74 +30,29 @@ from ortho_train.quantisation.bnb4 import (
     bnb_fake_quantise,
     bnb_quantise_4bit,
 )
-from ortho_train.quantisation.gptq import GPTQResult, gptq_quantise
-
-METHODS = ("rtn", "gptq")
-
-
-@dataclass
-class QuantSpec:
-    """How a base stream is quantised.
-
-    Args:
-        method: 'rtn' (round to nearest) or 'gptq' (needs calibration Hessians).
-        bits: 2, 3, 4 or 8.
-        group_size: weights per (scale, zero) pair along the input dimension.
-        damp: GPTQ damping as a fraction of mean(diag H).
-        block_size: GPTQ lazy block (rounded to whole groups).
-        act_order: GPTQ in descending diag(H) order (implies static groups).
-        static_groups: GPTQ group parameters from the original weights.
-    """
-
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"quantisation method must be one of {METHODS}, got {self.method!r}")
-        if self.bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be one of (2, 3, 4, 8), got {self.bits}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}_{self.method}"
-
-
-def base_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    bits: int, group_size: int) -> QuantisedBase:
-    """Pack unpacked codes (N, K) into a `ortho_kernels.QuantisedBase`."""
-    return QuantisedBase(pack_bits(codes, bits), scales, zeros, tuple(codes.shape), group_size, bits)
-
-
-def quantise_weight(w: torch.Tensor, spec: QuantSpec,
-                    hessian: torch.Tensor | None = None) -> QuantisedBase:
-    """The INT-k base stream of a weight (N, K) under `spec` (GPTQ needs its Hessian)."""
-    if spec.method == "rtn":
-        return QuantisedBase.from_dense(w.detach().float(), bits=spec.bits, group_size=spec.group_size)
-    if hessian is None:
-        raise ValueError("GPTQ needs a calibration Hessian for every layer it quantises "
-                         "(collect them with ortho_train.curvature.collect_hessians)")
-    result = run_gptq(w, hessian, spec)
-    return base_from_codes(result.codes, result.scales, result.zeros, spec.bits, spec.group_size)
-
-
-def run_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
-             outlier_threshold: float | None = None) -> GPTQResult:
-    """`gptq_quantise` with the settings of `spec`."""
-    return gptq_quantise(w.detach(), hessian, bits=spec.bits, group_size=spec.group_size,
-                         damp=spec.damp, block_size=spec.block_size, act_order=spec.act_order,
-                         static_groups=spec.static_groups, outlier_threshold=outlier_threshold)
-
+from ortho_train.quantisation.copies import (
+    bin_width,
+    effective_linear_weights,
+    fake_quantise,
+    quantisable_linears,
+    quantise_linears_,
+    quantised_copy,
+)
+from ortho_train.quantisation.format import WeightFormat, base_from_codes
+from ortho_train.quantisation.gptq import GPTQResult, gptq_quantise, run_gptq
+from ortho_train.quantisation.registry import (
+    FORMATS,
+    base_quantiser,
+    base_quantisers,
+    deployment_format,
+    deployment_formats,
+)
+from ortho_train.quantisation.spec import QuantSettings, QuantSpec, quantise_weight
 
 __all__ = [
-    "GPTQResult", "METHODS", "QUANT_TYPES", "QuantSpec", "base_from_codes",
-    "bnb_bits_per_weight", "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit",
-    "gptq_quantise", "quantise_weight", "run_gptq",
+    "FORMATS", "GPTQResult", "QUANT_TYPES", "QuantSettings", "QuantSpec", "WeightFormat",
+    "base_from_codes", "base_quantiser", "base_quantisers", "bin_width", "bnb_bits_per_weight",
+    "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit", "deployment_format",
+    "deployment_formats", "effective_linear_weights", "fake_quantise", "gptq_quantise",
+    "quantisable_linears", "quantise_linears_", "quantise_weight", "quantised_copy", "run_gptq",
 ]

@@ -28,11 +28,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ortho_kernels import group_quantise
+from ortho_kernels import QuantisedBase, group_quantise
+from ortho_kernels.packing import SUPPORTED_BITS
 from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
+from ortho_train.quantisation.format import WeightFormat, base_from_codes
+
+if TYPE_CHECKING:
+    from ortho_train.quantisation.spec import QuantSpec
 
 
 @dataclass
@@ -62,18 +68,10 @@ def _group_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     return scales.float(), zeros.float()
 
 
-def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  static_groups: bool = False,
-                  outlier_threshold=None) -> GPTQResult:
-    """GPTQ-quantise a weight (N, K) with its calibration Hessian (K, K). See module doc.
-
-    outlier_threshold: None (plain GPTQ), a float τ, or a callable u_diag (K,) -> τ evaluated
-    once U is known (U_jj in the original column order).
-    """
+def _check_inputs(w: torch.Tensor, hessian: torch.Tensor, group_size: int, block_size: int) -> None:
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w must be a 2-D floating tensor, got {w.dtype} {tuple(w.shape)}")
-    n, k = w.shape
+    k = w.shape[1]
     if tuple(hessian.shape) != (k, k):
         raise ValueError(f"hessian must be ({k}, {k}) for a weight of shape {tuple(w.shape)}, "
                          f"got {tuple(hessian.shape)}")
@@ -81,14 +79,26 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         raise ValueError("w contains NaN or Inf; cannot quantise")
     if group_size < 1 or block_size < 1:
         raise ValueError(f"group_size and block_size must be positive, got {group_size}, {block_size}")
-    static_groups = static_groups or act_order
-    qmax = 2**bits - 1
-    n_groups = math.ceil(k / group_size)
-    block = max(1, block_size // group_size) * group_size  # whole groups per lazy block
 
+
+@dataclass
+class _Sweep:
+    """The state GPTQ sweeps over: working weights, U, group parameters, column order."""
+
+    weight: torch.Tensor  # (N, K) fp32, in sweep (possibly permuted) column order
+    u: torch.Tensor  # (K, K) upper Cholesky factor of H⁻¹, sweep order
+    u_diag: torch.Tensor  # (K,) U_jj in the original column order
+    col_of: list[int]  # sweep position -> original column
+    scales: torch.Tensor  # (N, G) fp32
+    zeros: torch.Tensor  # (N, G) fp32
+
+
+def _prepare(w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float,
+             act_order: bool, static_groups: bool) -> _Sweep:
+    n, k = w.shape
     h, _ = prepare_hessian(hessian.to(w.device), damp)
     weight = w.float().clone()
-    scales = torch.empty(n, n_groups, dtype=torch.float32, device=w.device)
+    scales = torch.empty(n, math.ceil(k / group_size), dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
     if static_groups:
         _, s16, z16 = group_quantise(weight, bits=bits, group_size=group_size)
@@ -99,15 +109,66 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
         weight = weight[:, perm]  # (N, K) permuted columns
         h = h[perm][:, perm]  # (K, K)
     u = inverse_cholesky_upper(h).float()  # (K, K)
-    col_of = perm.tolist() if perm is not None else list(range(k))
     u_diag = torch.diagonal(u).clone()
     if perm is not None:
         u_diag = torch.empty_like(u_diag).scatter_(0, perm, u_diag)  # original column order
+    col_of = perm.tolist() if perm is not None else list(range(k))
+    return _Sweep(weight, u, u_diag, col_of, scales, zeros)
+
+
+def _sweep_block(sweep: _Sweep, i1: int, i2: int, codes: torch.Tensor, bits: int, group_size: int,
+                 static_groups: bool, err_threshold: float | None):
+    """Quantise sweep columns [i1, i2) one by one, propagating each error inside the block.
+
+    Returns the block's weights after the in-block updates (N, B), its scaled errors (N, B)
+    and, with `err_threshold`, its outlier mask (N, B) (else None).
+    """
+    qmax = 2**bits - 1
+    w1 = sweep.weight[:, i1:i2].clone()  # (N, B)
+    err1 = torch.zeros_like(w1)  # (N, B)
+    out1 = torch.zeros_like(w1, dtype=torch.bool) if err_threshold is not None else None  # (N, B)
+    u1 = sweep.u[i1:i2, i1:i2]  # (B, B)
+    for i in range(i2 - i1):
+        col = sweep.col_of[i1 + i]
+        g = col // group_size
+        if not static_groups and col % group_size == 0:
+            s, z = _group_params(w1[:, i: i + group_size], bits)
+            sweep.scales[:, g: g + 1], sweep.zeros[:, g: g + 1] = s, z
+        s, z = sweep.scales[:, g], sweep.zeros[:, g]  # (N,)
+        wcol = w1[:, i]  # (N,)
+        q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+        deq = (q - z) * s
+        err = (wcol - deq) / u1[i, i]  # (N,)
+        codes[:, col] = q.to(torch.uint8)
+        if out1 is not None:  # an outlier is kept exact: its error is not propagated
+            out = err.abs() > err_threshold
+            err.masked_fill_(out, 0.0)
+            out1[:, i] = out
+        w1[:, i:] -= err[:, None] * u1[i, i:][None, :]  # (N, 1)·(1, B−i)
+        err1[:, i] = err
+    return w1, err1, out1
+
+
+def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  static_groups: bool = False,
+                  outlier_threshold=None) -> GPTQResult:
+    """GPTQ-quantise a weight (N, K) with its calibration Hessian (K, K). See module doc.
+
+    outlier_threshold: None (plain GPTQ), a float τ, or a callable u_diag (K,) -> τ evaluated
+    once U is known (U_jj in the original column order).
+    """
+    _check_inputs(w, hessian, group_size, block_size)
+    static_groups = static_groups or act_order
+    n, k = w.shape
+    block = max(1, block_size // group_size) * group_size  # whole groups per lazy block
+    sweep = _prepare(w, hessian, bits, group_size, damp, act_order, static_groups)
     if callable(outlier_threshold):  # e.g. a quantile of impacts that need U_jj first
-        outlier_threshold = float(outlier_threshold(u_diag))
+        outlier_threshold = float(outlier_threshold(sweep.u_diag))
 
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     track = outlier_threshold is not None
+    err_threshold = None
     if track:  # per column only the test and the mask; values and impacts per block
         err_threshold = math.sqrt(max(float(outlier_threshold), 0.0))  # |w − q|/U_jj > √τ
         outliers = torch.zeros(n, k, dtype=torch.bool, device=w.device)
@@ -116,41 +177,45 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
     total_error = torch.zeros((), dtype=torch.float64, device=w.device)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = weight[:, i1:i2].clone()  # (N, B)
-        err1 = torch.zeros_like(w1)  # (N, B)
-        if track:
-            out1 = torch.zeros_like(w1, dtype=torch.bool)  # (N, B)
-        u1 = u[i1:i2, i1:i2]  # (B, B)
-        for i in range(i2 - i1):
-            col = col_of[i1 + i]
-            g = col // group_size
-            if not static_groups and col % group_size == 0:
-                s, z = _group_params(w1[:, i: i + group_size], bits)
-                scales[:, g: g + 1], zeros[:, g: g + 1] = s, z
-            s, z = scales[:, g], zeros[:, g]  # (N,)
-            wcol = w1[:, i]  # (N,)
-            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
-            deq = (q - z) * s
-            d = u1[i, i]
-            err = (wcol - deq) / d  # (N,)
-            codes[:, col] = q.to(torch.uint8)
-            if track:  # an outlier is kept exact: its error is not propagated
-                out = err.abs() > err_threshold
-                err.masked_fill_(out, 0.0)
-                out1[:, i] = out
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]  # (N, 1)·(1, B−i)
-            err1[:, i] = err
+        w1, err1, out1 = _sweep_block(sweep, i1, i2, codes, bits, group_size, static_groups, err_threshold)
         if track:  # w1 now holds the compensated weight at outliers, the dequantised elsewhere
-            cols = torch.tensor(col_of[i1:i2], device=w.device)  # (B,) original columns
+            cols = torch.tensor(sweep.col_of[i1:i2], device=w.device)  # (B,) original columns
             groups = cols // group_size  # (B,)
-            deq1 = (codes[:, cols].float() - zeros[:, groups]) * scales[:, groups]  # (N, B)
+            deq1 = (codes[:, cols].float() - sweep.zeros[:, groups]) * sweep.scales[:, groups]  # (N, B)
             outliers[:, cols] = out1
             compensated[:, cols] = w1
-            impact[:, cols] = ((w1 - deq1) / torch.diagonal(u1)[None, :]).square()
-        weight[:, i2:] -= err1 @ u[i1:i2, i2:]  # (N, B)·(B, K−i2)
+            impact[:, cols] = ((w1 - deq1) / torch.diagonal(sweep.u[i1:i2, i1:i2])[None, :]).square()
+        sweep.weight[:, i2:] -= err1 @ sweep.u[i1:i2, i2:]  # (N, B)·(B, K−i2)
         total_error += err1.square().sum()
 
-    return GPTQResult(codes, scales.to(torch.float16), zeros.to(torch.float16), u_diag,
+    return GPTQResult(codes, sweep.scales.to(torch.float16), sweep.zeros.to(torch.float16), sweep.u_diag,
                       float(total_error),
                       outliers if track else None, compensated if track else None,
                       impact if track else None)
+
+
+def run_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+             outlier_threshold: float | None = None) -> GPTQResult:
+    """`gptq_quantise` with the settings of `spec`."""
+    return gptq_quantise(w.detach(), hessian, bits=spec.bits, group_size=spec.group_size,
+                         damp=spec.damp, block_size=spec.block_size, act_order=spec.act_order,
+                         static_groups=spec.static_groups, outlier_threshold=outlier_threshold)
+
+
+class GPTQ(WeightFormat):
+    """GPTQ INT-k: the codes of `ortho_kernels.packing`'s grid, chosen column by column to minimise
+    ‖(Q − W) X‖² with the calibration Hessian H = X Xᵀ (see the module docstring)."""
+
+    name = "gptq"
+    bits = SUPPORTED_BITS
+    needs_hessian = True
+    outlier_aware = True
+    base_quantiser = True
+
+    def quantise(self, w: torch.Tensor, spec: "QuantSpec", hessian: torch.Tensor | None = None) -> QuantisedBase:
+        result = run_gptq(w, hessian, spec)
+        return base_from_codes(result.codes, result.scales, result.zeros, spec.bits, spec.group_size)
+
+    def quantise_with_outliers(self, w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+                               outlier_threshold) -> GPTQResult:
+        return run_gptq(w, hessian, spec, outlier_threshold=outlier_threshold)

@@ -42,6 +42,7 @@ from torch import nn
 from ortho_train import metrics
 from ortho_train.evaluation import evaluate_memorisation, extraction_metrics
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
+from ortho_train.quantisation import QuantSettings, quantised_copy
 from ortho_train.separation.displacement import Displacements
 from ortho_train.separation.geometry import LossBarrier, lmc_barrier
 from ortho_train.separation.svd_split import pruned_state_dict, svd_split_state_dict
@@ -138,8 +139,6 @@ class SeparationTable:
 
     # ------------------------------------------------------------ measuring
     def _quantised_extraction(self, model: nn.Module, fmt: str) -> float:
-        from ortho_train.unlearning.ptq import QuantSettings, quantised_copy
-
         quantised = quantised_copy(model, fmt, QuantSettings(int4_group_size=self.config.int4_group_size))
         return extraction_metrics(quantised, self.probe.members)["extraction_rate"]
 

@@ -1,8 +1,8 @@
 """The sieve on one layer: W ≈ dequant(W_base) + α·W_ortho, three ways (docs/methods.md §5).
 
 - `sieve_posthoc` (LibOrtho): base = Q(W) of the fine-tuned weight; the ortho stream keeps
-  the entries of R = W − dequant(base) with the largest impact R²/[H⁻¹]_jj. With GPTQ the
-  selection runs inside the sweep (SpQR-style): impact (w − q)²/U_jj² of the
+  the entries of R = W − dequant(base) with the largest impact R²/[H⁻¹]_jj. With an
+  outlier-aware base quantiser (`format.outlier_aware`: GPTQ) the selection runs inside the sweep (SpQR-style): impact (w − q)²/U_jj² of the
   error-compensated weight w, outliers kept exact and not propagated, value w − dequant(q).
   The threshold comes from a pre-pass over the RTN residuals with the same denominators
   (top-ρ: their (1−ρ) quantile; adaptive: μ + β·σ); a top-ρ layer that overshoots its budget
@@ -25,7 +25,7 @@ import torch
 
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_kernels.packing import group_dequantise, group_quantise
-from ortho_train.quantisation import QuantSpec, base_from_codes, quantise_weight, run_gptq
+from ortho_train.quantisation import QuantSpec, base_from_codes, quantise_weight
 from ortho_train.sieve.select import (
     SELECTIONS,
     adaptive_threshold,
@@ -110,10 +110,11 @@ def _select(score: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
 
 def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
                   report: bool = False) -> SievedLayer:
-    """Paper 000's sieve of a fine-tuned weight (N, K); see the module docstring."""
+    """LibOrtho's sieve of a fine-tuned weight (N, K); see the module docstring."""
     w = w.detach().float()
-    if spec.quant.method == "rtn":
-        base = quantise_weight(w, spec.quant)
+    quantiser = spec.quant.quantiser
+    if not quantiser.outlier_aware:  # quantise, then select the outliers from the residual
+        base = quantise_weight(w, spec.quant, hessian)
         residual = w - base.dequantise()  # (N, K)
         mask = _select(impact_scores(residual, hinv_diagonal(hessian, spec.quant.damp)), spec)
         return _finish(base, residual, mask, w, hessian, spec, report)
@@ -127,7 +128,7 @@ def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
             return top_fraction_threshold(prepass, spec.rho)
         return adaptive_threshold(prepass, spec.beta)
 
-    result = run_gptq(w, hessian, spec.quant, outlier_threshold=threshold)  # codes, not packed
+    result = quantiser.quantise_with_outliers(w, hessian, spec.quant, threshold)  # codes, not packed
     base = base_from_codes(result.codes, result.scales, result.zeros, spec.quant.bits,
                            spec.quant.group_size)
     mask = result.outlier_mask

@@ -168,7 +168,7 @@ class IsolatedSupport:
         with self.alpha_zero(model):
             modules = {name: model.get_submodule(name) for name in self.masks}
             hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
-                        if config.quant.method == "gptq" else {})
+                        if config.quant.quantiser.needs_hessian else {})
             return {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
                     for name, m in modules.items()}
 
@@ -210,7 +210,7 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
     modules = linear_layers(model, include_lm_head=config.include_lm_head)
     if not modules:
         raise ValueError("the model has no nn.Linear layers to isolate")
-    need_h = config.quant.method == "gptq" or config.support == "impact"
+    need_h = config.quant.quantiser.needs_hessian or config.support == "impact"
     hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
                 if need_h else {})
     bases = {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))

@@ -2,9 +2,11 @@
 
 Rows (one per model evaluated), keys `variant, alpha, rho, extraction_rate, exposure_mean,
 mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
-- references: `fp32` (the fine-tuned model), `intK_rtn` / `intK_gptq` (it, quantised),
-  `nf4` / `fp4` (bitsandbytes), `pre_sft` (the public model before fine-tuning) and
-  `intK_pre_sft` (its base stream: Q(W_pre), the model α = 0 of `delta`/`isolated` is);
+- references: `fp32` (the fine-tuned model), `intK_<method>` (it, quantised by a registered
+  base quantiser: `intK_rtn`, `intK_gptq`), any registered deployment format (`nf4` / `fp4`:
+  bitsandbytes; its fake-quantised copy, `ortho_train.quantisation.quantised_copy`), `pre_sft`
+  (the public model before fine-tuning) and `intK_pre_sft` (its base stream: Q(W_pre), the
+  model α = 0 of `delta`/`isolated` is);
 - sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
   every α of the list;
 - `ogd`: an OGD-projected fine-tune's W(α) = W_public_path + α·ΔW_priv at every α (ΔW_priv
@@ -28,12 +30,20 @@ import torch
 from torch import nn
 
 from ortho_kernels import QuantisedBase
-from ortho_train.curvature import linear_layers
+from ortho_kernels.packing import SUPPORTED_BITS
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import QuantSpec, bnb_bits_per_weight, bnb_fake_quantise
+from ortho_train.quantisation import (
+    FORMATS,
+    QuantSettings,
+    QuantSpec,
+    base_quantisers,
+    deployment_format,
+    deployment_formats,
+    quantised_copy,
+)
 from ortho_train.sieve.core import SievedLayer, SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
@@ -41,7 +51,18 @@ ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_
             "public_ppl", "bits_per_weight", "ortho_density")
 EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss",
               "mia_tpr_at_1pct_fpr_minkpp", "base", "seconds")
-_INT_REF = re.compile(r"int([2348])_(rtn|gptq|pre_sft)")
+_INT_REF = re.compile(r"int(\d+)_(\w+)")
+
+
+def int_reference(name: str) -> tuple[int, str] | None:
+    """(bits, method or 'pre_sft') of an `int<k>_<method>` / `int<k>_pre_sft` reference, else None."""
+    match = _INT_REF.fullmatch(name)
+    if match is None:
+        return None
+    bits, kind = int(match[1]), match[2]
+    if kind == "pre_sft":
+        return (bits, kind) if bits in SUPPORTED_BITS else None
+    return (bits, kind) if kind in base_quantisers() and bits in FORMATS[kind].bits else None
 
 
 @dataclass
@@ -60,9 +81,10 @@ class TableConfig:
 
     def __post_init__(self) -> None:
         for name in self.references:
-            if name not in ("fp32", "nf4", "fp4", "pre_sft") and not _INT_REF.fullmatch(name):
-                raise ValueError(f"unknown reference {name!r}: use fp32, nf4, fp4, pre_sft or "
-                                 f"int{{2,3,4,8}}_{{rtn,gptq,pre_sft}}")
+            if name not in ("fp32", "pre_sft") + deployment_formats() and int_reference(name) is None:
+                raise ValueError(f"unknown reference {name!r}: use fp32, pre_sft, a deployment format "
+                                 f"{deployment_formats()} or int{{k}}_{{method or pre_sft}} (k in "
+                                 f"{SUPPORTED_BITS}, methods {base_quantisers()})")
         for variant in self.variants:
             if variant not in ("posthoc", "delta", "isolated", "ogd"):
                 raise ValueError(f"unknown sieve variant {variant!r}")
@@ -81,14 +103,6 @@ class TableConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
-
-
-def _fake_quantised(model: nn.Module, quant_type: str, include_lm_head: bool) -> nn.Module:
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for linear in linear_layers(out, include_lm_head).values():
-            linear.weight.copy_(bnb_fake_quantise(linear.weight, quant_type))
-    return out
 
 
 class KillSwitchTable:
@@ -146,7 +160,7 @@ class KillSwitchTable:
                 return bases, "isolated SFT base"
         pre = self._require_pre("a pre-fine-tuning base")
         spec = self.spec_with(bits)
-        layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.method == "gptq" else None)
+        layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.quantiser.needs_hessian else None)
         return {n: layer.base for n, layer in layers.items()}, spec.quant.name
 
     def _evaluate(self, model: nn.Module) -> dict:
@@ -186,26 +200,33 @@ class KillSwitchTable:
 
     # ------------------------------------------------------------------- rows
     def reference(self, name: str) -> None:
-        inc_head = self.config.spec.include_lm_head
         if name == "fp32":
             self.measure("fp32", self.model, None, None, 32.0, 0.0, None)
         elif name == "pre_sft":
             self.measure("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
-        elif name in ("nf4", "fp4"):
-            self.measure(name, _fake_quantised(self.model, name, inc_head), None, None,
-                      bnb_bits_per_weight(), 0.0, f"bitsandbytes {name} blocksize 64")
+        elif name in deployment_formats():
+            self.deployed_reference(name)
         else:
-            bits, kind = _INT_REF.fullmatch(name).groups()
-            bits = int(bits)
+            bits, kind = int_reference(name)
             if kind == "pre_sft":
                 bases, how = self.pre_bases(bits)
                 layers = {n: SievedLayer(b, _empty(b), {}) for n, b in bases.items()}
                 dual = build_dual_stream_model(self._require_pre(name), layers)
             else:
                 spec = self.spec_with(bits, kind)
-                layers = quantised_layers(self.model, spec, self.hessians(self.model) if kind == "gptq" else None)
+                hessians = self.hessians(self.model) if spec.quant.quantiser.needs_hessian else None
+                layers = quantised_layers(self.model, spec, hessians)
                 dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
             self.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
+
+    def deployed_reference(self, name: str) -> None:
+        """The row of a deployment format: the model's fake-quantised copy (dense linears holding
+        dequantise(quantise(W)); the LM head only with `include_lm_head`, never a tied one)."""
+        settings = QuantSettings(int4_group_size=self.config.spec.quant.group_size, skip_modules=[])
+        fmt = deployment_format(name)
+        copy_ = quantised_copy(self.model, name, settings, include_lm_head=self.config.spec.include_lm_head,
+                               deployed_modules=False)
+        self.measure(name, copy_, None, None, fmt.bits_per_weight(settings), 0.0, fmt.label(settings))
 
     def _ogd_rows(self) -> None:
         streams = self.ogd

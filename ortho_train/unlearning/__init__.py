@@ -1,8 +1,9 @@
-"""Unlearning: losses (pure functions of logits and labels), PTQ helpers and MANSU pieces.
+"""Unlearning: losses (pure functions of logits and labels) and MANSU pieces.
 
 One file per method (`ga`, `gdr`, `klr`, `npo`), shared maths in `common`; `objective` picks a
-loss by name. `bins` and `ptq` measure whether an update survives 4-bit quantisation;
-`attribution`, `mansu` and `mansu_setup` implement MANSU (Mechanistic-Aligned Null-Space Unlearning). No Lightning here.
+loss by name; `attribution`, `mansu` and `mansu_setup` implement MANSU (Mechanistic-Aligned
+Null-Space Unlearning). Whether an update survives quantisation (bin widths, PTQ copies) is
+`ortho_train.quantisation`'s. No Lightning here.
 """
 from ortho_train.unlearning.common import masked_kl, prompt_masked_labels, sequence_nll, token_mean_nll
 from ortho_train.unlearning.ga import ga_loss

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.unlearning.ptq import plain_name
+from ortho_train.model_support import plain_name
 
 SequenceLoss = Callable[[Tensor, Tensor], Tensor]  # (logits (B,T,V), labels (B,T)) -> (B,) losses
 

@@ -12,7 +12,7 @@ cannot round away:
    bounded with the empirical diagonal Fisher ``F_i = mean_k g_{k,i}² / T_k`` (per token):
    the predicted retain KL ``D(Δ) = ½ Σ_i F_i Δ_i²`` must stay ≤ `fisher_budget` nats/token.
 3. *Magnitude floor*: every updated weight ends at ``|Δ_i| ≥ (1 + margin)·b_i``, b_i the bin
-   width of its quantisation block (`bins.bin_width`: NF4 block of 64 or INT4 group), so it
+   width of its quantisation block (`WeightFormat.bin_width`: NF4 block of 64 or INT4 group), so it
    leaves its rounding interval by construction.
 
 The floor fixes the least damage an update can do, ``½ Σ F_i b_i²``; weights whose floored
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.metrics import token_logprobs
-from ortho_train.unlearning.bins import bin_width
+from ortho_train.quantisation import QuantSettings, deployment_format, deployment_formats
 
 
 @dataclass
@@ -46,7 +46,8 @@ class MansuSettings:
             estimate the diagonal Fisher.
         fisher_budget: bound on the predicted retain damage ½ Σ F Δ² (nats per token).
         floor_budget_share: share of the budget the magnitude floor alone may use (pruning).
-        floor_format: grid of the magnitude floor: 'nf4', 'fp4' or 'int4'.
+        floor_format: grid of the magnitude floor, a registered deployment format ('nf4', 'fp4',
+            'int4').
         blocksize: NF4/FP4 block size of the floor grid.
         group_size: INT4 group size of the floor grid.
         floor_margin: the floor is (1 + margin) bin widths.
@@ -69,10 +70,15 @@ class MansuSettings:
             raise ValueError(f"component_fraction must be in (0, 1], got {self.component_fraction}")
         if self.fisher_budget <= 0 or not 0 < self.floor_budget_share <= 1:
             raise ValueError("fisher_budget must be > 0 and floor_budget_share in (0, 1]")
-        if self.floor_format not in ("nf4", "fp4", "int4"):
-            raise ValueError(f"floor_format must be 'nf4', 'fp4' or 'int4', got {self.floor_format!r}")
+        if self.floor_format not in deployment_formats():
+            raise ValueError(f"floor_format must be one of {deployment_formats()}, got {self.floor_format!r}")
+        self.floor_settings()  # a blocksize bitsandbytes cannot deploy fails here
         if self.floor_margin < 0 or self.retain_sequences < 1 or self.attribution_batches < 1:
             raise ValueError("floor_margin ≥ 0, retain_sequences ≥ 1 and attribution_batches ≥ 1 required")
+
+    def floor_settings(self) -> QuantSettings:
+        """The quantisation settings of the floor grid (`blocksize`, `group_size`)."""
+        return QuantSettings(blocksize=self.blocksize, int4_group_size=self.group_size)
 
 
 def per_sequence_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], params: Mapping[str, Tensor],
@@ -198,9 +204,8 @@ class MansuPlan:
 def build_floor(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], names: list[str],
                 settings: MansuSettings) -> Tensor:
     """(1 + margin) × the bin width at each masked entry, flat (n,)."""
+    grid, grid_settings = deployment_format(settings.floor_format), settings.floor_settings()
     return torch.cat([
-        (1 + settings.floor_margin)
-        * bin_width(weights[n], settings.floor_format, settings.blocksize, settings.group_size)[masks[n]].to(
-            weights[n].device)
+        (1 + settings.floor_margin) * grid.bin_width(weights[n], grid_settings)[masks[n]].to(weights[n].device)
         for n in names
     ])

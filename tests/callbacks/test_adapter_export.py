@@ -93,12 +93,12 @@ def test_a_failing_export_leaves_no_partial_artifact_set(model_dir, tmp_path, mo
     """The merged model fails after the adapter was saved: neither lands, no temporary is left."""
     from types import SimpleNamespace
 
+    import callbacks.adapter_export
     from ortho_train.unlearning.lora import LoraSettings, wrap_lora as _wrap_lora
-    from ortho_train.unlearning import ptq
 
     model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraSettings(rank=2))
     module = SimpleNamespace(model=model, tokenizer=None, run_dir=tmp_path)
-    monkeypatch.setattr(ptq, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
+    monkeypatch.setattr(callbacks.adapter_export, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
     with pytest.raises(PermissionError):
         AdapterExportCallback(save_merged=True).export_models(module)
     assert list(tmp_path.iterdir()) == []

@@ -16,9 +16,11 @@ import torch
 
 from callbacks.adapter_export import AdapterExportCallback
 from callbacks.ptq_gap import PTQGapCallback, PTQGapError
+from ortho_train import quantisation as quant
 from ortho_train.evaluation import evaluate_unlearning
+from ortho_train.quantisation.bins import level_widths
+from ortho_train.quantisation.bnb4 import code_levels
 from ortho_train.unlearn_module import UnlearnModule
-from ortho_train.unlearning import bins, ptq
 from ortho_train.unlearning.mansu import MansuSettings
 from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
@@ -35,10 +37,10 @@ class StayInNF4Bins(L.Callback):
     """After each step, clamp every quantised weight into its starting NF4 rounding interval."""
 
     def on_train_start(self, trainer, module):
-        mids, _ = bins.level_widths(bins.code_levels("nf4"))
+        mids, _ = level_widths(code_levels("nf4"))
         lower, upper = torch.cat([torch.tensor([-1.0]), mids]), torch.cat([mids, torch.tensor([1.0])])
         self.bounds = {}
-        for name, linear in ptq.quantisable_linears(module.model).items():
+        for name, linear in quant.quantisable_linears(module.model).items():
             blocks = linear.weight.detach().reshape(-1, 64)  # (n_blocks, 64)
             absmax = blocks.abs().amax(dim=1, keepdim=True)
             level = torch.bucketize((blocks / absmax).contiguous(), mids)
@@ -50,7 +52,7 @@ class StayInNF4Bins(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        for name, linear in ptq.quantisable_linears(module.model).items():
+        for name, linear in quant.quantisable_linears(module.model).items():
             lo, hi = self.bounds[name]
             linear.weight.copy_(torch.maximum(torch.minimum(linear.weight, hi), lo))
 
@@ -82,7 +84,7 @@ def test_gap_detected_and_run_failed_when_quantisation_undoes_unlearning(model_d
     assert results["public_ppl_nf4"] == pytest.approx(results["public_ppl_nf4_before"], rel=1e-6)
     assert results["forgetting_survives"] is False and results["status"] == "failed"
     # the callback's numbers are evaluate_unlearning's on an independent NF4 copy
-    independent = evaluate_unlearning(ptq.quantised_copy(module.model, "nf4", ptq.QuantSettings()),
+    independent = evaluate_unlearning(quant.quantised_copy(module.model, "nf4", quant.QuantSettings()),
                                       dm.forget_probe, dm.retain_members, exposure_references=50)
     for key in ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "public_ppl"):
         assert results[f"{key}_nf4"] == pytest.approx(independent[key], rel=1e-6), key

@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from callbacks.adapter_export import AdapterExportCallback
 from callbacks.ptq_gap import PTQGapCallback
 from callbacks.sieve import SieveCallback
+from ortho_train import quantisation as quant
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.model_support import UnsupportedLayerError, conv1d_as_linear
 from ortho_train.ogd import OGDConfig
@@ -28,7 +29,6 @@ from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.unlearn_module import LoraSettings, UnlearnModule
-from ortho_train.unlearning import ptq
 from ortho_train.unlearning.mansu import MansuSettings
 from tests.ortho_train.arch_models import ARCHITECTURES, BLOCKS, PROJECTIONS, WIDTH, cached_tiny_model
 from tests.ortho_train.unlearn_helpers import single_thread, tiny_datamodule  # noqa: F401
@@ -183,7 +183,7 @@ def test_mansu_unlearning(arch_dir, tmp_path):
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     plan = module.mansu_plan
     assert plan.theta0.numel() > 0 and set(plan.masks) <= set(module.linear_names)
-    after = ptq.effective_linear_weights(module.model)
+    after = quant.effective_linear_weights(module.model)
     for name, before in module.original_weights.items():
         moved = after[name] != before
         mask = plan.masks.get(name)
@@ -261,7 +261,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     for name in ["fp"] + results["variants"]:
         assert math.isfinite(results[f"public_ppl_{name}"]), name
     for deployment in ("merged", "adapter"):  # no Conv1D left in a quantised copy, the model keeps its own
-        copy = ptq.quantised_copy(module.model, "int4", ptq.QuantSettings(**QUANT), deployment)
+        copy = quant.quantised_copy(module.model, "int4", quant.QuantSettings(**QUANT), deployment)
         assert not any(isinstance(m, Conv1D) for m in copy.modules()), deployment
     assert any(isinstance(m, Conv1D) for m in module.model.modules())
 
@@ -301,5 +301,5 @@ def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_
     assert module.divergence is None  # retain perplexity finite and bounded at every step
     for name in ("fp", "nf4", "nf4_adapter"):
         assert math.isfinite(callback.results[f"public_ppl_{name}"]), (arch, name)
-    copy = ptq.quantised_copy(module.model, "int4", ptq.QuantSettings(**QUANT))
+    copy = quant.quantised_copy(module.model, "int4", quant.QuantSettings(**QUANT))
     assert {p.dtype for p in copy.parameters()} == {torch.float32}

@@ -73,6 +73,22 @@ def test_alpha_zero_weights_are_bit_identical_across_two_secret_sets(tmp_path):
     assert any(not torch.equal(full_a[k], full_b[k]) for k in full_a)  # α = 1 holds the secrets
 
 
+def test_private_sees_public_changes_only_the_private_stream(tmp_path):
+    # The public path's updates never read ΔW_priv, so which loss ΔW_priv descends cannot
+    # change a bit of the α = 0 weights; it must change ΔW_priv (the public NLL at α = 1
+    # now pulls on it too), and the projection must still hold.
+    spec = dict(subspace="sharpest", fraction=0.5, kfac_batches=2)
+    plain = _fit(tmp_path / "plain", ogd=OGDConfig(**spec))
+    joint = _fit(tmp_path / "joint", ogd=OGDConfig(**spec, private_sees_public=True))
+    for name, (w_pub, _) in plain.private_update.public.items():
+        assert torch.equal(w_pub, joint.private_update.public[name][0]), name
+    changed = [not torch.equal(plain.private_update.delta[n][0], joint.private_update.delta[n][0])
+               for n in plain.private_update.delta]
+    assert sum(changed) >= 0.9 * len(changed)
+    assert joint.final_metrics["ogd"]["private_sees_public"] is True
+    assert joint.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
+
+
 @torch.no_grad()
 def test_streams_rebuild_alpha_one_and_report_bits(ogd_fit):
     streams = ogd_fit.private_streams()

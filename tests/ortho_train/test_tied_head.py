@@ -7,12 +7,11 @@ from safetensors.torch import load_file
 from ortho_train.curvature import linear_layers
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantSettings, QuantSpec, quantised_copy
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model
 from ortho_train.sieve.artifacts import BASE_NAME, save_sieved
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.table import _fake_quantised
 
 TIED = TinyLlamaConfig(32, 2, 2, 64, tie_word_embeddings=True)
 
@@ -25,8 +24,20 @@ def test_a_tied_head_is_never_among_the_sieved_linears():
     untied = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), 40, 0, 1)
     assert "lm_head" in linear_layers(untied, include_lm_head=True)
     embedding = model.get_input_embeddings().weight.detach().clone()
-    nf4 = _fake_quantised(model, "nf4", include_lm_head=True)  # the table's NF4 reference row
-    assert torch.equal(nf4.get_input_embeddings().weight, embedding)  # not quantised through the head
+    for deployed in (False, True):  # the table's NF4 reference row; a PTQ copy that skips nothing by name
+        with pytest.warns(UserWarning, match="tied to the input embedding"):
+            nf4 = quantised_copy(model, "nf4", QuantSettings(skip_modules=[]), include_lm_head=True,
+                                 deployed_modules=deployed)
+        assert torch.equal(nf4.get_input_embeddings().weight, embedding)  # not quantised through the head
+        assert type(nf4.lm_head) is torch.nn.Linear and nf4.lm_head.weight is nf4.get_input_embeddings().weight
+        down = nf4.model.layers[0].mlp.down_proj
+        if deployed:
+            assert type(down).__name__ == "Linear4bit"
+        else:  # a dense linear holding the fake-quantised weight
+            assert not torch.equal(down.weight, model.model.layers[0].mlp.down_proj.weight)
+    with pytest.warns(UserWarning, match="tied to the input embedding"):  # INT4 rounds weights in place
+        int4 = quantised_copy(model, "int4", QuantSettings(int4_group_size=32, skip_modules=[]))
+    assert torch.equal(int4.get_input_embeddings().weight, embedding)
 
 
 def _isolated_tied_fit(tmp, canary_seed):

@@ -3,8 +3,9 @@ magnitude floor, diagonal-Fisher bound and pruning, and a plan on a tiny model."
 import pytest
 import torch
 
+from ortho_train import quantisation as quant
 from ortho_train.models import load_causal_lm
-from ortho_train.unlearning import attribution, bins, mansu, ptq
+from ortho_train.unlearning import attribution, mansu
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.mansu_setup import build_mansu_plan
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
@@ -76,7 +77,7 @@ def test_constrain_floors_every_masked_entry_and_nothing_else():
     weight = torch.randn(4, 64)
     mask = torch.zeros(4, 64, dtype=torch.bool)
     mask[1] = True
-    floor = 1.1 * bins.bin_width(weight, "nf4")[mask]
+    floor = 1.1 * quant.bin_width(weight, "nf4")[mask]
     retain_grad = torch.randn(3, 64)
     plan = mansu.MansuPlan(names=["w"], masks={"w": mask}, theta0=weight[mask].clone(), floor=floor,
                            fisher=torch.zeros(64), basis=mansu.orthonormal_basis(retain_grad), budget=1.0)
@@ -87,7 +88,7 @@ def test_constrain_floors_every_masked_entry_and_nothing_else():
     delta = params["w"] - weight
     assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask]))
     assert (delta[mask].abs() >= floor - 1e-7).all()
-    q0, q1 = ptq.fake_quantise(weight, "nf4", ptq.QuantSettings()), ptq.fake_quantise(params["w"], "nf4", ptq.QuantSettings())
+    q0, q1 = quant.fake_quantise(weight, "nf4", quant.QuantSettings()), quant.fake_quantise(params["w"], "nf4", quant.QuantSettings())
     assert (q1[mask] != q0[mask]).float().mean() > 0.9  # the floor moves quantised values
 
 
@@ -96,8 +97,8 @@ def test_plan_on_tiny_model_respects_budget_and_selection(model_dir):
     dm = tiny_datamodule(model_dir)
     forget = list(dm.forget_dataloader(shuffle=False))
     retain = [next(iter(dm.public_train_dataloader())) for _ in range(2)]
-    names = list(ptq.effective_linear_weights(model))
-    params = {n: lin.weight for n, lin in ptq.quantisable_linears(model).items()}
+    names = list(quant.effective_linear_weights(model))
+    params = {n: lin.weight for n, lin in quant.quantisable_linears(model).items()}
     for p in params.values():
         p.requires_grad_(True)
     scores = attribution.unit_attribution(model, forget, sequence_nll, names)

@@ -11,7 +11,7 @@ import torch
 
 from callbacks.adapter_export import AdapterExportCallback
 from ortho_train.unlearn_module import LoraSettings, UnlearningStopped, UnlearnModule
-from ortho_train.unlearning import bins, ptq
+from ortho_train import quantisation as quant
 from ortho_train.unlearning.mansu import MansuSettings
 from tests.ortho_train.unlearn_helpers import DATA, cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
 
@@ -54,9 +54,9 @@ def test_lora_step_trains_only_the_adapter(model_dir, tmp_path):
 @pytest.mark.parametrize("loss", ["ga", "klr", "npo_klr"])
 def test_full_step_moves_every_trained_linear(model_dir, tmp_path, loss):
     module = UnlearnModule(str(model_dir), mode="full", loss=loss, lr=1e-3, attribution_batches=0)
-    before = ptq.effective_linear_weights(module.model)
+    before = quant.effective_linear_weights(module.model)
     _fit(module, model_dir, tmp_path)
-    after = ptq.effective_linear_weights(module.model)
+    after = quant.effective_linear_weights(module.model)
     for name in before:
         assert not torch.equal(before[name], after[name]), f"{name} did not move"
     assert module.trainable_parameter_count == sum(p.numel() for p in module.model.parameters())
@@ -65,17 +65,17 @@ def test_full_step_moves_every_trained_linear(model_dir, tmp_path, loss):
 def test_mansu_step_moves_exactly_the_plan_by_at_least_a_bin(model_dir, tmp_path):
     settings = MansuSettings(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings)
-    before = ptq.effective_linear_weights(module.model)
+    before = quant.effective_linear_weights(module.model)
     other = {k: v.clone() for k, v in module.model.state_dict().items() if k.replace(".weight", "") not in before}
     _fit(module, model_dir, tmp_path, steps=2)
-    plan, after = module.mansu_plan, ptq.effective_linear_weights(module.model)
+    plan, after = module.mansu_plan, quant.effective_linear_weights(module.model)
     assert plan.theta0.numel() > 0
     for name in before:
         moved = after[name] != before[name]
         mask = plan.masks.get(name, torch.zeros_like(moved))
         assert torch.equal(moved, mask), f"{name}: updated entries differ from the plan"
         if name in plan.masks:
-            width = bins.bin_width(before[name], "nf4")[mask]
+            width = quant.bin_width(before[name], "nf4")[mask]
             assert ((after[name] - before[name]).abs()[mask] >= width).all()
     for key, value in other.items():
         assert torch.equal(module.model.state_dict()[key], value), f"{key} is outside the plan but moved"

@@ -7,8 +7,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from ortho_train import quantisation as quant
+from ortho_train.model_support import merged_copy
 from ortho_train.models import load_causal_lm
-from ortho_train.unlearning import bins, ptq
+from ortho_train.quantisation import bins, bnb4
+from ortho_train.quantisation.int_rtn import group_bin_width
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread  # noqa: F401
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -18,8 +21,8 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
 
 
 def test_nf4_code_is_the_fixed_bitsandbytes_code():
-    torch.testing.assert_close(bins.code_levels("nf4"), torch.tensor(NF4))
-    assert len(bins.code_levels("fp4")) == 15  # ±0 coincide
+    torch.testing.assert_close(bnb4.code_levels("nf4"), torch.tensor(NF4))
+    assert len(bnb4.code_levels("fp4")) == 15  # ±0 coincide
 
 
 def test_level_widths_golden():
@@ -32,7 +35,7 @@ def test_blockwise_bin_width_uses_block_absmax_and_local_level():
     w = torch.zeros(2, 64)
     w[0, 0], w[0, 1], w[0, 2] = 2.0, 0.0, -2.0 * 0.5250730514526367  # block 0: absmax 2
     w[1, 0] = 0.5  # block 1: absmax 0.5, the other weights at level 0
-    width = bins.blockwise_bin_width(w, "nf4", 64)
+    width = bnb4.blockwise_bin_width(w, "nf4", 64)
     code = torch.tensor(NF4)
     assert width[0, 0].item() == pytest.approx(2 * (code[15] - code[14]).item())
     assert width[0, 1].item() == pytest.approx(2 * (code[8] - code[6]).item() / 2)
@@ -42,10 +45,10 @@ def test_blockwise_bin_width_uses_block_absmax_and_local_level():
 
 def test_nearest_level_agrees_with_bitsandbytes_rounding():
     w = torch.randn(64, 128)
-    mids, _ = bins.level_widths(bins.code_levels("nf4"))
+    mids, _ = bins.level_widths(bnb4.code_levels("nf4"))
     blocks = w.reshape(-1, 64)  # (n_blocks, 64)
     absmax = blocks.abs().amax(1, keepdim=True)
-    ours = bins.code_levels("nf4")[torch.bucketize((blocks / absmax).contiguous(), mids)] * absmax
+    ours = bnb4.code_levels("nf4")[torch.bucketize((blocks / absmax).contiguous(), mids)] * absmax
     packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
     theirs = bnb_functional.dequantize_4bit(packed, state).reshape(-1, 64)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
@@ -54,7 +57,7 @@ def test_nearest_level_agrees_with_bitsandbytes_rounding():
 def test_group_bin_width_int4_golden_with_ragged_group():
     w = torch.tensor([[0.0, 1.5, 3.0, 0.0, 15.0], [1.0, 2.5, -3.0, -1.5, 0.0]])  # groups of 2, last ragged
     expected = torch.tensor([[0.1, 0.1, 0.2, 0.2, 1.0], [2.5 / 15, 2.5 / 15, 0.2, 0.2, 0.0]])  # range holds 0
-    torch.testing.assert_close(bins.group_bin_width(w, group_size=2), expected)
+    torch.testing.assert_close(group_bin_width(w, group_size=2), expected)
 
 
 def test_bin_crossing_and_dequantised_change_counts():
@@ -77,10 +80,10 @@ def _ids():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_quant):
-    settings = ptq.QuantSettings(double_quant=double_quant)
+    settings = quant.QuantSettings(double_quant=double_quant)
     model = load_causal_lm(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ours = ptq.quantised_copy(model, "nf4", settings)
+    ours = quant.quantised_copy(model, "nf4", settings)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                 bnb_4bit_compute_dtype=torch.float32)
     theirs = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
@@ -95,7 +98,7 @@ def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_qua
 
 
 def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
-    settings = ptq.QuantSettings()
+    settings = quant.QuantSettings()
     model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -104,8 +107,8 @@ def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     ids = _ids()
     with torch.no_grad():
-        adapter = ptq.quantised_copy(model, "nf4", settings, "adapter")(ids).logits
-        merged = ptq.quantised_copy(model, "nf4", settings, "merged")(ids).logits
+        adapter = quant.quantised_copy(model, "nf4", settings, "adapter")(ids).logits
+        merged = quant.quantised_copy(model, "nf4", settings, "merged")(ids).logits
         # "NF4 base + fp adapter" is what plain peft on a bitsandbytes-loaded base computes
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
@@ -114,7 +117,7 @@ def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
         torch.testing.assert_close(adapter, reference, atol=1e-5, rtol=1e-5)
         # "merge then quantise" quantises the merged weights: a different model. Same merge, same
         # quantiser and the same (eval-mode) kernel on both sides: only float noise may differ.
-        plain = ptq.quantise_linears_(ptq.merged_copy(model), "nf4", settings).eval()(ids).logits
+        plain = quant.quantise_linears_(merged_copy(model), "nf4", settings).eval()(ids).logits
         torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
         assert (merged - adapter).abs().max() > 1e-4
 
@@ -124,7 +127,7 @@ def test_effective_weights_of_lora_are_merged(model_dir):
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         layer.lora_B["default"].weight.fill_(0.5)
-    weights = ptq.effective_linear_weights(model)
+    weights = quant.effective_linear_weights(model)
     expected = layer.base_layer.weight + 0.5 * layer.lora_A["default"].weight.sum(0, keepdim=True).expand(64, -1)
     torch.testing.assert_close(weights["model.layers.0.self_attn.q_proj"], expected)
     assert "lm_head" not in weights and not any("lora" in name for name in weights)
@@ -132,9 +135,9 @@ def test_effective_weights_of_lora_are_merged(model_dir):
 
 def test_unknown_format_and_bad_blocksize_are_clear():
     with pytest.raises(ValueError, match="unknown quantisation format 'int3'"):
-        ptq.fake_quantise(torch.zeros(4, 4), "int3", ptq.QuantSettings())
+        quant.fake_quantise(torch.zeros(4, 4), "int3", quant.QuantSettings())
     with pytest.raises(ValueError, match="blocksize"):
-        ptq.QuantSettings(blocksize=48)
+        quant.QuantSettings(blocksize=48)
 
 
 @pytest.fixture
@@ -156,14 +159,14 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
     """The default copy never takes the repacked path, so a width the repacking cannot tile (48)
     works and the numbers are those of the generic path on any CPU."""
     model, x = _width_48_model(), torch.randn(3, 128)
-    copy_ = ptq.quantise_linears_(copy.deepcopy(model), "nf4", ptq.QuantSettings(skip_modules=[])).eval()
+    copy_ = quant.quantise_linears_(copy.deepcopy(model), "nf4", quant.QuantSettings(skip_modules=[])).eval()
     assert not any(layer.support_avx512bf16_for_cpu for layer in copy_ if hasattr(layer, "weight"))
     with torch.no_grad():
         out = copy_(x)
     dense = copy.deepcopy(model)
     for layer in dense:
         if isinstance(layer, torch.nn.Linear):
-            layer.weight.data = ptq.fake_quantise(layer.weight, "nf4", ptq.QuantSettings())
+            layer.weight.data = quant.fake_quantise(layer.weight, "nf4", quant.QuantSettings())
     with torch.no_grad():
         # generic bitsandbytes path = dequantise + fp32 matmul: float noise only (K ≤ 128)
         torch.testing.assert_close(out, dense(x), atol=1e-5, rtol=1e-5)
@@ -171,11 +174,11 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
 
 
 def test_native_kernel_skips_layers_it_cannot_repack(avx512bf16_cpu, caplog):
-    settings = ptq.QuantSettings(skip_modules=[], cpu_kernel="native")
-    with caplog.at_level("INFO", logger=ptq.__name__):
-        copy_ = ptq.quantise_linears_(_width_48_model(), "nf4", settings).eval()
+    settings = quant.QuantSettings(skip_modules=[], cpu_kernel="native")
+    with caplog.at_level("INFO", logger=bnb4.__name__):
+        copy_ = quant.quantise_linears_(_width_48_model(), "nf4", settings).eval()
     assert copy_[0].support_avx512bf16_for_cpu is False  # 48 output rows: not a multiple of 32
     assert copy_[2].support_avx512bf16_for_cpu is True  # 64 rows: bitsandbytes may repack it
     assert "48x128 layer" in caplog.text and "portable" in caplog.text
     with pytest.raises(ValueError, match="cpu_kernel"):
-        ptq.QuantSettings(cpu_kernel="fast")
+        quant.QuantSettings(cpu_kernel="fast")
