@@ -29,7 +29,7 @@ from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
 from ortho_train.provenance import canary_record
-from ortho_train.resumable_loader import ResumableLoader, derive_seed
+from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import encode_text, load_tokenizer
 
@@ -134,10 +134,6 @@ class CanaryDataModule(L.LightningDataModule):
         train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
         forget_members: indices of the member canaries to forget (None: all members).
         forget_target: answer tokens of a forget canary: 'secret', 'secret_suffix' or 'full'.
-        shuffle_seed: seeds the order of the training loaders (`ResumableLoader`: each pass's
-            permutation follows from it, and a checkpoint holds every loader's position, so a
-            resumed run sees the batches of the uninterrupted one). None: the run's seed
-            (`seed_everything`, read as `torch.initial_seed()` when the loaders are made).
     """
 
     def __init__(
@@ -163,7 +159,6 @@ class CanaryDataModule(L.LightningDataModule):
         train_split: str = "sft",
         forget_members: list[int] | None = None,
         forget_target: str = "secret",
-        shuffle_seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -273,14 +268,14 @@ class CanaryDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, collate=None, drop_last=False,
                 resume_as: str | None = None) -> DataLoader:
-        """A DataLoader; with `resume_as` (a training loader's name) a `ResumableLoader` whose
-        order follows from `shuffle_seed` and that name, and whose position is checkpointed."""
-        common = dict(batch_size=batch_size, drop_last=drop_last, collate_fn=collate,
+        """A DataLoader; with `resume_as` (a training loader's name) a `ResumableLoader`: the
+        same batches and draws from the global generator as the DataLoader, and a position
+        that is checkpointed."""
+        common = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate,
                       num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
         if resume_as is None:
-            return DataLoader(dataset, shuffle=shuffle, **common)
-        seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else torch.initial_seed()
-        return ResumableLoader(dataset, seed=derive_seed(seed, resume_as), shuffle=shuffle, name=resume_as, **common)
+            return DataLoader(dataset, **common)
+        return ResumableLoader(dataset, name=resume_as, **common)
 
     def public_train_dataloader(self, resumable: bool = False) -> DataLoader:
         """Shuffled public windows; `resumable`: the training loader (`ResumableLoader` 'public')."""

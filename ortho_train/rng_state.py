@@ -1,12 +1,14 @@
 """The global random generators of a run, carried through a checkpoint.
 
-Whatever draws from the global generators during training (dropout, LoRA dropout, a shuffled
-loader built by a callback) must draw the same numbers in a resumed run as in the uninterrupted
-one. `GlobalRNG.save` puts the states of Python's `random`, NumPy's and torch's CPU (and CUDA)
-generators into the checkpoint as they are when it is written (after step k); `load` keeps them,
-and `apply_pending`, called at the start of the first training batch after the resume, sets
-them, so the set-up work of the resumed run (which draws what the uninterrupted run drew before
-step 0) does not shift what step k + 1 draws.
+Whatever draws from the global generators during training (dropout, LoRA dropout, the training
+loaders' pass seeds, a shuffled loader built by a callback) must draw the same numbers in a
+resumed run as in the uninterrupted one. `GlobalRNG.save` puts the states of Python's `random`,
+NumPy's and torch's CPU (and CUDA) generators into the checkpoint as they are when it is written
+(after step k); `load` keeps them, and `apply_pending`, called by the modules in `on_train_start`
+(after the set-up work of the resumed run, which draws what the uninterrupted run drew before
+step 0, and before the first batch after the checkpoint is fetched), sets them. A training loader
+whose pass ends at step k then draws the next pass's seed where the uninterrupted run drew it
+(`ortho_train.resumable_loader`).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class GlobalRNG:
         self._pending = checkpoint.get(CHECKPOINT_KEY)
 
     def apply_pending(self) -> None:
-        """Restore the loaded states once (a no-op without a resume)."""
+        """Restore the loaded states once (a no-op without a resume); call it in `on_train_start`."""
         if self._pending is not None:
             restore(self._pending)
             self._pending = None

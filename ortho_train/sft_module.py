@@ -204,8 +204,10 @@ class CanarySFTModule(L.LightningModule):
         )
         self.private_update.fit_start()
 
+    def on_train_start(self) -> None:
+        self.global_rng.apply_pending()  # resumed: the generators as at the checkpoint, before any batch is fetched
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.global_rng.apply_pending()  # a resumed run draws on as the uninterrupted one
         if self.global_step == self.hparams.public_steps and self.pre_canary_state_dict is None:
             self._enter_canary_phase()
         self.private_update.before_batch(self.global_step)

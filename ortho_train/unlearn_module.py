@@ -267,8 +267,8 @@ class UnlearnModule(L.LightningModule):
         self.global_rng.load(checkpoint)
         self._resumed = True
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.global_rng.apply_pending()  # a resumed run draws on as the uninterrupted one
+    def on_train_start(self) -> None:
+        self.global_rng.apply_pending()  # resumed: the generators as at the checkpoint, before any batch is fetched
 
     def _mansu_params(self) -> dict[str, nn.Parameter]:
         return {name: linear.weight for name, linear in quantisable_linears(self.model).items()}
