@@ -68,6 +68,21 @@ def test_dense_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
 
 
 @pytest.mark.slow  # ~100 s on one loaded core (three runs)
+def test_dense_canary_sft_resumes_from_the_end_of_a_canary_pass(tmp_path):
+    """Checkpoint after step 4: the canary loader (4 members, 2 a batch) has handed out the last
+    batch of its pass, so the resumed run draws the next pass's seed from the restored global
+    generator, where the uninterrupted run drew it."""
+    config = _sft_config()
+    config["trainer"]["callbacks"] = [checkpoint_every(4)]
+    plain, resumed = _kill_and_resume(tmp_path, config, "tiny", kill_at=6, checkpoint_at=4)
+    saved = torch.load(resumed / "checkpoints/step=4.ckpt", map_location="cpu", weights_only=False)
+    canary = next(s for s in saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] if s["name"] == "canary")
+    assert (canary["pass"], canary["batches"]) == (1, 2)  # at the end of its second pass
+    assert results(resumed / "summary.json") == results(plain / "summary.json")
+    _same_weights(resumed / "hf_model/model.safetensors", plain / "hf_model/model.safetensors")
+
+
+@pytest.mark.slow  # ~100 s on one loaded core (three runs)
 def test_isolated_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
     isolation = {"support": "impact", "rho": 0.1, "calibration_batches": 2,
                  "quant": {"method": "rtn", "bits": 4, "group_size": 32}}
