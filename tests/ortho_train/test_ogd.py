@@ -89,6 +89,34 @@ def test_private_sees_public_changes_only_the_private_stream(tmp_path):
     assert joint.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
 
 
+def test_eigenbasis_private_stream_keeps_s_gen_coefficients_at_zero(tmp_path):
+    # AdamW on the eigen-coefficients: S_gen coordinates get zero gradients, so zero moments and
+    # (decoupled decay keeps 0 at 0) stay exactly zero; ΔW_priv = U_G C U_Aᵀ. The public path
+    # never reads ΔW_priv, so its α = 0 weights are the parameter-basis run's bit for bit.
+    spec = dict(subspace="sharpest", fraction=0.5, kfac_batches=2, private_sees_public=True)
+    param = _fit(tmp_path / "parameter", ogd=OGDConfig(**spec))
+    eigen = _fit(tmp_path / "eigen", ogd=OGDConfig(**spec, private_basis="eigenbasis"))
+    controller = eigen.private_update
+    for name, c in controller.stream.coefficients.items():
+        sub = controller.subspaces[name]
+        assert c.norm() > 0 and torch.count_nonzero(c[sub.mask]) == 0, name
+        dw, _ = controller.delta[name]
+        inside = component_in(dw.double(), sub.basis, sub.mask).norm() / dw.double().norm()
+        assert inside <= 1e-5, f"{name}: {float(inside):.2e} of ΔW_priv lies in S_gen"
+        assert torch.equal(eigen.model.get_submodule(name).weight, controller.public[name][0] + dw), name
+        assert torch.equal(controller.public[name][0], param.private_update.public[name][0]), name
+        assert not torch.equal(dw, param.private_update.delta[name][0])  # a different optimiser
+    summary = eigen.final_metrics["ogd"]
+    assert summary["private_basis"] == "eigenbasis" and summary["private_in_subspace_max"] <= 1e-5
+    restored = OGDController(controller.config)
+    restored.setup(eigen)
+    restored.load_state_dict(controller.state_dict())
+    for name, (dw, _) in controller.delta.items():
+        assert torch.equal(restored.delta[name][0], dw), name
+    with pytest.raises(ValueError, match="ogd.private_basis 'diagonal' is unknown"):
+        OGDConfig(private_basis="diagonal")
+
+
 @torch.no_grad()
 def test_streams_rebuild_alpha_one_and_report_bits(ogd_fit):
     streams = ogd_fit.private_streams()
