@@ -20,7 +20,7 @@ set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, be
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
-from ortho_train.run_paths import next_version, remove_if_unstarted  # noqa: E402
+from ortho_train.run_paths import remove_if_unstarted, reserve_version  # noqa: E402
 from ortho_train.threads import configure_threads  # noqa: E402
 
 
@@ -39,7 +39,7 @@ class OrthoTrainCLI(LightningCLI):
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            config.trainer.default_root_dir = str(root / f"version_{next_version(root)}")
+            config.trainer.default_root_dir = str(root / f"version_{reserve_version(root)}")
             _drop_callbacks_needing_a_logger(config.trainer)
             return
         # TensorBoard and CSV loggers each pick "the next free version" and so land in
@@ -48,7 +48,7 @@ class OrthoTrainCLI(LightningCLI):
             return
         first = loggers[0].init_args
         if first.get("version") is None:
-            first.version = next_version(Path(first.save_dir) / (first.get("name") or ""))
+            first.version = reserve_version(Path(first.save_dir) / (first.get("name") or ""))
             # The directory is new; the other loggers' files in it are this run's own, and
             # CSVLogger would only remove a metrics.csv that does not exist yet.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")

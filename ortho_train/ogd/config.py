@@ -34,9 +34,10 @@ class OGDConfig:
             (it never sees ΔW_priv or a canary); the price is a second public forward/backward
             per step.
         private_basis: the coordinates the private AdamW works in (`ortho_train.ogd.private_stream`):
-            'parameter' (ΔW itself; gradient and applied step projected off S_gen, four
-            rotations per step) or 'eigenbasis' (the Kronecker eigen-coefficients, S_gen ones
-            held at zero; two rotations per step, Adam's scaling per eigen-direction).
+            'parameter' (ΔW itself; gradient and applied step projected off S_gen, two
+            projections per step), 'parameter_step' (ΔW itself; only the applied step
+            projected, one projection) or 'eigenbasis' (the Kronecker eigen-coefficients, S_gen
+            ones held at zero; two rotations per step, Adam's scaling per eigen-direction).
     """
 
     subspace: str = "flattest"

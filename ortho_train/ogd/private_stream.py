@@ -8,6 +8,8 @@ coordinates AdamW's per-coordinate scaling acts in, and so in cost and trajector
   projected gradient back into S, the applied step is projected again:
   ΔW ← ΔW₀ + project_out(ΔW − ΔW₀). Two projections per step, each 4 matrix products
   (C = U_Gᵀ X U_A and back).
+- `parameter_step` (`StepProjectedStream`): as `parameter`, but only the applied step is
+  projected (the raw gradient enters Adam's moments): one projection per step.
 - `eigenbasis` (`EigenbasisStream`): AdamW on the coefficients C = U_Gᵀ ΔW U_A in the layer's
   Kronecker eigenbasis, where S_gen is a set of coordinates (the mask M). The gradient enters
   as M̄ ⊙ (U_Gᵀ g U_A) (M̄ = not M), so the S_gen coefficients have zero gradient, zero Adam
@@ -128,6 +130,25 @@ class ParameterBasisStream(PrivateStream):
                 if param is not None:
                     param.data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+@register_basis("parameter_step")
+class StepProjectedStream(ParameterBasisStream):
+    """AdamW on ΔW itself; only the applied step is projected off S_gen.
+
+    The raw private gradient (S_gen component included) enters Adam's moments; the step they
+    produce is projected, ΔW ← ΔW₀ + project_out(ΔW − ΔW₀), so the displacement stays out of
+    S_gen exactly as with `parameter`, at one projection per step instead of two. The moments
+    (and the private clip's norm) then also see the S_gen part of the gradient, so the steps
+    differ from `parameter`'s.
+    """
+
+    def set_gradients(self, grads: dict[str, Pair]) -> None:
+        for name, (grad_w, grad_b) in grads.items():
+            dw, db = self.delta[name]
+            dw.grad = grad_w.clone()
+            if db is not None:
+                db.grad = grad_b.clone()
 
 
 @register_basis("eigenbasis")
