@@ -39,6 +39,7 @@ from torch import nn
 
 from kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.privacy.dsm import DSMConfig
 from ortho_train.quantisation import QuantSpec, quantise_weight
 from ortho_train.sieve.support import SupportInputs, support_choice
 
@@ -48,11 +49,13 @@ class IsolationConfig:
     """Canary SFT restricted to a sparse support per linear layer.
 
     Args:
-        support: a registered support choice: 'impact', 'saliency_public', 'saliency_canary'
-            or 'random' (see ortho_train.sieve.support for what each one sees and how to add one).
+        support: a registered support choice: 'impact', 'saliency_public', 'saliency_canary',
+            'random' or 'dsm' (see ortho_train.sieve.support for what each one sees and how to
+            add one).
         rho: support fraction per layer (0.05 = 5%).
         quant: quantiser of the base stream Q(W_pre).
-        calibration_batches: public batches for the Hessians (GPTQ base, impact support).
+        calibration_batches: public batches for the Hessians (GPTQ base, impact support) and
+            for the DSM scores (dsm support).
         saliency_batches: batches for gradient saliency (public batches, or canary batches
             each holding every member canary once).
         train_on_base: train with the off-support weights at dequant(Q(W_pre)).
@@ -66,6 +69,9 @@ class IsolationConfig:
         public_updates_fraction: share of the canary phase with public base updates; then
             the base is re-quantised and frozen and S alone trains against it for the rest
             (quantisation-aware: α = 1 is then exactly the trained model, as without updates).
+        dsm: weights a1, a2, a3 of the DSM terms, Hutchinson probes and their seed
+            (`ortho_train.privacy.DSMConfig`) of the dsm support (None: its defaults); only
+            with support 'dsm'.
     """
 
     support: str = "saliency_canary"
@@ -79,9 +85,13 @@ class IsolationConfig:
     public_base_updates: bool = False
     public_lr: float | None = None
     public_updates_fraction: float = 1.0
+    dsm: DSMConfig | None = None
 
     def __post_init__(self) -> None:
         support_choice(self.support)  # a registered one
+        if self.dsm is not None and self.support != "dsm":
+            raise ValueError(f"isolation dsm settings need support: dsm, got support {self.support!r} "
+                             f"(they would be ignored)")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
         if not self.public_base_updates and (self.public_lr is not None or self.public_updates_fraction != 1.0):

@@ -12,6 +12,11 @@ seeded random draw). What each choice looks at matters for the privacy claim:
   update. Sees the *private* data: S then encodes where the private gradient is large
   (the values stay in the ortho stream; the base Q(W_pre) never depends on private data).
 - "random": a seeded uniform draw. Sees nothing.
+- "dsm": whole input columns of W_pre by the differentiated sensitivity metric of
+  "A Geometric Theory of Functionally Sensitive Outlier Separability"
+  (`ortho_train.privacy.dsm`): log(1 + a₁·Tr(H_j)) + a₂·‖W_{:, j}‖ + a₃·σ(A_j), Hutchinson
+  traces of the loss Hessian and activation stds on `calibration_batches` *public* batches.
+  Sees public data only.
 
 The choices are a registry, name → `SupportChoice`: a new support is one function of
 `SupportInputs` returning a bool mask per layer, plus one `@register_support` line that says
@@ -181,3 +186,13 @@ def _random(inputs: SupportInputs) -> dict[str, torch.Tensor]:
     return {name: random_support(tuple(m.weight.shape), inputs.config.rho, generator).to(m.weight.device)
             for name, m in inputs.modules.items()}
 
+
+@register_support("dsm", sees="public calibration text (Hessian traces, activation stds) and the "
+                              "pre-fine-tuning weights")
+def _dsm(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    from ortho_train.privacy.dsm import DSMConfig, dsm_scores, dsm_support  # privacy imports the sieve
+
+    cfg = inputs.config
+    batches = take(inputs.public_batches(), cfg.calibration_batches)
+    scores = dsm_scores(inputs.model, inputs.modules, batches, inputs.loss_fn, cfg.dsm or DSMConfig())
+    return dsm_support(scores, {name: tuple(m.weight.shape) for name, m in inputs.modules.items()}, cfg.rho)
