@@ -24,7 +24,7 @@ from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
-from ortho_train.run_paths import (checkpoint_run_dir, next_version, remove_if_unstarted,  # noqa: E402
+from ortho_train.run_paths import (checkpoint_run_dir, remove_if_unstarted, reserve_version,  # noqa: E402
                                    set_aside_metrics_csv)
 from ortho_train.threads import configure_threads  # noqa: E402
 
@@ -45,7 +45,7 @@ class OrthoTrainCLI(LightningCLI):
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            run_dir = resumed if _resumes_in(resumed, root) else root / f"version_{next_version(root)}"
+            run_dir = resumed if _resumes_in(resumed, root) else root / f"version_{reserve_version(root)}"
             config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
             return
@@ -62,7 +62,7 @@ class OrthoTrainCLI(LightningCLI):
                 first.version = int(resumed.name.removeprefix("version_"))
                 set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
             else:
-                first.version = next_version(root)
+                first.version = reserve_version(root)
             # The directory is this run's own (new, or the one it resumes): the other loggers'
             # files in it are its own, and CSVLogger finds no metrics.csv there to remove.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")

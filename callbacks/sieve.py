@@ -10,6 +10,16 @@ the run `sieve_rows/<row>` (variant, α, ρ as hparams; scalars `sieve/<metric>`
 report's kill-switch figures as `sieve/figures/<i>`, prints the table at the end of the fit, and with `save_isolated`
 saves the isolated sieve as separate base/ortho safetensors files (`<run>/sieved_isolated`).
 
+The HOP/DQC paper ("A Geometric Theory of Functionally Sensitive Outlier Separability") is
+measured two ways. `dqc: true` adds a `posthoc_dqc` / `delta_dqc` row beside every posthoc /
+delta row: the same base and ortho positions, the ortho values DQC-compensated, so DQC sits in
+the table beside plain GPTQ (`int4_gptq`) and the uncompensated sieve. `hop_report: true`
+writes `<run>/hop_report.json` (`hop_report_step<N>.json` for periodic tables): for every
+sieve, ρ and sieved linear the HOP per-column geometric errors E_j of the base error
+ΔW = dequant(base) − W_ft under the public calibration Hessian, the outlier threshold
+τ = μ + β·σ (β = `hop_beta`), the outlier columns and their share of the error, and the layer
+losses tr(ΔW H ΔWᵀ) at α = 0 and α = 1.
+
 Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
 `private_streams()` (a typed stream view: `SupportStreams` of an isolated fine-tune give the
 `isolated` rows, `SubspaceStreams` of an OGD fine-tune the `ogd` rows), `isolation`, `ogd`,
@@ -19,6 +29,7 @@ Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import lightning as L
@@ -35,7 +46,7 @@ from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.sieve.artifacts import save_sieved
 from ortho_train.sieve.core import SieveSpec
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
-from ortho_train.sieve.table import KillSwitchTable, TableConfig, to_markdown
+from ortho_train.sieve.table import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
 
 
 def periodic_table_due(trainer, pl_module, every_n_steps: int) -> bool:
@@ -56,7 +67,8 @@ class SieveCallback(L.Callback):
     Args:
         every_n_steps: also build a table every N optimiser steps of the canary phase (0: never).
         at_fit_end: build the table when training ends.
-        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune).
+        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune),
+            posthoc_dqc, delta_dqc (posthoc / delta with DQC-compensated ortho values).
         references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
             (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
         alphas: α values evaluated for each sieve.
@@ -67,7 +79,11 @@ class SieveCallback(L.Callback):
         group_size: quantisation group size.
         selection: 'top' (top-ρ per layer) or 'adaptive' (τ = μ + β·σ).
         beta: β of the adaptive selection.
-        dqc: DQC compensation of the ortho values.
+        dqc: also measure each posthoc / delta sieve with DQC compensation of its ortho values,
+            as `posthoc_dqc` / `delta_dqc` rows beside the plain ones.
+        dqc_gamma: γ of the DQC compensation (None: 1, the H-optimal fold); needs DQC rows.
+        hop_report: write the HOP per-column report of every sieve to hop_report.json.
+        hop_beta: β of the HOP outlier columns' threshold τ = μ + β·σ (None: 2); needs hop_report.
         include_lm_head: sieve the LM head too.
         calibration_batches: public training batches for the Hessians.
         metrics: subset of extraction, exposure, mia, ppl.
@@ -90,6 +106,9 @@ class SieveCallback(L.Callback):
         selection: str = "top",
         beta: float = 2.0,
         dqc: bool = False,
+        dqc_gamma: float | None = None,
+        hop_report: bool = False,
+        hop_beta: float | None = None,
         include_lm_head: bool = False,
         calibration_batches: int = 8,
         metrics: list[str] | None = None,
@@ -103,18 +122,45 @@ class SieveCallback(L.Callback):
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be ≥ 1, got {calibration_batches}")
         defaults = TableConfig()
-        spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
-                         dqc=dqc, include_lm_head=include_lm_head)
+
         def given(value, default):  # None: the default; an empty list stays empty
             return list(default if value is None else value)
 
+        variants = given(variants, defaults.variants)
+        if dqc:  # each posthoc / delta row gets its DQC twin right after it
+            if not {"posthoc", "delta"} & set(variants):
+                raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
+                                 f"variants {variants} has neither")
+            variants = [v for plain in variants
+                        for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
+            variants = list(dict.fromkeys(variants))  # a _dqc variant listed as well: once
+        has_dqc = any(v.endswith("_dqc") for v in variants)
+        if dqc_gamma is not None:
+            if not has_dqc:
+                raise ValueError("dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
+                                 "variants); it would be ignored")
+            if not (math.isfinite(dqc_gamma) and dqc_gamma > 0):
+                raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {dqc_gamma}")
+        if hop_beta is not None:
+            if not hop_report:
+                raise ValueError("hop_beta needs hop_report: true (it would be ignored)")
+            if not (math.isfinite(hop_beta) and hop_beta >= 0):
+                raise ValueError(f"hop_beta must be a finite number ≥ 0, got {hop_beta}")
+        if hop_report and not set(variants) & set(SIEVED_VARIANTS):
+            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
+                             f"got {variants}")
+        spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
+                         dqc_gamma=1.0 if dqc_gamma is None else float(dqc_gamma),
+                         hop_beta=2.0 if hop_beta is None else float(hop_beta),
+                         include_lm_head=include_lm_head)
         self.config = TableConfig(
-            variants=given(variants, defaults.variants),
+            variants=variants,
             references=given(references, defaults.references),
             alphas=[float(a) for a in given(alphas, defaults.alphas)],
             rhos=[float(r) for r in given(rhos, defaults.rhos)], spec=spec,
             include=given(metrics, defaults.include),
             exposure_references=exposure_references, exposure_canaries=exposure_canaries,
+            hop_report=bool(hop_report),
         )
         self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
         self.calibration_batches, self.save_isolated = calibration_batches, save_isolated
@@ -165,6 +211,8 @@ class SieveCallback(L.Callback):
         markdown = to_markdown(rows, notes)
         write_json_atomic(run_dir / f"sieve_table{suffix}.json", rows)
         write_text_atomic(run_dir / f"sieve_table{suffix}.md", markdown)
+        if self.config.hop_report:
+            write_json_atomic(run_dir / f"hop_report{suffix}.json", self._hop(table, trainer.global_step))
         self._log(trainer, rows)
         if final:
             self.markdown = markdown
@@ -172,6 +220,19 @@ class SieveCallback(L.Callback):
                 self._save_isolated(pl_module, model, isolated, run_dir)
         rank_zero_info(f"SieveCallback: table written to {run_dir / f'sieve_table{suffix}.md'}")
         return rows
+
+    def _hop(self, table: KillSwitchTable, step: int) -> dict:
+        spec = self.config.spec
+        return {
+            "step": step, "beta": spec.hop_beta, "damp": spec.quant.damp,
+            "what": "per sieve, ρ and sieved linear (W: N × K): column_errors[j] = E_j = ‖(ΔW L)_{:, j}‖² "
+                    "with H = L Lᵀ the public-calibration Hessian (through the model named in 'hessians'), "
+                    "damped by damp·mean(diag H), and ΔW = dequant(base) − W_ft, the α = 0 error; "
+                    "Σ_j E_j = total_error = tr(ΔW H ΔWᵀ); outlier_columns: E_j > tau = μ_E + β·σ_E, "
+                    "outlier_error_share their share of total_error; h_error_alpha0 / h_error_alpha1: "
+                    "tr(ΔW H ΔWᵀ) with the undamped H at α = 0 / with the ortho stream added (α = 1)",
+            "sieves": table.hop,
+        }
 
     def _notes(self, pl_module, seconds: float) -> list[str]:
         c = self.config
@@ -184,6 +245,12 @@ class SieveCallback(L.Callback):
                  "both streams (48-bit COO entries)",
                  f"posthoc/delta: {c.spec.quant.name} g{c.spec.quant.group_size}, {c.spec.selection} "
                  f"selection", f"table built in {seconds:.0f} s"]
+        if any(v.endswith("_dqc") for v in c.variants):
+            notes.append(f"posthoc_dqc/delta_dqc: the posthoc/delta sieve's base and ortho positions, ortho "
+                         f"values DQC-compensated (γ={c.spec.dqc_gamma:g}): the regular part's error folded "
+                         f"into S by the H-metric projection")
+        if c.hop_report:
+            notes.append(f"HOP per-column report (β={c.spec.hop_beta:g}) of every sieve: hop_report.json")
         ogd = getattr(pl_module, "ogd", None)
         if ogd is not None:
             size = f"k={ogd.k}" if ogd.k is not None else f"fraction={ogd.fraction}"
@@ -200,7 +267,7 @@ class SieveCallback(L.Callback):
     @staticmethod
     def _label(row: dict) -> str:
         label = row["variant"]
-        if row["rho"] is not None and row["variant"] in ("posthoc", "delta", "isolated"):
+        if row["rho"] is not None and row["variant"] in SIEVED_VARIANTS:
             label += f"_rho{row['rho']:g}"
         if row["alpha"] is not None:
             label += f"_a{row['alpha']:g}"

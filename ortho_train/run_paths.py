@@ -7,11 +7,13 @@ name holding the artifact, so no config hard-codes `version_0`. A literal direct
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
 
 LATEST = "latest"
+RESERVED_ENV = "ORTHO_TRAIN_RESERVED_RUN"  # "<root>|<N>": the launcher's reservation, read by DDP ranks
 # What loggers write into a run directory before the first step (nothing a run produces).
 LOGGER_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
 _VERSION = re.compile(r"version_(\d+)")
@@ -27,6 +29,38 @@ def next_version(root: str | Path) -> int:
     """The first free N after every `version_N` of `root`."""
     taken = versions(root)
     return int(_VERSION.fullmatch(taken[-1].name).group(1)) + 1 if taken else 0
+
+
+def reserve_version(root: str | Path) -> int:
+    """Create `<root>/version_N` for the first free N and return N; safe against concurrent runs.
+
+    Choosing "the next free N" and creating it later lets two runs started together take the
+    same directory; `mkdir` either creates the directory or fails, so each run owns the one it
+    made. The choice is exported in the environment, so DDP ranks that Lightning re-launches
+    from this process (LOCAL_RANK or NODE_RANK > 0) reuse it instead of reserving their own;
+    the launching process itself reserves anew on every call (runs in one process, e.g. tests). An unused reservation is empty
+    and is removed with the failed start (`remove_if_unstarted`).
+    """
+    root = Path(root)
+    inherited = os.environ.get(RESERVED_ENV, "")
+    where, _, number = inherited.rpartition("|")
+    if _launched_rank() and where == str(root.resolve()) and number.isdigit():
+        return int(number)
+    root.mkdir(parents=True, exist_ok=True)
+    n = next_version(root)
+    while True:
+        try:
+            (root / f"version_{n}").mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    os.environ[RESERVED_ENV] = f"{root.resolve()}|{n}"
+    return n
+
+
+def _launched_rank() -> bool:
+    """True in a process Lightning launched as a further DDP rank."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK"))
 
 
 def checkpoint_run_dir(ckpt_path: str | Path | None) -> Path | None:

@@ -39,3 +39,40 @@ def test_runs_without_a_logger_get_their_own_directories(tmp_path, monkeypatch):
         assert (tmp_path / f"runs/version_{version}/hf_model/model.safetensors").is_file()
         assert (tmp_path / f"runs/version_{version}/summary.json").is_file()
     assert not (tmp_path / "runs/hf_model").exists()
+
+
+def test_runs_started_together_get_their_own_version(tmp_path, monkeypatch):
+    # Two runs that both saw "version_3 is the next free one" (the race of two launches in the
+    # same second) must still end in two directories: the reservation is a mkdir.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ortho_train.run_paths as run_paths
+
+    root = tmp_path / "runs/dp_dual"
+    (root / "version_2").mkdir(parents=True)
+    monkeypatch.setattr(run_paths, "next_version", lambda _root: 3)  # both see the same "next" N
+    reserved = []
+
+    def launch(_):
+        monkeypatch.delenv(run_paths.RESERVED_ENV, raising=False)  # each launch is its own process
+        reserved.append(run_paths.reserve_version(root))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(launch, range(2)))
+    assert sorted(reserved) == [3, 4] and (root / "version_3").is_dir() and (root / "version_4").is_dir()
+
+
+def test_ddp_ranks_reuse_the_launchers_reservation(tmp_path, monkeypatch):
+    from ortho_train.run_paths import RESERVED_ENV, reserve_version
+
+    monkeypatch.delenv(RESERVED_ENV, raising=False)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    root = tmp_path / "runs/tiny"
+    first = reserve_version(root)  # the launching process (rank 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank re-launched with the launcher's environment
+    assert reserve_version(root) == first
+    assert reserve_version(tmp_path / "runs/other") == 0  # another root: its own reservation
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert reserve_version(root) == first + 1  # the launcher's next run in the same process
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ortho_train.kfac import SUBSPACES, SubspaceSpec
+from ortho_train.ogd.private_stream import PRIVATE_BASES
 
 
 @dataclass
@@ -32,6 +33,11 @@ class OGDConfig:
             keeps the α = 1 model good on public text. The public path is the same either way
             (it never sees ΔW_priv or a canary); the price is a second public forward/backward
             per step.
+        private_basis: the coordinates the private AdamW works in (`ortho_train.ogd.private_stream`):
+            'parameter' (ΔW itself; gradient and applied step projected off S_gen, two
+            projections per step), 'parameter_step' (ΔW itself; only the applied step
+            projected, one projection) or 'eigenbasis' (the Kronecker eigen-coefficients, S_gen
+            ones held at zero; two rotations per step, Adam's scaling per eigen-direction).
     """
 
     subspace: str = "flattest"
@@ -40,6 +46,7 @@ class OGDConfig:
     kfac_batches: int = 8
     include_lm_head: bool = False
     private_sees_public: bool = False
+    private_basis: str = "parameter"
 
     def __post_init__(self) -> None:
         if self.subspace not in SUBSPACES:
@@ -50,6 +57,9 @@ class OGDConfig:
             raise ValueError(f"ogd.fraction must lie in (0, 1), got {self.fraction}")
         if self.k is not None and self.k < 0:
             raise ValueError(f"ogd.k must be ≥ 0, got {self.k}")
+        if self.private_basis not in PRIVATE_BASES:
+            raise ValueError(f"ogd.private_basis {self.private_basis!r} is unknown; choose one of "
+                             f"{sorted(PRIVATE_BASES)}")
         if self.kfac_batches < 1:
             raise ValueError(f"ogd.kfac_batches must be ≥ 1, got {self.kfac_batches}")
 

@@ -15,10 +15,12 @@ w_i of W, the GPTQ sweep order) and the one in which all three terms are defined
 - σ(A_j) the standard deviation of input feature j over calibration tokens (pads masked).
 
 As a sieve score: `column_scores_to_weight` broadcasts the (K,) score over the rows, so top-ρ
-selection keeps whole high-DSM columns (ties inside a column broken by position). The sieve's
-support choices are dispatched by name inside the isolation set-up (not a registry one can
-extend from outside), so a "dsm" support is not wired in here; `dsm_support` gives the masks. Hugging Face models
-run eager attention during the estimate (`ortho_train.privacy.attention`).
+selection keeps whole high-DSM columns (ties inside a column broken by position); `dsm_support`
+gives the masks. It is the isolation support `dsm` (`isolation: {support: dsm, dsm: {a1, a2,
+a3, probes, seed}}`, registered in `ortho_train.sieve.support`): scores of the pre-fine-tuning
+model on `calibration_batches` *public* batches, never a canary, so S carries nothing of the
+secrets. Hugging Face models run eager attention during the estimate
+(`ortho_train.privacy.attention`).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python -m ortho_train.private_update.bench            # the quickstart's Llama
     python -m ortho_train.private_update.bench --steps 10 --subspace sharpest --json out.json
     python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public
+    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public --private-basis eigenbasis
 
 Both modes run through their private-update controller, driven in the order Lightning calls
 the module's hooks (before_step, training_loss, backward, after_backward, clip, the optimiser
@@ -26,6 +27,7 @@ from ortho_train.artifacts import write_json_atomic
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ogd import OGDConfig
+from ortho_train.ogd.private_stream import PRIVATE_BASES
 from ortho_train.private_update.controller import DenseController, PrivateUpdateController
 from ortho_train.private_update.ogd import OGDController
 
@@ -104,6 +106,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--kfac-batches", type=int, default=8)
     parser.add_argument("--private-sees-public", action="store_true",
                         help="ΔW_priv descends the joint public + canary NLL at α = 1 (a second public pass)")
+    parser.add_argument("--private-basis", default="parameter", choices=sorted(PRIVATE_BASES),
+                        help="coordinates of the private AdamW (ortho_train.ogd.private_stream)")
     parser.add_argument("--hidden", type=int, default=TinyLlamaConfig.hidden_size)
     parser.add_argument("--blocks", type=int, default=TinyLlamaConfig.num_layers)
     parser.add_argument("--intermediate", type=int, default=TinyLlamaConfig.intermediate_size)
@@ -117,7 +121,8 @@ def main(argv=None) -> dict:
     dense = DenseController()
     dense_host, _ = _setup(dense, config, publics)
     ogd = OGDController(OGDConfig(subspace=args.subspace, fraction=args.fraction, kfac_batches=args.kfac_batches,
-                                  private_sees_public=args.private_sees_public))
+                                  private_sees_public=args.private_sees_public,
+                                  private_basis=args.private_basis))
     ogd_host, kfac_s = _setup(ogd, config, publics)
     times = {"dense": [], "ogd": []}
     for i in range(args.steps + 1):  # interleaved; the first step of each is a warm-up

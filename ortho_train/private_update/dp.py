@@ -49,8 +49,7 @@ from ortho_train.privacy import (
     module_masks_to_params,
 )
 from ortho_train.sieve.isolation import IsolationConfig
-
-SUPPORTS_SEEING_CANARIES = ("saliency_canary",)
+from ortho_train.sieve.support import support_choice
 
 
 def example_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,7 +75,7 @@ class DPIsolationController(IsolationController):
         if not isolation.public_base_updates:
             raise ValueError("model.dp needs model.isolation.public_base_updates: true (without it "
                              "the weights off the support would not be kept to public text)")
-        if isolation.support in SUPPORTS_SEEING_CANARIES:
+        if support_choice(isolation.support).sees_canaries:
             raise ValueError(f"model.dp needs a model.isolation.support chosen without the canaries, got "
                              f"{isolation.support!r}: the support itself would leak the secrets")
         if dp.scope == "global" and isolation.public_updates_fraction != 1.0:

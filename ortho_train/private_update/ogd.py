@@ -13,9 +13,11 @@ W(α) = W_public_path + α·ΔW_priv. Each canary step:
 3. every model parameter takes g_pub; the private gradients go to ΔW_priv; the two parts are
    clipped separately (a joint norm would let the canaries scale the public update);
 4. the module's AdamW steps W_pub (the model holds W_pub during its step); a separate AdamW
-   with the same learning rate, betas and weight decay steps ΔW_priv. Adam's per-coordinate
-   scaling moves a projected gradient back into S_gen, so the *applied* private step is
-   projected too (`project_update_`): ΔW_priv ← ΔW_before + project_out(ΔW − ΔW_before);
+   with the same learning rate, betas and weight decay steps ΔW_priv, in the coordinates
+   `ogd.private_basis` names (`ortho_train.ogd.private_stream`): 'parameter' — ΔW itself;
+   Adam's per-coordinate scaling moves a projected gradient back into S_gen, so the *applied*
+   step is projected too, ΔW_priv ← ΔW_before + project_out(ΔW − ΔW_before); 'eigenbasis' —
+   the Kronecker eigen-coefficients of ΔW_priv, whose S_gen coordinates stay exactly zero;
 5. the model's weights become W_pub + ΔW_priv again.
 
 Embeddings, norms and (unless `include_lm_head`) the LM head take public updates only. Each
@@ -33,8 +35,9 @@ from torch import nn
 
 from ortho_train.curvature import linear_layers
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
-from ortho_train.kfac import KroneckerEigenbasis, project_update_
+from ortho_train.kfac import KroneckerEigenbasis
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
+from ortho_train.ogd.private_stream import PrivateStream, make_private_stream
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SubspaceStreams
 from ortho_train.separation.displacement import Displacements
@@ -53,8 +56,7 @@ class OGDController(PrivateUpdateController):
         super().__init__(config)
         self.subspaces: dict[str, ProtectedSubspace] | None = None
         self.public: dict[str, Pair] = {}  # W_pub per protected linear
-        self.delta: dict[str, Pair] = {}  # ΔW_priv (nn.Parameters of the private optimiser)
-        self.optimizer: torch.optim.AdamW | None = None
+        self.stream: PrivateStream | None = None  # ΔW_priv and its AdamW (`ogd.private_basis`)
         self.kfac_seconds: float | None = None
         self._public_grads: dict[int, torch.Tensor | None] | None = None
         self._stepping = False  # gradients were split this step: after_step has work
@@ -95,22 +97,27 @@ class OGDController(PrivateUpdateController):
         self.subspaces = broadcast_from_zero(trainer.strategy, subspaces)  # one S_gen on every rank
         self.kfac_seconds = time.perf_counter() - start
         self.public = {n: _clone(m.weight, m.bias) for n, m in layers.items()}
-        self.delta = {n: _zeros_param(m.weight, m.bias) for n, m in layers.items()}
-        self._make_optimizer()
+        self.stream = self._make_stream()
         protected = sum(s.mask.sum().item() for s in self.subspaces.values())
         total = sum(s.mask.numel() for s in self.subspaces.values())
         host.info(f"OGD SFT: S_gen = {cfg.subspace} ({protected / total:.1%} of the directions of "
                   f"{len(layers)} linears), K-FAC over {cfg.kfac_batches} public batches in "
                   f"{self.kfac_seconds:.1f} s")
 
-    def _make_optimizer(self) -> None:
+    def _make_stream(self) -> PrivateStream:
         hp = self.host.hparams
-        weights = [w for w, _ in self.delta.values()]
-        biases = [b for _, b in self.delta.values() if b is not None]
-        groups = [{"params": weights, "weight_decay": hp.weight_decay}]
-        if biases:
-            groups.append({"params": biases, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=hp.sft_lr, betas=tuple(hp.betas))
+        return make_private_stream(self.config.private_basis, self.subspaces, self.public, hp.sft_lr,
+                                   tuple(hp.betas), hp.weight_decay)
+
+    @property
+    def optimizer(self) -> torch.optim.AdamW | None:
+        """The private stream's AdamW (its own, beside the module's)."""
+        return None if self.stream is None else self.stream.optimizer
+
+    @property
+    def delta(self) -> dict[str, Pair]:
+        """ΔW_priv per protected linear: (ΔW, Δb or None), dense, in the weight's coordinates."""
+        return {} if self.stream is None else self.stream.delta
 
     @torch.no_grad()
     def _write(self, alpha_one: bool) -> None:
@@ -163,14 +170,14 @@ class OGDController(PrivateUpdateController):
         if self._public_grads is None:
             return
         average_gradients_(list(self._public_grads.values()))
+        grads = {}
         for name, module in self._modules().items():
             dw, db = self.delta[name]
             grad_w = module.weight.grad if module.weight.grad is not None else torch.zeros_like(dw)
             grad_b = None if db is None else (module.bias.grad if module.bias.grad is not None
                                               else torch.zeros_like(db))
-            dw.grad, projected_b = self.subspaces[name].project_out(grad_w, grad_b)
-            if db is not None:
-                db.grad = projected_b
+            grads[name] = (grad_w, grad_b)
+        self.stream.set_gradients(grads)  # projected off S_gen (`ortho_train.ogd.private_stream`)
         for p in self.host.model.parameters():
             if p.requires_grad:
                 g = self._public_grads.get(id(p))
@@ -180,7 +187,7 @@ class OGDController(PrivateUpdateController):
         self._stepping = True
 
     def _private_params(self) -> list[nn.Parameter]:
-        return [t for pair in self.delta.values() for t in pair if t is not None]
+        return self.stream.parameters()
 
     def clip(self, optimizer, max_norm, algorithm) -> None:
         super().clip(optimizer, max_norm, algorithm)  # the public part: the module's parameters
@@ -203,16 +210,7 @@ class OGDController(PrivateUpdateController):
             w_pub.copy_(module.weight)
             if b_pub is not None:
                 b_pub.copy_(module.bias)
-        lr = self.host.trainer.optimizers[0].param_groups[0]["lr"]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        before = {name: _clone(*pair) for name, pair in self.delta.items()}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for name, (dw, db) in self.delta.items():
-            sub, (w0, b0) = self.subspaces[name], before[name]
-            project_update_(dw.data, w0, sub.fast, sub.mask,
-                            bias=None if db is None else db.data, bias_before=b0)
+        self.stream.step(self.host.trainer.optimizers[0].param_groups[0]["lr"])
         self._write(alpha_one=True)
 
     # ------------------------------------------------------------- artifacts
@@ -247,14 +245,15 @@ class OGDController(PrivateUpdateController):
         cfg = self.config
         masks = [s.mask for s in self.subspaces.values()]
         ratios = self.in_subspace_ratios()
-        delta_sq = sum(float(t.detach().double().square().sum()) for t in self._private_params())
+        delta_sq = sum(float(t.detach().double().square().sum()) for pair in self.delta.values()
+                       for t in pair if t is not None)
         public_sq = sum(float(t.double().square().sum()) for pair in self.public.values()
                         for t in pair if t is not None)
         bits = self.streams().bits_per_weight()
         return {
             "subspace": cfg.subspace, "fraction": None if cfg.k is not None else cfg.fraction, "k": cfg.k,
             "layers": len(masks), "include_lm_head": cfg.include_lm_head,
-            "private_sees_public": cfg.private_sees_public,
+            "private_sees_public": cfg.private_sees_public, "private_basis": cfg.private_basis,
             "protected_fraction": sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks),
             "private_in_subspace_max": max(ratios.values()),
             "private_relative_norm": (delta_sq / public_sq) ** 0.5 if public_sq > 0 else None,
@@ -269,9 +268,7 @@ class OGDController(PrivateUpdateController):
         return {
             "bases": {n: vars(s.basis) for n, s in self.subspaces.items()},
             "masks": {n: s.mask for n, s in self.subspaces.items()},
-            "public": self.public,
-            "delta": {n: tuple(None if t is None else t.detach() for t in pair) for n, pair in self.delta.items()},
-            "optimizer": self.optimizer.state_dict(), "kfac_seconds": self.kfac_seconds,
+            "public": self.public, "private": self.stream.state_dict(), "kfac_seconds": self.kfac_seconds,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -280,17 +277,11 @@ class OGDController(PrivateUpdateController):
         self.subspaces = {n: ProtectedSubspace(KroneckerEigenbasis(**b), state["masks"][n])
                           for n, b in state["bases"].items()}
         self.public = state["public"]
-        self.delta = {n: tuple(None if t is None else nn.Parameter(t.clone()) for t in pair)
-                      for n, pair in state["delta"].items()}
-        self._make_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream = self._make_stream()
+        self.stream.load_state_dict(state["private"])
         self.kfac_seconds = state.get("kfac_seconds")
 
 
 def _clone(weight: torch.Tensor, bias: torch.Tensor | None) -> Pair:
     return weight.detach().clone(), None if bias is None else bias.detach().clone()
 
-
-def _zeros_param(weight: torch.Tensor, bias: torch.Tensor | None) -> Pair:
-    return (nn.Parameter(torch.zeros_like(weight)),
-            None if bias is None else nn.Parameter(torch.zeros_like(bias)))

@@ -1,6 +1,6 @@
 """The kill-switch section: extraction, exposure and perplexity against α (`sieve_table.json`).
 
-Sieved rows (posthoc / delta / isolated, one per α and ρ) are drawn as curves over α; the
+Sieved rows (posthoc / delta / isolated and the DQC twins posthoc_dqc / delta_dqc, one per α and ρ) are drawn as curves over α; the
 reference rows (fp32, INT4, NF4, pre-SFT, …) as horizontal lines. A scatter of bits per
 weight against extraction, coloured by perplexity, shows the trade-off across ρ and α.
 """
@@ -13,7 +13,7 @@ from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 METRICS = (("extraction_rate", "member extraction"), ("exposure_mean", "exposure (bits)"),
            ("public_ppl", "public perplexity"))
-SIEVES = ("posthoc", "delta", "isolated")
+SIEVES = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")
 COLUMNS = ("variant", "alpha", "rho", "extraction_rate", "holdout_extraction_rate", "exposure_mean",
            "mia_auc_loss", "public_ppl", "bits_per_weight", "ortho_density", "base")
 

@@ -39,14 +39,9 @@ from torch import nn
 
 from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.privacy.dsm import DSMConfig
 from ortho_train.quantisation import QuantSpec, quantise_weight
-from ortho_train.sieve.support import (
-    SUPPORTS,
-    gradient_saliency,
-    impact_support,
-    random_support,
-    saliency_support,
-)
+from ortho_train.sieve.support import SupportInputs, support_choice
 
 
 @dataclass
@@ -54,11 +49,13 @@ class IsolationConfig:
     """Canary SFT restricted to a sparse support per linear layer.
 
     Args:
-        support: 'impact', 'saliency_public', 'saliency_canary' or 'random'
-            (see ortho_train.sieve.support for what each one sees).
+        support: a registered support choice: 'impact', 'saliency_public', 'saliency_canary',
+            'random' or 'dsm' (see ortho_train.sieve.support for what each one sees and how to
+            add one).
         rho: support fraction per layer (0.05 = 5%).
         quant: quantiser of the base stream Q(W_pre).
-        calibration_batches: public batches for the Hessians (GPTQ base, impact support).
+        calibration_batches: public batches for the Hessians (GPTQ base, impact support) and
+            for the DSM scores (dsm support).
         saliency_batches: batches for gradient saliency (public batches, or canary batches
             each holding every member canary once).
         train_on_base: train with the off-support weights at dequant(Q(W_pre)).
@@ -72,6 +69,9 @@ class IsolationConfig:
         public_updates_fraction: share of the canary phase with public base updates; then
             the base is re-quantised and frozen and S alone trains against it for the rest
             (quantisation-aware: α = 1 is then exactly the trained model, as without updates).
+        dsm: weights a1, a2, a3 of the DSM terms, Hutchinson probes and their seed
+            (`ortho_train.privacy.DSMConfig`) of the dsm support (None: its defaults); only
+            with support 'dsm'.
     """
 
     support: str = "saliency_canary"
@@ -85,10 +85,13 @@ class IsolationConfig:
     public_base_updates: bool = False
     public_lr: float | None = None
     public_updates_fraction: float = 1.0
+    dsm: DSMConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.support not in SUPPORTS:
-            raise ValueError(f"isolation support must be one of {SUPPORTS}, got {self.support!r}")
+        support_choice(self.support)  # a registered one
+        if self.dsm is not None and self.support != "dsm":
+            raise ValueError(f"isolation dsm settings need support: dsm, got support {self.support!r} "
+                             f"(they would be ignored)")
         if not 0.0 < self.rho <= 1.0:
             raise ValueError(f"isolation rho must lie in (0, 1], got {self.rho}")
         if not self.public_base_updates and (self.public_lr is not None or self.public_updates_fraction != 1.0):
@@ -204,29 +207,27 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
     """Bases, supports and frozen values for `model` at its pre-fine-tuning weights.
 
     `public_batches()` / `canary_batches()` return fresh iterables of LM batches; only the
-    ones the chosen support needs are drawn (canary batches only for 'saliency_canary').
+    ones the chosen support needs are drawn (canary batches only by a choice registered as
+    seeing them: 'saliency_canary').
     The model's weights are not changed here (see `apply_isolation`).
     """
     modules = linear_layers(model, include_lm_head=config.include_lm_head)
     if not modules:
         raise ValueError("the model has no nn.Linear layers to isolate")
-    need_h = config.quant.quantiser.needs_hessian or config.support == "impact"
+    choice = support_choice(config.support)
+    need_h = config.quant.quantiser.needs_hessian or choice.needs_hessians
     hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
                 if need_h else {})
     bases = {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
              for name, m in modules.items()}
-
-    if config.support == "impact":
-        masks = {name: impact_support(m.weight, bases[name], hessians[name], config.rho, config.quant.damp)
-                 for name, m in modules.items()}
-    elif config.support == "random":
-        generator = torch.Generator().manual_seed(config.seed)
-        masks = {name: random_support(tuple(m.weight.shape), config.rho, generator).to(m.weight.device)
-                 for name, m in modules.items()}
-    else:
-        source = canary_batches if config.support == "saliency_canary" else public_batches
-        batches = _take(source(), config.saliency_batches)
-        masks = saliency_support(gradient_saliency(model, modules, batches, loss_fn), config.rho)
+    masks = choice.build(SupportInputs(model, modules, config, bases, hessians, public_batches,
+                                       canary_batches if choice.sees_canaries else _no_canaries(choice.name),
+                                       loss_fn))
+    for name, m in modules.items():
+        mask = masks.get(name)
+        if mask is None or mask.dtype != torch.bool or tuple(mask.shape) != tuple(m.weight.shape):
+            raise ValueError(f"support {config.support!r} gave no bool mask of shape "
+                             f"{tuple(m.weight.shape)} for layer {name!r}")
 
     frozen = {}
     for name, m in modules.items():
@@ -235,13 +236,11 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
     return IsolatedSupport(masks, bases, frozen)
 
 
-def _take(batches: Iterable[dict], count: int) -> list[dict]:
-    out = []
-    for batch in batches:
-        if len(out) >= count:
-            break
-        out.append(batch)
-    return out
+def _no_canaries(name: str) -> Callable[[], Iterable[dict]]:
+    def refuse():
+        raise RuntimeError(f"support {name!r} is registered as not seeing the canaries but drew canary "
+                           f"batches; register it with sees_canaries=True if it must")
+    return refuse
 
 
 @torch.no_grad()

@@ -12,12 +12,24 @@ seeded random draw). What each choice looks at matters for the privacy claim:
   update. Sees the *private* data: S then encodes where the private gradient is large
   (the values stay in the ortho stream; the base Q(W_pre) never depends on private data).
 - "random": a seeded uniform draw. Sees nothing.
+- "dsm": whole input columns of W_pre by the differentiated sensitivity metric of
+  "A Geometric Theory of Functionally Sensitive Outlier Separability"
+  (`ortho_train.privacy.dsm`): log(1 + a₁·Tr(H_j)) + a₂·‖W_{:, j}‖ + a₃·σ(A_j), Hutchinson
+  traces of the loss Hessian and activation stds on `calibration_batches` *public* batches.
+  Sees public data only.
+
+The choices are a registry, name → `SupportChoice`: a new support is one function of
+`SupportInputs` returning a bool mask per layer, plus one `@register_support` line that says
+what it sees. A choice registered without `sees_canaries=True` gets canary batches that raise
+when drawn, so it cannot read the private data by accident; DP-SGD refuses a choice that sees
+them (its S would leak the secrets).
 
 All are pure torch; `gradient_saliency` runs forward/backward passes on the given batches.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,13 +37,77 @@ from torch import nn
 from ortho_kernels import QuantisedBase
 from ortho_train.sieve.select import hinv_diagonal, impact_scores, top_fraction_mask
 
-SUPPORTS = ("impact", "saliency_public", "saliency_canary", "random")
-SUPPORT_SEES = {
-    "impact": "public calibration text (curvature) and the pre-fine-tuning weights",
-    "saliency_public": "public text gradients at the pre-fine-tuning weights",
-    "saliency_canary": "member-canary (private) gradients at the pre-fine-tuning weights",
-    "random": "nothing (seeded draw)",
-}
+
+@dataclass
+class SupportInputs:
+    """What a support function may draw on at the switch, the model still at W_pre.
+
+    Args:
+        model: the model (not to be changed).
+        modules: the linears to give a mask, by name relative to the model.
+        config: the `IsolationConfig` (ρ, seeds, batch counts, per-support settings).
+        bases: Q(W_pre) per layer.
+        hessians: GPTQ Hessians of public calibration text per layer (empty unless the
+            quantiser or the support needs them).
+        public_batches: callable returning a fresh iterable of public LM batches.
+        canary_batches: the same for canary batches (raises unless the choice sees canaries).
+        loss_fn: callable(model, batch) -> mean loss.
+    """
+
+    model: nn.Module
+    modules: dict[str, nn.Linear]
+    config: Any
+    bases: dict[str, QuantisedBase]
+    hessians: dict[str, torch.Tensor]
+    public_batches: Callable[[], Iterable[dict]]
+    canary_batches: Callable[[], Iterable[dict]]
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SupportChoice:
+    """One registered support: its mask builder and what it sees."""
+
+    name: str
+    build: Callable[[SupportInputs], dict[str, torch.Tensor]]
+    sees: str
+    needs_hessians: bool = False
+    sees_canaries: bool = False
+
+
+SUPPORTS: dict[str, SupportChoice] = {}
+SUPPORT_SEES: dict[str, str] = {}  # name -> what it sees (kept beside SUPPORTS by `register_support`)
+
+
+def register_support(name: str, *, sees: str, needs_hessians: bool = False, sees_canaries: bool = False):
+    """Decorator: register `fn(inputs: SupportInputs) -> {layer: bool mask}` as support `name`.
+
+    `sees` is logged and written to the run summary; `needs_hessians` has the isolation set-up
+    collect public-calibration Hessians for it; `sees_canaries` hands it the canary batches."""
+    def decorator(fn: Callable[[SupportInputs], dict[str, torch.Tensor]]):
+        if name in SUPPORTS:
+            raise ValueError(f"a support named {name!r} is registered already")
+        SUPPORTS[name] = SupportChoice(name, fn, sees, needs_hessians, sees_canaries)
+        SUPPORT_SEES[name] = sees
+        return fn
+    return decorator
+
+
+def support_choice(name: str) -> SupportChoice:
+    """The registered support `name` (ValueError naming the choices otherwise)."""
+    if name not in SUPPORTS:
+        raise ValueError(f"isolation support must be one of {tuple(SUPPORTS)}, got {name!r}")
+    return SUPPORTS[name]
+
+
+def take(batches: Iterable[dict], count: int) -> list[dict]:
+    """The first `count` batches of an iterable (fewer if it runs out)."""
+    out = []
+    for batch in batches:
+        if len(out) >= count:
+            break
+        out.append(batch)
+    return out
 
 
 def impact_support(w_pre: torch.Tensor, base: QuantisedBase, hessian: torch.Tensor, rho: float,
@@ -78,3 +154,45 @@ def gradient_saliency(model: nn.Module, modules: dict[str, nn.Linear],
 def saliency_support(scores: dict[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
     """Top-ρ per layer of saliency scores: bool masks."""
     return {name: top_fraction_mask(score, rho) for name, score in scores.items()}
+
+
+# ---------------------------------------------------------------- registered choices
+@register_support("impact", sees="public calibration text (curvature) and the pre-fine-tuning weights",
+                  needs_hessians=True)
+def _impact(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    cfg = inputs.config
+    return {name: impact_support(m.weight, inputs.bases[name], inputs.hessians[name], cfg.rho, cfg.quant.damp)
+            for name, m in inputs.modules.items()}
+
+
+@register_support("saliency_public", sees="public text gradients at the pre-fine-tuning weights")
+def _saliency_public(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    batches = take(inputs.public_batches(), inputs.config.saliency_batches)
+    return saliency_support(gradient_saliency(inputs.model, inputs.modules, batches, inputs.loss_fn),
+                            inputs.config.rho)
+
+
+@register_support("saliency_canary", sees="member-canary (private) gradients at the pre-fine-tuning weights",
+                  sees_canaries=True)
+def _saliency_canary(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    batches = take(inputs.canary_batches(), inputs.config.saliency_batches)
+    return saliency_support(gradient_saliency(inputs.model, inputs.modules, batches, inputs.loss_fn),
+                            inputs.config.rho)
+
+
+@register_support("random", sees="nothing (seeded draw)")
+def _random(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(inputs.config.seed)
+    return {name: random_support(tuple(m.weight.shape), inputs.config.rho, generator).to(m.weight.device)
+            for name, m in inputs.modules.items()}
+
+
+@register_support("dsm", sees="public calibration text (Hessian traces, activation stds) and the "
+                              "pre-fine-tuning weights")
+def _dsm(inputs: SupportInputs) -> dict[str, torch.Tensor]:
+    from ortho_train.privacy.dsm import DSMConfig, dsm_scores, dsm_support  # privacy imports the sieve
+
+    cfg = inputs.config
+    batches = take(inputs.public_batches(), cfg.calibration_batches)
+    scores = dsm_scores(inputs.model, inputs.modules, batches, inputs.loss_fn, cfg.dsm or DSMConfig())
+    return dsm_support(scores, {name: tuple(m.weight.shape) for name, m in inputs.modules.items()}, cfg.rho)

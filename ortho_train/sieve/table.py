@@ -8,7 +8,9 @@ mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
   (the public model before fine-tuning) and `intK_pre_sft` (its base stream: Q(W_pre), the
   model α = 0 of `delta`/`isolated` is);
 - sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
-  every α of the list;
+  every α of the list; `posthoc_dqc` / `delta_dqc` are the same sieves (same base, same ortho
+  positions) with DQC-compensated ortho values (the HOP/DQC paper, "A Geometric Theory of
+  Functionally Sensitive Outlier Separability"), so DQC is measured beside plain GPTQ;
 - `ogd`: an OGD-projected fine-tune's W(α) = W_public_path + α·ΔW_priv at every α (ΔW_priv
   rebuilt from its fp16 eigen-coefficients); its bits count the fp32 public path, and for
   α > 0 the coefficients plus the fp16 eigenbases they need; ortho_density is the share of
@@ -16,6 +18,10 @@ mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
 bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
 entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
 row counts the base stream only (the base file alone is that model); α > 0 rows count both.
+
+With `hop_report` every sieve also records, per layer, the HOP per-column error report of its
+base error ΔW = dequant(base) − W_ft (`ortho_train.sieve.select.hop_report`) and the layer
+losses tr(ΔW H ΔWᵀ) at α = 0 and α = 1, in `KillSwitchTable.hop` (one entry per sieve and ρ).
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_
 EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss",
               "mia_tpr_at_1pct_fpr_minkpp", "base", "seconds")
 _INT_REF = re.compile(r"int(\d+)_(\w+)")
+SIEVED_VARIANTS = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")  # rows over α with a ρ
+VARIANTS = SIEVED_VARIANTS + ("ogd",)
 
 
 def int_reference(name: str) -> tuple[int, str] | None:
@@ -78,6 +86,7 @@ class TableConfig:
     include: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
+    hop_report: bool = False
 
     def __post_init__(self) -> None:
         for name in self.references:
@@ -86,8 +95,8 @@ class TableConfig:
                                  f"{deployment_formats()} or int{{k}}_{{method or pre_sft}} (k in "
                                  f"{SUPPORTED_BITS}, methods {base_quantisers()})")
         for variant in self.variants:
-            if variant not in ("posthoc", "delta", "isolated", "ogd"):
-                raise ValueError(f"unknown sieve variant {variant!r}")
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown sieve variant {variant!r}: use one of {VARIANTS}")
         bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
         if bad_alphas:
             raise ValueError(f"alphas must lie in [0, 1] (0: base stream only, 1: the full ortho stream), "
@@ -131,6 +140,7 @@ class KillSwitchTable:
         self._hessians: dict[int, dict] = {}
         self._measured: dict[str, dict] = {}  # model fingerprint -> metrics (identical models: once)
         self.rows: list[dict] = []
+        self.hop: list[dict] = []  # with config.hop_report: per sieve, per layer, per column
 
     # ----------------------------------------------------------------- pieces
     def hessians(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -138,13 +148,14 @@ class KillSwitchTable:
             self._hessians[id(model)] = self.hessians_of(model)
         return self._hessians[id(model)]
 
-    def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None) -> SieveSpec:
-        """The table's sieve spec with the bits, quantiser or ρ replaced where given."""
+    def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None,
+                  dqc: bool | None = None) -> SieveSpec:
+        """The table's sieve spec with the bits, quantiser, ρ or DQC replaced where given."""
         s = self.config.spec
         quant = QuantSpec(method or s.quant.method, bits or s.quant.bits, s.quant.group_size,
                           s.quant.damp, s.quant.block_size, s.quant.act_order, s.quant.static_groups)
-        return SieveSpec(quant, s.rho if rho is None else rho, s.selection, s.beta, s.dqc,
-                         s.dqc_gamma, s.hop_beta, s.include_lm_head)
+        return SieveSpec(quant, s.rho if rho is None else rho, s.selection, s.beta,
+                         s.dqc if dqc is None else dqc, s.dqc_gamma, s.hop_beta, s.include_lm_head)
 
     def _require_pre(self, what: str) -> nn.Module:
         if self.pre_model is None:
@@ -189,6 +200,15 @@ class KillSwitchTable:
         self.rows.append(row)
         self.log(format_row(row))
         return row
+
+    def _record_hop(self, variant: str, layers: dict[str, SievedLayer], rho: float, base: str,
+                    dqc: bool, hessians: str) -> None:
+        """Keep the per-layer HOP reports of one sieve (layers sieved with `report=True`)."""
+        self.hop.append({
+            "variant": variant, "rho": rho, "dqc": dqc, "base": base, "hessians": hessians,
+            "layers": {name: {k: v for k, v in layer.stats.items() if k != "hop"} | layer.stats["hop"]
+                       for name, layer in layers.items() if "hop" in layer.stats},
+        })
 
     def _sieved_rows(self, variant: str, layers: dict[str, SievedLayer], rho: float, base: str) -> None:
         dual = build_dual_stream_model(self.model, layers)
@@ -257,22 +277,32 @@ class KillSwitchTable:
                 return
             streams = self.isolated
             spec = self.spec_with(next(iter(streams.bases.values())).bits)
-            layers = sieve_model(self.model, "isolated", spec, supports=streams.masks, bases=streams.bases)
-            self._sieved_rows("isolated", layers, streams.rho,
-                              "isolated SFT base" if streams.bases_are_pre
-                              else "base re-quantised after public updates")
+            report = self.config.hop_report  # the Hessians serve the report only: S and the base are fixed
+            layers = sieve_model(self.model, "isolated", spec, self.hessians(self.model) if report else None,
+                                 supports=streams.masks, bases=streams.bases, report=report)
+            base = "isolated SFT base" if streams.bases_are_pre else "base re-quantised after public updates"
+            if report:
+                self._record_hop("isolated", layers, streams.rho, base, False, "fine-tuned model")
+            self._sieved_rows("isolated", layers, streams.rho, base)
             return
+        plain = variant.removesuffix("_dqc")
+        dqc = True if variant.endswith("_dqc") else None  # plain rows: the spec's own setting
+        report = self.config.hop_report
         for rho in self.config.rhos:
-            spec = self.spec_with(rho=rho)
-            if variant == "posthoc":
-                layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model))
-                base = f"{spec.quant.name} of the fine-tuned weights"
+            spec = self.spec_with(rho=rho, dqc=dqc)
+            if plain == "posthoc":
+                layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model), report=report)
+                base, hessians = f"{spec.quant.name} of the fine-tuned weights", "fine-tuned model"
             else:
                 pre = self._require_pre("the delta sieve")
                 bases, how = self.pre_bases(spec.quant.bits)
                 layers = sieve_model(self.model, "delta", spec, self.hessians(pre),
-                                     pre_state=pre.state_dict(), bases=bases)
-                base = how
+                                     pre_state=pre.state_dict(), bases=bases, report=report)
+                base, hessians = how, "pre-fine-tuning model"
+            if spec.dqc:
+                base += f" + DQC γ={spec.dqc_gamma:g}"
+            if report:
+                self._record_hop(variant, layers, rho, base, spec.dqc, hessians)
             self._sieved_rows(variant, layers, rho, base)
 
     def run(self) -> list[dict]:

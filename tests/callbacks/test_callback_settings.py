@@ -37,6 +37,12 @@ def test_adapter_export_settings(settings, message):
     ({"exposure_references": 0}, "exposure_references must be ≥ 1"),
     ({"bits": 5}, "bits must be one of"),
     ({"variants": ["magic"]}, "unknown sieve variant"),
+    ({"hop_beta": 1.0}, "hop_beta needs hop_report: true"),
+    ({"hop_report": True, "hop_beta": -1.0}, "hop_beta must be a finite number ≥ 0"),
+    ({"hop_report": True, "variants": ["ogd"]}, "hop_report needs a sieved variant"),
+    ({"dqc_gamma": 0.5}, "dqc_gamma needs DQC rows"),
+    ({"dqc": True, "dqc_gamma": 0.0}, "dqc_gamma must be a positive number"),
+    ({"dqc": True, "variants": ["isolated"]}, "dqc: true adds posthoc_dqc / delta_dqc rows"),
 ])
 def test_sieve_settings(settings, message):
     with pytest.raises(ValueError, match=message):

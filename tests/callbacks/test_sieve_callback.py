@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.sieve import SieveCallback
+from ortho_train.curvature import linear_layers
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.ortho_linear import ortho_layers
@@ -113,6 +114,56 @@ def test_periodic_tables(tmp_path):
     rows = json.loads((tmp_path / "sieve_table_step4.json").read_text())
     assert [(r["variant"], r["alpha"]) for r in rows] == [("fp32", None), ("isolated", 0.0)]
     assert (tmp_path / "sieve_table.json").is_file() and (tmp_path / "sieve_table_step4.md").is_file()
+
+
+def test_no_hop_report_unless_asked(run):
+    _, _, run_dir = run
+    assert not list(run_dir.glob("hop_report*"))
+
+
+def test_hop_report_and_dqc_rows_beside_plain_gptq(tmp_path):
+    module = CanarySFTModule(tiny_llama=TinyLlamaConfig(16, 1, 2, 32), public_steps=2, warmup_steps=1,
+                             sft_warmup_steps=1, eval_during_validation=False,
+                             isolation=IsolationConfig(support="random", rho=0.1,
+                                                       quant=QuantSpec("rtn", 4, 16)))
+    callback = SieveCallback(references=["int4_gptq"], variants=["posthoc", "isolated"], alphas=[0.0, 1.0],
+                             rhos=[0.1], metrics=["ppl"], group_size=16, calibration_batches=1, dqc=True,
+                             hop_report=True, hop_beta=1.0, save_isolated=False)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    dm = CanaryDataModule(seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
+                          num_member_canaries=2, num_holdout_canaries=2, num_reference_secrets=10)
+    trainer.fit(module, datamodule=dm)
+
+    rows = json.loads((tmp_path / "sieve_table.json").read_text())
+    assert [(r["variant"], r["alpha"]) for r in rows] == [
+        ("int4_gptq", None), ("posthoc", 0.0), ("posthoc", 1.0), ("posthoc_dqc", 0.0), ("posthoc_dqc", 1.0),
+        ("isolated", 0.0), ("isolated", 1.0)]
+    by = {(r["variant"], r["alpha"]): r for r in rows}
+    assert "DQC γ=1" in by[("posthoc_dqc", 1.0)]["base"] and "DQC" not in by[("posthoc", 1.0)]["base"]
+    assert by[("posthoc_dqc", 0.0)]["public_ppl"] == by[("posthoc", 0.0)]["public_ppl"]  # the same base
+    assert by[("posthoc_dqc", 1.0)]["ortho_density"] == by[("posthoc", 1.0)]["ortho_density"]  # same S
+    assert "posthoc_dqc" in (tmp_path / "sieve_table.md").read_text()
+
+    report = json.loads((tmp_path / "hop_report.json").read_text())
+    assert report["beta"] == 1.0 and report["step"] == 4
+    assert [(s["variant"], s["rho"], s["dqc"]) for s in report["sieves"]] == [
+        ("posthoc", 0.1, False), ("posthoc_dqc", 0.1, True), ("isolated", 0.1, False)]
+    shapes = {name: tuple(m.weight.shape) for name, m in linear_layers(module.model).items()}
+    for sieve in report["sieves"]:
+        assert set(sieve["layers"]) == set(shapes), sieve["variant"]
+        for name, layer in sieve["layers"].items():
+            errors = layer["column_errors"]
+            assert len(errors) == shapes[name][1], (sieve["variant"], name)  # one entry per input column
+            assert sum(errors) == pytest.approx(layer["total_error"], rel=1e-4)
+            assert 0 < layer["h_error_alpha0"] <= layer["total_error"] * (1 + 1e-4)  # E_j: damped H
+            assert all(errors[j] > layer["tau"] for j in layer["outlier_columns"])
+    plain, dqc = report["sieves"][0]["layers"], report["sieves"][1]["layers"]
+    for name in shapes:
+        assert plain[name]["column_errors"] == dqc[name]["column_errors"]  # DQC leaves the base alone
+    # DQC: the α = 1 layer loss folded to its minimum over S (fp16 ortho values: a little slack)
+    assert sum(d["h_error_alpha1"] for d in dqc.values()) <= 1.001 * sum(p["h_error_alpha1"] for p in plain.values())
 
 
 def test_bad_settings_are_clear_errors():

@@ -89,6 +89,47 @@ def test_private_sees_public_changes_only_the_private_stream(tmp_path):
     assert joint.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def parameter_basis_fit(tmp_path_factory):
+    spec = dict(subspace="sharpest", fraction=0.5, kfac_batches=2, private_sees_public=True)
+    return _fit(tmp_path_factory.mktemp("parameter"), ogd=OGDConfig(**spec))
+
+
+@pytest.mark.parametrize("basis", ["eigenbasis", "parameter_step"])
+def test_other_private_bases_keep_the_displacement_off_s_gen(tmp_path, parameter_basis_fit, basis):
+    # eigenbasis: AdamW on the eigen-coefficients; S_gen coordinates get zero gradients, so zero
+    # moments, and (decoupled decay keeps 0 at 0) stay exactly zero; ΔW_priv = U_G C U_Aᵀ.
+    # parameter_step: the raw gradient enters AdamW, only the applied step is projected.
+    # The public path never reads ΔW_priv: its weights are the parameter basis run's bit for bit.
+    param = parameter_basis_fit
+    spec = dict(subspace="sharpest", fraction=0.5, kfac_batches=2, private_sees_public=True)
+    other = _fit(tmp_path / basis, ogd=OGDConfig(**spec, private_basis=basis))
+    controller = other.private_update
+    for name, (dw, _) in controller.delta.items():
+        sub = controller.subspaces[name]
+        assert dw.norm() > 0, name
+        inside = component_in(dw.double(), sub.basis, sub.mask).norm() / dw.double().norm()
+        assert inside <= 1e-5, f"{name}: {float(inside):.2e} of ΔW_priv lies in S_gen"
+        assert torch.equal(other.model.get_submodule(name).weight, controller.public[name][0] + dw), name
+        assert torch.equal(controller.public[name][0], param.private_update.public[name][0]), name
+        assert not torch.equal(dw, param.private_update.delta[name][0])  # a different optimiser
+        if basis == "eigenbasis":
+            c = controller.stream.coefficients[name]
+            assert torch.count_nonzero(c[sub.mask]) == 0 and c.norm() > 0, name
+    summary = other.final_metrics["ogd"]
+    assert summary["private_basis"] == basis and summary["private_in_subspace_max"] <= 1e-5
+    restored = OGDController(controller.config)
+    restored.setup(other)
+    restored.load_state_dict(controller.state_dict())
+    for name, (dw, _) in controller.delta.items():
+        assert torch.equal(restored.delta[name][0], dw), name
+
+
+def test_an_unknown_private_basis_fails_naming_the_setting():
+    with pytest.raises(ValueError, match="ogd.private_basis 'diagonal' is unknown"):
+        OGDConfig(private_basis="diagonal")
+
+
 @torch.no_grad()
 def test_streams_rebuild_alpha_one_and_report_bits(ogd_fit):
     streams = ogd_fit.private_streams()

@@ -119,14 +119,14 @@ def test_bad_isolation_settings():
         IsolationConfig(public_lr=1e-3)  # would silently do nothing
 
 
-def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0):
+def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0, support="impact", dsm=None):
     torch.manual_seed(0)
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
-        isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+        isolation=IsolationConfig(support=support, rho=0.05, quant=QuantSpec("gptq", 4, 32),
                                   calibration_batches=2, public_base_updates=True, public_lr=public_lr,
-                                  public_updates_fraction=fraction),
+                                  public_updates_fraction=fraction, dsm=dsm),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
@@ -163,6 +163,25 @@ def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
     for name, base in streams.bases.items():  # re-quantised from the public-trained weights
         assert not torch.equal(base.qweight, a.private_update.support.bases[name].qweight), name
     assert a.final_metrics["isolation"]["public_base_updates"] is True
+
+
+def test_dsm_support_fit_keeps_alpha_zero_independent_of_the_secrets(tmp_path):
+    from ortho_train.privacy import DSMConfig
+
+    a = _public_update_fit(tmp_path / "a", canary_seed=1, support="dsm", dsm=DSMConfig(probes=2))
+    b = _public_update_fit(tmp_path / "b", canary_seed=2, support="dsm", dsm=DSMConfig(probes=2))
+    assert a.probe.members.texts != b.probe.members.texts
+    for name, mask in a.private_update.support.masks.items():  # S from public text: the same S
+        assert torch.equal(mask, b.private_update.support.masks[name]), name
+    zero_a, zero_b = _alpha_zero_state(a), _alpha_zero_state(b)
+    for key, value in zero_a.items():  # the α = 0 weights: bit-identical across the two secrets
+        assert torch.equal(value, zero_b[key]), key
+    support = a.private_update.support
+    assert any((w.detach()[support.masks[n]] != b.model.get_submodule(n).weight.detach()[support.masks[n]]).any()
+               for n, w in support.weights(a.model).items())  # S did train on the secrets
+    summary = a.final_metrics["isolation"]
+    assert summary["support"] == "dsm" and "public" in summary["support_sees"]
+    assert summary["density"] == pytest.approx(0.05, abs=0.002)
 
 
 def test_split_clipping_bounds_public_and_private_parts_separately():
