@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -46,13 +46,17 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
-class PassSampler(Sampler[int]):
+class PassSampler(RandomSampler):
     """`RandomSampler(range(length))` (or the dataset order) that can continue a saved pass.
 
-    `seed` is the seed of the pass under way (None until drawn, and when not shuffled).
+    `seed` is the seed of the pass under way (None until drawn, and when not shuffled). It is a
+    `RandomSampler` so that Lightning, under DDP, replaces it with a `DistributedSampler` over the
+    dataset exactly as it replaces a plain shuffled loader's sampler (a sampler of any other class
+    it would wrap, drawing this sampler's order first and splitting that).
     """
 
     def __init__(self, length: int, shuffle: bool):
+        super().__init__(range(length))
         self.length, self.shuffle = length, shuffle
         self.seed: int | None = None
         self._continue: tuple[int | None, int] | None = None  # (seed, start) for the next iterator

@@ -111,6 +111,31 @@ def test_a_state_of_another_loader_or_version_is_refused():
         _resumable().load_state_dict(old)
 
 
+def test_under_ddp_lightning_gives_it_the_distributed_sampler_of_a_plain_loader():
+    """Lightning's DDP set-up replaces a plain shuffled loader's sampler with a DistributedSampler
+    over the dataset; a ResumableLoader gets the same sampler (not one wrapped around its own
+    order), so every rank sees the plain loader's batches."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    with _replace_dunder_methods(DataLoader, "dataset"):  # as Lightning builds the training loaders
+        loaders = {"plain": _plain(), "ours": _resumable()}
+    for rank in (0, 1):
+        seen = {}
+        for kind, loader in loaders.items():
+            sampler = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=rank,
+                                               seed=4)
+            assert type(sampler) is DistributedSampler
+            rebuilt = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+            torch.manual_seed(0)
+            seen[kind] = [[(items.tolist(), torch.rand(1).item()) for (items,) in rebuilt] for _ in range(2)]
+        assert seen["ours"] == seen["plain"], rank
+        assert type(rebuilt) is ResumableLoader
+
+
 # ------------------------------------------------------------------------- in Lightning
 STEPS = 13  # 5 public batches per epoch: epochs end at steps 5 and 10; canary passes of 2
 
