@@ -146,9 +146,9 @@ class StepProjectedStream(ParameterBasisStream):
     def set_gradients(self, grads: dict[str, Pair]) -> None:
         for name, (grad_w, grad_b) in grads.items():
             dw, db = self.delta[name]
-            dw.grad = grad_w.clone()
+            dw.grad = grad_w  # the module's .grad is replaced by g_pub next, so no copy is needed
             if db is not None:
-                db.grad = grad_b.clone()
+                db.grad = grad_b
 
 
 @register_basis("eigenbasis")

@@ -26,7 +26,7 @@ from ortho_train.private_update.controller import PrivateUpdateController, Train
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.sieve import public_updates
 from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
-from ortho_train.sieve.support import SUPPORT_SEES
+from ortho_train.sieve.support import support_choice
 
 
 @register("isolation")
@@ -70,7 +70,7 @@ class IsolationController(PrivateUpdateController):
         self.support = broadcast_from_zero(host.trainer.strategy, support)
         self._activate(initial=True)
         self.host.info(
-            f"isolated SFT: support={cfg.support} (sees {SUPPORT_SEES[cfg.support]}), "
+            f"isolated SFT: support={cfg.support} (sees {support_choice(cfg.support).sees}), "
             f"rho={cfg.rho}, {len(self.support.masks)} layers, base {cfg.quant.method} "
             f"INT{cfg.quant.bits}/g{cfg.quant.group_size}, train_on_base={cfg.train_on_base}, "
             f"public_base_updates={cfg.public_base_updates}"
@@ -191,7 +191,7 @@ class IsolationController(PrivateUpdateController):
             return None
         cfg = self.config
         return {
-            "support": cfg.support, "support_sees": SUPPORT_SEES[cfg.support], "rho": cfg.rho,
+            "support": cfg.support, "support_sees": support_choice(cfg.support).sees, "rho": cfg.rho,
             "density": self.support.density,
             # with public base updates the weights off S train on public text by design
             "off_support_max_drift": (None if self.public_base_updates

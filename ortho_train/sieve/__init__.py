@@ -34,7 +34,6 @@ from ortho_train.sieve.select import (
     top_fraction_mask,
 )
 from ortho_train.sieve.support import (
-    SUPPORT_SEES,
     SUPPORTS,
     gradient_saliency,
     impact_support,
@@ -43,7 +42,7 @@ from ortho_train.sieve.support import (
 )
 
 __all__ = [
-    "SUPPORTS", "SUPPORT_SEES", "SieveArtifactError", "SieveSpec", "SievedLayer", "VARIANTS",
+    "SUPPORTS", "SieveArtifactError", "SieveSpec", "SievedLayer", "VARIANTS",
     "adaptive_threshold", "build_dual_stream_model", "dqc_compensate", "gradient_saliency",
     "hinv_diagonal", "hop_column_errors", "hop_report", "impact_scores", "impact_support",
     "load_sieved", "quantised_layers", "random_support", "saliency_support", "save_sieved",

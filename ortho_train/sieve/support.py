@@ -76,7 +76,6 @@ class SupportChoice:
 
 
 SUPPORTS: dict[str, SupportChoice] = {}
-SUPPORT_SEES: dict[str, str] = {}  # name -> what it sees (kept beside SUPPORTS by `register_support`)
 
 
 def register_support(name: str, *, sees: str, needs_hessians: bool = False, sees_canaries: bool = False):
@@ -88,7 +87,6 @@ def register_support(name: str, *, sees: str, needs_hessians: bool = False, sees
         if name in SUPPORTS:
             raise ValueError(f"a support named {name!r} is registered already")
         SUPPORTS[name] = SupportChoice(name, fn, sees, needs_hessians, sees_canaries)
-        SUPPORT_SEES[name] = sees
         return fn
     return decorator
 

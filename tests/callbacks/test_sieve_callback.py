@@ -97,19 +97,26 @@ def test_no_secret_in_table_files(run):
         assert not any(s in text for s in secrets), path.name
 
 
-def test_periodic_tables(tmp_path):
+def _fit_tiny_isolated(tmp_path, callback, max_steps):
+    """A 16-wide one-block isolated run (random support, RTN base, 2 public steps) with `callback`;
+    returns the trained module."""
     module = CanarySFTModule(tiny_llama=TinyLlamaConfig(16, 1, 2, 32), public_steps=2, warmup_steps=1,
                              sft_warmup_steps=1, eval_during_validation=False,
                              isolation=IsolationConfig(support="random", rho=0.1,
                                                        quant=QuantSpec("rtn", 4, 16)))
-    callback = SieveCallback(every_n_steps=2, references=["fp32"], variants=["isolated"], alphas=[0.0],
-                             metrics=["ppl"], group_size=16, calibration_batches=1)
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
     dm = CanaryDataModule(seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
                           num_member_canaries=2, num_holdout_canaries=2, num_reference_secrets=10)
     trainer.fit(module, datamodule=dm)
+    return module
+
+
+def test_periodic_tables(tmp_path):
+    callback = SieveCallback(every_n_steps=2, references=["fp32"], variants=["isolated"], alphas=[0.0],
+                             metrics=["ppl"], group_size=16, calibration_batches=1)
+    _fit_tiny_isolated(tmp_path, callback, max_steps=5)
     assert set(callback.tables) == {4, 5}  # canary steps 2..4; the last table at fit end
     rows = json.loads((tmp_path / "sieve_table_step4.json").read_text())
     assert [(r["variant"], r["alpha"]) for r in rows] == [("fp32", None), ("isolated", 0.0)]
@@ -122,19 +129,10 @@ def test_no_hop_report_unless_asked(run):
 
 
 def test_hop_report_and_dqc_rows_beside_plain_gptq(tmp_path):
-    module = CanarySFTModule(tiny_llama=TinyLlamaConfig(16, 1, 2, 32), public_steps=2, warmup_steps=1,
-                             sft_warmup_steps=1, eval_during_validation=False,
-                             isolation=IsolationConfig(support="random", rho=0.1,
-                                                       quant=QuantSpec("rtn", 4, 16)))
     callback = SieveCallback(references=["int4_gptq"], variants=["posthoc", "isolated"], alphas=[0.0, 1.0],
                              rhos=[0.1], metrics=["ppl"], group_size=16, calibration_batches=1, dqc=True,
                              hop_report=True, hop_beta=1.0, save_isolated=False)
-    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
-    dm = CanaryDataModule(seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
-                          num_member_canaries=2, num_holdout_canaries=2, num_reference_secrets=10)
-    trainer.fit(module, datamodule=dm)
+    module = _fit_tiny_isolated(tmp_path, callback, max_steps=4)
 
     rows = json.loads((tmp_path / "sieve_table.json").read_text())
     assert [(r["variant"], r["alpha"]) for r in rows] == [

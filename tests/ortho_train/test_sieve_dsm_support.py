@@ -89,7 +89,7 @@ def test_dsm_settings_belong_to_the_dsm_support():
     with pytest.raises(ValueError, match="probes"):
         IsolationConfig(support="dsm", dsm=DSMConfig(probes=0))
     assert not supports.SUPPORTS["dsm"].sees_canaries
-    assert "public" in supports.SUPPORT_SEES["dsm"]
+    assert "public" in supports.SUPPORTS["dsm"].sees
 
 
 def test_a_new_support_is_one_registered_function_and_draws_no_canary_unless_it_says_so():
@@ -106,6 +106,6 @@ def test_a_new_support_is_one_registered_function_and_draws_no_canary_unless_it_
         with pytest.raises(ValueError, match="registered already"):
             supports.register_support("random", sees="nothing")(first_columns)
     finally:
-        del supports.SUPPORTS["first_columns_for_test"], supports.SUPPORT_SEES["first_columns_for_test"]
+        del supports.SUPPORTS["first_columns_for_test"]
     with pytest.raises(ValueError, match="isolation support must be one of"):
         IsolationConfig(support="first_columns_for_test")
