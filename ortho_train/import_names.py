@@ -9,8 +9,12 @@ the folder out under its directory name, and bitsandbytes would report "cannot i
 
 - first in `sys.meta_path`, one for `kernels`: it looks along `sys.path` past every folder that
   holds the toolkit's kernels (the file `_cpu_int4_gemv.c` marks them) and returns the Hugging
-  Face package where one is installed; where none is, a spec whose loading raises
-  `ModuleNotFoundError` ("No module named 'kernels'"), so later finders never reach the folder;
+  Face package where one is installed. Where none is, `install()` records `kernels` as absent
+  (`sys.modules["kernels"] = None`, Python's own marker for "not importable"): `import kernels`
+  raises `ModuleNotFoundError` and `importlib.util.find_spec("kernels")` is None, which is what
+  libraries test before they import it. (A spec whose loading raised would not do: transformers
+  takes a found spec for an installed package, then fails reading its version, and every
+  `from transformers import …` of the process breaks.);
 - last, one for `ortho_kernels`: the folder itself, where the package is not installed (a
   checkout used from its root without `pip install -e .`).
 """
@@ -34,15 +38,13 @@ def is_own_kernels(spec: importlib.machinery.ModuleSpec | None) -> bool:
     return any((Path(location) / MARKER).is_file() for location in locations)
 
 
-class _Absent(importlib.abc.Loader):
-    """Loading raises ModuleNotFoundError, as for a module that is not installed."""
-
-    def create_module(self, spec):
-        raise ModuleNotFoundError(f"No module named {spec.name!r} (the toolkit's kernels/ folder is "
-                                  f"{OWN_NAME!r})", name=spec.name)
-
-    def exec_module(self, module) -> None:  # never reached: create_module raises
-        raise ModuleNotFoundError(f"No module named {module.__name__!r}", name=module.__name__)
+def hub_spec() -> importlib.machinery.ModuleSpec | None:
+    """The spec of Hugging Face's `kernels` along `sys.path`, skipping copies of the folder."""
+    for entry in sys.path:
+        spec = importlib.machinery.PathFinder.find_spec(HUB_NAME, [entry])
+        if spec is not None and not is_own_kernels(spec):
+            return spec
+    return None
 
 
 class HubKernelsFinder(importlib.abc.MetaPathFinder):
@@ -51,11 +53,7 @@ class HubKernelsFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != HUB_NAME:
             return None
-        for entry in sys.path:
-            spec = importlib.machinery.PathFinder.find_spec(HUB_NAME, [entry])
-            if spec is not None and not is_own_kernels(spec):
-                return spec
-        return importlib.util.spec_from_loader(HUB_NAME, _Absent())
+        return hub_spec()
 
 
 class OwnKernelsFinder(importlib.abc.MetaPathFinder):
@@ -77,3 +75,5 @@ def install() -> None:
     loaded = sys.modules.get(HUB_NAME)
     if loaded is not None and is_own_kernels(getattr(loaded, "__spec__", None)):
         del sys.modules[HUB_NAME]  # imported under the wrong name before the toolkit: forget it
+    if HUB_NAME not in sys.modules and hub_spec() is None:
+        sys.modules[HUB_NAME] = None  # not installed: `import kernels` fails, find_spec is None
