@@ -262,13 +262,30 @@ def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) 
     return _DENSE_EFF_CACHE.get(ortho.indices, stamp, build)
 
 
+def cpu_path(runtime: CpuInt4Runtime, m: int) -> str:
+    """The CPU path that computes M rows: "gemv" (decoding), "torch_int4" or "dense" (prefill).
+
+    Each rounds differently; `kernels.error_bounds.path_error_bound` gives each one's bound."""
+    if m <= runtime.gemv_max_m:
+        return "gemv"
+    return "dense" if m >= DENSE_MIN_M else "torch_int4"
+
+
+def resolved_path(base: QuantisedBase, m: int, backend: str = "auto") -> str:
+    """The path `dual_stream_linear(x, base, backend=backend)` takes for M rows of X:
+    "reference", "triton" or one of the CPU paths of `cpu_path`."""
+    backend, runtime = _resolve_backend(backend, base.device.type == "cuda", base)
+    return cpu_path(runtime, m) if backend == "cpu" else backend
+
+
 def _cpu_forward(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStream | None,
                  alpha: float) -> torch.Tensor:
-    if x2d.shape[0] <= runtime.gemv_max_m:  # decoding: one fused pass, fp32 out
+    path = cpu_path(runtime, x2d.shape[0])
+    if path == "gemv":  # decoding: one fused pass, fp32 out
         csr = None if ortho is None else _ortho_csr(ortho, torch_sparse=False)
         y = runtime.gemv(x2d, csr, alpha)  # (M, N)
         return y if x2d.dtype is torch.float32 else y.to(x2d.dtype)
-    if x2d.shape[0] >= DENSE_MIN_M:  # prefill: the reference's product on a cached weight
+    if path == "dense":  # prefill: the reference's product on a cached weight
         w = runtime.dense_weight() if ortho is None else _dense_effective(runtime, ortho, alpha)
         return (x2d.float() @ w.T).to(x2d.dtype)  # (M, N)
     y = runtime.matmul(x2d)  # (M, N) bf16

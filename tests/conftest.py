@@ -51,3 +51,20 @@ def tiny_run(tmp_path_factory):
         os.chdir(old)
         torch.set_num_threads(threads)
     return cli, workdir / "runs/tiny/version_0"
+
+
+@pytest.fixture
+def assert_within_path_bound():
+    """assert_within_path_bound(y, x, base, ortho, alpha, backend): |y - exact| <= the derived error
+    bound of the path `backend` takes for x's rows (`kernels.error_bounds`), elementwise."""
+    from kernels.dual_stream import resolved_path
+    from kernels.error_bounds import path_error_bound, reference_product
+
+    def check(y, x, base, ortho, alpha, backend="cpu", what=""):
+        path = resolved_path(base, x.shape[0], backend)
+        ratio = ((y.double() - reference_product(x, base, ortho, alpha)).abs()
+                 / path_error_bound(path, x, base, ortho, alpha).clamp_min(1e-300)).max().item()
+        print(f"{what} [{path}]: max error / bound {ratio:.3f}")
+        assert ratio <= 1, f"{what} [{path}]: error {ratio:.3f}x its derived bound"
+
+    return check

@@ -68,7 +68,7 @@ def test_table_rows_keys_and_variants(run):
     assert callback.markdown == md
 
 
-def test_logs_and_isolated_artifacts(run):
+def test_logs_and_isolated_artifacts(run, assert_within_path_bound):
     module, callback, run_dir = run
     assert set(callback.tables) == {7}
     header = (run_dir / "metrics.csv").read_text().splitlines()[0]
@@ -77,14 +77,31 @@ def test_logs_and_isolated_artifacts(run):
     deployed = load_sieved(run_dir / "sieved_isolated")  # the CPU fast path
     base_only = load_sieved(run_dir / "sieved_isolated", with_ortho=False)
     ids = torch.tensor([[10, 20, 30, 40]])
+    seen = {}  # layer name -> (its input, its output) in the deployed model
+    hooks = [layer.register_forward_hook(lambda m, a, y, name=name: seen.__setitem__(name, (a[0], y)))
+             for name, layer in ortho_layers(deployed).items()]
     with torch.no_grad():
         trained = module.model.eval()(ids).logits
         reference = exact(ids).logits
         # the saved streams are the trained model up to fp16 ortho values
         assert (reference - trained).abs().max() < 2e-3
-        # the deployed op quantises activations (16-bit fixed point in the GEMV, bf16 in torch's
-        # INT4 op): relative error ≤ 2^-8 of each product, well under 1% of the logits' scale
-        assert (deployed(ids).logits - reference).abs().max() < 1e-2 * reference.abs().max()
+        deployed_logits = deployed(ids).logits
+        for hook in hooks:
+            hook.remove()
+        # every deployed layer computes its saved streams' product within its path's derived
+        # rounding bound (16-bit fixed-point X in the GEMV, bf16 X/scales/output in torch's op);
+        # the whole model's logits have no such bound (errors grow through the layers), so there
+        # we assert only that the deployed model carries the ortho streams: it is nearer the
+        # reference than the base alone
+        assert len(seen) == len(ortho_layers(deployed))
+        for name, (x, y) in seen.items():
+            layer = ortho_layers(deployed)[name]
+            assert layer.bias is None  # the bound is for X·W_eff^T alone
+            x2d, y2d = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # (B, T, K) -> (B·T, K)
+            assert_within_path_bound(y2d, x2d, layer.base(), layer.ortho(), layer.alpha, layer.backend,
+                                     name)
+        base_gap = (base_only(ids).logits - reference).abs().max()
+        assert (deployed_logits - reference).abs().max() < base_gap
         assert sum(m.nnz for m in ortho_layers(base_only).values()) == 0
 
 

@@ -37,3 +37,4 @@ def assert_rel_close():
         assert max_rel <= tol and rms_rel <= tol, msg
 
     return check
+

@@ -1,0 +1,104 @@
+"""Worst-case error of each CPU path of the dual-stream op against the exact product.
+
+The CPU paths round differently (see `kernels.dual_stream._cpu_forward`), so one tolerance
+for "the CPU op" is either too loose for the GEMV or too tight for torch's bf16 op, and a
+fixed relative tolerance on a whole model's logits fails on some CPUs and seeds. This module
+gives, per output element, a bound |y_path - X·W_eff^T|_mj <= B_mj derived from the path's
+roundings (standard floating-point error analysis, Higham, *Accuracy and Stability of
+Numerical Algorithms*, §3.1: a K-term fp32 sum of products is within
+γ_K = K·u/(1 - K·u) of Σ|x||w|, u = 2^-24):
+
+- ``gemv`` (M <= MAX_M, `kernels.cpu_gemv`): X in 16-bit fixed point per 64-element block,
+  |x~ - x| <= max_b|x| / 65534 · (1 + 4u); codes and fp16 scales/zeros exact; the product is
+  Σ (q - z)·s·x~ computed as s·(Σ q·x~ - z·Σ x~) in fp32, so its rounding is bounded through
+  the magnitudes (|q| + |z|)·|s| rather than |w|:
+  B = Σ_k |w_k| · δ_block(k) + γ_{K+8} · Σ_k (|q_k| + |z_k|)·|s_k|·|x_k|.
+- ``torch_int4`` (MAX_M < M < DENSE_MIN_M, `aten._weight_int4pack_mm_for_cpu`): X, the scale
+  s and the offset zf = (8 - z)·s rounded to bf16 (u_b = 2^-8), the output rounded to bf16.
+  With m_k = (|q_k - 8| + |8 - z_k|)·|s_k| >= |w_k| (the two bf16 operands of a weight):
+  B = (3·u_b + γ_K)·(1 + u_b)^3 · Σ_k m_k |x_k|  (activation, weight and output rounding
+  each contribute u_b·Σ m|x|; the cube covers the products of the roundings);
+  the ortho term is added in fp32 afterwards: + γ_K · α·Σ_k |o_k||x_k|.
+- ``dense`` (M >= DENSE_MIN_M) and ``reference``: X·W_eff^T in fp32 on the dequantised
+  weight (w_eff = (q - z)·s + α·o, two more fp32 roundings): B = γ_{K+2} · Σ_k |w_eff,k| |x_k|.
+
+The last fp32 addition and a result returned in a narrower dtype add 2·u_out·|y|. The bound
+is for fp32 or narrower X against the exact fp64 product (`reference_product`); a caller
+comparing two paths adds both bounds.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.packing import unpack_int4
+from kernels.streams import OrthoStream, QuantisedBase
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+PATHS = ("gemv", "torch_int4", "dense", "reference")  # `kernels.dual_stream.resolved_path`
+GEMV_BLOCK = 64  # elements of X sharing one fixed-point scale (`_cpu_int4_gemv.c`)
+UNIT_ROUNDOFF = {torch.float32: FP32_UNIT_ROUNDOFF, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: BF16_UNIT_ROUNDOFF}
+
+
+def gamma(n: int, u: float = FP32_UNIT_ROUNDOFF) -> float:
+    """γ_n = n·u / (1 - n·u): the relative error bound of an n-term floating-point sum."""
+    return n * u / (1 - n * u)
+
+
+def _per_weight(base: QuantisedBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q, scales s and zeros z, each fp64 (N, K) (group values repeated over their columns)."""
+    n, k = base.shape
+    q = unpack_int4(base.qweight, k).double()  # (N, K)
+    s = base.scales.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
+    z = base.zeros.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
+    return q, s, z
+
+
+def _block_steps(x: torch.Tensor) -> torch.Tensor:
+    """Per element, the GEMV's worst fixed-point rounding of X: max|x| of its 64-block / 65534."""
+    m, k = x.shape
+    blocks = -(-k // GEMV_BLOCK)
+    padded = torch.nn.functional.pad(x.abs(), (0, blocks * GEMV_BLOCK - k))  # (M, K')
+    block_max = padded.view(m, blocks, GEMV_BLOCK).amax(dim=2)  # (M, K'/64, 64) -> (M, K'/64)
+    step = block_max / 65534 * (1 + 4 * FP32_UNIT_ROUNDOFF)
+    return step.repeat_interleave(GEMV_BLOCK, dim=1)[:, :k]  # (M, K'/64) -> (M, K)
+
+
+def path_error_bound(path: str, x2d: torch.Tensor, base: QuantisedBase,
+                     ortho: OrthoStream | None, alpha: float) -> torch.Tensor:
+    """B (M, N) fp64: |y_path - exact X·W_eff^T| <= B elementwise for the named CPU path."""
+    x = x2d.detach().double().abs()  # (M, K)
+    k = base.shape[1]
+    q, s, z = _per_weight(base)
+    w = ((q - z) * s).abs()  # (N, K)
+    o = (alpha * ortho.to_dense(torch.float64)).abs() if ortho is not None and alpha else None
+    if path == "gemv":
+        bound = _block_steps(x2d.detach().double()) @ w.T
+        bound += gamma(k + 8) * (x @ ((q.abs() + z.abs()) * s.abs()).T)
+        if o is not None:
+            bound += gamma(k + 8) * (x @ o.T)
+    elif path == "torch_int4":
+        magnitude = ((q - 8).abs() + (8 - z).abs()) * s.abs()  # (N, K)
+        u_b = BF16_UNIT_ROUNDOFF
+        bound = (3 * u_b + gamma(k)) * (1 + u_b) ** 3 * (x @ magnitude.T)
+        if o is not None:
+            bound += gamma(k + 1) * (x @ o.T)
+    elif path in ("dense", "reference"):  # fp32 product on the (cached or rebuilt) W_eff
+        bound = gamma(k + 2) * (x @ (w + o if o is not None else w).T)
+    else:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    # the last fp32 addition (ortho or bias term), then the result rounded to X's dtype
+    u_out = max(FP32_UNIT_ROUNDOFF, UNIT_ROUNDOFF[x2d.dtype])
+    exact = reference_product(x2d, base, ortho, alpha).abs()
+    return bound + 2 * u_out * (exact + bound)
+
+
+def reference_product(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
+                      alpha: float) -> torch.Tensor:
+    """X·W_eff^T in fp64 (M, N): the exact value every path approximates."""
+    w = base.dequantise(torch.float64)
+    if ortho is not None and alpha:
+        w = w + alpha * ortho.to_dense(torch.float64)
+    return x2d.detach().double() @ w.T
+
