@@ -265,7 +265,7 @@ def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) 
 def cpu_path(runtime: CpuInt4Runtime, m: int) -> str:
     """The CPU path that computes M rows: "gemv" (decoding), "torch_int4" or "dense" (prefill).
 
-    Each rounds differently; `kernels.error_bounds.path_error_bound` gives each one's bound."""
+    Each rounds differently; `ortho_kernels.error_bounds.path_error_bound` gives each one's bound."""
     if m <= runtime.gemv_max_m:
         return "gemv"
     return "dense" if m >= DENSE_MIN_M else "torch_int4"

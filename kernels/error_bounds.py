@@ -1,6 +1,6 @@
 """Worst-case error of each CPU path of the dual-stream op against the exact product.
 
-The CPU paths round differently (see `kernels.dual_stream._cpu_forward`), so one tolerance
+The CPU paths round differently (see `ortho_kernels.dual_stream._cpu_forward`), so one tolerance
 for "the CPU op" is either too loose for the GEMV or too tight for torch's bf16 op, and a
 fixed relative tolerance on a whole model's logits fails on some CPUs and seeds. This module
 gives, per output element, a bound |y_path - X·W_eff^T|_mj <= B_mj derived from the path's
@@ -8,7 +8,7 @@ roundings (standard floating-point error analysis, Higham, *Accuracy and Stabili
 Numerical Algorithms*, §3.1: a K-term fp32 sum of products is within
 γ_K = K·u/(1 - K·u) of Σ|x||w|, u = 2^-24):
 
-- ``gemv`` (M <= MAX_M, `kernels.cpu_gemv`): X in 16-bit fixed point per 64-element block,
+- ``gemv`` (M <= MAX_M, `ortho_kernels.cpu_gemv`): X in 16-bit fixed point per 64-element block,
   |x~ - x| <= max_b|x| / 65534 · (1 + 4u); codes and fp16 scales/zeros exact; the product is
   Σ (q - z)·s·x~ computed as s·(Σ q·x~ - z·Σ x~) in fp32, so its rounding is bounded through
   the magnitudes (|q| + |z|)·|s| rather than |w|:
@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import torch
 
-from kernels.packing import unpack_int4
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels.packing import unpack_int4
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
-PATHS = ("gemv", "torch_int4", "dense", "reference")  # `kernels.dual_stream.resolved_path`
+PATHS = ("gemv", "torch_int4", "dense", "reference")  # `ortho_kernels.dual_stream.resolved_path`
 GEMV_BLOCK = 64  # elements of X sharing one fixed-point scale (`_cpu_int4_gemv.c`)
 UNIT_ROUNDOFF = {torch.float32: FP32_UNIT_ROUNDOFF, torch.float16: 2.0 ** -11,
                  torch.bfloat16: BF16_UNIT_ROUNDOFF}

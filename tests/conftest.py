@@ -57,8 +57,8 @@ def tiny_run(tmp_path_factory):
 def assert_within_path_bound():
     """assert_within_path_bound(y, x, base, ortho, alpha, backend): |y - exact| <= the derived error
     bound of the path `backend` takes for x's rows (`kernels.error_bounds`), elementwise."""
-    from kernels.dual_stream import resolved_path
-    from kernels.error_bounds import path_error_bound, reference_product
+    from ortho_kernels.dual_stream import resolved_path
+    from ortho_kernels.error_bounds import path_error_bound, reference_product
 
     def check(y, x, base, ortho, alpha, backend="cpu", what=""):
         path = resolved_path(base, x.shape[0], backend)

@@ -3,10 +3,10 @@ tight enough to mean something (a wrong weight or a dropped ortho term would exc
 import pytest
 import torch
 
-from kernels import cpu_gemv
-from kernels.dual_stream import DENSE_MIN_M, dual_stream_linear, resolved_path
-from kernels.error_bounds import path_error_bound, reference_product
-from kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels import cpu_gemv
+from ortho_kernels.dual_stream import DENSE_MIN_M, dual_stream_linear, resolved_path
+from ortho_kernels.error_bounds import path_error_bound, reference_product
+from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 
 def _streams(n, k, group, density, seed=0):
