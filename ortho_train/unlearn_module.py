@@ -4,13 +4,14 @@ The model comes from a Hugging Face directory (the quickstart's `hf_model` by de
 data module must run with `train_split: unlearn`, so each step sees a forget batch (answer
 tokens labelled) and a retain batch (public windows, plus the members not forgotten). The
 loss is one of `ortho_train.unlearning.LOSSES`; a frozen copy of the starting model scores the
-batches when the loss needs a reference (NPO, KLR). Modes:
+batches whose loss term needs a reference (NPO, KLR). Which parameters train and what happens
+around each step is the update mode's (`ortho_train.unlearning.modes.UPDATE_MODES`):
 
 - `lora`: peft LoRA adapters on `lora.target_modules`, base frozen (quantisation-robust LoRA unlearning);
 - `full`: every parameter trains;
 - `mansu`: only the weight rows of the forget-specific components train, and every applied
   update is projected off the retain-gradient span, bounded by the diagonal Fisher and floored
-  at one quantisation bin per weight (MANSU; `ortho_train.unlearning.mansu`).
+  at one quantisation bin per weight (MANSU; `ortho_train.unlearning.mansu_mode`).
 
 Divergence guard: a non-finite loss, or a retain (public validation) perplexity above
 `max_retain_ppl_factor` × its value at the start (checked every `guard_every_n_steps`), stops
@@ -18,13 +19,12 @@ training, restores the last weights that passed the check and records why in `di
 run then ends with `UnlearningStopped` (non-zero exit) after its artifacts are written, and the
 metrics card says `status: stopped`.
 
-Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `forget_probe`,
+Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `update_mode`, `forget_probe`,
 `retain_members`, `original_weights`, `method_card`, `divergence`, `final_report`, `run_dir`.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -34,21 +34,21 @@ from torch import nn
 
 from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
 from ortho_train.metrics import perplexity
-from ortho_train.model_support import refuse_float16_training, require_float32, require_linear_only
 from ortho_train.models import count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
-from ortho_train.quantisation import effective_linear_weights, quantisable_linears
+from ortho_train.quantisation import effective_linear_weights
 from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
-from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraSettings, wrap_lora  # noqa: F401 (re-exported)
-from ortho_train.unlearning.mansu import MansuPlan, MansuSettings
-from ortho_train.unlearning.mansu_setup import build_mansu_plan
+from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraSettings  # noqa: F401 (re-exported)
+from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearning.modes import build_update_mode
 from ortho_train.unlearning.objective import UnlearningObjective
 
-MODES = ("lora", "full", "mansu")
+OPTIMIZERS = {"adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
+              "sgd": lambda params, hp: torch.optim.SGD(params, lr=hp.lr)}
 
 
 class UnlearningStopped(RuntimeError):
@@ -103,45 +103,16 @@ class UnlearnModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not lr > 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-        if mode == "mansu" and weight_decay:
-            raise ValueError("mode 'mansu' needs weight_decay=0: decay would move weights outside the plan")
-        if max_retain_ppl_factor is not None and max_retain_ppl_factor <= 1:
-            raise ValueError(f"max_retain_ppl_factor must be > 1 (or None), got {max_retain_ppl_factor}")
+        self._check_settings(lr, optimizer, max_retain_ppl_factor)
         self.mode = mode
         self.objective = UnlearningObjective(loss, beta, retain_weight)
-        self.lora_settings = lora or LoraSettings()
-        self.mansu_settings = mansu or MansuSettings()
-        self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
-        # clear FileNotFoundError for a missing directory
+        self.update_mode = build_update_mode(mode, {"lora": lora or LoraSettings(), "mansu": mansu or MansuSettings()})
         torch_dtype = model_dtype(dtype, "model.dtype")
-        if mode == "full":
-            refuse_float16_training(torch_dtype, "model.mode=full")
-        self.model = load_causal_lm(self.model_path, torch_dtype).train()
-        if mode == "mansu":  # row masks over (d_out, d_in) nn.Linear weights, bin floors on stored values
-            require_linear_only(self.model, "model.mode=mansu")
-            require_float32(self.model, "model.mode=mansu")
-        self.tokenizer = load_tokenizer(model_path)
-        self.original_weights = effective_linear_weights(self.model)
-        self.linear_names = list(self.original_weights)
-        # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
-        # registration): not trained, not checkpointed, not switched to train mode by Lightning.
-        reference = copy.deepcopy(self.model).eval().requires_grad_(False) if self.objective.needs_reference else None
-        object.__setattr__(self, "_reference", reference)
-        if mode == "lora":
-            self.model = wrap_lora(self.model, self.lora_settings)
-        elif mode == "mansu":
-            self.model.requires_grad_(False)
-            for linear in quantisable_linears(self.model).values():
-                linear.weight.requires_grad_(True)
+        self.update_mode.check_settings(weight_decay, torch_dtype)
+        self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
+        self._load(torch_dtype)
         self.divergence: str | None = None
         self.final_report: dict = {}
-        self.mansu_plan: MansuPlan | None = None
         self.forget_probe = None
         self.retain_members = None
         self._run_dir: Path | None = None
@@ -149,11 +120,38 @@ class UnlearnModule(L.LightningModule):
         self._good_step = 0
         self._start_retain_ppl: float | None = None
         self._attribution_before: dict | None = None
-        self._mansu_before: torch.Tensor | None = None
         self._resumed = False  # the start-of-run state came from a checkpoint
         self.global_rng = GlobalRNG()
 
+    @staticmethod
+    def _check_settings(lr: float, optimizer: str, max_retain_ppl_factor: float | None) -> None:
+        if not lr > 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if max_retain_ppl_factor is not None and max_retain_ppl_factor <= 1:
+            raise ValueError(f"max_retain_ppl_factor must be > 1 (or None), got {max_retain_ppl_factor}")
+
+    def _load(self, torch_dtype: torch.dtype) -> None:
+        """The model to unlearn (prepared by the update mode), its tokenizer, its starting linear
+        weights, and the frozen reference when the loss needs one."""
+        model = load_causal_lm(self.model_path, torch_dtype).train()  # clear error for a missing directory
+        self.update_mode.check_model(model)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.original_weights = effective_linear_weights(model)
+        self.linear_names = list(self.original_weights)
+        # The frozen reference stays out of the module tree (object.__setattr__ bypasses nn.Module's
+        # registration): not trained, not checkpointed, not switched to train mode by Lightning.
+        reference = copy.deepcopy(model).eval().requires_grad_(False) if self.objective.needs_reference else None
+        object.__setattr__(self, "_reference", reference)
+        self.model = self.update_mode.prepare(model)
+
     # ------------------------------------------------------------------ setup
+    @property
+    def mansu_plan(self):
+        """The MANSU plan of a `mansu` run (None otherwise)."""
+        return getattr(self.update_mode, "plan", None)
+
     @property
     def run_dir(self) -> Path:
         if self._run_dir is None:
@@ -167,17 +165,11 @@ class UnlearnModule(L.LightningModule):
         card = {"mode": self.mode, "loss": hp.loss, "beta": hp.beta, "retain_weight": hp.retain_weight,
                 "lr": hp.lr, "optimizer": hp.optimizer, "weight_decay": hp.weight_decay,
                 "model_path": self.model_path, "trainable_parameters": self.trainable_parameter_count}
-        if self.mode == "lora":
-            card["lora"] = asdict(self.lora_settings)
-        if self.mode == "mansu":
-            card["mansu"] = asdict(self.mansu_settings)
-        return card
+        return card | self.update_mode.card()
 
     @property
     def trainable_parameter_count(self) -> int:
-        if self.mansu_plan is not None:
-            return int(self.mansu_plan.theta0.numel())
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return self.update_mode.trainable_count(self.model)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -208,11 +200,8 @@ class UnlearnModule(L.LightningModule):
         gradients), then the retain canaries."""
         dm = self.trainer.datamodule
         forget = list(dm.forget_dataloader(shuffle=False))
-        wanted = max(self.hparams.attribution_batches, 1)
-        if self.mode == "mansu":
-            per_batch = dm.hparams.batch_size
-            wanted = max(wanted, self.mansu_settings.attribution_batches,
-                         -(-self.mansu_settings.retain_sequences // per_batch))
+        wanted = max(self.hparams.attribution_batches, 1,
+                     self.update_mode.retain_batches_wanted(dm.hparams.batch_size))
         retain = []
         for batch in dm.public_train_dataloader():
             retain.append(batch)
@@ -232,16 +221,14 @@ class UnlearnModule(L.LightningModule):
                        f"{self._start_retain_ppl:.3f}")
 
     def _measure_start(self) -> None:
-        """Retain perplexity, CAD's attribution baseline and the MANSU plan of the starting model."""
+        """Retain perplexity, CAD's attribution baseline and what the update mode measures (the
+        MANSU plan) on the starting model."""
         self._start_retain_ppl = self._retain_ppl()
-        if self.hparams.attribution_batches > 0 or self.mode == "mansu":
+        if self.hparams.attribution_batches > 0 or self.update_mode.needs_start_attribution:
             forget, retain = self._attribution_data()
             self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
-            if self.mode == "mansu":
-                plan = build_mansu_plan(self.model, forget, retain, self._attribution_before,
-                                        self.mansu_settings, self.linear_names, self._mansu_params())
-                self.mansu_plan = broadcast_from_zero(self.trainer.strategy, plan)  # one plan on every rank
-                rank_zero_info(f"MANSU plan: {self.mansu_plan.info}")
+            self.update_mode.start(self.model, forget, retain, self._attribution_before, self.linear_names,
+                                   lambda obj: broadcast_from_zero(self.trainer.strategy, obj))
         self._keep_good_state()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -251,7 +238,7 @@ class UnlearnModule(L.LightningModule):
         checkpoint["unlearn"] = {
             "start_retain_ppl": self._start_retain_ppl, "good_state": self._good_state, "good_step": self._good_step,
             "attribution_before": self._attribution_before, "divergence": self.divergence,
-            "mansu_plan": None if self.mansu_plan is None else vars(self.mansu_plan),
+            "update_mode": self.update_mode.state_dict(),
         }
         self.global_rng.save(checkpoint)
 
@@ -263,15 +250,12 @@ class UnlearnModule(L.LightningModule):
         self._start_retain_ppl, self._good_state = state["start_retain_ppl"], state["good_state"]
         self._good_step, self._attribution_before = state["good_step"], state["attribution_before"]
         self.divergence = state["divergence"]
-        self.mansu_plan = None if state["mansu_plan"] is None else MansuPlan(**state["mansu_plan"])
+        self.update_mode.load_state_dict(state["update_mode"])
         self.global_rng.load(checkpoint)
         self._resumed = True
 
     def on_train_start(self) -> None:
         self.global_rng.apply_pending()  # resumed: the generators as at the checkpoint, before any batch is fetched
-
-    def _mansu_params(self) -> dict[str, nn.Parameter]:
-        return {name: linear.weight for name, linear in quantisable_linears(self.model).items()}
 
     # --------------------------------------------------------------- training
     def _logits(self, model, batch) -> torch.Tensor:
@@ -287,13 +271,13 @@ class UnlearnModule(L.LightningModule):
         objective, forget = self.objective, batch["forget"]
         forget_logits = self._logits(self.model, forget)
         ref_forget = ref_retain = retain = retain_logits = None
-        if objective.needs_retain:
+        if objective.retain is not None:
             retain = self._retain_batch(batch)
             retain_logits = self._logits(self.model, retain)
-        with torch.no_grad():
-            if objective.forget_term == "npo":
+        with torch.no_grad():  # the reference scores exactly the batches whose term asks for it
+            if objective.forget.needs_reference:
                 ref_forget = self._logits(self._reference, forget)
-            if objective.retain_term == "klr":
+            if objective.retain is not None and objective.retain.needs_reference:
                 ref_retain = self._logits(self._reference, retain)
         parts = objective(forget_logits, forget["labels"], ref_forget, retain_logits,
                           retain["labels"] if retain is not None else None, ref_retain)
@@ -306,22 +290,14 @@ class UnlearnModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.mansu_plan is not None:
-            params = self._mansu_params()
-            for name, param in params.items():  # only the planned entries may move
-                if param.grad is not None:
-                    mask = self.mansu_plan.masks.get(name)
-                    param.grad.mul_(mask.to(param.grad) if mask is not None else 0.0)
-            self._mansu_before = self.mansu_plan.gather(params)
+        self.update_mode.before_optimizer_step(self.model)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.divergence is not None:
             return
-        if self.mansu_plan is not None and self._mansu_before is not None:
-            found = self.mansu_plan.constrain_(self._mansu_params(), self._mansu_before)
-            self._mansu_before = None
-            self.log_dict({"mansu/predicted_retain_damage": found["damage"],
-                           "mansu/min_floor_ratio": found["min_floor_ratio"]})
+        metrics = self.update_mode.after_step(self.model)
+        if metrics:
+            self.log_dict(metrics)
         every = self.hparams.guard_every_n_steps
         if every > 0 and self.global_step % every == 0:
             self._check_retain()
@@ -354,17 +330,12 @@ class UnlearnModule(L.LightningModule):
     def on_train_end(self) -> None:
         report = {"retain_ppl_start": self._start_retain_ppl, "retain_ppl_end": self._retain_ppl(),
                   "steps": self.global_step, "divergence": self.divergence}
+        after = None
         if self._attribution_before is not None:
             forget, _ = self._attribution_data()
             after = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
             report["cad"] = attribution.attribution_divergence(self._attribution_before, after)
-            if self.mansu_plan is not None:
-                rows = self.mansu_plan.info["row_masks"]
-                report["selected_attribution_retained"] = attribution.selected_attribution_retained(
-                    self._attribution_before, after, rows)
-        if self.mansu_plan is not None:
-            report["mansu"] = {k: v for k, v in self.mansu_plan.info.items() if k != "row_masks"}
-        self.final_report = report
+        self.final_report = report | self.update_mode.report(self._attribution_before, after)
         rank_zero_info(f"UnlearnModule final: { {k: v for k, v in report.items() if k != 'mansu'} }")
 
     def on_fit_end(self) -> None:
@@ -375,11 +346,7 @@ class UnlearnModule(L.LightningModule):
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams
-        params = list(self._trainable().values())
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = OPTIMIZERS[hp.optimizer](list(self._trainable().values()), hp)
         warmup = max(hp.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

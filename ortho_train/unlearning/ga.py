@@ -18,3 +18,12 @@ from ortho_train.unlearning.common import token_mean_nll
 def ga_loss(forget_logits: Tensor, forget_labels: Tensor) -> Tensor:
     """``−CE`` of the forget answers, token-weighted over the batch (scalar)."""
     return -token_mean_nll(forget_logits, forget_labels)
+
+
+class GradientAscent:
+    """Forget term ``−CE(F)``."""
+
+    needs_reference = False
+
+    def __call__(self, logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, beta: float = 0.1) -> Tensor:
+        return ga_loss(logits, labels)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from ortho_train.unlearning.common import token_mean_nll
-from ortho_train.unlearning.ga import ga_loss
 
 
 def retain_ce_loss(retain_logits: Tensor, retain_labels: Tensor) -> Tensor:
@@ -20,7 +19,11 @@ def retain_ce_loss(retain_logits: Tensor, retain_labels: Tensor) -> Tensor:
     return token_mean_nll(retain_logits, retain_labels)
 
 
-def gdr_loss(forget_logits: Tensor, forget_labels: Tensor, retain_logits: Tensor, retain_labels: Tensor,
-             retain_weight: float = 1.0) -> Tensor:
-    """``−CE(F) + λ·CE(R)`` (GA with gradient descent on retain)."""
-    return ga_loss(forget_logits, forget_labels) + retain_weight * retain_ce_loss(retain_logits, retain_labels)
+
+class RetainCrossEntropy:
+    """Retain term ``CE(R)`` (GDR)."""
+
+    needs_reference = False
+
+    def __call__(self, logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, beta: float = 0.1) -> Tensor:
+        return retain_ce_loss(logits, labels)

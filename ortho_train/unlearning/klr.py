@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ortho_train.unlearning.common import masked_kl
-from ortho_train.unlearning.ga import ga_loss
+from ortho_train.unlearning.terms import require_reference
 
 
 def retain_kl_loss(retain_logits: Tensor, ref_retain_logits: Tensor, retain_labels: Tensor) -> Tensor:
@@ -21,8 +21,11 @@ def retain_kl_loss(retain_logits: Tensor, ref_retain_logits: Tensor, retain_labe
     return masked_kl(ref_retain_logits, retain_logits, retain_labels)
 
 
-def klr_loss(forget_logits: Tensor, forget_labels: Tensor, retain_logits: Tensor, ref_retain_logits: Tensor,
-             retain_labels: Tensor, retain_weight: float = 1.0) -> Tensor:
-    """``−CE(F) + λ·KL(p_ref ‖ p_θ)|_R`` (GA with KL retain)."""
-    return ga_loss(forget_logits, forget_labels) + retain_weight * retain_kl_loss(
-        retain_logits, ref_retain_logits, retain_labels)
+
+class RetainKL:
+    """Retain term ``KL(p_ref ‖ p_θ)|_R`` (KLR); needs the reference's retain logits."""
+
+    needs_reference = True
+
+    def __call__(self, logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, beta: float = 0.1) -> Tensor:
+        return retain_kl_loss(logits, require_reference(self, ref_logits), labels)

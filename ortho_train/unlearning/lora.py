@@ -1,14 +1,16 @@
-"""peft LoRA adapters for `UnlearnModule` (mode 'lora'): their settings and the wrapping.
+"""peft LoRA adapters for `UnlearnModule` (mode 'lora'): their settings, the wrapping and the mode.
 
 The update of an adapted linear is ΔW = (alpha / rank) · B A with A (rank, d_in), B (d_out, rank);
 the base weights stay frozen.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from ortho_train.unlearning.update_mode import UpdateMode
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_LINEAR = "all-linear"  # peft: every linear / Conv1D projection but the output layer, any architecture
@@ -53,3 +55,20 @@ def wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets,
                         lora_dropout=settings.dropout, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+class LoraUpdate(UpdateMode):
+    """peft LoRA adapters on `settings.target_modules`, the base frozen (quantisation-robust LoRA
+    unlearning). float16 and bfloat16 bases are fine: peft keeps the adapters in float32."""
+
+    name = "lora"
+    settings_argument = "lora"
+
+    def check_settings(self, weight_decay: float, dtype) -> None:
+        pass
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return wrap_lora(model, self.settings)
+
+    def card(self) -> dict:
+        return {"lora": asdict(self.settings)}

@@ -11,7 +11,8 @@ once the forget answer is already unlikely (what keeps NPO from GA's collapse).
 NLL here is the *sum* over the answer tokens (sequence log-likelihood ratio); a widespread
 bug feeds raw logits or token means instead.
 
-Variants (MUSE; quantisation-robust LoRA unlearning): NPO+GDR adds λ·CE(R); NPO+KLR adds λ·KL(p_ref ‖ p_θ) on R.
+Variants (MUSE; quantisation-robust LoRA unlearning): NPO+GDR adds λ·CE(R); NPO+KLR adds λ·KL(p_ref ‖ p_θ)
+on R (`ortho_train.unlearning.objective.LOSSES`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ortho_train.unlearning.common import sequence_nll
-from ortho_train.unlearning.gdr import retain_ce_loss
-from ortho_train.unlearning.klr import retain_kl_loss
+from ortho_train.unlearning.terms import require_reference
 
 
 def npo_loss_from_nll(nll: Tensor, ref_nll: Tensor, beta: float = 0.1) -> Tensor:
@@ -38,16 +38,11 @@ def npo_loss(forget_logits: Tensor, forget_labels: Tensor, ref_forget_logits: Te
                              sequence_nll(ref_forget_logits, forget_labels), beta)
 
 
-def npo_gdr_loss(forget_logits: Tensor, forget_labels: Tensor, ref_forget_logits: Tensor, retain_logits: Tensor,
-                 retain_labels: Tensor, beta: float = 0.1, retain_weight: float = 1.0) -> Tensor:
-    """``L_NPO + λ·CE(R)``."""
-    return npo_loss(forget_logits, forget_labels, ref_forget_logits, beta) + retain_weight * retain_ce_loss(
-        retain_logits, retain_labels)
 
+class NegativePreference:
+    """Forget term ``L_NPO(β)``; needs the reference's forget logits."""
 
-def npo_klr_loss(forget_logits: Tensor, forget_labels: Tensor, ref_forget_logits: Tensor, retain_logits: Tensor,
-                 ref_retain_logits: Tensor, retain_labels: Tensor, beta: float = 0.1,
-                 retain_weight: float = 1.0) -> Tensor:
-    """``L_NPO + λ·KL(p_ref ‖ p_θ)|_R``."""
-    return npo_loss(forget_logits, forget_labels, ref_forget_logits, beta) + retain_weight * retain_kl_loss(
-        retain_logits, ref_retain_logits, retain_labels)
+    needs_reference = True
+
+    def __call__(self, logits: Tensor, labels: Tensor, ref_logits: Tensor | None = None, beta: float = 0.1) -> Tensor:
+        return npo_loss(logits, labels, require_reference(self, ref_logits), beta)

@@ -8,8 +8,9 @@
     npo_gdr   L_NPO(β)         λ·CE(R)
     npo_klr   L_NPO(β)         λ·KL(p_ref ‖ p_θ)|_R
 
-The table is the whole registry: the parts are the per-method functions of `ga`, `gdr`, `klr`
-and `npo`, so `UnlearningObjective("npo_gdr")(...)["loss"]` equals `npo_gdr_loss(...)`.
+`LOSSES` is the whole table: each name is a pair of terms from `FORGET_TERMS` and
+`RETAIN_TERMS` (one class per term, in the method's own file; `ortho_train.unlearning.terms`).
+A new combination is one line here; a new term is one file and one line here.
 """
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ortho_train.unlearning.ga import ga_loss
-from ortho_train.unlearning.gdr import retain_ce_loss
-from ortho_train.unlearning.klr import retain_kl_loss
-from ortho_train.unlearning.npo import npo_loss
+from ortho_train.unlearning.ga import GradientAscent
+from ortho_train.unlearning.gdr import RetainCrossEntropy
+from ortho_train.unlearning.klr import RetainKL
+from ortho_train.unlearning.npo import NegativePreference
+from ortho_train.unlearning.terms import LossTerm
+
+FORGET_TERMS: dict[str, LossTerm] = {"ga": GradientAscent(), "npo": NegativePreference()}
+RETAIN_TERMS: dict[str, LossTerm] = {"gdr": RetainCrossEntropy(), "klr": RetainKL()}
 
 LOSSES: dict[str, tuple[str, str | None]] = {
     "ga": ("ga", None),
@@ -34,7 +39,7 @@ LOSSES: dict[str, tuple[str, str | None]] = {
 
 @dataclass(frozen=True)
 class UnlearningObjective:
-    """An unlearning loss and its hyper-parameters.
+    """An unlearning loss and its hyper-parameters: ``loss = forget + λ·retain``.
 
     Args:
         name: one of `LOSSES` (ga, gdr, klr, npo, npo_gdr, npo_klr).
@@ -55,43 +60,29 @@ class UnlearningObjective:
             raise ValueError(f"retain_weight must be ≥ 0, got {self.retain_weight}")
 
     @property
-    def forget_term(self) -> str:
-        return LOSSES[self.name][0]
+    def forget(self) -> LossTerm:
+        return FORGET_TERMS[LOSSES[self.name][0]]
 
     @property
-    def retain_term(self) -> str | None:
-        return LOSSES[self.name][1]
+    def retain(self) -> LossTerm | None:
+        retain = LOSSES[self.name][1]
+        return None if retain is None else RETAIN_TERMS[retain]
 
     @property
     def needs_reference(self) -> bool:
-        """True when a frozen copy of the starting model must score the batch (NPO, KLR)."""
-        return self.forget_term == "npo" or self.retain_term == "klr"
-
-    @property
-    def needs_retain(self) -> bool:
-        return self.retain_term is not None
+        """True when a frozen copy of the starting model must score some batch."""
+        return self.forget.needs_reference or (self.retain is not None and self.retain.needs_reference)
 
     def __call__(self, forget_logits: Tensor, forget_labels: Tensor, ref_forget_logits: Tensor | None = None,
                  retain_logits: Tensor | None = None, retain_labels: Tensor | None = None,
                  ref_retain_logits: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"loss", "forget"[, "retain"]}``; `loss = forget + λ·retain` (scalars)."""
-        if self.forget_term == "npo":
-            if ref_forget_logits is None:
-                raise ValueError(f"{self.name}: NPO needs the reference model's forget logits")
-            forget = npo_loss(forget_logits, forget_labels, ref_forget_logits, self.beta)
-        else:
-            forget = ga_loss(forget_logits, forget_labels)
-        parts = {"forget": forget}
-        if self.retain_term is not None:
-            if retain_logits is None or retain_labels is None:
-                raise ValueError(f"{self.name}: the retain term needs a retain batch")
-            if self.retain_term == "gdr":
-                parts["retain"] = retain_ce_loss(retain_logits, retain_labels)
-            else:
-                if ref_retain_logits is None:
-                    raise ValueError(f"{self.name}: KLR needs the reference model's retain logits")
-                parts["retain"] = retain_kl_loss(retain_logits, ref_retain_logits, retain_labels)
-            parts["loss"] = forget + self.retain_weight * parts["retain"]
-        else:
-            parts["loss"] = forget
+        """``{"loss", "forget"[, "retain"]}`` (scalars)."""
+        parts = {"forget": self.forget(forget_logits, forget_labels, ref_forget_logits, self.beta)}
+        if self.retain is None:
+            parts["loss"] = parts["forget"]
+            return parts
+        if retain_logits is None or retain_labels is None:
+            raise ValueError(f"{self.name}: the retain term needs a retain batch")
+        parts["retain"] = self.retain(retain_logits, retain_labels, ref_retain_logits, self.beta)
+        parts["loss"] = parts["forget"] + self.retain_weight * parts["retain"]
         return parts

@@ -13,6 +13,8 @@ from callbacks.adapter_export import AdapterExportCallback
 from ortho_train.unlearn_module import LoraSettings, UnlearningStopped, UnlearnModule
 from ortho_train import quantisation as quant
 from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearning.modes import UPDATE_MODES
+from ortho_train.unlearning.update_mode import UpdateMode
 from tests.ortho_train.unlearn_helpers import DATA, cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +62,27 @@ def test_full_step_moves_every_trained_linear(model_dir, tmp_path, loss):
     for name in before:
         assert not torch.equal(before[name], after[name]), f"{name} did not move"
     assert module.trainable_parameter_count == sum(p.numel() for p in module.model.parameters())
+
+
+class _NormsOnly(UpdateMode):
+    """A mode written as a newcomer would: only the RMSNorm gains train."""
+
+    name = "norms"
+
+    def prepare(self, model):
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith("norm.weight"))
+        return model
+
+
+def test_a_new_update_mode_is_one_class_and_one_registry_line(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(UPDATE_MODES, "norms", _NormsOnly)
+    module = UnlearnModule(str(model_dir), mode="norms", loss="gdr", lr=1e-2, attribution_batches=0)
+    before = _snapshot(module.model)
+    _fit(module, model_dir, tmp_path)
+    changed = {k for k, v in module.model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.endswith("norm.weight") for k in changed), sorted(changed)
+    assert module.method_card["mode"] == "norms"
 
 
 def test_mansu_step_moves_exactly_the_plan_by_at_least_a_bin(model_dir, tmp_path):
@@ -161,7 +184,7 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
         tiny_datamodule(model_dir, forget_members=[0, 9])
     with pytest.raises(ValueError, match=r"model\.lora\.target_modules \['qkv_proj'\] match no linear layer"):
         UnlearnModule(str(model_dir), mode="lora", lora=LoraSettings(target_modules=["q_proj", "qkv_proj"]))
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match=r"model\.mode must be one of \['full', 'lora', 'mansu'\], got 'partial'"):
         UnlearnModule(str(model_dir), mode="partial")
     with pytest.raises(ValueError, match="weight_decay=0"):
         UnlearnModule(str(model_dir), mode="mansu", weight_decay=0.1)
