@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ortho_train.artifacts import write_json_atomic
+from ortho_train.distributed import broadcast_from_zero
 from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
 from ortho_train.metrics import privleak
 from ortho_train.model_support import is_peft_model, linear_weight
@@ -303,6 +304,8 @@ class PTQGapCallback(L.Callback):
         # (`AdapterExportCallback.on_train_end`), so quantised copies never run before the model is safe.
         if trainer.is_global_zero:
             self.finish(trainer, pl_module)
+        # rank 0 measured; every rank raises with it, so no DDP rank exits 0 on a failed check
+        self.failure = broadcast_from_zero(trainer.strategy, self.failure)
         if self.fail_on_gap and self.failure:
             raise PTQGapError(self.failure)
 

@@ -179,3 +179,27 @@ def test_privleak_against_a_real_reference_and_refused_without_one(model_dir, tm
     _trainer(tmp_path / "b", 1, [auto]).fit(module, datamodule=tiny_datamodule(model_dir))
     assert "hf_model_pre_canary" in auto.results["privleak_refused"]
     assert not any(key.startswith("forget_privleak") for key in auto.results)
+
+
+def test_every_ddp_rank_fails_with_rank_zeros_gap(monkeypatch):
+    """Only rank 0 measures; a rank > 0 learns the failure by broadcast and raises too (a rank
+    that exited 0 would let a launcher report success)."""
+    import ortho_train.distributed as distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    sent = []
+
+    class Strategy:
+        @staticmethod
+        def broadcast(obj, src=0):
+            sent.append(obj)
+            return "forget extraction gap 0.40 > 0.05 (nf4)"  # what rank 0 found
+
+    class Rank1Trainer:
+        is_global_zero = False
+        strategy = Strategy()
+
+    callback = PTQGapCallback(fail_on_gap=True, privleak_reference=None)
+    with pytest.raises(PTQGapError, match="gap 0.40"):
+        callback.on_fit_end(Rank1Trainer(), pl_module=None)
+    assert sent == [None]  # rank 1 measured nothing itself
