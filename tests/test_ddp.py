@@ -124,19 +124,22 @@ def _unlearn_config(tmp_path: Path, model_dir: Path, mode: str) -> Path:
     config["model"]["init_args"].update(model_path=str(model_dir), mode=mode, guard_every_n_steps=2,
                                         guard_windows=4, attribution_batches=1, loss="npo_gdr")
     config["model"]["init_args"]["lora"].update(rank=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    if mode == "mansu":  # weight decay would move weights off the plan; a small plan on the tiny model
+        config["model"]["init_args"].update(weight_decay=0.0, lr=1e-3, mansu={
+            "component_fraction": 0.05, "attribution_batches": 1, "retain_sequences": 8, "fisher_budget": 0.5})
     path = tmp_path / f"unlearn_{mode}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 @pytest.mark.slow
-def test_dense_sft_then_lora_and_full_unlearning_under_ddp_write_their_artifacts_once(tmp_path):
+def test_dense_sft_then_lora_full_and_mansu_unlearning_under_ddp_write_their_artifacts_once(tmp_path):
     key = tmp_path / "canary.key"
     wide = ["--model.init_args.tiny_llama.hidden_size=64", "--model.init_args.tiny_llama.intermediate_size=128"]
     sft, log = _fit(tmp_path / "sft", TINY, *SHORT, *DDP2, *wide, key=key)  # NF4 blocks need ≥ 64 inputs
     assert sft.returncode == 0, log[-3000:]
     model_dir = _run_dir(tmp_path / "sft") / "hf_model"
-    for mode in ("lora", "full"):
+    for mode in ("lora", "full", "mansu"):
         result, log = _fit(tmp_path / mode, _unlearn_config(tmp_path, model_dir, mode), "--trainer.strategy=ddp",
                            "--trainer.devices=2", key=key)
         assert result.returncode == 0, log[-3000:]
