@@ -27,67 +27,21 @@ from ortho_train.model_support import require_linear_only
 from ortho_train.privacy.table import PrivacyTable, PrivacyTableConfig, to_markdown
 from ortho_train.report.tensorboard import log_table_rows
 
-METRICS = ("extraction", "exposure", "mia", "ppl")
-
-
 class DPTableCallback(L.Callback):
     """Privacy table at the end of the fit (see the module docstring).
 
     Args:
-        alphas: α values of the run's sieved model (runs with a support).
-        posthoc_sigmas: post-hoc noise scales σ (std σ·RMS(W) per layer; not an ε).
-        stochastic_sigmas: stochastic quantisation's discrete-Gaussian std in lattice steps.
-        bits: INT-k of GPTQ and stochastic quantisation.
-        group_size: quantisation group size.
-        rho: ortho fraction of the post-hoc sieve for runs without a support.
-        include_lm_head: quantise/noise the LM head too.
+        table: what the table contains and how it is measured (`PrivacyTableConfig`: α values,
+            post-hoc and stochastic-quantisation σ grids, INT-k lattice, ρ, metrics, exposure
+            cost, noise seed).
         calibration_batches: public training batches for the Hessians.
-        metrics: subset of extraction, exposure, mia, ppl.
-        exposure_references: reference secrets for exposure (None: all).
-        exposure_canaries: members whose exposure is measured (None: all).
-        seed: seed of the noise and the stochastic codes.
     """
 
-    def __init__(
-        self,
-        alphas: list[float] | None = None,
-        posthoc_sigmas: list[float] | None = None,
-        stochastic_sigmas: list[float] | None = None,
-        bits: int = 4,
-        group_size: int = 128,
-        rho: float = 0.05,
-        include_lm_head: bool = False,
-        calibration_batches: int = 8,
-        metrics: list[str] | None = None,
-        exposure_references: int | None = 1000,
-        exposure_canaries: int | None = None,
-        seed: int = 0,
-    ):
+    def __init__(self, table: PrivacyTableConfig | None = None, calibration_batches: int = 8):
         super().__init__()
         if calibration_batches < 1:
             raise ValueError(f"dp table calibration_batches must be ≥ 1, got {calibration_batches}")
-        unknown = sorted(set(metrics or ()) - set(METRICS))
-        if unknown:
-            raise ValueError(f"dp table metrics must be among {METRICS}, got {unknown}")
-        if not 0.0 < rho < 1.0:
-            raise ValueError(f"dp table rho must lie in (0, 1), got {rho}")
-        for name, value in (("exposure_references", exposure_references),
-                            ("exposure_canaries", exposure_canaries)):
-            if value is not None and value < 1:
-                raise ValueError(f"dp table {name} must be ≥ 1 or None, got {value}")
-        defaults = PrivacyTableConfig()
-
-        def given(value, default) -> list[float]:  # None: the default; an empty list stays empty
-            return [float(v) for v in (default if value is None else value)]
-
-        self.config = PrivacyTableConfig(
-            alphas=given(alphas, defaults.alphas),
-            posthoc_sigmas=given(posthoc_sigmas, defaults.posthoc_sigmas),
-            stochastic_sigmas=given(stochastic_sigmas, defaults.stochastic_sigmas),
-            bits=bits, group_size=group_size, rho=rho, include_lm_head=include_lm_head,
-            include=list(METRICS if metrics is None else metrics),
-            exposure_references=exposure_references, exposure_canaries=exposure_canaries, seed=seed)
-        self.config.table_config()  # the α list and the measuring settings are checked here too
+        self.config = table if table is not None else PrivacyTableConfig()
         self.calibration_batches = calibration_batches
         self.rows: list[dict] | None = None
         self.markdown: str | None = None

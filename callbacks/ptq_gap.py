@@ -80,14 +80,9 @@ class PTQGapCallback(L.Callback):
 
     Args:
         formats: registered deployment formats ('nf4', 'fp4', 'int4'; `registry.deployment_formats()`).
-        blocksize: NF4/FP4 block size.
-        double_quant: bitsandbytes double quantisation of the block absmax.
-        compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
-        int4_group_size: INT4 RTN group size.
-        skip_modules: linears left in full precision (transformers' default: the LM head).
-        cpu_kernel: bitsandbytes CPU kernel of the NF4/FP4 copies: 'portable' (the same numbers on
-            every CPU) or 'native' (its AVX512-BF16 kernel where the CPU has one; see
-            `ortho_train.quantisation.QuantSettings`).
+        quant: how the copies are quantised (`QuantSettings`: NF4/FP4 block size, double
+            quantisation, compute dtype, INT4 group size, linears kept in full precision, the
+            bitsandbytes CPU kernel).
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
         every_n_steps: evaluate every n optimiser steps (0: only before and after training).
         periodic_metrics: what the periodic measurements compute, a subset of extraction,
@@ -111,12 +106,7 @@ class PTQGapCallback(L.Callback):
     def __init__(
         self,
         formats: list[str] | None = None,
-        blocksize: int = 64,
-        double_quant: bool = False,
-        compute_dtype: str = "float32",
-        int4_group_size: int = 128,
-        skip_modules: list[str] | None = None,
-        cpu_kernel: str = "portable",
+        quant: QuantSettings | None = None,
         lora_deployments: list[str] | None = None,
         every_n_steps: int = 0,
         periodic_metrics: list[str] | None = None,
@@ -130,7 +120,7 @@ class PTQGapCallback(L.Callback):
     ):
         _check_counts(every_n_steps=(every_n_steps, 0), exposure_references=(exposure_references, 1),
                       final_exposure_references=(final_exposure_references, 1),
-                      skewnorm_references=(skewnorm_references, 1), int4_group_size=(int4_group_size, 1))
+                      skewnorm_references=(skewnorm_references, 1))
         self.periodic_metrics = tuple(UNLEARNING_METRICS if periodic_metrics is None else periodic_metrics)
         unknown = sorted(set(self.periodic_metrics) - set(UNLEARNING_METRICS))
         if unknown or not self.periodic_metrics:
@@ -146,9 +136,7 @@ class PTQGapCallback(L.Callback):
         self.deployments = list(lora_deployments or ["merged", "adapter"])
         if not self.deployments or set(self.deployments) - {"merged", "adapter"}:
             raise ValueError(f"lora_deployments must be a non-empty subset of ['merged', 'adapter'], got {self.deployments}")
-        self.settings = QuantSettings(blocksize, double_quant, compute_dtype, int4_group_size,
-                                          list(skip_modules if skip_modules is not None else ["lm_head"]),
-                                          cpu_kernel)
+        self.settings = quant if quant is not None else QuantSettings()
         self.every_n_steps = every_n_steps
         self.evaluate_before = evaluate_before
         self.exposure_references = exposure_references

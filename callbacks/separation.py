@@ -30,7 +30,7 @@ from callbacks.sieve import periodic_table_due
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.model_support import require_linear_only
 from ortho_train.report.tensorboard import log_table_rows
-from ortho_train.separation.table import METRICS, QUANTISED, SeparationConfig, SeparationTable, to_markdown
+from ortho_train.separation.table import SeparationConfig, SeparationTable, to_markdown
 
 
 class SeparationTableCallback(L.Callback):
@@ -39,41 +39,15 @@ class SeparationTableCallback(L.Callback):
     Args:
         every_n_steps: also build a table every N optimiser steps of the canary phase (0: never).
         at_fit_end: build the table when fitting ends (after the module's model and summary).
-        energy: spectral energy the SVD split keeps, in (0, 1].
-        barrier_points: interpolation points of the LMC barriers (≥ 11).
-        barrier_batches: fixed public validation batches of the barriers.
-        barrier_batch_size: windows per barrier batch.
-        metrics: subset of extraction, exposure, mia, ppl.
-        quantised: extraction after these formats (subset of nf4, int4).
-        int4_group_size: INT4 RTN group size.
-        exposure_references: reference secrets for exposure (None: all).
-        exposure_canaries: members whose exposure is measured (None: all).
+        table: what the table measures (`SeparationConfig`: SVD energy, LMC barrier points and
+            batches, metrics, quantised formats, INT4 group size, exposure cost).
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 0,
-        at_fit_end: bool = True,
-        energy: float = 0.9,
-        barrier_points: int = 11,
-        barrier_batches: int = 4,
-        barrier_batch_size: int = 8,
-        metrics: list[str] | None = None,
-        quantised: list[str] | None = None,
-        int4_group_size: int = 128,
-        exposure_references: int | None = 1000,
-        exposure_canaries: int | None = None,
-    ):
+    def __init__(self, every_n_steps: int = 0, at_fit_end: bool = True, table: SeparationConfig | None = None):
         super().__init__()
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
-        self.config = SeparationConfig(
-            energy=float(energy), barrier_points=barrier_points, barrier_batches=barrier_batches,
-            barrier_batch_size=barrier_batch_size,
-            metrics=list(METRICS if metrics is None else metrics),
-            quantised=list(QUANTISED if quantised is None else quantised),
-            int4_group_size=int4_group_size, exposure_references=exposure_references,
-            exposure_canaries=exposure_canaries)
+        self.config = table if table is not None else SeparationConfig()
         self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
         self.tables: dict[int, list[dict]] = {}
         self.markdown: str | None = None
@@ -136,7 +110,7 @@ class SeparationTableCallback(L.Callback):
                 f"{c.barrier_points} points: (W_pre, W_clean), (W_pre, W_pruned), (α = 0, α = 1)",
                 "bits/weight: fp32 rows 32; svd_clean 32 + fp32 factors; pruned 32 + 64 bits per kept entry "
                 "(value + index); ogd/isolated α rows count their streams",
-                f"NF4 (bitsandbytes, block 64) and INT4 (RTN, group {c.int4_group_size}) of each row's model; "
+                f"NF4 (bitsandbytes, block 64) and INT4 (RTN, group {c.group_size}) of each row's model; "
                 f"LM head not quantised", f"table built in {seconds:.0f} s"]
 
 

@@ -29,7 +29,6 @@ Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import lightning as L
@@ -67,101 +66,21 @@ class SieveCallback(L.Callback):
     Args:
         every_n_steps: also build a table every N optimiser steps of the canary phase (0: never).
         at_fit_end: build the table when training ends.
-        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune),
-            posthoc_dqc, delta_dqc (posthoc / delta with DQC-compensated ortho values).
-        references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
-            (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
-        alphas: α values evaluated for each sieve.
-        rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
-        method: base quantiser of the posthoc/delta sieves and int references (a registered
-            one: gptq or rtn).
-        bits: base bits of the posthoc/delta sieves.
-        group_size: quantisation group size.
-        selection: 'top' (top-ρ per layer) or 'adaptive' (τ = μ + β·σ).
-        beta: β of the adaptive selection.
-        dqc: also measure each posthoc / delta sieve with DQC compensation of its ortho values,
-            as `posthoc_dqc` / `delta_dqc` rows beside the plain ones.
-        dqc_gamma: γ of the DQC compensation (None: 1, the H-optimal fold); needs DQC rows.
-        hop_report: write the HOP per-column report of every sieve to hop_report.json.
-        hop_beta: β of the HOP outlier columns' threshold τ = μ + β·σ (None: 2); needs hop_report.
-        include_lm_head: sieve the LM head too.
+        table: what the table contains and how it is measured (`TableConfig`: variants,
+            references, α and ρ lists, the posthoc/delta sieve spec, metrics, exposure cost,
+            DQC rows, HOP report).
         calibration_batches: public training batches for the Hessians.
-        metrics: subset of extraction, exposure, mia, ppl.
-        exposure_references: reference secrets for exposure (fewer = faster; None: all).
-        exposure_canaries: members whose exposure is measured (None: all).
         save_isolated: save the isolated sieve as base/ortho safetensors at fit end.
     """
 
-    def __init__(
-        self,
-        every_n_steps: int = 0,
-        at_fit_end: bool = True,
-        variants: list[str] | None = None,
-        references: list[str] | None = None,
-        alphas: list[float] | None = None,
-        rhos: list[float] | None = None,
-        method: str = "gptq",
-        bits: int = 4,
-        group_size: int = 128,
-        selection: str = "top",
-        beta: float = 2.0,
-        dqc: bool = False,
-        dqc_gamma: float | None = None,
-        hop_report: bool = False,
-        hop_beta: float | None = None,
-        include_lm_head: bool = False,
-        calibration_batches: int = 8,
-        metrics: list[str] | None = None,
-        exposure_references: int | None = 1000,
-        exposure_canaries: int | None = None,
-        save_isolated: bool = True,
-    ):
+    def __init__(self, every_n_steps: int = 0, at_fit_end: bool = True, table: TableConfig | None = None,
+                 calibration_batches: int = 8, save_isolated: bool = True):
         super().__init__()
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
         if calibration_batches < 1:
             raise ValueError(f"calibration_batches must be ≥ 1, got {calibration_batches}")
-        defaults = TableConfig()
-
-        def given(value, default):  # None: the default; an empty list stays empty
-            return list(default if value is None else value)
-
-        variants = given(variants, defaults.variants)
-        if dqc:  # each posthoc / delta row gets its DQC twin right after it
-            if not {"posthoc", "delta"} & set(variants):
-                raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
-                                 f"variants {variants} has neither")
-            variants = [v for plain in variants
-                        for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
-            variants = list(dict.fromkeys(variants))  # a _dqc variant listed as well: once
-        has_dqc = any(v.endswith("_dqc") for v in variants)
-        if dqc_gamma is not None:
-            if not has_dqc:
-                raise ValueError("dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
-                                 "variants); it would be ignored")
-            if not (math.isfinite(dqc_gamma) and dqc_gamma > 0):
-                raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {dqc_gamma}")
-        if hop_beta is not None:
-            if not hop_report:
-                raise ValueError("hop_beta needs hop_report: true (it would be ignored)")
-            if not (math.isfinite(hop_beta) and hop_beta >= 0):
-                raise ValueError(f"hop_beta must be a finite number ≥ 0, got {hop_beta}")
-        if hop_report and not set(variants) & set(SIEVED_VARIANTS):
-            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
-                             f"got {variants}")
-        spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
-                         dqc_gamma=1.0 if dqc_gamma is None else float(dqc_gamma),
-                         hop_beta=2.0 if hop_beta is None else float(hop_beta),
-                         include_lm_head=include_lm_head)
-        self.config = TableConfig(
-            variants=variants,
-            references=given(references, defaults.references),
-            alphas=[float(a) for a in given(alphas, defaults.alphas)],
-            rhos=[float(r) for r in given(rhos, defaults.rhos)], spec=spec,
-            include=given(metrics, defaults.include),
-            exposure_references=exposure_references, exposure_canaries=exposure_canaries,
-            hop_report=bool(hop_report),
-        )
+        self.config = table if table is not None else TableConfig()
         self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
         self.calibration_batches, self.save_isolated = calibration_batches, save_isolated
         self.tables: dict[int, list[dict]] = {}

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 
 from callbacks.separation import SeparationTableCallback
+from ortho_train.separation.table import SeparationConfig
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.ogd import OGDConfig
@@ -16,8 +17,8 @@ TINY = TinyLlamaConfig(32, 2, 2, 64)
 
 
 def table_callback(energy: float = 0.9) -> SeparationTableCallback:
-    return SeparationTableCallback(energy=energy, barrier_batches=1, barrier_batch_size=2,
-                                   metrics=["extraction", "mia", "ppl"], int4_group_size=32)
+    return SeparationTableCallback(table=SeparationConfig(energy=energy, barrier_batches=1, barrier_batch_size=2,
+                                                          metrics=["extraction", "mia", "ppl"], group_size=32))
 
 
 def fit(run_dir: Path, callbacks=(), **module_kwargs) -> CanarySFTModule:

@@ -44,6 +44,7 @@ from ortho_train.sieve.table import KillSwitchTable, TableConfig, format_value
 COLUMNS = ("kind", "alpha", "epsilon", "noise", "extraction_rate", "exposure_mean", "mia_auc_loss",
            "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp", "public_ppl",
            "bits_per_weight")
+METRICS = ("extraction", "exposure", "mia", "ppl")
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PrivacyTableConfig:
         bits / group_size: INT-k lattice of GPTQ and stochastic quantisation.
         rho: ortho fraction of the post-hoc sieve when the run has no support of its own.
         include_lm_head: the LM head is among the sieved/quantised/noised linears.
-        include: metrics, subset of extraction, exposure, mia, ppl.
+        metrics: subset of extraction, exposure, mia, ppl.
         exposure_references / exposure_canaries: exposure cost (None: all).
         seed: seed of the post-hoc noise and the stochastic codes.
     """
@@ -69,23 +70,32 @@ class PrivacyTableConfig:
     group_size: int = 128
     rho: float = 0.05
     include_lm_head: bool = False
-    include: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
+    metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.alphas = [float(a) for a in self.alphas]
+        self.posthoc_sigmas = [float(s) for s in self.posthoc_sigmas]
+        self.stochastic_sigmas = [float(s) for s in self.stochastic_sigmas]
         bad = [s for s in self.posthoc_sigmas + self.stochastic_sigmas if not 0 <= s < math.inf]
         if bad:
             raise ValueError(f"privacy table sigmas must be finite and ≥ 0, got {bad}")
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"dp table metrics must be among {METRICS}, got {unknown}")
+        if not 0.0 < self.rho < 1.0:
+            raise ValueError(f"dp table rho must lie in (0, 1), got {self.rho}")
         StochasticQuantSpec(bits=self.bits, group_size=self.group_size)  # checks bits and group size
+        self.table_config()  # the α list and the measuring settings are checked there too
 
     def table_config(self) -> TableConfig:
         """The kill-switch table settings its measuring and GPTQ rows run with."""
         spec = SieveSpec(QuantSpec("gptq", self.bits, self.group_size), rho=self.rho,
                          include_lm_head=self.include_lm_head)
         return TableConfig(variants=["isolated"], references=[f"int{self.bits}_gptq"], alphas=self.alphas,
-                           rhos=[self.rho], spec=spec, include=self.include,
+                           rhos=[self.rho], spec=spec, metrics=self.metrics,
                            exposure_references=self.exposure_references,
                            exposure_canaries=self.exposure_canaries)
 

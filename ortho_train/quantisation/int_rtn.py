@@ -10,7 +10,7 @@ Two registry entries share it:
 - `rtn` (base quantiser): k ∈ kernels' SUPPORTED_BITS, the packed `ortho_kernels.QuantisedBase`
   the sieve and the `int<k>_rtn` table rows use; no Hessian.
 - `int4` (deployment format, `IntRTNDeployment(4)`): the PTQ copies' INT4 RTN with
-  `QuantSettings.int4_group_size`; the bin width of a weight is its group's scale.
+  `QuantSettings.group_size`; the bin width of a weight is its group's scale.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class RTN(WeightFormat):
 
 class IntRTNDeployment(WeightFormat):
     """INT-k RTN as a deployment format (`int4` in the registry): every quantisable linear's
-    weight becomes its group-wise round trip, groups of `QuantSettings.int4_group_size`."""
+    weight becomes its group-wise round trip, groups of `QuantSettings.group_size`."""
 
     deployable = True
 
@@ -55,22 +55,22 @@ class IntRTNDeployment(WeightFormat):
 
     def fake_quantise(self, w: Tensor, settings: "QuantSettings") -> Tensor:
         w = w.detach().float()
-        group_size = settings.int4_group_size
+        group_size = settings.group_size
         codes, scales, zeros = group_quantise(w, bits=self.k, group_size=group_size)
         return group_dequantise(codes, scales, zeros, group_size).view_as(w)  # (d_out, d_in)
 
     def bin_width(self, w: Tensor, settings: "QuantSettings") -> Tensor:
-        return group_bin_width(w, settings.int4_group_size, self.k)
+        return group_bin_width(w, settings.group_size, self.k)
 
     def bits_per_weight(self, settings: "QuantSettings") -> float:
-        return effective_bits(self.k, settings.int4_group_size)
+        return effective_bits(self.k, settings.group_size)
 
     def describe(self, settings: "QuantSettings") -> dict:
-        return {"format": self.name, "method": "rtn", "group_size": settings.int4_group_size, "symmetric": False,
+        return {"format": self.name, "method": "rtn", "group_size": settings.group_size, "symmetric": False,
                 "skip_modules": list(settings.skip_modules)}
 
     def label(self, settings: "QuantSettings") -> str:
-        return f"{self.name} RTN group {settings.int4_group_size}"
+        return f"{self.name} RTN group {settings.group_size}"
 
 
 def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:

@@ -18,7 +18,7 @@ FORMATS: dict[str, WeightFormat] = {
     "gptq": GPTQ(),                # base quantiser: INT-k GPTQ (calibration Hessian)
     "nf4": BnB4("nf4"),            # deployment: bitsandbytes NormalFloat-4, block absmax
     "fp4": BnB4("fp4"),            # deployment: bitsandbytes 4-bit minifloat, block absmax
-    "int4": IntRTNDeployment(4),   # deployment: INT4 RTN copies (QuantSettings.int4_group_size)
+    "int4": IntRTNDeployment(4),   # deployment: INT4 RTN copies (QuantSettings.group_size)
 }
 
 

@@ -72,7 +72,8 @@ class QuantSettings:
         double_quant: quantise the per-block absmax too (bitsandbytes `compress_statistics`,
             transformers `bnb_4bit_use_double_quant`).
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
-        int4_group_size: INT4 RTN group size along the input dimension.
+        group_size: INT-k RTN group size along the input dimension (the `int4` format; the
+            same quantity as `QuantSpec.group_size` of a base stream).
         skip_modules: names of linears kept in full precision (any dotted name component).
         cpu_kernel: which bitsandbytes CPU kernel the NF4/FP4 copies run. 'portable' (default):
             the generic path (dequantise to fp32, matmul in `compute_dtype`) on every CPU, so a
@@ -86,7 +87,7 @@ class QuantSettings:
     blocksize: int = 64
     double_quant: bool = False
     compute_dtype: str = "float32"
-    int4_group_size: int = 128
+    group_size: int = 128
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     cpu_kernel: str = "portable"
 
@@ -95,6 +96,8 @@ class QuantSettings:
             raise ValueError(f"cpu_kernel must be one of {CPU_KERNELS}, got {self.cpu_kernel!r}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be ≥ 1, got {self.group_size}")
         if self.blocksize not in BNB_BLOCKSIZES:
             raise ValueError(f"bitsandbytes 4-bit blocksize must be a power of two in [64, 4096], got {self.blocksize}")
 

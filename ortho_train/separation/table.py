@@ -65,7 +65,7 @@ class SeparationConfig:
         barrier_batch_size: windows per barrier batch.
         metrics: subset of extraction, exposure, mia, ppl.
         quantised: extraction after these formats: subset of nf4, int4.
-        int4_group_size: INT4 RTN group size.
+        group_size: INT4 RTN group size.
         exposure_references: reference secrets for exposure (None: all).
         exposure_canaries: members whose exposure is measured (None: all).
     """
@@ -76,7 +76,7 @@ class SeparationConfig:
     barrier_batch_size: int = 8
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     quantised: list[str] = field(default_factory=lambda: list(QUANTISED))
-    int4_group_size: int = 128
+    group_size: int = 128
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
 
@@ -85,7 +85,7 @@ class SeparationConfig:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.barrier_points < 11:
             raise ValueError(f"barrier_points must be ≥ 11, got {self.barrier_points}")
-        for name in ("barrier_batches", "barrier_batch_size", "int4_group_size"):
+        for name in ("barrier_batches", "barrier_batch_size", "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("exposure_references", "exposure_canaries"):
@@ -139,7 +139,7 @@ class SeparationTable:
 
     # ------------------------------------------------------------ measuring
     def _quantised_extraction(self, model: nn.Module, fmt: str) -> float:
-        quantised = quantised_copy(model, fmt, QuantSettings(int4_group_size=self.config.int4_group_size))
+        quantised = quantised_copy(model, fmt, QuantSettings(group_size=self.config.group_size))
         return extraction_metrics(quantised, self.probe.members)["extraction_rate"]
 
     def _barrier(self, state_a: dict, state_b: dict) -> LossBarrier:

@@ -19,6 +19,8 @@ and the per-column HOP report of the base error.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +71,10 @@ class SieveSpec:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         budget(self.rho, 1)  # validates 0 ≤ ρ ≤ 1
+        if not (math.isfinite(self.dqc_gamma) and self.dqc_gamma > 0):
+            raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {self.dqc_gamma}")
+        if not (math.isfinite(self.hop_beta) and self.hop_beta >= 0):
+            raise ValueError(f"hop_beta must be a finite number ≥ 0, got {self.hop_beta}")
 
 
 @dataclass

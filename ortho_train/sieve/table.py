@@ -29,7 +29,7 @@ import copy
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -44,7 +44,6 @@ from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, 
 from ortho_train.quantisation import (
     FORMATS,
     QuantSettings,
-    QuantSpec,
     base_quantisers,
     deployment_format,
     deployment_formats,
@@ -75,7 +74,26 @@ def int_reference(name: str) -> tuple[int, str] | None:
 
 @dataclass
 class TableConfig:
-    """What the kill-switch table contains and how it is measured."""
+    """What the kill-switch table contains and how it is measured (`SieveCallback(table=…)`).
+
+    Args:
+        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune),
+            posthoc_dqc, delta_dqc (posthoc / delta with DQC-compensated ortho values).
+        references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
+            (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
+        alphas: α values evaluated for each sieve, in [0, 1].
+        rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
+        spec: the posthoc/delta sieve (base quantiser, bits, group size, selection, DQC γ, HOP β,
+            LM head); the int references use its quantiser settings too.
+        metrics: subset of extraction, exposure, mia, ppl.
+        exposure_references: reference secrets for exposure (fewer = faster; None: all).
+        exposure_canaries: members whose exposure is measured (None: all).
+        dqc: add a posthoc_dqc / delta_dqc row right after every posthoc / delta row.
+        hop_report: record the HOP per-column report of every sieve (hop_report.json).
+
+    A setting that would be ignored is refused: `spec.dqc_gamma` without DQC rows, `spec.hop_beta`
+    without `hop_report`, `hop_report` without a sieved variant.
+    """
 
     variants: list[str] = field(default_factory=lambda: ["posthoc", "delta", "isolated"])
     references: list[str] = field(default_factory=lambda: ["fp32", "int4_rtn", "int4_gptq", "nf4",
@@ -83,12 +101,20 @@ class TableConfig:
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
     rhos: list[float] = field(default_factory=lambda: [0.01])
     spec: SieveSpec = field(default_factory=SieveSpec)
-    include: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
+    metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
+    dqc: bool = False
     hop_report: bool = False
 
     def __post_init__(self) -> None:
+        self.alphas, self.rhos = [float(a) for a in self.alphas], [float(r) for r in self.rhos]
+        if self.dqc:
+            self.variants = with_dqc_twins(self.variants)
+        self._check_entries()
+        self._check_nothing_ignored()
+
+    def _check_entries(self) -> None:
         for name in self.references:
             if name not in ("fp32", "pre_sft") + deployment_formats() and int_reference(name) is None:
                 raise ValueError(f"unknown reference {name!r}: use fp32, pre_sft, a deployment format "
@@ -104,14 +130,34 @@ class TableConfig:
         bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
         if bad_rhos:
             raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
-        unknown = sorted(set(self.include) - {"extraction", "exposure", "mia", "ppl"})
-        if unknown or not self.include:
+        unknown = sorted(set(self.metrics) - {"extraction", "exposure", "mia", "ppl"})
+        if unknown or not self.metrics:
             raise ValueError(f"metrics must be a non-empty subset of extraction, exposure, mia, ppl; "
-                             f"got {self.include}")
+                             f"got {self.metrics}")
         for name in ("exposure_references", "exposure_canaries"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
+
+    def _check_nothing_ignored(self) -> None:
+        defaults = SieveSpec()
+        if self.spec.dqc_gamma != defaults.dqc_gamma and not any(v.endswith("_dqc") for v in self.variants):
+            raise ValueError("spec.dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
+                             "variants); it would be ignored")
+        if self.spec.hop_beta != defaults.hop_beta and not self.hop_report:
+            raise ValueError("spec.hop_beta needs hop_report: true (it would be ignored)")
+        if self.hop_report and not set(self.variants) & set(SIEVED_VARIANTS):
+            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
+                             f"got {self.variants}")
+
+
+def with_dqc_twins(variants: list[str]) -> list[str]:
+    """`variants` with `<v>_dqc` right after each posthoc / delta (each variant once)."""
+    if not {"posthoc", "delta"} & set(variants):
+        raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
+                         f"variants {variants} has neither")
+    twinned = [v for plain in variants for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
+    return list(dict.fromkeys(twinned))  # a _dqc variant listed as well: once
 
 
 class KillSwitchTable:
@@ -152,10 +198,8 @@ class KillSwitchTable:
                   dqc: bool | None = None) -> SieveSpec:
         """The table's sieve spec with the bits, quantiser, ρ or DQC replaced where given."""
         s = self.config.spec
-        quant = QuantSpec(method or s.quant.method, bits or s.quant.bits, s.quant.group_size,
-                          s.quant.damp, s.quant.block_size, s.quant.act_order, s.quant.static_groups)
-        return SieveSpec(quant, s.rho if rho is None else rho, s.selection, s.beta,
-                         s.dqc if dqc is None else dqc, s.dqc_gamma, s.hop_beta, s.include_lm_head)
+        quant = replace(s.quant, method=method or s.quant.method, bits=bits or s.quant.bits)
+        return replace(s, quant=quant, rho=s.rho if rho is None else rho, dqc=s.dqc if dqc is None else dqc)
 
     def _require_pre(self, what: str) -> nn.Module:
         if self.pre_model is None:
@@ -181,7 +225,7 @@ class KillSwitchTable:
             c = self.config
             self._measured[key] = evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
-                exposure_references=c.exposure_references, include=tuple(c.include),
+                exposure_references=c.exposure_references, include=tuple(c.metrics),
                 skewnorm_references=0)  # the table shows the exact rank only
         return self._measured[key]
 
@@ -242,7 +286,7 @@ class KillSwitchTable:
     def deployed_reference(self, name: str) -> None:
         """The row of a deployment format: the model's fake-quantised copy (dense linears holding
         dequantise(quantise(W)); the LM head only with `include_lm_head`, never a tied one)."""
-        settings = QuantSettings(int4_group_size=self.config.spec.quant.group_size, skip_modules=[])
+        settings = QuantSettings(group_size=self.config.spec.quant.group_size, skip_modules=[])
         fmt = deployment_format(name)
         copy_ = quantised_copy(self.model, name, settings, include_lm_head=self.config.spec.include_lm_head,
                                deployed_modules=False)

@@ -78,7 +78,7 @@ class MansuSettings:
 
     def floor_settings(self) -> QuantSettings:
         """The quantisation settings of the floor grid (`blocksize`, `group_size`)."""
-        return QuantSettings(blocksize=self.blocksize, int4_group_size=self.group_size)
+        return QuantSettings(blocksize=self.blocksize, group_size=self.group_size)
 
 
 def per_sequence_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], params: Mapping[str, Tensor],

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from callbacks.dp_table import DPTableCallback
-from ortho_train.privacy.table import COLUMNS
+from ortho_train.privacy.table import COLUMNS, PrivacyTableConfig
 from tests.ortho_train.dp_helpers import dp_fit, single_thread  # noqa: F401
 
 KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "gptq_int4", "gptq_int4_noise", "stochastic_quant"]
@@ -13,8 +13,8 @@ KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "gptq_int4", "gptq_int4
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory):
-    callback = DPTableCallback(posthoc_sigmas=[0.1], stochastic_sigmas=[1.0], group_size=32,
-                               calibration_batches=2, exposure_references=10)
+    table = PrivacyTableConfig(posthoc_sigmas=[0.1], stochastic_sigmas=[1.0], group_size=32, exposure_references=10)
+    callback = DPTableCallback(table=table, calibration_batches=2)
     module = dp_fit(tmp_path_factory.mktemp("dp_table"), callbacks=[callback])
     return module, callback
 
@@ -52,13 +52,8 @@ def test_no_secret_in_the_table_files(table_run):
 def test_bad_callback_settings_fail_in_init():
     with pytest.raises(ValueError, match="calibration_batches"):
         DPTableCallback(calibration_batches=0)
-    with pytest.raises(ValueError, match="sigmas must be finite"):
-        DPTableCallback(posthoc_sigmas=[-1.0])
-    with pytest.raises(ValueError, match="bits"):
-        DPTableCallback(bits=5)
-    with pytest.raises(ValueError, match="metrics"):
-        DPTableCallback(metrics=["ppl", "vibes"])
-    with pytest.raises(ValueError, match="alphas"):
-        DPTableCallback(alphas=[2.0])
-    with pytest.raises(ValueError, match="rho"):
-        DPTableCallback(rho=0.0)
+    for bad, setting in (({"posthoc_sigmas": [-1.0]}, "sigmas must be finite"), ({"bits": 5}, "bits"),
+                         ({"metrics": ["ppl", "vibes"]}, "metrics"), ({"alphas": [2.0]}, "alphas"),
+                         ({"rho": 0.0}, "rho")):
+        with pytest.raises(ValueError, match=setting):
+            PrivacyTableConfig(**bad)

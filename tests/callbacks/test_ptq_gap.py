@@ -149,7 +149,7 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="periodic_metrics"):
         PTQGapCallback(periodic_metrics=["accuracy"])
     with pytest.raises(ValueError, match="compute_dtype"):
-        PTQGapCallback(compute_dtype="float8")
+        PTQGapCallback(quant=quant.QuantSettings(compute_dtype="float8"))
 
 
 def test_privleak_against_a_real_reference_and_refused_without_one(model_dir, tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from callbacks.separation import SeparationTableCallback
-from ortho_train.separation.table import COLUMNS
+from ortho_train.separation.table import COLUMNS, SeparationConfig
 from tests.separation_fits import dense_fit, ogd_fit
 
 
@@ -69,8 +69,11 @@ def test_no_secret_text_in_the_table_files():
     ({"energy": 0.0}, "energy"), ({"energy": 1.5}, "energy"), ({"barrier_points": 5}, "barrier_points"),
     ({"barrier_batches": 0}, "barrier_batches"), ({"metrics": ["speed"]}, "metrics"),
     ({"quantised": ["fp8"]}, "quantised"), ({"every_n_steps": -1}, "every_n_steps"),
-    ({"int4_group_size": 0}, "int4_group_size"), ({"exposure_references": 0}, "exposure_references"),
+    ({"group_size": 0}, "group_size"), ({"exposure_references": 0}, "exposure_references"),
 ])
 def test_bad_settings_fail_naming_the_setting(kwargs, setting):
     with pytest.raises(ValueError, match=setting):
-        SeparationTableCallback(**kwargs)
+        if "every_n_steps" in kwargs:
+            SeparationTableCallback(**kwargs)
+        else:
+            SeparationTableCallback(table=SeparationConfig(**kwargs))

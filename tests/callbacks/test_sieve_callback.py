@@ -15,7 +15,8 @@ from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import load_sieved
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.table import ROW_KEYS
+from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.table import ROW_KEYS, TableConfig
 
 REFERENCES = ["fp32", "int4_rtn", "int4_gptq", "nf4", "pre_sft", "int4_pre_sft"]
 
@@ -29,9 +30,9 @@ def run(tmp_path_factory):
         isolation=IsolationConfig(support="random", rho=0.05, quant=QuantSpec("gptq", 4, 32),
                                   calibration_batches=2),
     )
-    callback = SieveCallback(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05],
-                             method="rtn", group_size=32, calibration_batches=2,
-                             metrics=["extraction", "exposure", "mia", "ppl"], exposure_references=10)
+    table = TableConfig(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05], spec=SieveSpec(QuantSpec("rtn", 4, 32)),
+                        metrics=["extraction", "exposure", "mia", "ppl"], exposure_references=10)
+    callback = SieveCallback(table=table, calibration_batches=2)
     logger = CSVLogger(tmp, name="cb")
     trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
@@ -131,8 +132,9 @@ def _fit_tiny_isolated(tmp_path, callback, max_steps):
 
 
 def test_periodic_tables(tmp_path):
-    callback = SieveCallback(every_n_steps=2, references=["fp32"], variants=["isolated"], alphas=[0.0],
-                             metrics=["ppl"], group_size=16, calibration_batches=1)
+    table = TableConfig(references=["fp32"], variants=["isolated"], alphas=[0.0], metrics=["ppl"],
+                        spec=SieveSpec(QuantSpec(group_size=16)))
+    callback = SieveCallback(every_n_steps=2, table=table, calibration_batches=1)
     _fit_tiny_isolated(tmp_path, callback, max_steps=5)
     assert set(callback.tables) == {4, 5}  # canary steps 2..4; the last table at fit end
     rows = json.loads((tmp_path / "sieve_table_step4.json").read_text())
@@ -146,9 +148,10 @@ def test_no_hop_report_unless_asked(run):
 
 
 def test_hop_report_and_dqc_rows_beside_plain_gptq(tmp_path):
-    callback = SieveCallback(references=["int4_gptq"], variants=["posthoc", "isolated"], alphas=[0.0, 1.0],
-                             rhos=[0.1], metrics=["ppl"], group_size=16, calibration_batches=1, dqc=True,
-                             hop_report=True, hop_beta=1.0, save_isolated=False)
+    table = TableConfig(references=["int4_gptq"], variants=["posthoc", "isolated"], alphas=[0.0, 1.0], rhos=[0.1],
+                        metrics=["ppl"], spec=SieveSpec(QuantSpec(group_size=16), hop_beta=1.0), dqc=True,
+                        hop_report=True)
+    callback = SieveCallback(table=table, calibration_batches=1, save_isolated=False)
     module = _fit_tiny_isolated(tmp_path, callback, max_steps=4)
 
     rows = json.loads((tmp_path / "sieve_table.json").read_text())
@@ -183,19 +186,19 @@ def test_hop_report_and_dqc_rows_beside_plain_gptq(tmp_path):
 
 def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="unknown reference"):
-        SieveCallback(references=["int5_rtn"])
+        TableConfig(references=["int5_rtn"])
     with pytest.raises(ValueError, match="every_n_steps"):
         SieveCallback(every_n_steps=-1)
     with pytest.raises(ValueError, match="variant"):
-        SieveCallback(variants=["magic"])
+        TableConfig(variants=["magic"])
     with pytest.raises(ValueError, match=r"alphas must lie in \[0, 1\].*-3\.0, 7\.0"):
-        SieveCallback(alphas=[-3, 0.5, 7])
+        TableConfig(alphas=[-3, 0.5, 7])
     with pytest.raises(ValueError, match=r"rhos .* \(0, 1\), got \[2\.0\]"):
-        SieveCallback(rhos=[2.0])
+        TableConfig(rhos=[2.0])
 
 
-def test_empty_lists_mean_empty_and_none_means_default():
-    empty = SieveCallback(variants=[], references=[])
+def test_empty_lists_mean_empty_and_no_table_means_default():
+    empty = SieveCallback(table=TableConfig(variants=[], references=[]))
     assert empty.config.variants == [] and empty.config.references == []
     default = SieveCallback()
     assert default.config.variants == ["posthoc", "delta", "isolated"]

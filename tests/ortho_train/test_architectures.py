@@ -27,7 +27,9 @@ from ortho_train.ogd import OGDConfig
 from ortho_train.privacy import DPConfig
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule
+from ortho_train.sieve.core import SieveSpec
 from ortho_train.sieve.isolation import IsolationConfig
+from ortho_train.sieve.table import TableConfig
 from ortho_train.unlearn_module import LoraSettings, UnlearnModule
 from ortho_train.unlearning.mansu import MansuSettings
 from tests.ortho_train.arch_models import ARCHITECTURES, BLOCKS, PROJECTIONS, WIDTH, cached_tiny_model
@@ -36,7 +38,7 @@ from tests.ortho_train.unlearn_helpers import single_thread, tiny_datamodule  # 
 SFT_DATA = dict(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                 num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=30)
 ALL_LINEAR = LoraSettings(rank=4, target_modules=["all-linear"])
-QUANT = dict(blocksize=64, int4_group_size=32)
+QUANT = dict(blocksize=64, group_size=32)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -68,9 +70,9 @@ def _finite(row, keys):
 
 
 def _sieve(variants, references, rhos=(0.05,)):
-    return SieveCallback(variants=list(variants), references=list(references), alphas=[0.0, 1.0], rhos=list(rhos),
-                         method="rtn", group_size=64, calibration_batches=1, metrics=["extraction", "ppl"],
-                         exposure_references=10, save_isolated=False)
+    table = TableConfig(variants=list(variants), references=list(references), alphas=[0.0, 1.0], rhos=list(rhos),
+                        spec=SieveSpec(QuantSpec("rtn", 4, 64)), metrics=["extraction", "ppl"], exposure_references=10)
+    return SieveCallback(table=table, calibration_batches=1, save_isolated=False)
 
 
 # ---------------------------------------------------------------- canary SFT, the kill-switch table
@@ -146,7 +148,7 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
     adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
     assert adapted == set(PROJECTIONS[arch])
     callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, **QUANT)
+                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
     _trainer(tmp_path, 3, [callback, AdapterExportCallback()]).fit(module, datamodule=tiny_datamodule(model_dir))
     results = callback.results
     assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
@@ -179,7 +181,7 @@ def test_mansu_unlearning(arch_dir, tmp_path):
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings,
                            guard_every_n_steps=0, attribution_batches=1)
     callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, **QUANT)
+                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     plan = module.mansu_plan
     assert plan.theta0.numel() > 0 and set(plan.masks) <= set(module.linear_names)
@@ -231,7 +233,7 @@ def test_gpt2_full_unlearning_and_ptq_gap(gpt2_dir, tmp_path):
     module = UnlearnModule(str(gpt2_dir), mode="full", loss="ga", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
     callback = PTQGapCallback(formats=["int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, **QUANT)
+                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     results = callback.results
     assert results["variants"] == ["int4"] and math.isfinite(results["public_ppl_int4"])
@@ -246,7 +248,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     assert len(module.original_weights) == BLOCKS * 4
     assert module.original_weights["transformer.h.0.attn.c_attn"].shape == (3 * WIDTH, WIDTH)  # (d_out, d_in)
     callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, **QUANT)
+                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
     export = AdapterExportCallback(save_merged=True)
     _trainer(tmp_path, 3, [callback, export]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     merged = AutoModelForCausalLM.from_pretrained(module.run_dir / "hf_model_unlearned")  # GPT-2 with Conv1D again
@@ -296,7 +298,7 @@ def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_
     assert trained == {torch.float32}  # peft's adapters
     assert str(module.model.get_input_embeddings().weight.dtype) == f"torch.{dtype}"
     callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, **QUANT)
+                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     assert module.divergence is None  # retain perplexity finite and bounded at every step
     for name in ("fp", "nf4", "nf4_adapter"):

@@ -13,6 +13,7 @@ from ortho_train.ogd import OGDConfig, SubspaceDelta
 from ortho_train.private_update import OGDController, SubspaceStreams
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
+from ortho_train.sieve.table import TableConfig
 
 TINY = TinyLlamaConfig(32, 2, 2, 64)
 
@@ -35,8 +36,8 @@ def _fit(tmp, canary_seed=0, ogd=None, callbacks=()):
 
 @pytest.fixture(scope="module")
 def ogd_fit(tmp_path_factory):
-    table = SieveCallback(variants=["ogd"], references=["fp32", "pre_sft"], alphas=[0.0, 1.0],
-                          metrics=["extraction", "ppl"], calibration_batches=1)
+    table = SieveCallback(table=TableConfig(variants=["ogd"], references=["fp32", "pre_sft"], alphas=[0.0, 1.0],
+                                            metrics=["extraction", "ppl"]), calibration_batches=1)
     return _fit(tmp_path_factory.mktemp("ogd"), callbacks=[table])
 
 
