@@ -45,7 +45,7 @@ class OrthoTrainCLI(LightningCLI):
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            run_dir = resumed if _resumes_in(resumed, root) else root / f"version_{reserve_version(root)}"
+            run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
             config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
             return
@@ -62,13 +62,27 @@ class OrthoTrainCLI(LightningCLI):
                 first.version = int(resumed.name.removeprefix("version_"))
                 set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
             else:
-                first.version = reserve_version(root)
+                first.version = int(self._reserve(root).name.removeprefix("version_"))
             # The directory is this run's own (new, or the one it resumes): the other loggers'
             # files in it are its own, and CSVLogger finds no metrics.csv there to remove.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
         for logger in loggers[1:]:
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version
+
+    def _reserve(self, root: Path) -> Path:
+        """Reserve `root/version_N` for this run (kept in `self.reserved` for a failed start)."""
+        run_dir = root / f"version_{reserve_version(root)}"
+        self.reserved = [*getattr(self, "reserved", []), run_dir]
+        return run_dir
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:  # a setting refused while the classes are built: drop the reservation
+            for run_dir in getattr(self, "reserved", []):
+                remove_if_unstarted(run_dir)
+            raise
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

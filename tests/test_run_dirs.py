@@ -28,6 +28,18 @@ def test_a_failed_start_leaves_no_empty_version_directory(tmp_path, monkeypatch)
     assert not list((tmp_path / "runs").rglob("version_*"))
 
 
+@pytest.mark.parametrize("logger", ["default", "false"])
+def test_a_setting_refused_while_building_leaves_no_version_directory(tmp_path, monkeypatch, logger):
+    """A callback setting refused while the classes are built (after the run's directory was
+    reserved) leaves nothing behind either."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.callbacks+=callbacks.sieve.SieveCallback",
+            "--trainer.callbacks.calibration_batches=0"] + (["--trainer.logger=false"] if logger == "false" else [])
+    with pytest.raises((ValueError, SystemExit)):
+        cli_main(args)
+    assert not list(tmp_path.rglob("version_*"))
+
+
 def test_runs_without_a_logger_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.logger=false",

@@ -18,12 +18,16 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 class ParseOnlyCLI(OrthoTrainCLI):
     """Parses and validates a config (class paths resolved, types checked) without building it."""
 
+    def before_instantiate_classes(self) -> None:
+        pass  # no run directory is reserved for a config that is only parsed
+
     def instantiate_classes(self) -> None:
         pass
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_every_shipped_config_parses(config):
+def test_every_shipped_config_parses(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative paths (runs/…) resolve under the test's directory
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("#"), f"{config.name} must start with a comment giving its launch command"
     assert f"configs/{config.name}" in config.read_text().split("\n\n")[0]
@@ -31,6 +35,7 @@ def test_every_shipped_config_parses(config):
 
     ParseOnlyCLI(model_class=None, datamodule_class=CanaryDataModule, subclass_mode_model=True,
                  args=["--config", str(config)], run=False)
+    assert not list(tmp_path.rglob("*"))  # parsing writes nothing
 
 
 def _run_files(run_dir: Path):
