@@ -1,6 +1,9 @@
 """Causal LMs: a tiny Llama built from `LlamaConfig`, or any local Hugging Face directory.
 
 Nothing is downloaded: `from_pretrained` runs with `local_files_only=True`.
+
+Model-level helpers shared across the toolkit: `set_submodule` (replace a module by its
+dotted name).
 """
 from __future__ import annotations
 
@@ -107,3 +110,10 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Replace the submodule at dotted `name` (e.g. "model.layers.0.mlp.up_proj") by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

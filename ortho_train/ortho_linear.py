@@ -33,6 +33,7 @@ from torch import nn
 
 from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear
 from ortho_kernels.packing import packed_width
+from ortho_train.models import set_submodule
 
 BASE_KEYS = ("qweight", "scales", "zeros", "bias")
 ORTHO_KEYS = ("ortho_indices", "ortho_values")
@@ -157,12 +158,6 @@ def set_backend(model: nn.Module, backend: str) -> None:
         layer.backend = backend
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alpha: float = 1.0,
                          backend: str = "auto") -> nn.Module:
     """Replace the named `nn.Linear` layers by empty `OrthoLinear` of the given layouts (in place).
@@ -177,7 +172,7 @@ def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alp
             raise ValueError(f"{name}: layout {layout.in_features}→{layout.out_features} does not "
                              f"match the layer {old.in_features}→{old.out_features}")
         device = next(iter(old.buffers() if isinstance(old, OrthoLinear) else old.parameters())).device
-        _set_submodule(model, name, OrthoLinear(layout, alpha, backend, device=device))
+        set_submodule(model, name, OrthoLinear(layout, alpha, backend, device=device))
     return model
 
 

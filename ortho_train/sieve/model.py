@@ -18,6 +18,7 @@ from torch import nn
 
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train.curvature import linear_layers
+from ortho_train.models import set_submodule
 from ortho_train.ortho_linear import OrthoLinear, ortho_layers
 from ortho_train.quantisation import quantise_weight
 from ortho_train.sieve.core import (
@@ -112,9 +113,7 @@ def build_dual_stream_model(model: nn.Module, layers: dict[str, SievedLayer], al
     for name, sieved in layers.items():
         old = target.get_submodule(name)
         bias = old.bias if isinstance(old, nn.Linear) else None
-        parent_name, _, child = name.rpartition(".")
-        parent = target.get_submodule(parent_name) if parent_name else target
-        setattr(parent, child, OrthoLinear.from_streams(sieved.base, sieved.ortho, bias, alpha, backend))
+        set_submodule(target, name, OrthoLinear.from_streams(sieved.base, sieved.ortho, bias, alpha, backend))
     return target
 
 
