@@ -18,13 +18,13 @@ checkpointing would fire the hooks twice per forward: collect under `torch.no_gr
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ortho_train.model_support import require_linear_only
+from ortho_train.models import eval_mode
 
 
 def head_is_tied(model: nn.Module) -> bool:
@@ -180,16 +180,6 @@ class HessianCollector:
         return {name: acc.hessian for name, acc in self.accumulators.items()}
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      modules: dict[str, nn.Linear] | None = None, max_batches: int | None = None,
@@ -201,7 +191,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     """
     device = next(model.parameters()).device
     seen = 0
-    with _eval_mode(model), HessianCollector(model, modules, dtype) as collector:
+    with eval_mode(model), HessianCollector(model, modules, dtype) as collector:
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 break

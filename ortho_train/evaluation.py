@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ortho_train import metrics
+from ortho_train.models import eval_mode
 
 
 SCORED_TOKENS = {
@@ -218,13 +219,9 @@ def mia_roc_curves(model, probe: MemorisationProbe, fpr: float = 0.01) -> dict[s
     """
     if len(probe.holdout) == 0:
         return {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
         holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
-    finally:
-        model.train(was_training)
     curves = {}
     for score_name, short in MIA_SUMMARY_NAMES.items():
         fprs, tprs = metrics.roc_curve(members[score_name], holdout[score_name])
@@ -244,9 +241,7 @@ def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int 
     log-perplexities (each in its context) are returned: nothing from which a secret could be
     rebuilt. These are the pictures of exposure in "The Secret Sharer" (Carlini et al. 2019).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         count = min(contexts, len(probe.members))
         groups = _groups_by_length(probe.reference_secret_ids[:references])
         pooled, member_lp = [], []
@@ -256,8 +251,6 @@ def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int 
             for rows in groups.values():
                 candidates = torch.stack([probe.reference_secret_ids[j] for j in rows])  # (G, S)
                 pooled.append(metrics.secret_log_perplexity(model, prefix, candidates))
-    finally:
-        model.train(was_training)
     values = torch.cat(pooled).double().numpy()
     counts, edges = np.histogram(values, bins=bins)
     a, loc, scale = metrics.fit_skewnorm(values)
@@ -284,9 +277,7 @@ def evaluate_memorisation(
         progress: show a progress bar over the exposure computation (the slow part).
         skewnorm_references: references the skew-normal exposure is fitted to (0: not computed).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out: dict[str, float] = {}
         if "extraction" in include:
             out.update(extraction_metrics(model, probe.members))
@@ -304,8 +295,6 @@ def evaluate_memorisation(
         if "ppl" in include:
             out["public_ppl"] = metrics.perplexity(model, probe.public_val_batches())
         return out
-    finally:
-        model.train(was_training)
 
 
 def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
@@ -337,11 +326,9 @@ def evaluate_unlearning(
     likely, so exposure scores nearly every reference in full: its cost grows with the number
     of references, which is why both counts are parameters here.
     """
-    was_training = model.training
-    model.eval()
     members = forget_probe.members
     out: dict[str, float] = {}
-    try:
+    with eval_mode(model):
         if "extraction" in include:
             found = extraction_metrics(model, members)
             out["forget_extraction"], out["forget_symbol_accuracy"] = found["extraction_rate"], found["symbol_accuracy"]
@@ -363,6 +350,4 @@ def evaluate_unlearning(
             out["forget_verbmem"] = metrics.verbmem(model, members.prefix_ids, continuations)
         if "ppl" in include:
             out["public_ppl"] = metrics.perplexity(model, forget_probe.public_val_batches())
-    finally:
-        model.train(was_training)
     return out

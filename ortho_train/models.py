@@ -3,12 +3,15 @@
 Nothing is downloaded: `from_pretrained` runs with `local_files_only=True`.
 
 Model-level helpers shared across the toolkit: `set_submodule` (replace a module by its
-dotted name).
+dotted name), `eval_mode` (evaluate in eval mode, then restore the previous mode) and
+`requires_grad_as` (set the requires_grad flags of some parameters for a block, then restore them).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -117,3 +120,30 @@ def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) ->
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`with eval_mode(model):` runs the block with `model.eval()` and restores the model's
+    previous train/eval mode afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def requires_grad_as(parameters: Iterable[torch.Tensor], flag: bool) -> Iterator[None]:
+    """Every tensor of `parameters` has `requires_grad = flag` inside the block; each one's own
+    flag is restored afterwards, also when the block raises."""
+    parameters = list(parameters)
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for p, old in zip(parameters, flags):
+            p.requires_grad_(old)
