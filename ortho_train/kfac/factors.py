@@ -45,8 +45,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.curvature import linear_layers
-from ortho_train.models import eval_mode
+from ortho_train.models import eval_mode, linear_layers
 
 
 @dataclass

@@ -34,9 +34,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ortho_train.curvature import head_is_tied
 from ortho_train.model_support import conv1d_as_linear, is_peft_model, linear_weight, merged_copy, plain_name
-from ortho_train.models import set_submodule
+from ortho_train.models import head_is_tied, set_submodule
 from ortho_train.quantisation.registry import deployment_format
 from ortho_train.quantisation.spec import QuantSettings
 

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from ortho_kernels import OrthoStream, QuantisedBase
-from ortho_train.curvature import linear_layers
-from ortho_train.models import set_submodule
+from ortho_train.models import linear_layers, set_submodule
 from ortho_train.ortho_linear import OrthoLinear, ortho_layers
 from ortho_train.quantisation import quantise_weight
 from ortho_train.sieve.core import (
