@@ -49,14 +49,18 @@ _CPU_OP = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 
 
 # --------------------------------------------------------------------------- reference
+def add_ortho_(w: torch.Tensor, ortho: OrthoStream, alpha: float) -> torch.Tensor:
+    """Dense w (N, K) + α·W_ortho: one `index_add_` of the stream's values (as w's dtype) at
+    their flat positions, in place when w is contiguous (w is returned), else on a copy."""
+    return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.to(w.dtype),
+                                    alpha=alpha).reshape(w.shape)  # (N*K,) -> (N, K)
+
+
 def effective_weight(base: QuantisedBase, ortho: OrthoStream | None, alpha: float,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense dequant(W_base) + α·W_ortho as `dtype` (N, K); the ortho term only if active."""
     w = base.dequantise(dtype)
-    if _ortho_active(ortho, alpha):
-        w = w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.to(dtype),
-                                     alpha=alpha).reshape(base.shape)  # (N, K)
-    return w
+    return add_ortho_(w, ortho, alpha) if _ortho_active(ortho, alpha) else w
 
 
 def dual_stream_linear_ref(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
@@ -216,11 +220,9 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
 def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) -> torch.Tensor:
     """W_eff = dequant(W_base) + α·W_ortho fp32 (N, K) for prefill, cached per ortho stream
     (freed with it) and rebuilt when α or either stream changes: the reference's weight bit
-    for bit (the same index_add on the same dense base), 4 more bytes per weight."""
+    for bit (the same `add_ortho_` on the same dense base), 4 more bytes per weight."""
     def build():
-        w = runtime.dense_weight().clone()  # (N, K)
-        return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.float(),
-                                        alpha=alpha).reshape(w.shape)
+        return add_ortho_(runtime.dense_weight().clone(), ortho, alpha)  # (N, K)
 
     stamp = stamp_of(ortho.indices, ortho.values, runtime.qweight) + (alpha, ortho.shape)
     return _DENSE_EFF_CACHE.get(ortho.indices, stamp, build)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear
+from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear, effective_weight
 from ortho_kernels.packing import packed_width
 from ortho_train.models import set_submodule
 
@@ -114,13 +114,10 @@ class OrthoLinear(nn.Module):
                            (self.out_features, self.in_features), check=check)
 
     def effective_weight(self, alpha: float | None = None) -> torch.Tensor:
-        """Dense fp32 dequant(W_base) + α·W_ortho (N, K)."""
+        """Dense fp32 dequant(W_base) + α·W_ortho (N, K) (`ortho_kernels.effective_weight`)."""
         alpha = self.alpha if alpha is None else float(alpha)
-        w = self.base().dequantise(torch.float32)
-        if alpha != 0 and self.nnz:
-            w = w.reshape(-1).index_add_(0, self.ortho_indices.long(), self.ortho_values.float(),
-                                         alpha=alpha).reshape(w.shape)  # (N, K)
-        return w
+        ortho = self.ortho() if (alpha != 0 and self.nnz) else None  # α=0: never touched
+        return effective_weight(self.base(), ortho, alpha)
 
     def stored_bits(self, with_ortho: bool = True) -> tuple[int, int]:
         """(bits stored, weights represented): packed codes + fp16 scales/zeros (+ COO entries)."""
