@@ -27,7 +27,7 @@ import torch
 
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.canaries import CanarySpec, make_canaries
-from ortho_train.evaluation import pad_collate
+from ortho_train.datamodule import pad_collate
 from ortho_train.metrics.logprobs import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.privacy.dp_sgd import SupportDPStep, module_masks_to_params
