@@ -9,20 +9,25 @@ Buffers (the gpt-fast pattern: their shapes are the packed shapes, so a module b
     ortho_indices  int32 (nnz,)                sorted row-major flat positions i·K + j
     ortho_values   fp16  (nnz,)
     bias           as the source layer (or absent)
-The base buffers and the ortho buffers are separate tensors: `base_state_dict` /
-`ortho_state_dict` split a model along that line, and a module built with nnz = 0 is the
-complete α = 0 model.
+The base buffers and the ortho buffers are separate tensors: `split_state_dict` splits a
+model's state dict along that line, and a module built with nnz = 0 is the complete α = 0
+model.
 
 `alpha` is a plain Python float per layer (`set_alpha` sets a whole model). α = 0 is decided
 on the host: the ortho buffers are then not read at all (not even wrapped), so the output is
 bit for bit the base-only output whatever they hold, NaN included.
 
 `backend` is passed to `ortho_kernels.dual_stream_linear`. The default "auto" is the deployed op:
-the CPU fast path on CPU (ortho-train's fused INT4 + sparse GEMV while decoding, the
-reference's own dense product for prefill and evaluation batches, torch's INT4 op in between)
-and the Triton kernel on CUDA. "reference" dequantises to fp32 and runs one matmul on every
-call (exact, slow), kept for tests. Whatever the backend, α = 0 and the base-only model run
-the same path, so α = 0 equals the quantised public model of the same backend bit for bit.
+the Triton kernel on CUDA; on CPU the path `ortho_kernels.dual_stream.cpu_path` picks by the
+number M of rows of x: M ≤ 8 (decoding) ortho-train's own fused INT4 + sparse GEMV
+(`ortho_kernels.cpu_gemv`), 9 ≤ M ≤ 32 torch's INT4 op (`_weight_int4pack_mm_for_cpu`, bf16
+activations) plus a CSR product for the ortho stream, M ≥ 33 (prefill, evaluation batches)
+an fp32 matmul with a cached dense dequant(W_base) (+ α·W_ortho), bit for bit the reference.
+Where the GEMV cannot be built, small M take torch's op too; a base that op cannot take
+(bits ≠ 4, a group size it lacks) runs the reference. "reference" dequantises to fp32 and
+runs one matmul on every call (exact, slow), kept for tests. Whatever the backend, α = 0 and
+the base-only model run the same path, so α = 0 equals the quantised public model of the same
+backend bit for bit.
 """
 from __future__ import annotations
 
