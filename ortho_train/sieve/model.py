@@ -11,7 +11,6 @@ swapped (the LM head only with `spec.include_lm_head`; embeddings and norms stay
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
@@ -48,8 +47,7 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
                 pre_state: dict[str, torch.Tensor] | None = None,
                 supports: dict[str, torch.Tensor] | None = None,
                 bases: dict[str, QuantisedBase] | None = None,
-                report: bool = False,
-                on_layer: Callable[[str, SievedLayer], None] | None = None) -> dict[str, SievedLayer]:
+                report: bool = False) -> dict[str, SievedLayer]:
     """Sieve every (non-head) linear of `model`; returns the streams per layer name.
 
     posthoc: needs `hessians` (of the fine-tuned model). delta: `pre_state` (pre-fine-tuning
@@ -85,8 +83,6 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
             else:
                 sieved = sieve_isolated(w, base, _need(supports, name, "support mask"), h, spec, report)
         out[name] = sieved
-        if on_layer is not None:
-            on_layer(name, sieved)
     return out
 
 
