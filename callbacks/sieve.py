@@ -50,6 +50,35 @@ from ortho_train.sieve.model import build_dual_stream_model, sieve_model
 from ortho_train.sieve.table import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
 
 
+def _table_variants(variants: list[str], dqc: bool, dqc_gamma: float | None, hop_report: bool,
+                    hop_beta: float | None) -> list[str]:
+    """The table's rows: `variants`, with each posthoc / delta row's DQC twin right after it
+    when `dqc`; raises ValueError for DQC or HOP settings that these rows would ignore."""
+    if dqc:  # each posthoc / delta row gets its DQC twin right after it
+        if not {"posthoc", "delta"} & set(variants):
+            raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
+                             f"variants {variants} has neither")
+        variants = [v for plain in variants
+                    for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
+        variants = list(dict.fromkeys(variants))  # a _dqc variant listed as well: once
+    has_dqc = any(v.endswith("_dqc") for v in variants)
+    if dqc_gamma is not None:
+        if not has_dqc:
+            raise ValueError("dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
+                             "variants); it would be ignored")
+        if not (math.isfinite(dqc_gamma) and dqc_gamma > 0):
+            raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {dqc_gamma}")
+    if hop_beta is not None:
+        if not hop_report:
+            raise ValueError("hop_beta needs hop_report: true (it would be ignored)")
+        if not (math.isfinite(hop_beta) and hop_beta >= 0):
+            raise ValueError(f"hop_beta must be a finite number ≥ 0, got {hop_beta}")
+    if hop_report and not set(variants) & set(SIEVED_VARIANTS):
+        raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
+                         f"got {variants}")
+    return variants
+
+
 def periodic_table_due(trainer, pl_module, every_n_steps: int) -> bool:
     """A periodic table is due: every N steps of the canary phase, before the final step, rank zero."""
     step = trainer.global_step
@@ -127,29 +156,7 @@ class SieveCallback(L.Callback):
         def given(value, default):  # None: the default; an empty list stays empty
             return list(default if value is None else value)
 
-        variants = given(variants, defaults.variants)
-        if dqc:  # each posthoc / delta row gets its DQC twin right after it
-            if not {"posthoc", "delta"} & set(variants):
-                raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
-                                 f"variants {variants} has neither")
-            variants = [v for plain in variants
-                        for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
-            variants = list(dict.fromkeys(variants))  # a _dqc variant listed as well: once
-        has_dqc = any(v.endswith("_dqc") for v in variants)
-        if dqc_gamma is not None:
-            if not has_dqc:
-                raise ValueError("dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
-                                 "variants); it would be ignored")
-            if not (math.isfinite(dqc_gamma) and dqc_gamma > 0):
-                raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {dqc_gamma}")
-        if hop_beta is not None:
-            if not hop_report:
-                raise ValueError("hop_beta needs hop_report: true (it would be ignored)")
-            if not (math.isfinite(hop_beta) and hop_beta >= 0):
-                raise ValueError(f"hop_beta must be a finite number ≥ 0, got {hop_beta}")
-        if hop_report and not set(variants) & set(SIEVED_VARIANTS):
-            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
-                             f"got {variants}")
+        variants = _table_variants(given(variants, defaults.variants), dqc, dqc_gamma, hop_report, hop_beta)
         spec = SieveSpec(QuantSpec(method, bits, group_size), selection=selection, beta=beta,
                          dqc_gamma=1.0 if dqc_gamma is None else float(dqc_gamma),
                          hop_beta=2.0 if hop_beta is None else float(hop_beta),
