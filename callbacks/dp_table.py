@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
-from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.curvature import collect_hessians
 from ortho_train.model_support import require_linear_only
+from ortho_train.models import linear_layers
 from ortho_train.privacy.table import PrivacyTable, PrivacyTableConfig, to_markdown
 from ortho_train.report.tensorboard import log_table_rows
 

@@ -36,8 +36,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
-from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.curvature import collect_hessians
 from ortho_train.model_support import require_linear_only
+from ortho_train.models import linear_layers
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.quantisation import QuantSpec
 from ortho_train.report.kill_switch import kill_switch_figures

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ortho_kernels import cpu_gemv
 from ortho_kernels.streams import OrthoStream, QuantisedBase
+from ortho_kernels.tensor_cache import TensorKeyedCache, stamp_of
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 DENSE_MIN_M = 33  # from here the CPU path multiplies by a cached dense W_eff (see above)
@@ -48,14 +49,18 @@ _CPU_OP = getattr(torch, "_weight_int4pack_mm_for_cpu", None)
 
 
 # --------------------------------------------------------------------------- reference
+def add_ortho_(w: torch.Tensor, ortho: OrthoStream, alpha: float) -> torch.Tensor:
+    """Dense w (N, K) + α·W_ortho: one `index_add_` of the stream's values (as w's dtype) at
+    their flat positions, in place when w is contiguous (w is returned), else on a copy."""
+    return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.to(w.dtype),
+                                    alpha=alpha).reshape(w.shape)  # (N*K,) -> (N, K)
+
+
 def effective_weight(base: QuantisedBase, ortho: OrthoStream | None, alpha: float,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense dequant(W_base) + α·W_ortho as `dtype` (N, K); the ortho term only if active."""
     w = base.dequantise(dtype)
-    if _ortho_active(ortho, alpha):
-        w = w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.to(dtype),
-                                     alpha=alpha).reshape(base.shape)  # (N, K)
-    return w
+    return add_ortho_(w, ortho, alpha) if _ortho_active(ortho, alpha) else w
 
 
 def dual_stream_linear_ref(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
@@ -166,34 +171,9 @@ def cpu_fast_path_unsupported(base: QuantisedBase) -> str | None:
     return None
 
 
-class _TensorKeyedCache:
-    """Cache keyed on a tensor's identity, dropped when that tensor is freed.
-
-    (weakref.WeakKeyDictionary cannot hold tensors: it compares keys with ==.) An entry
-    also records a stamp of the other tensors it was built from (identity and in-place
-    version), so a module may wrap its buffers in fresh QuantisedBase/OrthoStream objects
-    on every call and still hit, while `load_state_dict` or in-place edits invalidate it.
-    """
-
-    def __init__(self):
-        self._entries: dict[int, tuple] = {}
-
-    def get(self, key: torch.Tensor, stamp: tuple, build):
-        entry = self._entries.get(id(key))
-        if entry is None or entry[0]() is not key or entry[1] != stamp:
-            if entry is None or entry[0]() is not key:
-                weakref.finalize(key, self._entries.pop, id(key), None)
-            entry = (weakref.ref(key), stamp, build())
-            self._entries[id(key)] = entry
-        return entry[2]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-
-_CPU_BASE_CACHE = _TensorKeyedCache()
-_CSR_CACHE = _TensorKeyedCache()
-_DENSE_EFF_CACHE = _TensorKeyedCache()
+_CPU_BASE_CACHE = TensorKeyedCache()
+_CSR_CACHE = TensorKeyedCache()
+_DENSE_EFF_CACHE = TensorKeyedCache()
 _WARNED: set[str] = set()
 
 
@@ -204,25 +184,13 @@ def clear_cpu_caches() -> None:
     _DENSE_EFF_CACHE.clear()
 
 
-def _version(t: torch.Tensor) -> int:
-    # inference tensors keep no version counter (in-place edits there go unseen)
-    return -1 if t.is_inference() else t._version
-
-
-def _stamp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> tuple:
-    try:  # runs on every call: kept flat
-        return (id(a), a._version, id(b), b._version, id(c), c._version if c is not None else 0)
-    except RuntimeError:
-        return (id(a), _version(a), id(b), _version(b), id(c), _version(c) if c is not None else 0)
-
-
 def _cpu_runtime(base: QuantisedBase) -> CpuInt4Runtime | str:
     """The cached runtime operands of a base, or the reason the CPU op cannot take it."""
     def build():
         reason = cpu_fast_path_unsupported(base)
         return reason if reason is not None else CpuInt4Runtime(base)
 
-    stamp = _stamp(base.qweight, base.scales, base.zeros) + (
+    stamp = stamp_of(base.qweight, base.scales, base.zeros) + (
         base.shape, base.group_size, base.bits)
     return _CPU_BASE_CACHE.get(base.qweight, stamp, build)
 
@@ -245,20 +213,18 @@ def _ortho_csr(ortho: OrthoStream, torch_sparse: bool):
             warnings.simplefilter("ignore")
             return torch.sparse_csr_tensor(crow, col, values.float(), shape)
 
-    stamp = _stamp(ortho.indices, ortho.values) + (ortho.shape, torch_sparse)
+    stamp = stamp_of(ortho.indices, ortho.values) + (ortho.shape, torch_sparse)
     return _CSR_CACHE.get(ortho.indices, stamp, build)
 
 
 def _dense_effective(runtime: CpuInt4Runtime, ortho: OrthoStream, alpha: float) -> torch.Tensor:
     """W_eff = dequant(W_base) + α·W_ortho fp32 (N, K) for prefill, cached per ortho stream
     (freed with it) and rebuilt when α or either stream changes: the reference's weight bit
-    for bit (the same index_add on the same dense base), 4 more bytes per weight."""
+    for bit (the same `add_ortho_` on the same dense base), 4 more bytes per weight."""
     def build():
-        w = runtime.dense_weight().clone()  # (N, K)
-        return w.reshape(-1).index_add_(0, ortho.indices.long(), ortho.values.float(),
-                                        alpha=alpha).reshape(w.shape)
+        return add_ortho_(runtime.dense_weight().clone(), ortho, alpha)  # (N, K)
 
-    stamp = _stamp(ortho.indices, ortho.values, runtime.qweight) + (alpha, ortho.shape)
+    stamp = stamp_of(ortho.indices, ortho.values, runtime.qweight) + (alpha, ortho.shape)
     return _DENSE_EFF_CACHE.get(ortho.indices, stamp, build)
 
 

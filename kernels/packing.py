@@ -1,8 +1,9 @@
 """Storage formats of the two streams: group-wise INT-k base and sparse COO ortho stream.
 
 Pure torch, no kernels. Paired primitives in the gpt-fast style (`group_quantise` /
-`group_dequantise`, `pack_*` / `unpack_*`) plus two small containers, `QuantisedBase` and
-`OrthoStream`, that validate what they hold.
+`group_dequantise`, `pack_*` / `unpack_*`), the exact bit count (`effective_bits`) and the
+layout of torch's CPU INT4 op (`to_int4pack_cpu_layout`). The containers that hold and
+validate the two streams, `QuantisedBase` and `OrthoStream`, are in `ortho_kernels.streams`.
 
 Quantisation (docs/methods.md §4): asymmetric, group-wise along the input dim K. Per group g of a row
 

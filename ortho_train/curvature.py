@@ -17,47 +17,12 @@ checkpointing would fire the hooks twice per forward: collect under `torch.no_gr
 """
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ortho_train.model_support import require_linear_only
-
-
-def head_is_tied(model: nn.Module) -> bool:
-    """True when the LM head's weight is the input embedding's (`tie_word_embeddings`)."""
-    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
-        return False
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embedding is not None and head.weight is embedding.weight
-
-
-def linear_layers(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
-    """The `nn.Linear` modules of a (Hugging Face) model by qualified name.
-
-    The output embedding (`model.get_output_embeddings()`, Llama's `lm_head`) is left out
-    unless `include_lm_head`: the sieve keeps it dense by default. A head *tied* to the input
-    embedding is always left out (with a warning when it was asked for): quantising, sieving
-    or training its support would change the input embedding too, which then sits outside
-    the base/ortho split — the α = 0 model's embedding would carry what S learnt.
-
-    A model with GPT-2-style `Conv1D` projections is refused by name
-    (`ortho_train.model_support.UnsupportedLayerError`): returning its nn.Linear layers alone
-    would skip them silently.
-    """
-    require_linear_only(model, "selecting the linear layers to quantise, sieve or isolate")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if include_lm_head and head is not None and head_is_tied(model):
-        warnings.warn("the LM head is tied to the input embedding: it stays dense (not quantised, "
-                      "sieved or isolated); untie it (tie_word_embeddings=False) to sieve it", stacklevel=2)
-        include_lm_head = False
-    return {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (include_lm_head or module is not head)
-    }
+from ortho_train.models import eval_mode, linear_layers
 
 
 class HessianAccumulator:
@@ -180,16 +145,6 @@ class HessianCollector:
         return {name: acc.hessian for name, acc in self.accumulators.items()}
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def collect_hessians(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      modules: dict[str, nn.Linear] | None = None, max_batches: int | None = None,
@@ -201,7 +156,7 @@ def collect_hessians(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     """
     device = next(model.parameters()).device
     seen = 0
-    with _eval_mode(model), HessianCollector(model, modules, dtype) as collector:
+    with eval_mode(model), HessianCollector(model, modules, dtype) as collector:
         for batch in batches:
             if max_batches is not None and seen >= max_batches:
                 break

@@ -7,7 +7,8 @@ during the public-only warm-up), so the mixing ratio is exact and seeded.
 
 Splits: train (public windows + member canaries), val (held-out public windows), and the
 `MemorisationProbe` (members, holdout canaries never trained, reference secrets) that every
-evaluation in ortho-train shares.
+evaluation in ortho-train shares. The probe's types live here too: `TokenisedCanaries`
+(`subset_canaries` picks some), and `pad_collate`, which batches token sequences.
 
 Unlearning (`train_split="unlearn"`): the forget set F is the member canaries listed in
 `forget_members` (all members by default), labelled on their answer tokens only (`forget_target`:
@@ -17,8 +18,9 @@ the remaining members; holdout canaries stay the non-members for MIA. Training b
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Callable, Iterable, Sequence
 
 import lightning as L
 import torch
@@ -27,7 +29,6 @@ from torch.utils.data import DataLoader, Dataset
 from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
 from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
-from ortho_train.evaluation import MemorisationProbe, TokenisedCanaries, pad_collate, subset_canaries
 from ortho_train.provenance import canary_record
 from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
@@ -67,6 +68,63 @@ def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[
         attention_mask[row, : len(ids)] = 1
         labels[row, start:end] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_collate(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad 1-D token sequences into a causal-LM batch; padded labels are −100."""
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, : len(seq)] = seq
+        attention_mask[row, : len(seq)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class TokenisedCanaries:
+    """Canaries as token ids; `full_ids[i] = cat(prefix_ids[i], secret_ids[i], suffix_ids[i])`."""
+
+    prefix_ids: list[torch.Tensor]
+    secret_ids: list[torch.Tensor]
+    full_ids: list[torch.Tensor]
+    texts: list[str]  # full canary texts, for the zlib score only — never logged
+
+    @classmethod
+    def from_canaries(cls, canaries, encode: Callable[[str], torch.Tensor]) -> "TokenisedCanaries":
+        prefix, secret, full, texts = [], [], [], []
+        for canary in canaries:
+            p, s, x = encode(canary.prefix), encode(canary.secret), encode(canary.suffix)
+            prefix.append(p)
+            secret.append(s)
+            full.append(torch.cat([p, s, x]))
+            texts.append(canary.text)
+        return cls(prefix, secret, full, texts)
+
+    def __len__(self) -> int:
+        return len(self.full_ids)
+
+
+def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
+    """The canaries at `indices`, in that order."""
+    return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
+                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
+
+
+@dataclass
+class MemorisationProbe:
+    """Members, holdout canaries, reference secrets and public validation windows."""
+
+    members: TokenisedCanaries
+    holdout: TokenisedCanaries
+    reference_secret_ids: list[torch.Tensor]
+    public_val: Dataset
+    randomness_space_size: int
+    pad_token_id: int
+
+    def public_val_batches(self, batch_size: int = 32) -> Iterable[dict[str, torch.Tensor]]:
+        return DataLoader(self.public_val, batch_size=batch_size, shuffle=False)
 
 
 class PublicWindows(Dataset):

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ortho_train import metrics
+from ortho_train.datamodule import MemorisationProbe, TokenisedCanaries, pad_collate
+from ortho_train.models import eval_mode
 
 
 SCORED_TOKENS = {
@@ -33,57 +33,6 @@ SCORED_TOKENS = {
     "exposure": "the secret's tokens only, conditioned on the canary prefix",
     "extraction": "greedy decoding of the secret's tokens from the canary prefix",
 }
-
-
-def pad_collate(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad 1-D token sequences into a causal-LM batch; padded labels are −100."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = seq
-        attention_mask[row, : len(seq)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-@dataclass
-class TokenisedCanaries:
-    """Canaries as token ids; `full_ids[i] = cat(prefix_ids[i], secret_ids[i], suffix_ids[i])`."""
-
-    prefix_ids: list[torch.Tensor]
-    secret_ids: list[torch.Tensor]
-    full_ids: list[torch.Tensor]
-    texts: list[str]  # full canary texts, for the zlib score only — never logged
-
-    @classmethod
-    def from_canaries(cls, canaries, encode: Callable[[str], torch.Tensor]) -> "TokenisedCanaries":
-        prefix, secret, full, texts = [], [], [], []
-        for canary in canaries:
-            p, s, x = encode(canary.prefix), encode(canary.secret), encode(canary.suffix)
-            prefix.append(p)
-            secret.append(s)
-            full.append(torch.cat([p, s, x]))
-            texts.append(canary.text)
-        return cls(prefix, secret, full, texts)
-
-    def __len__(self) -> int:
-        return len(self.full_ids)
-
-
-@dataclass
-class MemorisationProbe:
-    """Members, holdout canaries, reference secrets and public validation windows."""
-
-    members: TokenisedCanaries
-    holdout: TokenisedCanaries
-    reference_secret_ids: list[torch.Tensor]
-    public_val: Dataset
-    randomness_space_size: int
-    pad_token_id: int
-
-    def public_val_batches(self, batch_size: int = 32) -> Iterable[dict[str, torch.Tensor]]:
-        return DataLoader(self.public_val, batch_size=batch_size, shuffle=False)
 
 
 def _groups_by_length(*columns: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -218,13 +167,9 @@ def mia_roc_curves(model, probe: MemorisationProbe, fpr: float = 0.01) -> dict[s
     """
     if len(probe.holdout) == 0:
         return {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
         holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
-    finally:
-        model.train(was_training)
     curves = {}
     for score_name, short in MIA_SUMMARY_NAMES.items():
         fprs, tprs = metrics.roc_curve(members[score_name], holdout[score_name])
@@ -244,9 +189,7 @@ def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int 
     log-perplexities (each in its context) are returned: nothing from which a secret could be
     rebuilt. These are the pictures of exposure in "The Secret Sharer" (Carlini et al. 2019).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         count = min(contexts, len(probe.members))
         groups = _groups_by_length(probe.reference_secret_ids[:references])
         pooled, member_lp = [], []
@@ -256,8 +199,6 @@ def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int 
             for rows in groups.values():
                 candidates = torch.stack([probe.reference_secret_ids[j] for j in rows])  # (G, S)
                 pooled.append(metrics.secret_log_perplexity(model, prefix, candidates))
-    finally:
-        model.train(was_training)
     values = torch.cat(pooled).double().numpy()
     counts, edges = np.histogram(values, bins=bins)
     a, loc, scale = metrics.fit_skewnorm(values)
@@ -284,9 +225,7 @@ def evaluate_memorisation(
         progress: show a progress bar over the exposure computation (the slow part).
         skewnorm_references: references the skew-normal exposure is fitted to (0: not computed).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out: dict[str, float] = {}
         if "extraction" in include:
             out.update(extraction_metrics(model, probe.members))
@@ -304,14 +243,6 @@ def evaluate_memorisation(
         if "ppl" in include:
             out["public_ppl"] = metrics.perplexity(model, probe.public_val_batches())
         return out
-    finally:
-        model.train(was_training)
-
-
-def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
-    """The canaries at `indices`, in that order."""
-    return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
-                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
 
 
 UNLEARNING_METRICS = ("extraction", "exposure", "mia", "verbmem", "ppl")
@@ -337,11 +268,9 @@ def evaluate_unlearning(
     likely, so exposure scores nearly every reference in full: its cost grows with the number
     of references, which is why both counts are parameters here.
     """
-    was_training = model.training
-    model.eval()
     members = forget_probe.members
     out: dict[str, float] = {}
-    try:
+    with eval_mode(model):
         if "extraction" in include:
             found = extraction_metrics(model, members)
             out["forget_extraction"], out["forget_symbol_accuracy"] = found["extraction_rate"], found["symbol_accuracy"]
@@ -363,6 +292,4 @@ def evaluate_unlearning(
             out["forget_verbmem"] = metrics.verbmem(model, members.prefix_ids, continuations)
         if "ppl" in include:
             out["public_ppl"] = metrics.perplexity(model, forget_probe.public_val_batches())
-    finally:
-        model.train(was_training)
     return out

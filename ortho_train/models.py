@@ -1,16 +1,27 @@
 """Causal LMs: a tiny Llama built from `LlamaConfig`, or any local Hugging Face directory.
 
 Nothing is downloaded: `from_pretrained` runs with `local_files_only=True`.
+
+Model-level helpers shared across the toolkit: `set_submodule` (replace a module by its
+dotted name), `eval_mode` (evaluate in eval mode, then restore the previous mode),
+`requires_grad_as` (set the requires_grad flags of some parameters for a block, then restore
+them), `linear_layers` (the `nn.Linear` layers the toolkit quantises, sieves or isolates) and
+`head_is_tied`.
 """
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ortho_train.model_support import require_linear_only
 from ortho_train.run_paths import resolve_latest
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -107,3 +118,70 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (e.g. "model.layers.0.mlp.up_proj") by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`with eval_mode(model):` runs the block with `model.eval()` and restores the model's
+    previous train/eval mode afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def requires_grad_as(parameters: Iterable[torch.Tensor], flag: bool) -> Iterator[None]:
+    """Every tensor of `parameters` has `requires_grad = flag` inside the block; each one's own
+    flag is restored afterwards, also when the block raises."""
+    parameters = list(parameters)
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for p, old in zip(parameters, flags):
+            p.requires_grad_(old)
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """True when the LM head's weight is the input embedding's (`tie_word_embeddings`)."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return False
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+def linear_layers(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
+    """The `nn.Linear` modules of a (Hugging Face) model by qualified name.
+
+    The output embedding (`model.get_output_embeddings()`, Llama's `lm_head`) is left out
+    unless `include_lm_head`: the sieve keeps it dense by default. A head *tied* to the input
+    embedding is always left out (with a warning when it was asked for): quantising, sieving
+    or training its support would change the input embedding too, which then sits outside
+    the base/ortho split — the α = 0 model's embedding would carry what S learnt.
+
+    A model with GPT-2-style `Conv1D` projections is refused by name
+    (`ortho_train.model_support.UnsupportedLayerError`): returning its nn.Linear layers alone
+    would skip them silently.
+    """
+    require_linear_only(model, "selecting the linear layers to quantise, sieve or isolate")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if include_lm_head and head is not None and head_is_tied(model):
+        warnings.warn("the LM head is tied to the input embedding: it stays dense (not quantised, "
+                      "sieved or isolated); untie it (tie_word_embeddings=False) to sieve it", stacklevel=2)
+        include_lm_head = False
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (include_lm_head or module is not head)
+    }

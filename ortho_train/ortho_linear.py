@@ -9,20 +9,25 @@ Buffers (the gpt-fast pattern: their shapes are the packed shapes, so a module b
     ortho_indices  int32 (nnz,)                sorted row-major flat positions i·K + j
     ortho_values   fp16  (nnz,)
     bias           as the source layer (or absent)
-The base buffers and the ortho buffers are separate tensors: `base_state_dict` /
-`ortho_state_dict` split a model along that line, and a module built with nnz = 0 is the
-complete α = 0 model.
+The base buffers and the ortho buffers are separate tensors: `split_state_dict` splits a
+model's state dict along that line, and a module built with nnz = 0 is the complete α = 0
+model.
 
 `alpha` is a plain Python float per layer (`set_alpha` sets a whole model). α = 0 is decided
 on the host: the ortho buffers are then not read at all (not even wrapped), so the output is
 bit for bit the base-only output whatever they hold, NaN included.
 
 `backend` is passed to `ortho_kernels.dual_stream_linear`. The default "auto" is the deployed op:
-the CPU fast path on CPU (ortho-train's fused INT4 + sparse GEMV while decoding, the
-reference's own dense product for prefill and evaluation batches, torch's INT4 op in between)
-and the Triton kernel on CUDA. "reference" dequantises to fp32 and runs one matmul on every
-call (exact, slow), kept for tests. Whatever the backend, α = 0 and the base-only model run
-the same path, so α = 0 equals the quantised public model of the same backend bit for bit.
+the Triton kernel on CUDA; on CPU the path `ortho_kernels.dual_stream.cpu_path` picks by the
+number M of rows of x: M ≤ 8 (decoding) ortho-train's own fused INT4 + sparse GEMV
+(`ortho_kernels.cpu_gemv`), 9 ≤ M ≤ 32 torch's INT4 op (`_weight_int4pack_mm_for_cpu`, bf16
+activations) plus a CSR product for the ortho stream, M ≥ 33 (prefill, evaluation batches)
+an fp32 matmul with a cached dense dequant(W_base) (+ α·W_ortho), bit for bit the reference.
+Where the GEMV cannot be built, small M take torch's op too; a base that op cannot take
+(bits ≠ 4, a group size it lacks) runs the reference. "reference" dequantises to fp32 and
+runs one matmul on every call (exact, slow), kept for tests. Whatever the backend, α = 0 and
+the base-only model run the same path, so α = 0 equals the quantised public model of the same
+backend bit for bit.
 """
 from __future__ import annotations
 
@@ -31,8 +36,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear
+from ortho_kernels import OrthoStream, QuantisedBase, dual_stream_linear, effective_weight
 from ortho_kernels.packing import packed_width
+from ortho_train.models import set_submodule
 
 BASE_KEYS = ("qweight", "scales", "zeros", "bias")
 ORTHO_KEYS = ("ortho_indices", "ortho_values")
@@ -113,13 +119,10 @@ class OrthoLinear(nn.Module):
                            (self.out_features, self.in_features), check=check)
 
     def effective_weight(self, alpha: float | None = None) -> torch.Tensor:
-        """Dense fp32 dequant(W_base) + α·W_ortho (N, K)."""
+        """Dense fp32 dequant(W_base) + α·W_ortho (N, K) (`ortho_kernels.effective_weight`)."""
         alpha = self.alpha if alpha is None else float(alpha)
-        w = self.base().dequantise(torch.float32)
-        if alpha != 0 and self.nnz:
-            w = w.reshape(-1).index_add_(0, self.ortho_indices.long(), self.ortho_values.float(),
-                                         alpha=alpha).reshape(w.shape)  # (N, K)
-        return w
+        ortho = self.ortho() if (alpha != 0 and self.nnz) else None  # α=0: never touched
+        return effective_weight(self.base(), ortho, alpha)
 
     def stored_bits(self, with_ortho: bool = True) -> tuple[int, int]:
         """(bits stored, weights represented): packed codes + fp16 scales/zeros (+ COO entries)."""
@@ -157,12 +160,6 @@ def set_backend(model: nn.Module, backend: str) -> None:
         layer.backend = backend
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alpha: float = 1.0,
                          backend: str = "auto") -> nn.Module:
     """Replace the named `nn.Linear` layers by empty `OrthoLinear` of the given layouts (in place).
@@ -177,7 +174,7 @@ def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alp
             raise ValueError(f"{name}: layout {layout.in_features}→{layout.out_features} does not "
                              f"match the layer {old.in_features}→{old.out_features}")
         device = next(iter(old.buffers() if isinstance(old, OrthoLinear) else old.parameters())).device
-        _set_submodule(model, name, OrthoLinear(layout, alpha, backend, device=device))
+        set_submodule(model, name, OrthoLinear(layout, alpha, backend, device=device))
     return model
 
 

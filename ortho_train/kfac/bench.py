@@ -26,12 +26,11 @@ from typing import Callable
 import torch
 
 from ortho_train.artifacts import write_json_atomic
-from ortho_train.curvature import linear_layers
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis
 from ortho_train.kfac.factors import KFACCollector, _gram
 from ortho_train.kfac.subspace import SubspaceSpec, project_out
 from ortho_train.metrics import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 
 VOCAB = 259  # byte tokenizer: 256 bytes + pad/eos/unk
 

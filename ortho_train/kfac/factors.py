@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.curvature import _eval_mode, linear_layers
+from ortho_train.models import eval_mode, linear_layers
 
 
 @dataclass
@@ -296,7 +296,7 @@ def collect_kfac(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     device = next(model.parameters()).device
     collector = KFACCollector(model, layers, ema=0.0)
     seen = 0
-    with _eval_mode(model), _scratch_grads(model, layers), collector:
+    with eval_mode(model), _scratch_grads(model, layers), collector:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             collector.set_token_mask(batch.get("attention_mask"))

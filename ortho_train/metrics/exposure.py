@@ -30,6 +30,8 @@ import torch
 from scipy import integrate, special, stats
 from torch import Tensor, nn
 
+from ortho_train.models import eval_mode
+
 _LN2 = math.log(2.0)
 MIN_SKEWNORM_REFERENCES = 100  # below this the fitted tail is a guess, not an estimate
 
@@ -96,6 +98,17 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     return logp
 
 
+def _chunk_logprob_uncached(model: nn.Module, prefix: Tensor, first_logp: Tensor, rows: Tensor) -> Tensor:
+    """The same sum for rows (b, S), running the prefix (1, P) again in front of every row."""
+    b, secret_len = rows.shape
+    logp = first_logp[rows[:, 0]]  # (b,) log p(s_1 | prefix)
+    if secret_len == 1:
+        return logp
+    ids = torch.cat([prefix.expand(b, -1), rows[:, :-1]], dim=1)  # (b, P+S-1)
+    logits = model(ids, use_cache=False).logits[:, prefix.shape[1]:]  # (b, S-1, V)
+    return logp + _candidate_logprob_sum(logits, rows[:, 1:])
+
+
 @torch.no_grad()
 def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: Tensor,
                           batch_size: int = 1024, reuse_prefix_cache: bool = True) -> Tensor:
@@ -137,11 +150,8 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     prefix = prefix.to(device)
     # Sorted unique rows: shared heads become contiguous, duplicates are scored once.
     unique, inverse = torch.unique(candidate_ids.to(device), dim=0, return_inverse=True)  # (U, S)
-    secret_len = unique.shape[1]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(prefix, use_cache=reuse_prefix_cache)
         first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) for s_1
         prefix_cache = out.past_key_values if reuse_prefix_cache else None
@@ -153,14 +163,8 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
             if reuse_prefix_cache:
                 logp = _chunk_logprob_cached(model, prefix_cache, first_logp, rows)
             else:
-                logp = first_logp[rows[:, 0]]
-                if secret_len > 1:
-                    ids = torch.cat([prefix.expand(b, -1), rows[:, :-1]], dim=1)  # (b, P+S-1)
-                    logits = model(ids, use_cache=False).logits[:, prefix.shape[1]:]  # (b, S-1, V)
-                    logp = logp + _candidate_logprob_sum(logits, rows[:, 1:])
+                logp = _chunk_logprob_uncached(model, prefix, first_logp, rows)
             unique_result[start:start + b] = (-logp.double() / _LN2).cpu()
-    finally:
-        model.train(was_training)
     return unique_result[inverse.cpu()]
 
 

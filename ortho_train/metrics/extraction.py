@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ortho_train.models import eval_mode
+
 
 @torch.no_grad()
 def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
@@ -39,9 +41,7 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
         return prefix_ids.new_empty((n_prefixes, max(n_tokens, 0)))
     param = next(model.parameters(), None)
     device = param.device if param is not None else prefix_ids.device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         chunks = []
         for start in range(0, n_prefixes, batch_size):
             ids = prefix_ids[start:start + batch_size].to(device)  # (b, P)
@@ -55,8 +55,6 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
                 step = out.logits[:, -1, :].argmax(dim=-1)
                 generated.append(step)
             chunks.append(torch.stack(generated, dim=1))  # (b, n_tokens)
-    finally:
-        model.train(was_training)
     return torch.cat(chunks, dim=0).to(prefix_ids.device)
 
 

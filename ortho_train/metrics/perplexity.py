@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.metrics.logprobs import IGNORE_INDEX, token_logprobs
+from ortho_train.models import eval_mode
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -31,10 +32,8 @@ def nll_sum_and_count(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     restored afterwards.
     """
     device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for batch in batches:
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch.get("attention_mask")
@@ -45,8 +44,6 @@ def nll_sum_and_count(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
             logp, mask = token_logprobs(logits, labels, ignore_index, attention_mask)
             total -= logp.sum(dtype=torch.float64).item()
             count += int(mask.sum().item())
-    finally:
-        model.train(was_training)
     return total, count
 
 

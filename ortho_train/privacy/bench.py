@@ -27,10 +27,9 @@ import torch
 
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.canaries import CanarySpec, make_canaries
-from ortho_train.curvature import linear_layers
-from ortho_train.evaluation import pad_collate
+from ortho_train.datamodule import pad_collate
 from ortho_train.metrics.logprobs import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.privacy.dp_sgd import SupportDPStep, module_masks_to_params
 from ortho_train.sieve.support import random_support
 from ortho_train.tokenization import build_byte_tokenizer, encode_text

@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ortho_train.models import eval_mode, requires_grad_as
 from ortho_train.privacy.attention import eager_attention
 from ortho_train.sieve.select import top_fraction_mask
 
@@ -143,11 +144,7 @@ def dsm_scores(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterabl
     if not batches:
         raise ValueError("DSM needs at least one calibration batch")
     weights = {name: m.weight for name, m in modules.items()}
-    was_training, flags = model.training, {n: w.requires_grad for n, w in weights.items()}
-    model.eval()
-    try:
-        for w in weights.values():
-            w.requires_grad_(True)
+    with eval_mode(model), requires_grad_as(weights.values(), True):
         stats = ActivationStats(modules)
 
         def mean_loss() -> torch.Tensor:
@@ -162,10 +159,6 @@ def dsm_scores(model: nn.Module, modules: dict[str, nn.Linear], batches: Iterabl
         generator = torch.Generator(device=device).manual_seed(config.seed)
         with eager_attention(model):  # SDPA's CPU backward has no double backward
             diagonal = hutchinson_diagonal(mean_loss, weights, config.probes, generator)
-    finally:
-        model.train(was_training)
-        for name, w in weights.items():
-            w.requires_grad_(flags[name])
     stds = stats.std()
     return {name: dsm_column_scores(weights[name], diagonal[name].sum(dim=0), stds[name], config)
             for name in modules}

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+from ortho_train.datamodule import pad_collate
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
-from ortho_train.evaluation import pad_collate
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SupportStreams
 from ortho_train.sieve import public_updates

@@ -33,9 +33,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ortho_train.curvature import linear_layers
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.kfac import KroneckerEigenbasis
+from ortho_train.models import linear_layers
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
 from ortho_train.ogd.private_stream import PrivateStream, make_private_stream
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register

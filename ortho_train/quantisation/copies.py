@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from ortho_train.curvature import head_is_tied
 from ortho_train.model_support import conv1d_as_linear, is_peft_model, linear_weight, merged_copy, plain_name
+from ortho_train.models import head_is_tied, set_submodule
 from ortho_train.quantisation.registry import deployment_format
 from ortho_train.quantisation.spec import QuantSettings
 
@@ -77,11 +77,6 @@ def quantisable_linears(model: nn.Module, skip_modules: Iterable[str] = ("lm_hea
     return found
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings, include_lm_head: bool = True,
                       deployed_modules: bool = True) -> nn.Module:
     """Quantise every quantisable linear of `model` in place (Conv1D become nn.Linear); returns `model`."""
@@ -94,7 +89,7 @@ def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings, inclu
             linear.weight.data = format_.fake_quantise(linear.weight, settings).to(linear.weight.dtype)
             new = linear
         if new is not layer:
-            _set_module(model, name, new)
+            set_submodule(model, name, new)
     return model
 
 

@@ -32,8 +32,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.curvature import _eval_mode
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis
+from ortho_train.models import eval_mode
 
 
 @dataclass
@@ -134,7 +134,7 @@ def lmc_barrier(model: nn.Module, state_a: Mapping[str, Tensor], state_b: Mappin
     ts = [i / (points - 1) for i in range(points)]
     losses = []
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for t in ts:
                 state = dict(state_a)
                 for k in keys:

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.curvature import linear_layers
+from ortho_train.models import linear_layers
 
 
 @dataclass

@@ -36,8 +36,8 @@ def synthetic_layer(n: int, k: int, seed: int = 0, tokens: int = 4096):
 
 def model_layers(path: str, batches: int, seq_len: int, batch_size: int):
     from ortho_train.corpus import load_corpus
-    from ortho_train.curvature import collect_hessians, linear_layers
-    from ortho_train.models import load_causal_lm
+    from ortho_train.curvature import collect_hessians
+    from ortho_train.models import linear_layers, load_causal_lm
     from ortho_train.tokenization import encode_text, load_tokenizer
 
     model = load_causal_lm(path).eval()

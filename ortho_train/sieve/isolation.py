@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ortho_kernels import QuantisedBase
-from ortho_train.curvature import collect_hessians, linear_layers
+from ortho_train.curvature import collect_hessians
+from ortho_train.models import linear_layers
 from ortho_train.privacy.dsm import DSMConfig
 from ortho_train.quantisation import QuantSpec, quantise_weight
 from ortho_train.sieve.support import SupportInputs, support_choice

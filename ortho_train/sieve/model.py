@@ -11,13 +11,12 @@ swapped (the LM head only with `spec.include_lm_head`; embeddings and norms stay
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ortho_kernels import OrthoStream, QuantisedBase
-from ortho_train.curvature import linear_layers
+from ortho_train.models import linear_layers, set_submodule
 from ortho_train.ortho_linear import OrthoLinear, ortho_layers
 from ortho_train.quantisation import quantise_weight
 from ortho_train.sieve.core import (
@@ -48,8 +47,7 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
                 pre_state: dict[str, torch.Tensor] | None = None,
                 supports: dict[str, torch.Tensor] | None = None,
                 bases: dict[str, QuantisedBase] | None = None,
-                report: bool = False,
-                on_layer: Callable[[str, SievedLayer], None] | None = None) -> dict[str, SievedLayer]:
+                report: bool = False) -> dict[str, SievedLayer]:
     """Sieve every (non-head) linear of `model`; returns the streams per layer name.
 
     posthoc: needs `hessians` (of the fine-tuned model). delta: `pre_state` (pre-fine-tuning
@@ -85,8 +83,6 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
             else:
                 sieved = sieve_isolated(w, base, _need(supports, name, "support mask"), h, spec, report)
         out[name] = sieved
-        if on_layer is not None:
-            on_layer(name, sieved)
     return out
 
 
@@ -112,9 +108,7 @@ def build_dual_stream_model(model: nn.Module, layers: dict[str, SievedLayer], al
     for name, sieved in layers.items():
         old = target.get_submodule(name)
         bias = old.bias if isinstance(old, nn.Linear) else None
-        parent_name, _, child = name.rpartition(".")
-        parent = target.get_submodule(parent_name) if parent_name else target
-        setattr(parent, child, OrthoLinear.from_streams(sieved.base, sieved.ortho, bias, alpha, backend))
+        set_submodule(target, name, OrthoLinear.from_streams(sieved.base, sieved.ortho, bias, alpha, backend))
     return target
 
 

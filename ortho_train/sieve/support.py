@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ortho_kernels import QuantisedBase
+from ortho_train.models import eval_mode
 from ortho_train.sieve.select import hinv_diagonal, impact_scores, top_fraction_mask
 
 
@@ -132,9 +133,7 @@ def gradient_saliency(model: nn.Module, modules: dict[str, nn.Linear],
     params = [m.weight for m in modules.values()]
     scores = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
     seen = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             loss = loss_fn(model, batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -142,8 +141,6 @@ def gradient_saliency(model: nn.Module, modules: dict[str, nn.Linear],
                 if grad is not None:
                     scores[name] += grad.detach().float().square()
             seen += 1
-    finally:
-        model.train(was_training)
     if seen == 0:
         raise ValueError("no batches for gradient saliency: the data loader is empty")
     return scores

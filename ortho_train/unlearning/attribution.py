@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.model_support import plain_name
+from ortho_train.models import eval_mode, requires_grad_as
 
 SequenceLoss = Callable[[Tensor, Tensor], Tensor]  # (logits (B,T,V), labels (B,T)) -> (B,) losses
 
@@ -73,12 +74,7 @@ def unit_attribution(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], 
     device = next(model.parameters()).device
     totals = {name: None for name in modules}
     count = 0
-    was_training = model.training
-    model.eval()
-    requires = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with eval_mode(model), requires_grad_as(model.parameters(), False):
         for batch in batches:
             with _capture_outputs(modules) as outputs, torch.enable_grad():
                 embeds = model.get_input_embeddings()(batch["input_ids"].to(device)).detach().requires_grad_(True)
@@ -91,10 +87,6 @@ def unit_attribution(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], 
                     summed = per_seq.sum(dim=0).double().cpu()
                     totals[name] = summed if totals[name] is None else totals[name] + summed
             count += losses.shape[0]
-    finally:
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     if count == 0:
         raise ValueError("attribution: no batches")
     return {name: (total / count).float() for name, total in totals.items()}

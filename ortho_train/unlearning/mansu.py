@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.metrics import token_logprobs
+from ortho_train.models import eval_mode
 from ortho_train.quantisation import QuantSettings, deployment_format, deployment_formats
 
 
@@ -86,9 +87,7 @@ def per_sequence_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tens
     """Gradients of each sequence's summed NLL at the masked entries: (K, n) and token counts (K,)."""
     device = next(model.parameters()).device
     rows, counts = [], []
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             for b in range(batch["input_ids"].shape[0]):
                 if len(rows) == max_sequences:
@@ -101,8 +100,6 @@ def per_sequence_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tens
                     grads = torch.autograd.grad(-logp.sum(), list(params.values()))
                 rows.append(torch.cat([g[masks[n]].float() for n, g in zip(params, grads)]))
                 counts.append(mask.sum().item())
-    finally:
-        model.train(was_training)
     if not rows:
         raise ValueError("MANSU: the retain set gave no sequences for the Fisher/null-space estimate")
     return torch.stack(rows), torch.tensor(counts, dtype=torch.float32, device=rows[0].device)

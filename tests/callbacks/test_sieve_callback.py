@@ -7,9 +7,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.sieve import SieveCallback
-from ortho_train.curvature import linear_layers
 from ortho_train.datamodule import CanaryDataModule
-from ortho_train.models import TinyLlamaConfig
+from ortho_train.models import TinyLlamaConfig, linear_layers
 from ortho_train.ortho_linear import ortho_layers
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule

@@ -7,10 +7,9 @@ from ortho_train.curvature import (
     HessianCollector,
     collect_hessians,
     inverse_cholesky_upper,
-    linear_layers,
     prepare_hessian,
 )
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 
 
 def _direct(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from ortho_train import metrics
-from ortho_train.datamodule import CanaryDataModule
-from ortho_train.evaluation import evaluate_memorisation, pad_collate
+from ortho_train.datamodule import CanaryDataModule, pad_collate
+from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 
 

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from ortho_train.canaries import CanarySpec, make_canaries
 from ortho_train.corpus import read_corpus_text
-from ortho_train.evaluation import TokenisedCanaries, sequence_mia_scores
+from ortho_train.datamodule import TokenisedCanaries
+from ortho_train.evaluation import sequence_mia_scores
 from ortho_train.metrics import roc_auc
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.tokenization import encode_text

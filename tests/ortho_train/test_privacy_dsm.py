@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from ortho_train.curvature import linear_layers
 from ortho_train.metrics.logprobs import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.privacy import (
     ActivationStats,
     DSMConfig,

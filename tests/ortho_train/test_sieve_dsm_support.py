@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from ortho_train.curvature import linear_layers
 from ortho_train.datamodule import CanaryDataModule
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.privacy import DSMConfig
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sieve import support as supports

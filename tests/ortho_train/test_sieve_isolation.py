@@ -3,10 +3,8 @@ import lightning as L
 import pytest
 import torch
 
-from ortho_train.curvature import linear_layers
-from ortho_train.datamodule import CanaryDataModule
-from ortho_train.evaluation import pad_collate
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.datamodule import CanaryDataModule, pad_collate
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.quantisation import QuantSpec
 from ortho_train.sft_module import CanarySFTModule

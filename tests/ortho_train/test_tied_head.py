@@ -4,9 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ortho_train.curvature import linear_layers
 from ortho_train.datamodule import CanaryDataModule
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.quantisation import QuantSettings, QuantSpec, quantised_copy
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ortho_train.datamodule import CanaryDataModule
-from ortho_train.evaluation import extraction_metrics, pad_collate
+from ortho_train.datamodule import CanaryDataModule, pad_collate
+from ortho_train.evaluation import extraction_metrics
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.tokenization import build_byte_tokenizer
