@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import statistics
@@ -39,7 +38,6 @@ import torch
 
 from ortho_kernels.bench_load import busy_load
 from ortho_kernels.dual_stream import dual_stream_linear, prepare_cpu
-from ortho_kernels.packing import effective_bits
 from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]

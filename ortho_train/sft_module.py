@@ -24,7 +24,6 @@ typed stream view. `setup` prepares DDP before it wraps the model (`ortho_train.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +42,7 @@ from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
 from ortho_train.rng_state import GlobalRNG
+from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
@@ -51,14 +51,6 @@ SUMMARY_KEYS = (
     "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
     "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
 )
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class CanarySFTModule(L.LightningModule):

@@ -14,7 +14,6 @@ sparse stream (no diagnostics). Run with OMP_NUM_THREADS set and report the mach
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time

@@ -7,7 +7,8 @@ import torch
 
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, load_causal_lm
-from ortho_train.sft_module import CanarySFTModule, warmup_cosine
+from ortho_train.schedules import warmup_cosine
+from ortho_train.sft_module import CanarySFTModule
 
 
 def test_warmup_cosine_shape():
