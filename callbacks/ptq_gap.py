@@ -42,7 +42,7 @@ from ortho_train.metrics import privleak
 from ortho_train.model_support import is_peft_model, linear_weight
 from ortho_train.models import load_causal_lm
 from ortho_train.quantisation import (
-    QuantSettings,
+    PTQConfig,
     deployment_format,
     deployment_formats,
     effective_linear_weights,
@@ -80,7 +80,7 @@ class PTQGapCallback(L.Callback):
 
     Args:
         formats: registered deployment formats ('nf4', 'fp4', 'int4'; `registry.deployment_formats()`).
-        quant: how the copies are quantised (`QuantSettings`: NF4/FP4 block size, double
+        quant: how the copies are quantised (`PTQConfig`: NF4/FP4 block size, double
             quantisation, compute dtype, INT4 group size, linears kept in full precision, the
             bitsandbytes CPU kernel).
         lora_deployments: for LoRA models, 'merged' and/or 'adapter'.
@@ -106,7 +106,7 @@ class PTQGapCallback(L.Callback):
     def __init__(
         self,
         formats: list[str] | None = None,
-        quant: QuantSettings | None = None,
+        quant: PTQConfig | None = None,
         lora_deployments: list[str] | None = None,
         every_n_steps: int = 0,
         periodic_metrics: list[str] | None = None,
@@ -136,7 +136,7 @@ class PTQGapCallback(L.Callback):
         self.deployments = list(lora_deployments or ["merged", "adapter"])
         if not self.deployments or set(self.deployments) - {"merged", "adapter"}:
             raise ValueError(f"lora_deployments must be a non-empty subset of ['merged', 'adapter'], got {self.deployments}")
-        self.settings = quant if quant is not None else QuantSettings()
+        self.settings = quant if quant is not None else PTQConfig()
         self.every_n_steps = every_n_steps
         self.evaluate_before = evaluate_before
         self.exposure_references = exposure_references

@@ -40,11 +40,11 @@ from ortho_train.curvature import collect_hessians
 from ortho_train.model_support import require_linear_only
 from ortho_train.models import linear_layers
 from ortho_train.private_update.streams import SupportStreams
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.report.kill_switch import kill_switch_figures
 from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.sieve.artifacts import save_sieved
-from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
 from ortho_train.sieve.table import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
 
@@ -199,7 +199,7 @@ class SieveCallback(L.Callback):
         log_figures(trainer.loggers, "sieve/figures", lambda: kill_switch_figures(rows), trainer.global_step)
 
     def _save_isolated(self, pl_module, model, isolated: SupportStreams, run_dir) -> None:
-        spec = SieveSpec(QuantSpec(bits=next(iter(isolated.bases.values())).bits), rho=isolated.rho)
+        spec = SieveConfig(QuantConfig(bits=next(iter(isolated.bases.values())).bits), rho=isolated.rho)
         layers = sieve_model(model, "isolated", spec, supports=isolated.masks, bases=isolated.bases)
         dual = build_dual_stream_model(model, layers, alpha=1.0)
         path = save_sieved(dual, run_dir / "sieved_isolated",

@@ -9,7 +9,7 @@ exchangeable: every canary's id and secret are drawn the same way, and which can
 members is a seeded random choice among all of them. (Giving members the first ids, 0000–0019,
 lets any tokenizer that splits numbers unevenly tell members from holdouts without having
 seen either: a pretrained BPE model scored MIA AUC 0.88 that way.) Reference secrets, sampled from R
-without the canaries' own, are the comparison set for exposure. With a key (`CanarySpec.key`, a
+without the canaries' own, are the comparison set for exposure. With a key (`CanaryConfig.key`, a
 file the run keeps to itself: `ortho_train.canary_key`) every draw is seeded by an HMAC of the
 key, so the seed and settings a run logs do not regenerate its secrets.
 
@@ -31,7 +31,7 @@ class CanaryError(ValueError):
 
 
 @dataclass
-class CanarySpec:
+class CanaryConfig:
     """How canaries are made.
 
     Args:
@@ -76,7 +76,7 @@ class Canary:
 
 @dataclass
 class CanarySet:
-    spec: CanarySpec
+    spec: CanaryConfig
     members: list[Canary]
     holdout: list[Canary]
 
@@ -98,7 +98,7 @@ class CanarySet:
 
 
 def _sample_distinct_secrets(
-    rng: random.Random, spec: CanarySpec, count: int, exclude: set[str]
+    rng: random.Random, spec: CanaryConfig, count: int, exclude: set[str]
 ) -> list[str]:
     secrets: list[str] = []
     seen = set(exclude)
@@ -110,7 +110,7 @@ def _sample_distinct_secrets(
     return secrets
 
 
-def validate_spec(spec: CanarySpec) -> None:
+def validate_spec(spec: CanaryConfig) -> None:
     """Raise `CanaryError` naming the first inconsistency in `spec`."""
     for slot in ("{id}", "{secret}"):
         if spec.template.count(slot) != 1:
@@ -132,7 +132,7 @@ def validate_spec(spec: CanarySpec) -> None:
         )
 
 
-def make_canaries(spec: CanarySpec) -> CanarySet:
+def make_canaries(spec: CanaryConfig) -> CanarySet:
     """Members and holdout canaries with distinct ids and distinct secrets, seeded.
 
     All canaries are made alike (id i, a uniform secret); then a seeded random subset of

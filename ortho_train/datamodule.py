@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ortho_train.canaries import CanarySet, CanarySpec, make_canaries
+from ortho_train.canaries import CanarySet, CanaryConfig, make_canaries
 from ortho_train.canary_key import load_or_create_key
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.provenance import canary_record
@@ -226,7 +226,7 @@ class CanaryDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
         if train_split not in ("sft", "unlearn"):
             raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
-        self.canary_spec = CanarySpec(
+        self.canary_spec = CanaryConfig(
             template=canary_template,
             alphabet=secret_alphabet,
             secret_length=secret_length,

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ortho_train.canaries import CanarySet, canary_fingerprint, key_fingerprint
 
-# CanarySpec field -> the data module setting that sets it
+# CanaryConfig field -> the data module setting that sets it
 SPEC_SETTINGS = {"template": "canary_template", "alphabet": "secret_alphabet", "secret_length": "secret_length",
                  "num_members": "num_member_canaries", "num_holdout": "num_holdout_canaries",
                  "seed": "canary_seed"}

@@ -42,8 +42,8 @@ from ortho_train.run_paths import resolve_latest
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
-from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraSettings  # noqa: F401 (re-exported)
-from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraAdapterConfig  # noqa: F401 (re-exported)
+from ortho_train.unlearning.mansu import MansuConfig
 from ortho_train.unlearning.modes import build_update_mode
 from ortho_train.unlearning.objective import UnlearningObjective
 
@@ -93,8 +93,8 @@ class UnlearnModule(L.LightningModule):
         optimizer: str = "adamw",
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        lora: LoraSettings | None = None,
-        mansu: MansuSettings | None = None,
+        lora: LoraAdapterConfig | None = None,
+        mansu: MansuConfig | None = None,
         max_retain_ppl_factor: float | None = 1.5,
         guard_every_n_steps: int = 10,
         guard_windows: int = 16,
@@ -106,7 +106,7 @@ class UnlearnModule(L.LightningModule):
         self._check_settings(lr, optimizer, max_retain_ppl_factor)
         self.mode = mode
         self.objective = UnlearningObjective(loss, beta, retain_weight)
-        self.update_mode = build_update_mode(mode, {"lora": lora or LoraSettings(), "mansu": mansu or MansuSettings()})
+        self.update_mode = build_update_mode(mode, {"lora": lora or LoraAdapterConfig(), "mansu": mansu or MansuConfig()})
         torch_dtype = model_dtype(dtype, "model.dtype")
         self.update_mode.check_settings(weight_decay, torch_dtype)
         self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run

@@ -97,7 +97,7 @@ def test_logged_seed_and_settings_do_not_regenerate_the_secrets(tiny_run):
 
     import yaml
 
-    from ortho_train.canaries import CanarySpec, make_canaries
+    from ortho_train.canaries import CanaryConfig, make_canaries
 
     cli, run_dir = tiny_run
     logged = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
@@ -105,12 +105,12 @@ def test_logged_seed_and_settings_do_not_regenerate_the_secrets(tiny_run):
                 secret_length=logged["secret_length"], num_members=logged["num_member_canaries"],
                 num_holdout=logged["num_holdout_canaries"], seed=logged["canary_seed"])
     real = {c.secret for c in cli.datamodule.canaries.members + cli.datamodule.canaries.holdout}
-    guessed = make_canaries(CanarySpec(**spec))
+    guessed = make_canaries(CanaryConfig(**spec))
     assert not real & {c.secret for c in guessed.members + guessed.holdout}
     key_file = run_dir.parent / "canary.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert key_file.read_text().strip() not in "".join(p.read_text(errors="replace") for p in _run_files(run_dir))
-    keyed = make_canaries(CanarySpec(**spec, key=bytes.fromhex(key_file.read_text())))
+    keyed = make_canaries(CanaryConfig(**spec, key=bytes.fromhex(key_file.read_text())))
     assert [c.secret for c in keyed.members] == [c.secret for c in cli.datamodule.canaries.members]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["canary_settings"]["canary_key_file"].startswith("key ")

@@ -1,9 +1,9 @@
 """K-FAC curvature of linear layers, its Kronecker eigenbasis and subspace projections.
 
-    from ortho_train.kfac import KFACCollector, collect_kfac, eigenbases, SubspaceSpec, project_out
+    from ortho_train.kfac import KFACCollector, collect_kfac, eigenbases, SubspaceConfig, project_out
     factors = collect_kfac(model, public_batches, nll_sum_and_count_fn)   # {name: KFACFactors}
     bases = eigenbases(factors)                                           # {name: KroneckerEigenbasis}
-    masks = SubspaceSpec("flattest", fraction=0.5).masks(bases)           # S_gen per layer
+    masks = SubspaceConfig("flattest", fraction=0.5).masks(bases)           # S_gen per layer
     g = project_out(join_bias(grad_w, grad_b), bases[name], masks[name])  # off S_gen
 
 Pure torch; no Lightning. `python -m ortho_train.kfac.bench` times factor collection and
@@ -13,7 +13,7 @@ from ortho_train.kfac.eigenbasis import KroneckerEigenbasis, eigenbases, join_bi
 from ortho_train.kfac.factors import KFACCollector, KFACFactors, collect_kfac
 from ortho_train.kfac.subspace import (
     SUBSPACES,
-    SubspaceSpec,
+    SubspaceConfig,
     component_in,
     project_out,
     project_update_,
@@ -24,7 +24,7 @@ __all__ = [
     "KFACFactors",
     "KroneckerEigenbasis",
     "SUBSPACES",
-    "SubspaceSpec",
+    "SubspaceConfig",
     "collect_kfac",
     "component_in",
     "eigenbases",

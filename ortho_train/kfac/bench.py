@@ -28,7 +28,7 @@ import torch
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis
 from ortho_train.kfac.factors import KFACCollector, _gram
-from ortho_train.kfac.subspace import SubspaceSpec, project_out
+from ortho_train.kfac.subspace import SubspaceConfig, project_out
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 
@@ -75,7 +75,7 @@ def per_layer(model, collector: KFACCollector, tokens: int, rounds: int) -> list
         d_in = module.in_features + (module.bias is not None)
         a_rows, g_rows = torch.randn(tokens, d_in), torch.randn(tokens, module.out_features)  # (N, d)
         basis = KroneckerEigenbasis.from_factors(factors[name])
-        mask = SubspaceSpec("flattest", fraction=0.5).mask(basis)
+        mask = SubspaceConfig("flattest", fraction=0.5).mask(basis)
         basis32 = basis.to(dtype=torch.float32)
         grad = torch.randn(module.out_features, d_in)
         rows.append({

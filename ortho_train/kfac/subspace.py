@@ -91,7 +91,7 @@ SUBSPACES: dict[str, Callable[..., Tensor]] = {
 
 
 @dataclass
-class SubspaceSpec:
+class SubspaceConfig:
     """Which subspace to protect per layer.
 
     Args:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ortho_train.kfac import SUBSPACES, SubspaceSpec
+from ortho_train.kfac import SUBSPACES, SubspaceConfig
 from ortho_train.ogd.private_stream import PRIVATE_BASES
 
 
@@ -64,6 +64,6 @@ class OGDConfig:
             raise ValueError(f"ogd.kfac_batches must be ≥ 1, got {self.kfac_batches}")
 
     @property
-    def spec(self) -> SubspaceSpec:
+    def spec(self) -> SubspaceConfig:
         """The subspace rule (k wins over fraction)."""
-        return SubspaceSpec(self.subspace, fraction=None if self.k is not None else self.fraction, k=self.k)
+        return SubspaceConfig(self.subspace, fraction=None if self.k is not None else self.fraction, k=self.k)

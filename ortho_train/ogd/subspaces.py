@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ortho_train.kfac import (
     KroneckerEigenbasis,
-    SubspaceSpec,
+    SubspaceConfig,
     collect_kfac,
     component_in,
     eigenbases,
@@ -60,7 +60,7 @@ def layer_directions(layer: nn.Linear, subspace: str) -> int:
     return d_in if subspace == "input_flattest" else layer.out_features * d_in
 
 
-def check_subspace_fits(layers: Mapping[str, nn.Linear], spec: SubspaceSpec) -> None:
+def check_subspace_fits(layers: Mapping[str, nn.Linear], spec: SubspaceConfig) -> None:
     """At start-up: a fixed k must fit every protected layer (the mask itself needs K-FAC)."""
     if spec.k is None:
         return
@@ -72,7 +72,7 @@ def check_subspace_fits(layers: Mapping[str, nn.Linear], spec: SubspaceSpec) -> 
                              f"({layer.out_features}×{layer.in_features}); lower ogd.k or use ogd.fraction")
 
 
-def build_subspaces(model: nn.Module, layers: dict[str, nn.Linear], spec: SubspaceSpec,
+def build_subspaces(model: nn.Module, layers: dict[str, nn.Linear], spec: SubspaceConfig,
                     public_batches: Iterable[Mapping[str, Tensor]],
                     loss_fn: Callable[[nn.Module, Mapping[str, Tensor]], tuple[Tensor, Tensor]],
                     ) -> dict[str, ProtectedSubspace]:

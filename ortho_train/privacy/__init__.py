@@ -34,7 +34,7 @@ from ortho_train.privacy.dsm import (
 from ortho_train.privacy.poisson import PoissonCanarySampler
 from ortho_train.privacy.posthoc_noise import MODES, apply_posthoc_noise_, layer_rms, posthoc_noise
 from ortho_train.privacy.stochastic_quant import (
-    StochasticQuantSpec,
+    StochasticQuantConfig,
     discrete_gaussian,
     paper_epsilon,
     stochastic_codes,
@@ -44,7 +44,7 @@ from ortho_train.privacy.stochastic_quant import (
 
 __all__ = [
     "ACCOUNTANTS", "ActivationStats", "DPConfig", "DPSchedule", "DPStepStats", "DSMConfig", "MODES",
-    "PoissonCanarySampler", "PrivacyLedger", "SCOPES", "StochasticQuantSpec", "SupportDPStep",
+    "PoissonCanarySampler", "PrivacyLedger", "SCOPES", "StochasticQuantConfig", "SupportDPStep",
     "apply_posthoc_noise_", "calibrate_noise_multiplier", "clip_per_example",
     "column_scores_to_weight", "discrete_gaussian", "dsm_column_scores", "dsm_scores", "dsm_support",
     "hutchinson_diagonal", "layer_rms", "module_masks_to_params", "paper_epsilon", "posthoc_noise",

@@ -26,7 +26,7 @@ import time
 import torch
 
 from ortho_train.artifacts import write_json_atomic
-from ortho_train.canaries import CanarySpec, make_canaries
+from ortho_train.canaries import CanaryConfig, make_canaries
 from ortho_train.datamodule import pad_collate
 from ortho_train.metrics.logprobs import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
@@ -49,7 +49,7 @@ def setup(rho: float, device: str, size: TinyLlamaConfig = QUICKSTART_SIZE, seed
     tokenizer = build_byte_tokenizer()
     model = build_tiny_llama(size, len(tokenizer),
                              tokenizer.pad_token_id, tokenizer.eos_token_id, seed=seed).to(device)
-    canaries = make_canaries(CanarySpec())
+    canaries = make_canaries(CanaryConfig())
     batch = pad_collate([encode_text(tokenizer, c.text) for c in canaries.members], tokenizer.pad_token_id)
     batch = {k: v.to(device) for k, v in batch.items()}
     generator = torch.Generator().manual_seed(seed)

@@ -71,7 +71,7 @@ def discrete_gaussian(center: torch.Tensor, sigma: float, generator: torch.Gener
 
 
 @dataclass
-class StochasticQuantSpec:
+class StochasticQuantConfig:
     """Settings of stochastic quantisation.
 
     Args:
@@ -114,7 +114,7 @@ def stochastic_codes(w: torch.Tensor, bits: int, group_size: int, sigma: float,
     return codes, scales, zeros
 
 
-def stochastic_quantise(w: torch.Tensor, spec: StochasticQuantSpec,
+def stochastic_quantise(w: torch.Tensor, spec: StochasticQuantConfig,
                         outlier_mask: torch.Tensor | None = None, hessian: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> SievedLayer:
     """Base = stochastic INT-k codes of the regular weights; ortho = the outliers' exact values
@@ -138,7 +138,7 @@ def stochastic_quantise(w: torch.Tensor, spec: StochasticQuantSpec,
     return SievedLayer(base, ortho, stats)
 
 
-def stochastic_quantise_model(model: nn.Module, spec: StochasticQuantSpec,
+def stochastic_quantise_model(model: nn.Module, spec: StochasticQuantConfig,
                               outlier_masks: dict[str, torch.Tensor],
                               hessians: dict[str, torch.Tensor] | None = None) -> dict[str, SievedLayer]:
     """`stochastic_quantise` of every linear named in `outlier_masks` (one generator, name

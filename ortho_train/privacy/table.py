@@ -35,9 +35,9 @@ from torch import nn
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_update.streams import PrivateStreams, SupportStreams
 from ortho_train.privacy.posthoc_noise import MODES, apply_posthoc_noise_
-from ortho_train.privacy.stochastic_quant import StochasticQuantSpec, stochastic_quantise_model
-from ortho_train.quantisation import QuantSpec
-from ortho_train.sieve.core import SievedLayer, SieveSpec
+from ortho_train.privacy.stochastic_quant import StochasticQuantConfig, stochastic_quantise_model
+from ortho_train.quantisation import QuantConfig
+from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 from ortho_train.sieve.table import KillSwitchTable, TableConfig, format_value
 
@@ -87,12 +87,12 @@ class PrivacyTableConfig:
             raise ValueError(f"dp table metrics must be among {METRICS}, got {unknown}")
         if not 0.0 < self.rho < 1.0:
             raise ValueError(f"dp table rho must lie in (0, 1), got {self.rho}")
-        StochasticQuantSpec(bits=self.bits, group_size=self.group_size)  # checks bits and group size
+        StochasticQuantConfig(bits=self.bits, group_size=self.group_size)  # checks bits and group size
         self.table_config()  # the α list and the measuring settings are checked there too
 
     def table_config(self) -> TableConfig:
         """The kill-switch table settings its measuring and GPTQ rows run with."""
-        spec = SieveSpec(QuantSpec("gptq", self.bits, self.group_size), rho=self.rho,
+        spec = SieveConfig(QuantConfig("gptq", self.bits, self.group_size), rho=self.rho,
                          include_lm_head=self.include_lm_head)
         return TableConfig(variants=["isolated"], references=[f"int{self.bits}_gptq"], alphas=self.alphas,
                            rhos=[self.rho], spec=spec, metrics=self.metrics,
@@ -204,7 +204,7 @@ class PrivacyTable:
         masks = ortho_masks(layers)
         hessians = self.sieve.hessians(self.model)
         for sigma in self.config.stochastic_sigmas:
-            spec = StochasticQuantSpec(self.config.bits, self.config.group_size, sigma, self.config.seed)
+            spec = StochasticQuantConfig(self.config.bits, self.config.group_size, sigma, self.config.seed)
             sq = stochastic_quantise_model(self.model, spec, masks, {n: hessians[n] for n in masks})
             dual = build_dual_stream_model(self.model, sq)
             stats = stream_stats(dual)

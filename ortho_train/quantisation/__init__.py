@@ -1,10 +1,10 @@
 """Every weight format of the project, behind one registry (no Lightning in this package).
 
-    spec = QuantSpec(method="gptq", bits=4, group_size=128)     # a base stream (sieve, isolation)
+    spec = QuantConfig(method="gptq", bits=4, group_size=128)     # a base stream (sieve, isolation)
     base = quantise_weight(w, spec, hessian)        # an ortho_kernels.QuantisedBase (packed codes)
     w_hat = base.dequantise()
 
-    copy = quantised_copy(model, "nf4", QuantSettings())         # a deployed copy (PTQ gap, tables)
+    copy = quantised_copy(model, "nf4", PTQConfig())         # a deployed copy (PTQ gap, tables)
 
 Who owns what:
 - `format.py`: `WeightFormat`, the interface (base quantiser and/or deployment format).
@@ -13,7 +13,7 @@ Who owns what:
 - `gptq.py`: GPTQ (`gptq` base quantiser, outlier-aware sweep for the post-hoc sieve).
 - `bnb4.py`: bitsandbytes NF4/FP4 (`nf4`, `fp4`: fake quantisation, `Linear4bit` modules with
   the CPU-kernel choice, code books, block bin widths, bits per weight).
-- `spec.py`: `QuantSpec` (base stream settings), `quantise_weight`, `QuantSettings` (copies).
+- `spec.py`: `QuantConfig` (base stream settings), `quantise_weight`, `PTQConfig` (copies).
 - `copies.py`: `quantised_copy` and the one rule for which linears a copy quantises (LM head
   included), `effective_linear_weights`, `fake_quantise` / `bin_width` by format name.
 - `bins.py`: code-book rounding intervals and the bin-crossing counts.
@@ -47,10 +47,10 @@ from ortho_train.quantisation.registry import (
     deployment_format,
     deployment_formats,
 )
-from ortho_train.quantisation.spec import QuantSettings, QuantSpec, quantise_weight
+from ortho_train.quantisation.spec import PTQConfig, QuantConfig, quantise_weight
 
 __all__ = [
-    "FORMATS", "GPTQResult", "QUANT_TYPES", "QuantSettings", "QuantSpec", "WeightFormat",
+    "FORMATS", "GPTQResult", "QUANT_TYPES", "PTQConfig", "QuantConfig", "WeightFormat",
     "base_from_codes", "base_quantiser", "base_quantisers", "bin_width", "bnb_bits_per_weight",
     "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit", "deployment_format",
     "deployment_formats", "effective_linear_weights", "fake_quantise", "gptq_quantise",

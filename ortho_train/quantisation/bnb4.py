@@ -35,7 +35,7 @@ from ortho_train.quantisation.bins import level_widths
 from ortho_train.quantisation.format import WeightFormat
 
 if TYPE_CHECKING:
-    from ortho_train.quantisation.spec import QuantSettings
+    from ortho_train.quantisation.spec import PTQConfig
 
 QUANT_TYPES = ("nf4", "fp4")
 # bitsandbytes' AVX512-BF16 CPU kernel repacks weights in tiles of 32 output rows
@@ -113,7 +113,7 @@ def blockwise_bin_width(w: Tensor, quant_type: str = "nf4", blocksize: int = 64)
     return width.reshape(-1)[:n].view(w.shape)  # (n_blocks, blocksize) -> w.shape
 
 
-def use_native_cpu_kernel(layer: nn.Module, settings: "QuantSettings") -> bool:
+def use_native_cpu_kernel(layer: nn.Module, settings: "PTQConfig") -> bool:
     """Whether a `Linear4bit` may take bitsandbytes' AVX512-BF16 repacked CPU kernel.
 
     bitsandbytes sets `support_avx512bf16_for_cpu` from the CPU it runs on and repacks on the
@@ -130,7 +130,7 @@ def use_native_cpu_kernel(layer: nn.Module, settings: "QuantSettings") -> bool:
     return True
 
 
-def linear4bit(linear: nn.Linear, quant_type: str, settings: "QuantSettings") -> nn.Module:
+def linear4bit(linear: nn.Linear, quant_type: str, settings: "PTQConfig") -> nn.Module:
     """A `bitsandbytes.nn.Linear4bit` holding `linear`'s weight, on `linear`'s device."""
     import bitsandbytes as bnb
 
@@ -159,22 +159,22 @@ class BnB4(WeightFormat):
             raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
         self.name = quant_type
 
-    def fake_quantise(self, w: Tensor, settings: "QuantSettings") -> Tensor:
+    def fake_quantise(self, w: Tensor, settings: "PTQConfig") -> Tensor:
         return bnb_fake_quantise(w, self.name, settings.blocksize, settings.double_quant)
 
-    def bin_width(self, w: Tensor, settings: "QuantSettings") -> Tensor:
+    def bin_width(self, w: Tensor, settings: "PTQConfig") -> Tensor:
         return blockwise_bin_width(w, self.name, settings.blocksize)
 
-    def deployed_linear(self, linear: nn.Linear, settings: "QuantSettings") -> nn.Module:
+    def deployed_linear(self, linear: nn.Linear, settings: "PTQConfig") -> nn.Module:
         return linear4bit(linear, self.name, settings)
 
-    def bits_per_weight(self, settings: "QuantSettings") -> float:
+    def bits_per_weight(self, settings: "PTQConfig") -> float:
         return bnb_bits_per_weight(settings.blocksize, settings.double_quant)
 
-    def describe(self, settings: "QuantSettings") -> dict:
+    def describe(self, settings: "PTQConfig") -> dict:
         return {"format": self.name, "library": "bitsandbytes", "blocksize": settings.blocksize,
                 "double_quant": settings.double_quant, "compute_dtype": settings.compute_dtype,
                 "skip_modules": list(settings.skip_modules), "cpu_kernel": settings.cpu_kernel}
 
-    def label(self, settings: "QuantSettings") -> str:
+    def label(self, settings: "PTQConfig") -> str:
         return f"bitsandbytes {self.name} blocksize {settings.blocksize}"

@@ -37,7 +37,7 @@ from transformers.pytorch_utils import Conv1D
 from ortho_train.model_support import conv1d_as_linear, is_peft_model, linear_weight, merged_copy, plain_name
 from ortho_train.models import head_is_tied, set_submodule
 from ortho_train.quantisation.registry import deployment_format
-from ortho_train.quantisation.spec import QuantSettings
+from ortho_train.quantisation.spec import PTQConfig
 
 DEPLOYMENTS = ("merged", "adapter")
 
@@ -77,7 +77,7 @@ def quantisable_linears(model: nn.Module, skip_modules: Iterable[str] = ("lm_hea
     return found
 
 
-def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings, include_lm_head: bool = True,
+def quantise_linears_(model: nn.Module, fmt: str, settings: PTQConfig, include_lm_head: bool = True,
                       deployed_modules: bool = True) -> nn.Module:
     """Quantise every quantisable linear of `model` in place (Conv1D become nn.Linear); returns `model`."""
     format_ = deployment_format(fmt)
@@ -94,7 +94,7 @@ def quantise_linears_(model: nn.Module, fmt: str, settings: QuantSettings, inclu
 
 
 @torch.no_grad()
-def quantised_copy(model: nn.Module, fmt: str, settings: QuantSettings, deployment: str = "merged",
+def quantised_copy(model: nn.Module, fmt: str, settings: PTQConfig, deployment: str = "merged",
                    include_lm_head: bool = True, deployed_modules: bool = True) -> nn.Module:
     """A quantised float32 copy of `model`, in eval mode; `model` itself is untouched.
 
@@ -113,14 +113,14 @@ def quantised_copy(model: nn.Module, fmt: str, settings: QuantSettings, deployme
     return quantise_linears_(clone.float(), fmt, settings, include_lm_head, deployed_modules).eval()
 
 
-def fake_quantise(w: Tensor, fmt: str, settings: QuantSettings) -> Tensor:
+def fake_quantise(w: Tensor, fmt: str, settings: PTQConfig) -> Tensor:
     """Quantise then dequantise one (d_out, d_in) weight in format `fmt` (float32 result, same shape)."""
     return deployment_format(fmt).fake_quantise(w, settings)
 
 
-def bin_width(w: Tensor, fmt: str = "nf4", settings: QuantSettings | None = None) -> Tensor:
+def bin_width(w: Tensor, fmt: str = "nf4", settings: PTQConfig | None = None) -> Tensor:
     """Bin width of every weight of `w` in format `fmt` (`WeightFormat.bin_width`)."""
-    return deployment_format(fmt).bin_width(w, settings or QuantSettings())
+    return deployment_format(fmt).bin_width(w, settings or PTQConfig())
 
 
 def _owned(weight: Tensor) -> Tensor:

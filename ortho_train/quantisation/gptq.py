@@ -38,7 +38,7 @@ from ortho_train.curvature import inverse_cholesky_upper, prepare_hessian
 from ortho_train.quantisation.format import WeightFormat, base_from_codes
 
 if TYPE_CHECKING:
-    from ortho_train.quantisation.spec import QuantSpec
+    from ortho_train.quantisation.spec import QuantConfig
 
 
 @dataclass
@@ -194,7 +194,7 @@ def gptq_quantise(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_s
                       impact if track else None)
 
 
-def run_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+def run_gptq(w: torch.Tensor, hessian: torch.Tensor, spec: "QuantConfig",
              outlier_threshold: float | None = None) -> GPTQResult:
     """`gptq_quantise` with the settings of `spec`."""
     return gptq_quantise(w.detach(), hessian, bits=spec.bits, group_size=spec.group_size,
@@ -212,10 +212,10 @@ class GPTQ(WeightFormat):
     outlier_aware = True
     base_quantiser = True
 
-    def quantise(self, w: torch.Tensor, spec: "QuantSpec", hessian: torch.Tensor | None = None) -> QuantisedBase:
+    def quantise(self, w: torch.Tensor, spec: "QuantConfig", hessian: torch.Tensor | None = None) -> QuantisedBase:
         result = run_gptq(w, hessian, spec)
         return base_from_codes(result.codes, result.scales, result.zeros, spec.bits, spec.group_size)
 
-    def quantise_with_outliers(self, w: torch.Tensor, hessian: torch.Tensor, spec: "QuantSpec",
+    def quantise_with_outliers(self, w: torch.Tensor, hessian: torch.Tensor, spec: "QuantConfig",
                                outlier_threshold) -> GPTQResult:
         return run_gptq(w, hessian, spec, outlier_threshold=outlier_threshold)

@@ -10,7 +10,7 @@ Two registry entries share it:
 - `rtn` (base quantiser): k ∈ kernels' SUPPORTED_BITS, the packed `ortho_kernels.QuantisedBase`
   the sieve and the `int<k>_rtn` table rows use; no Hessian.
 - `int4` (deployment format, `IntRTNDeployment(4)`): the PTQ copies' INT4 RTN with
-  `QuantSettings.group_size`; the bin width of a weight is its group's scale.
+  `PTQConfig.group_size`; the bin width of a weight is its group's scale.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ortho_kernels.packing import SUPPORTED_BITS, effective_bits, group_dequanti
 from ortho_train.quantisation.format import WeightFormat
 
 if TYPE_CHECKING:
-    from ortho_train.quantisation.spec import QuantSettings, QuantSpec
+    from ortho_train.quantisation.spec import PTQConfig, QuantConfig
 
 
 class RTN(WeightFormat):
@@ -34,13 +34,13 @@ class RTN(WeightFormat):
     bits = SUPPORTED_BITS
     base_quantiser = True
 
-    def quantise(self, w: Tensor, spec: "QuantSpec", hessian: Tensor | None = None) -> QuantisedBase:
+    def quantise(self, w: Tensor, spec: "QuantConfig", hessian: Tensor | None = None) -> QuantisedBase:
         return QuantisedBase.from_dense(w.detach().float(), bits=spec.bits, group_size=spec.group_size)
 
 
 class IntRTNDeployment(WeightFormat):
     """INT-k RTN as a deployment format (`int4` in the registry): every quantisable linear's
-    weight becomes its group-wise round trip, groups of `QuantSettings.group_size`."""
+    weight becomes its group-wise round trip, groups of `PTQConfig.group_size`."""
 
     deployable = True
 
@@ -53,23 +53,23 @@ class IntRTNDeployment(WeightFormat):
     def k(self) -> int:
         return self.bits[0]
 
-    def fake_quantise(self, w: Tensor, settings: "QuantSettings") -> Tensor:
+    def fake_quantise(self, w: Tensor, settings: "PTQConfig") -> Tensor:
         w = w.detach().float()
         group_size = settings.group_size
         codes, scales, zeros = group_quantise(w, bits=self.k, group_size=group_size)
         return group_dequantise(codes, scales, zeros, group_size).view_as(w)  # (d_out, d_in)
 
-    def bin_width(self, w: Tensor, settings: "QuantSettings") -> Tensor:
+    def bin_width(self, w: Tensor, settings: "PTQConfig") -> Tensor:
         return group_bin_width(w, settings.group_size, self.k)
 
-    def bits_per_weight(self, settings: "QuantSettings") -> float:
+    def bits_per_weight(self, settings: "PTQConfig") -> float:
         return effective_bits(self.k, settings.group_size)
 
-    def describe(self, settings: "QuantSettings") -> dict:
+    def describe(self, settings: "PTQConfig") -> dict:
         return {"format": self.name, "method": "rtn", "group_size": settings.group_size, "symmetric": False,
                 "skip_modules": list(settings.skip_modules)}
 
-    def label(self, settings: "QuantSettings") -> str:
+    def label(self, settings: "PTQConfig") -> str:
         return f"{self.name} RTN group {settings.group_size}"
 
 

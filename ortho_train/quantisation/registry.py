@@ -1,6 +1,6 @@
 """The registry of weight formats: one line per format, looked up by name everywhere.
 
-The sieve, isolation and the kill-switch table find base quantisers here (`QuantSpec.method`,
+The sieve, isolation and the kill-switch table find base quantisers here (`QuantConfig.method`,
 `format.needs_hessian`, `format.outlier_aware`); the PTQ gap, the tables' quantised reference
 rows, the separation table and MANSU's floor find deployment formats here (`fake_quantise`,
 `bin_width`, `deployed_linear`, `describe`). To add a format, write a `WeightFormat` subclass
@@ -18,12 +18,12 @@ FORMATS: dict[str, WeightFormat] = {
     "gptq": GPTQ(),                # base quantiser: INT-k GPTQ (calibration Hessian)
     "nf4": BnB4("nf4"),            # deployment: bitsandbytes NormalFloat-4, block absmax
     "fp4": BnB4("fp4"),            # deployment: bitsandbytes 4-bit minifloat, block absmax
-    "int4": IntRTNDeployment(4),   # deployment: INT4 RTN copies (QuantSettings.group_size)
+    "int4": IntRTNDeployment(4),   # deployment: INT4 RTN copies (PTQConfig.group_size)
 }
 
 
 def base_quantisers() -> tuple[str, ...]:
-    """Names usable as `QuantSpec.method` (a packed INT-k base stream), in registry order."""
+    """Names usable as `QuantConfig.method` (a packed INT-k base stream), in registry order."""
     return tuple(name for name, fmt in FORMATS.items() if fmt.base_quantiser)
 
 

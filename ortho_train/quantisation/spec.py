@@ -1,4 +1,4 @@
-"""Settings of the two roles a format plays: `QuantSpec` (a base stream) and `QuantSettings` (a deployed copy)."""
+"""Settings of the two roles a format plays: `QuantConfig` (a base stream) and `PTQConfig` (a deployed copy)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,7 +16,7 @@ BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass
-class QuantSpec:
+class QuantConfig:
     """How a base stream is quantised.
 
     Args:
@@ -54,7 +54,7 @@ class QuantSpec:
         return f"int{self.bits}_{self.method}"
 
 
-def quantise_weight(w: Tensor, spec: QuantSpec, hessian: Tensor | None = None) -> QuantisedBase:
+def quantise_weight(w: Tensor, spec: QuantConfig, hessian: Tensor | None = None) -> QuantisedBase:
     """The INT-k base stream of a weight (N, K) under `spec` (a Hessian where the method needs one)."""
     quantiser = spec.quantiser
     if quantiser.needs_hessian and hessian is None:
@@ -64,7 +64,7 @@ def quantise_weight(w: Tensor, spec: QuantSpec, hessian: Tensor | None = None) -
 
 
 @dataclass
-class QuantSettings:
+class PTQConfig:
     """How a model is quantised for deployment (the PTQ copies, `copies.quantised_copy`).
 
     Args:
@@ -73,7 +73,7 @@ class QuantSettings:
             transformers `bnb_4bit_use_double_quant`).
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
         group_size: INT-k RTN group size along the input dimension (the `int4` format; the
-            same quantity as `QuantSpec.group_size` of a base stream).
+            same quantity as `QuantConfig.group_size` of a base stream).
         skip_modules: names of linears kept in full precision (any dotted name component).
         cpu_kernel: which bitsandbytes CPU kernel the NF4/FP4 copies run. 'portable' (default):
             the generic path (dequantise to fp32, matmul in `compute_dtype`) on every CPU, so a

@@ -42,7 +42,7 @@ from torch import nn
 from ortho_train import metrics
 from ortho_train.evaluation import evaluate_memorisation, extraction_metrics
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import QuantSettings, quantised_copy
+from ortho_train.quantisation import PTQConfig, quantised_copy
 from ortho_train.separation.displacement import Displacements
 from ortho_train.separation.geometry import LossBarrier, lmc_barrier
 from ortho_train.separation.svd_split import pruned_state_dict, svd_split_state_dict
@@ -139,7 +139,7 @@ class SeparationTable:
 
     # ------------------------------------------------------------ measuring
     def _quantised_extraction(self, model: nn.Module, fmt: str) -> float:
-        quantised = quantised_copy(model, fmt, QuantSettings(group_size=self.config.group_size))
+        quantised = quantised_copy(model, fmt, PTQConfig(group_size=self.config.group_size))
         return extraction_metrics(quantised, self.probe.members)["extraction_rate"]
 
     def _barrier(self, state_a: dict, state_b: dict) -> LossBarrier:
@@ -208,11 +208,11 @@ class SeparationTable:
 
 
 def _support_bits(model: nn.Module, streams: SupportStreams) -> dict[str, float]:
-    from ortho_train.quantisation import QuantSpec
-    from ortho_train.sieve.core import SieveSpec
+    from ortho_train.quantisation import QuantConfig
+    from ortho_train.sieve.core import SieveConfig
     from ortho_train.sieve.model import build_dual_stream_model, sieve_model, stream_stats
 
-    spec = SieveSpec(QuantSpec(bits=next(iter(streams.bases.values())).bits), rho=streams.rho)
+    spec = SieveConfig(QuantConfig(bits=next(iter(streams.bases.values())).bits), rho=streams.rho)
     layers = sieve_model(model, "isolated", spec, supports=streams.masks, bases=streams.bases)
     return stream_stats(build_dual_stream_model(model, layers))
 

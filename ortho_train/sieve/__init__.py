@@ -1,7 +1,7 @@
 """The Hessian sieve (docs/methods.md §5): split each linear into a low-bit base and a sparse ortho stream.
 
-    from ortho_train.sieve import SieveSpec, sieve_model, build_dual_stream_model
-    layers = sieve_model(model, "posthoc", SieveSpec(rho=0.01), hessians)
+    from ortho_train.sieve import SieveConfig, sieve_model, build_dual_stream_model
+    layers = sieve_model(model, "posthoc", SieveConfig(rho=0.01), hessians)
     dual = build_dual_stream_model(model, layers)       # OrthoLinear layers, HF generate works
     save_sieved(dual, "out/")                           # base.safetensors + ortho.safetensors
 
@@ -13,7 +13,7 @@ from ortho_train.sieve.artifacts import SieveArtifactError, load_sieved, save_si
 from ortho_train.sieve.core import (
     VARIANTS,
     SievedLayer,
-    SieveSpec,
+    SieveConfig,
     sieve_delta,
     sieve_isolated,
     sieve_posthoc,
@@ -42,7 +42,7 @@ from ortho_train.sieve.support import (
 )
 
 __all__ = [
-    "SUPPORTS", "SieveArtifactError", "SieveSpec", "SievedLayer", "VARIANTS",
+    "SUPPORTS", "SieveArtifactError", "SieveConfig", "SievedLayer", "VARIANTS",
     "adaptive_threshold", "build_dual_stream_model", "dqc_compensate", "gradient_saliency",
     "hinv_diagonal", "hop_column_errors", "hop_report", "impact_scores", "impact_support",
     "load_sieved", "quantised_layers", "random_support", "saliency_support", "save_sieved",

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from ortho_train.quantisation import QuantSpec, quantise_weight
-from ortho_train.sieve.core import SieveSpec, sieve_posthoc
+from ortho_train.quantisation import QuantConfig, quantise_weight
+from ortho_train.sieve.core import SieveConfig, sieve_posthoc
 
 SYNTHETIC_SHAPES = [(256, 256), (688, 256), (256, 688), (1024, 1024), (4096, 4096)]
 
@@ -47,7 +47,7 @@ def model_layers(path: str, batches: int, seq_len: int, batch_size: int):
     return [(name, m.weight.detach().float(), hessians[name]) for name, m in linear_layers(model).items()]
 
 
-def time_layer(w: torch.Tensor, h: torch.Tensor, spec: SieveSpec, rounds: int) -> dict:
+def time_layer(w: torch.Tensor, h: torch.Tensor, spec: SieveConfig, rounds: int) -> dict:
     gptq_times, sieve_times = [], []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    spec = SieveSpec(QuantSpec("gptq", args.bits, args.group_size), rho=args.rho)
+    spec = SieveConfig(QuantConfig("gptq", args.bits, args.group_size), rho=args.rho)
     if args.model:
         layers = model_layers(args.model, args.calibration_batches, 128, 16)
     else:

@@ -27,7 +27,7 @@ import torch
 
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_kernels.packing import group_dequantise, group_quantise
-from ortho_train.quantisation import QuantSpec, base_from_codes, quantise_weight
+from ortho_train.quantisation import QuantConfig, base_from_codes, quantise_weight
 from ortho_train.sieve.select import (
     SELECTIONS,
     adaptive_threshold,
@@ -44,7 +44,7 @@ VARIANTS = ("posthoc", "delta", "isolated")
 
 
 @dataclass
-class SieveSpec:
+class SieveConfig:
     """Settings of a sieve.
 
     Args:
@@ -58,7 +58,7 @@ class SieveSpec:
         include_lm_head: sieve the LM head too (embeddings always stay dense).
     """
 
-    quant: QuantSpec = field(default_factory=QuantSpec)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     rho: float = 0.01
     selection: str = "top"
     beta: float = 2.0
@@ -91,7 +91,7 @@ def _h_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def _finish(base: QuantisedBase, values: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-            hessian: torch.Tensor | None, spec: SieveSpec, report: bool) -> SievedLayer:
+            hessian: torch.Tensor | None, spec: SieveConfig, report: bool) -> SievedLayer:
     """Streams from the ortho values (N, K) on `mask`, plus stats against `target`."""
     if spec.dqc and hessian is not None and bool(mask.any()):
         values = dqc_compensate(target, base.dequantise(), mask, hessian, spec.dqc_gamma,
@@ -108,13 +108,13 @@ def _finish(base: QuantisedBase, values: torch.Tensor, mask: torch.Tensor, targe
     return SievedLayer(base, ortho, stats)
 
 
-def _select(score: torch.Tensor, spec: SieveSpec) -> torch.Tensor:
+def _select(score: torch.Tensor, spec: SieveConfig) -> torch.Tensor:
     if spec.selection == "top":
         return top_fraction_mask(score, spec.rho)
     return score > adaptive_threshold(score, spec.beta)
 
 
-def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
+def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveConfig,
                   report: bool = False) -> SievedLayer:
     """LibOrtho's sieve of a fine-tuned weight (N, K); see the module docstring."""
     w = w.detach().float()
@@ -147,7 +147,7 @@ def sieve_posthoc(w: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
     return _finish(base, values, mask, w, hessian, spec, report)
 
 
-def sieve_delta(w_ft: torch.Tensor, w_pre: torch.Tensor, hessian: torch.Tensor, spec: SieveSpec,
+def sieve_delta(w_ft: torch.Tensor, w_pre: torch.Tensor, hessian: torch.Tensor, spec: SieveConfig,
                 base: QuantisedBase | None = None, report: bool = False) -> SievedLayer:
     """Base from the pre-fine-tuning weight, ortho = top-ρ of the fine-tuning delta."""
     if w_ft.shape != w_pre.shape:
@@ -162,7 +162,7 @@ def sieve_delta(w_ft: torch.Tensor, w_pre: torch.Tensor, hessian: torch.Tensor, 
 
 
 def sieve_isolated(w_ft: torch.Tensor, base: QuantisedBase, support: torch.Tensor,
-                   hessian: torch.Tensor | None = None, spec: SieveSpec | None = None,
+                   hessian: torch.Tensor | None = None, spec: SieveConfig | None = None,
                    report: bool = False) -> SievedLayer:
     """Ortho on the fixed support S (bool (N, K)): W_ft − dequant(base) there."""
     if support.shape != w_ft.shape or support.dtype != torch.bool:
@@ -170,7 +170,7 @@ def sieve_isolated(w_ft: torch.Tensor, base: QuantisedBase, support: torch.Tenso
                          f"{support.dtype} {tuple(support.shape)}")
     if tuple(base.shape) != tuple(w_ft.shape):
         raise ValueError(f"base {base.shape} does not match the weight {tuple(w_ft.shape)}")
-    spec = spec or SieveSpec(quant=QuantSpec(bits=base.bits, group_size=base.group_size))
+    spec = spec or SieveConfig(quant=QuantConfig(bits=base.bits, group_size=base.group_size))
     w_ft = w_ft.detach().float()
-    spec = SieveSpec(quant=spec.quant, rho=spec.rho, hop_beta=spec.hop_beta)  # never DQC: S is fixed
+    spec = SieveConfig(quant=spec.quant, rho=spec.rho, hop_beta=spec.hop_beta)  # never DQC: S is fixed
     return _finish(base, w_ft - base.dequantise(), support, w_ft, hessian, spec, report)

@@ -27,9 +27,9 @@ from ortho_kernels.bench_load import busy_load
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import set_alpha
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve.artifacts import load_sieved, save_sieved
-from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
 
 VOCAB = 259  # bytes + pad + eos + bos, as the quickstart's tokenizer
@@ -40,7 +40,7 @@ def build_models(rho: float, directory: str) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_tiny_llama(TinyLlamaConfig(256, 4, 4, 688), VOCAB, 0, 1).eval()
     batches = [{"input_ids": torch.randint(3, VOCAB, (4, 64))} for _ in range(4)]
-    layers = sieve_model(model, "posthoc", SieveSpec(QuantSpec("gptq", 4, 128), rho=rho),
+    layers = sieve_model(model, "posthoc", SieveConfig(QuantConfig("gptq", 4, 128), rho=rho),
                          collect_hessians(model, batches))
     save_sieved(build_dual_stream_model(model, layers), directory)
     models = {"fp32 model": model}

@@ -41,7 +41,7 @@ from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
 from ortho_train.privacy.dsm import DSMConfig
-from ortho_train.quantisation import QuantSpec, quantise_weight
+from ortho_train.quantisation import QuantConfig, quantise_weight
 from ortho_train.sieve.support import SupportInputs, support_choice
 
 
@@ -77,7 +77,7 @@ class IsolationConfig:
 
     support: str = "saliency_canary"
     rho: float = 0.05
-    quant: QuantSpec = field(default_factory=QuantSpec)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     calibration_batches: int = 8
     saliency_batches: int = 1
     train_on_base: bool = True

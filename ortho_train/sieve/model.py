@@ -1,7 +1,7 @@
 """The sieve on a whole model: offline streams per layer, then a runtime model of `OrthoLinear`.
 
     hessians = collect_hessians(model, public_batches)
-    layers = sieve_model(model, "posthoc", SieveSpec(rho=0.01), hessians)
+    layers = sieve_model(model, "posthoc", SieveConfig(rho=0.01), hessians)
     dual = build_dual_stream_model(model, layers)         # a copy; HF `generate` works
     set_alpha(dual, 0.0)                                  # the kill switch
 
@@ -22,7 +22,7 @@ from ortho_train.quantisation import quantise_weight
 from ortho_train.sieve.core import (
     VARIANTS,
     SievedLayer,
-    SieveSpec,
+    SieveConfig,
     sieve_delta,
     sieve_isolated,
     sieve_posthoc,
@@ -42,7 +42,7 @@ def _need(table: dict | None, name: str, what: str):
     return table[name]
 
 
-def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
+def sieve_model(model: nn.Module, variant: str, spec: SieveConfig,
                 hessians: dict[str, torch.Tensor] | None = None,
                 pre_state: dict[str, torch.Tensor] | None = None,
                 supports: dict[str, torch.Tensor] | None = None,
@@ -86,7 +86,7 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveSpec,
     return out
 
 
-def quantised_layers(model: nn.Module, spec: SieveSpec,
+def quantised_layers(model: nn.Module, spec: SieveConfig,
                      hessians: dict[str, torch.Tensor] | None = None) -> dict[str, SievedLayer]:
     """The plain INT-k model as streams with empty ortho parts (ρ = 0)."""
     out = {}

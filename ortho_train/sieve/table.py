@@ -43,13 +43,13 @@ from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
 from ortho_train.quantisation import (
     FORMATS,
-    QuantSettings,
+    PTQConfig,
     base_quantisers,
     deployment_format,
     deployment_formats,
     quantised_copy,
 )
-from ortho_train.sieve.core import SievedLayer, SieveSpec
+from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
 ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_auc_loss",
@@ -100,7 +100,7 @@ class TableConfig:
                                                            "pre_sft", "int4_pre_sft"])
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
     rhos: list[float] = field(default_factory=lambda: [0.01])
-    spec: SieveSpec = field(default_factory=SieveSpec)
+    spec: SieveConfig = field(default_factory=SieveConfig)
     metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
@@ -140,7 +140,7 @@ class TableConfig:
                 raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
 
     def _check_nothing_ignored(self) -> None:
-        defaults = SieveSpec()
+        defaults = SieveConfig()
         if self.spec.dqc_gamma != defaults.dqc_gamma and not any(v.endswith("_dqc") for v in self.variants):
             raise ValueError("spec.dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
                              "variants); it would be ignored")
@@ -195,7 +195,7 @@ class KillSwitchTable:
         return self._hessians[id(model)]
 
     def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None,
-                  dqc: bool | None = None) -> SieveSpec:
+                  dqc: bool | None = None) -> SieveConfig:
         """The table's sieve spec with the bits, quantiser, ρ or DQC replaced where given."""
         s = self.config.spec
         quant = replace(s.quant, method=method or s.quant.method, bits=bits or s.quant.bits)
@@ -286,7 +286,7 @@ class KillSwitchTable:
     def deployed_reference(self, name: str) -> None:
         """The row of a deployment format: the model's fake-quantised copy (dense linears holding
         dequantise(quantise(W)); the LM head only with `include_lm_head`, never a tied one)."""
-        settings = QuantSettings(group_size=self.config.spec.quant.group_size, skip_modules=[])
+        settings = PTQConfig(group_size=self.config.spec.quant.group_size, skip_modules=[])
         fmt = deployment_format(name)
         copy_ = quantised_copy(self.model, name, settings, include_lm_head=self.config.spec.include_lm_head,
                                deployed_modules=False)

@@ -17,7 +17,7 @@ ALL_LINEAR = "all-linear"  # peft: every linear / Conv1D projection but the outp
 
 
 @dataclass
-class LoraSettings:
+class LoraAdapterConfig:
     """peft LoRA adapters.
 
     Args:
@@ -36,7 +36,7 @@ class LoraSettings:
     dropout: float = 0.0
 
 
-def wrap_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def wrap_lora(model: nn.Module, settings: LoraAdapterConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     linears = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}

@@ -33,11 +33,11 @@ from torch import Tensor, nn
 
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import eval_mode
-from ortho_train.quantisation import QuantSettings, deployment_format, deployment_formats
+from ortho_train.quantisation import PTQConfig, deployment_format, deployment_formats
 
 
 @dataclass
-class MansuSettings:
+class MansuConfig:
     """MANSU hyper-parameters.
 
     Args:
@@ -77,9 +77,9 @@ class MansuSettings:
         if self.floor_margin < 0 or self.retain_sequences < 1 or self.attribution_batches < 1:
             raise ValueError("floor_margin ≥ 0, retain_sequences ≥ 1 and attribution_batches ≥ 1 required")
 
-    def floor_settings(self) -> QuantSettings:
+    def floor_settings(self) -> PTQConfig:
         """The quantisation settings of the floor grid (`blocksize`, `group_size`)."""
-        return QuantSettings(blocksize=self.blocksize, group_size=self.group_size)
+        return PTQConfig(blocksize=self.blocksize, group_size=self.group_size)
 
 
 def per_sequence_gradients(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], params: Mapping[str, Tensor],
@@ -199,7 +199,7 @@ class MansuPlan:
 
 
 def build_floor(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], names: list[str],
-                settings: MansuSettings) -> Tensor:
+                settings: MansuConfig) -> Tensor:
     """(1 + margin) × the bin width at each masked entry, flat (n,)."""
     grid, grid_settings = deployment_format(settings.floor_format), settings.floor_settings()
     return torch.cat([

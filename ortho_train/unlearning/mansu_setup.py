@@ -19,7 +19,7 @@ from ortho_train.unlearning.attribution import select_components, unit_attributi
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.mansu import (
     MansuPlan,
-    MansuSettings,
+    MansuConfig,
     build_floor,
     fisher_prune,
     orthonormal_basis,
@@ -30,7 +30,7 @@ from ortho_train.unlearning.mansu import (
 
 def build_mansu_plan(model: nn.Module, forget_batches: Sequence[Mapping[str, Tensor]],
                      retain_batches: Sequence[Mapping[str, Tensor]], forget_scores: Mapping[str, Tensor],
-                     settings: MansuSettings, names: Sequence[str], params: Mapping[str, nn.Parameter]) -> MansuPlan:
+                     settings: MansuConfig, names: Sequence[str], params: Mapping[str, nn.Parameter]) -> MansuPlan:
     """A plan over the weights `params[name]` (d_out, d_in) of the linears `names`.
 
     `forget_scores` are the forget-set unit attributions (computed by the caller, who keeps

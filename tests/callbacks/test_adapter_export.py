@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from callbacks.adapter_export import AdapterExportCallback
 from callbacks.ptq_gap import PTQGapCallback
-from ortho_train.unlearn_module import LoraSettings, UnlearnModule
+from ortho_train.unlearn_module import LoraAdapterConfig, UnlearnModule
 from tests.ortho_train.unlearn_helpers import (  # noqa: F401
     cached_tiny_canary_model,
     one_thread,
@@ -35,7 +35,7 @@ def _fit(module, model_dir, run_dir, callbacks, steps=3):
 def lora_run(model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("lora_export")
     module = UnlearnModule(str(model_dir), mode="lora", loss="npo_gdr", lr=1e-2,
-                           lora=LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                           lora=LoraAdapterConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
                            guard_every_n_steps=0, attribution_batches=0)
     ptq_callback = PTQGapCallback(formats=["nf4"], exposure_references=20, final_exposure_references=20,
                                   evaluate_before=False)
@@ -94,9 +94,9 @@ def test_a_failing_export_leaves_no_partial_artifact_set(model_dir, tmp_path, mo
     from types import SimpleNamespace
 
     import callbacks.adapter_export
-    from ortho_train.unlearning.lora import LoraSettings, wrap_lora as _wrap_lora
+    from ortho_train.unlearning.lora import LoraAdapterConfig, wrap_lora as _wrap_lora
 
-    model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraSettings(rank=2))
+    model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraAdapterConfig(rank=2))
     module = SimpleNamespace(model=model, tokenizer=None, run_dir=tmp_path)
     monkeypatch.setattr(callbacks.adapter_export, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
     with pytest.raises(PermissionError):

@@ -21,7 +21,7 @@ from ortho_train.evaluation import evaluate_unlearning
 from ortho_train.quantisation.bins import level_widths
 from ortho_train.quantisation.bnb4 import code_levels
 from ortho_train.unlearn_module import UnlearnModule
-from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearning.mansu import MansuConfig
 from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
 
@@ -84,7 +84,7 @@ def test_gap_detected_and_run_failed_when_quantisation_undoes_unlearning(model_d
     assert results["public_ppl_nf4"] == pytest.approx(results["public_ppl_nf4_before"], rel=1e-6)
     assert results["forgetting_survives"] is False and results["status"] == "failed"
     # the callback's numbers are evaluate_unlearning's on an independent NF4 copy
-    independent = evaluate_unlearning(quant.quantised_copy(module.model, "nf4", quant.QuantSettings()),
+    independent = evaluate_unlearning(quant.quantised_copy(module.model, "nf4", quant.PTQConfig()),
                                       dm.forget_probe, dm.retain_members, exposure_references=50)
     for key in ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "public_ppl"):
         assert results[f"{key}_nf4"] == pytest.approx(independent[key], rel=1e-6), key
@@ -95,7 +95,7 @@ def test_gap_detected_and_run_failed_when_quantisation_undoes_unlearning(model_d
 
 
 def test_mansu_update_crosses_every_bin_and_survives(model_dir, tmp_path):
-    settings = MansuSettings(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
+    settings = MansuConfig(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings,
                            guard_every_n_steps=0)
     callback = PTQGapCallback(formats=["nf4", "fp4"], exposure_references=50, final_exposure_references=50,
@@ -149,7 +149,7 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="periodic_metrics"):
         PTQGapCallback(periodic_metrics=["accuracy"])
     with pytest.raises(ValueError, match="compute_dtype"):
-        PTQGapCallback(quant=quant.QuantSettings(compute_dtype="float8"))
+        PTQGapCallback(quant=quant.PTQConfig(compute_dtype="float8"))
 
 
 def test_privleak_against_a_real_reference_and_refused_without_one(model_dir, tmp_path):

@@ -13,9 +13,9 @@ from callbacks.report import ReportCallback
 from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
-from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.table import TableConfig
 from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import one_thread, single_thread  # noqa: F401
@@ -55,7 +55,7 @@ def sieve_fit(tmp_path_factory):
     module = CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=2, lr=1e-2, sft_lr=1e-2,
                              warmup_steps=1, sft_warmup_steps=1, eval_during_validation=False)
     table = TableConfig(variants=["posthoc"], references=["fp32"], alphas=[0.0, 0.5, 1.0], rhos=[0.05],
-                        spec=SieveSpec(QuantSpec("rtn", 4, 32)), metrics=["extraction"])
+                        spec=SieveConfig(QuantConfig("rtn", 4, 32)), metrics=["extraction"])
     sieve = SieveCallback(every_n_steps=2, table=table, calibration_batches=1, save_isolated=False)
     loggers = [TensorBoardLogger(tmp, name="sieve", version=0), CSVLogger(tmp, name="sieve", version=0)]
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=loggers, enable_checkpointing=False,

@@ -10,11 +10,11 @@ from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, linear_layers
 from ortho_train.ortho_linear import ortho_layers
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import load_sieved
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.table import ROW_KEYS, TableConfig
 
 REFERENCES = ["fp32", "int4_rtn", "int4_gptq", "nf4", "pre_sft", "int4_pre_sft"]
@@ -26,10 +26,10 @@ def run(tmp_path_factory):
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, val_exposure_references=20,
-        isolation=IsolationConfig(support="random", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+        isolation=IsolationConfig(support="random", rho=0.05, quant=QuantConfig("gptq", 4, 32),
                                   calibration_batches=2),
     )
-    table = TableConfig(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05], spec=SieveSpec(QuantSpec("rtn", 4, 32)),
+    table = TableConfig(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05], spec=SieveConfig(QuantConfig("rtn", 4, 32)),
                         metrics=["extraction", "exposure", "mia", "ppl"], exposure_references=10)
     callback = SieveCallback(table=table, calibration_batches=2)
     logger = CSVLogger(tmp, name="cb")
@@ -120,7 +120,7 @@ def _fit_tiny_isolated(tmp_path, callback, max_steps):
     module = CanarySFTModule(tiny_llama=TinyLlamaConfig(16, 1, 2, 32), public_steps=2, warmup_steps=1,
                              sft_warmup_steps=1, eval_during_validation=False,
                              isolation=IsolationConfig(support="random", rho=0.1,
-                                                       quant=QuantSpec("rtn", 4, 16)))
+                                                       quant=QuantConfig("rtn", 4, 16)))
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
@@ -132,7 +132,7 @@ def _fit_tiny_isolated(tmp_path, callback, max_steps):
 
 def test_periodic_tables(tmp_path):
     table = TableConfig(references=["fp32"], variants=["isolated"], alphas=[0.0], metrics=["ppl"],
-                        spec=SieveSpec(QuantSpec(group_size=16)))
+                        spec=SieveConfig(QuantConfig(group_size=16)))
     callback = SieveCallback(every_n_steps=2, table=table, calibration_batches=1)
     _fit_tiny_isolated(tmp_path, callback, max_steps=5)
     assert set(callback.tables) == {4, 5}  # canary steps 2..4; the last table at fit end
@@ -148,7 +148,7 @@ def test_no_hop_report_unless_asked(run):
 
 def test_hop_report_and_dqc_rows_beside_plain_gptq(tmp_path):
     table = TableConfig(references=["int4_gptq"], variants=["posthoc", "isolated"], alphas=[0.0, 1.0], rhos=[0.1],
-                        metrics=["ppl"], spec=SieveSpec(QuantSpec(group_size=16), hop_beta=1.0), dqc=True,
+                        metrics=["ppl"], spec=SieveConfig(QuantConfig(group_size=16), hop_beta=1.0), dqc=True,
                         hop_report=True)
     callback = SieveCallback(table=table, calibration_batches=1, save_isolated=False)
     module = _fit_tiny_isolated(tmp_path, callback, max_steps=4)

@@ -6,7 +6,7 @@ import torch
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.privacy import DPConfig
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
 
@@ -27,7 +27,7 @@ STEPS, PUBLIC = 7, 3
 
 
 def isolation_config(**kw):
-    settings = dict(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 32), calibration_batches=2,
+    settings = dict(support="impact", rho=0.05, quant=QuantConfig("gptq", 4, 32), calibration_batches=2,
                     public_base_updates=True)
     return IsolationConfig(**(settings | kw))
 

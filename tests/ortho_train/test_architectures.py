@@ -25,19 +25,19 @@ from ortho_train.datamodule import CanaryDataModule
 from ortho_train.model_support import UnsupportedLayerError, conv1d_as_linear
 from ortho_train.ogd import OGDConfig
 from ortho_train.privacy import DPConfig
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
-from ortho_train.sieve.core import SieveSpec
+from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.sieve.table import TableConfig
-from ortho_train.unlearn_module import LoraSettings, UnlearnModule
-from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearn_module import LoraAdapterConfig, UnlearnModule
+from ortho_train.unlearning.mansu import MansuConfig
 from tests.ortho_train.arch_models import ARCHITECTURES, BLOCKS, PROJECTIONS, WIDTH, cached_tiny_model
 from tests.ortho_train.unlearn_helpers import single_thread, tiny_datamodule  # noqa: F401
 
 SFT_DATA = dict(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                 num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=30)
-ALL_LINEAR = LoraSettings(rank=4, target_modules=["all-linear"])
+ALL_LINEAR = LoraAdapterConfig(rank=4, target_modules=["all-linear"])
 QUANT = dict(blocksize=64, group_size=32)
 
 
@@ -71,7 +71,7 @@ def _finite(row, keys):
 
 def _sieve(variants, references, rhos=(0.05,)):
     table = TableConfig(variants=list(variants), references=list(references), alphas=[0.0, 1.0], rhos=list(rhos),
-                        spec=SieveSpec(QuantSpec("rtn", 4, 64)), metrics=["extraction", "ppl"], exposure_references=10)
+                        spec=SieveConfig(QuantConfig("rtn", 4, 64)), metrics=["extraction", "ppl"], exposure_references=10)
     return SieveCallback(table=table, calibration_batches=1, save_isolated=False)
 
 
@@ -81,7 +81,7 @@ def test_isolated_sft_and_its_table(arch_dir, tmp_path):
     arch, model_dir = arch_dir
     module = CanarySFTModule(
         model_path=str(model_dir), public_steps=0, sft_lr=2e-2, sft_warmup_steps=1, eval_during_validation=False,
-        isolation=IsolationConfig(support="random", rho=0.05, quant=QuantSpec("gptq", 4, 64), calibration_batches=1))
+        isolation=IsolationConfig(support="random", rho=0.05, quant=QuantConfig("gptq", 4, 64), calibration_batches=1))
     callback = _sieve(["isolated"], ["int4_pre_sft"])
     _trainer(tmp_path, 3, [callback]).fit(module, datamodule=_sft_data(model_dir))
     rows = json.loads((module.run_dir / "sieve_table.json").read_text())
@@ -126,7 +126,7 @@ def test_ogd_and_dp_sft(arch_dir, tmp_path, private):
     """OGD's K-FAC subspaces and DP-SGD on the support cover every projection of the architecture."""
     arch, model_dir = arch_dir
     settings = (dict(ogd=OGDConfig(subspace="flattest", fraction=0.5, kfac_batches=1)) if private == "ogd" else
-                dict(isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantSpec("gptq", 4, 64),
+                dict(isolation=IsolationConfig(support="impact", rho=0.05, quant=QuantConfig("gptq", 4, 64),
                                                calibration_batches=1, public_base_updates=True),
                      dp=DPConfig(noise_multiplier=1.0, delta=1e-2, max_grad_norm=0.5, expected_batch_size=2.0)))
     module = CanarySFTModule(model_path=str(model_dir), public_steps=0, sft_lr=1e-2, sft_warmup_steps=1,
@@ -148,7 +148,7 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
     adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
     assert adapted == set(PROJECTIONS[arch])
     callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
+                              evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 3, [callback, AdapterExportCallback()]).fit(module, datamodule=tiny_datamodule(model_dir))
     results = callback.results
     assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
@@ -168,8 +168,8 @@ def test_lora_targets_are_checked_against_the_architecture(tmp_path_factory):
                                          r"linear layer.*'dense', 'fc1', 'fc2'"):
         UnlearnModule(str(phi), mode="lora")  # the Llama names of the default
     with pytest.raises(ValueError, match="'all-linear' stands alone"):
-        UnlearnModule(str(phi), mode="lora", lora=LoraSettings(target_modules=["all-linear", "fc1"]))
-    module = UnlearnModule(str(phi), mode="lora", lora=LoraSettings(target_modules=["q_proj", "dense", "fc2"]))
+        UnlearnModule(str(phi), mode="lora", lora=LoraAdapterConfig(target_modules=["all-linear", "fc1"]))
+    module = UnlearnModule(str(phi), mode="lora", lora=LoraAdapterConfig(target_modules=["q_proj", "dense", "fc2"]))
     adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
     assert adapted == {"q_proj", "dense", "fc2"}
 
@@ -177,11 +177,11 @@ def test_lora_targets_are_checked_against_the_architecture(tmp_path_factory):
 def test_mansu_unlearning(arch_dir, tmp_path):
     """MANSU: only the planned rows move, each by at least one NF4 bin."""
     arch, model_dir = arch_dir
-    settings = MansuSettings(component_fraction=0.05, retain_sequences=4, fisher_budget=0.5)
+    settings = MansuConfig(component_fraction=0.05, retain_sequences=4, fisher_budget=0.5)
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings,
                            guard_every_n_steps=0, attribution_batches=1)
     callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
+                              evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     plan = module.mansu_plan
     assert plan.theta0.numel() > 0 and set(plan.masks) <= set(module.linear_names)
@@ -233,7 +233,7 @@ def test_gpt2_full_unlearning_and_ptq_gap(gpt2_dir, tmp_path):
     module = UnlearnModule(str(gpt2_dir), mode="full", loss="ga", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
     callback = PTQGapCallback(formats=["int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
+                              evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     results = callback.results
     assert results["variants"] == ["int4"] and math.isfinite(results["public_ppl_int4"])
@@ -248,7 +248,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     assert len(module.original_weights) == BLOCKS * 4
     assert module.original_weights["transformer.h.0.attn.c_attn"].shape == (3 * WIDTH, WIDTH)  # (d_out, d_in)
     callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
+                              evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     export = AdapterExportCallback(save_merged=True)
     _trainer(tmp_path, 3, [callback, export]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     merged = AutoModelForCausalLM.from_pretrained(module.run_dir / "hf_model_unlearned")  # GPT-2 with Conv1D again
@@ -263,7 +263,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     for name in ["fp"] + results["variants"]:
         assert math.isfinite(results[f"public_ppl_{name}"]), name
     for deployment in ("merged", "adapter"):  # no Conv1D left in a quantised copy, the model keeps its own
-        copy = quant.quantised_copy(module.model, "int4", quant.QuantSettings(**QUANT), deployment)
+        copy = quant.quantised_copy(module.model, "int4", quant.PTQConfig(**QUANT), deployment)
         assert not any(isinstance(m, Conv1D) for m in copy.modules()), deployment
     assert any(isinstance(m, Conv1D) for m in module.model.modules())
 
@@ -298,10 +298,10 @@ def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_
     assert trained == {torch.float32}  # peft's adapters
     assert str(module.model.get_input_embeddings().weight.dtype) == f"torch.{dtype}"
     callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
-                              evaluate_before=False, quant=quant.QuantSettings(**QUANT))
+                              evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     assert module.divergence is None  # retain perplexity finite and bounded at every step
     for name in ("fp", "nf4", "nf4_adapter"):
         assert math.isfinite(callback.results[f"public_ppl_{name}"]), (arch, name)
-    copy = quant.quantised_copy(module.model, "int4", quant.QuantSettings(**QUANT))
+    copy = quant.quantised_copy(module.model, "int4", quant.PTQConfig(**QUANT))
     assert {p.dtype for p in copy.parameters()} == {torch.float32}

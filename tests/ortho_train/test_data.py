@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from ortho_train.canaries import CanaryError, CanarySpec, make_canaries
+from ortho_train.canaries import CanaryError, CanaryConfig, make_canaries
 from ortho_train.corpus import CorpusError, load_corpus, read_corpus_text
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.tokenization import build_byte_tokenizer, encode_text, load_tokenizer
@@ -64,7 +64,7 @@ def test_missing_tokenizer_directory():
 
 
 def test_canaries_disjoint_seeded_and_fixed_width():
-    spec = CanarySpec(num_members=20, num_holdout=50, secret_length=6, seed=7)
+    spec = CanaryConfig(num_members=20, num_holdout=50, secret_length=6, seed=7)
     a, b = make_canaries(spec), make_canaries(spec)
     assert [c.secret for c in a.members] == [c.secret for c in b.members]
     secrets = [c.secret for c in a.members + a.holdout]
@@ -88,11 +88,11 @@ def test_canaries_disjoint_seeded_and_fixed_width():
 )
 def test_bad_canary_specs(kwargs, message):
     with pytest.raises(CanaryError, match=message):
-        make_canaries(CanarySpec(**kwargs))
+        make_canaries(CanaryConfig(**kwargs))
 
 
 def test_too_many_reference_secrets():
-    canaries = make_canaries(CanarySpec(alphabet="01", secret_length=4, num_members=2, num_holdout=2))
+    canaries = make_canaries(CanaryConfig(alphabet="01", secret_length=4, num_members=2, num_holdout=2))
     with pytest.raises(CanaryError, match="reference secrets"):
         canaries.reference_secrets(13)
 
@@ -125,7 +125,7 @@ def test_seq_len_shorter_than_canary():
 def test_canary_key_file_is_created_once_private_and_read_by_unlearning(tmp_path):
     import stat
 
-    from ortho_train.canaries import CanarySpec, make_canaries
+    from ortho_train.canaries import CanaryConfig, make_canaries
 
     key_file = tmp_path / "runs" / "canary.key"
     small = dict(seq_len=64, secret_length=6, num_member_canaries=4, num_holdout_canaries=8,
@@ -137,5 +137,5 @@ def test_canary_key_file_is_created_once_private_and_read_by_unlearning(tmp_path
     again = CanaryDataModule(**small, train_split="unlearn")  # reads the same key: the same secrets
     assert [c.secret for c in again.canaries.members] == [c.secret for c in first.canaries.members]
     assert again.canaries.reference_secrets(20) == first.canaries.reference_secrets(20)
-    unkeyed = make_canaries(CanarySpec(alphabet="0123456789", secret_length=6, num_members=4, num_holdout=8))
+    unkeyed = make_canaries(CanaryConfig(alphabet="0123456789", secret_length=6, num_members=4, num_holdout=8))
     assert [c.secret for c in unkeyed.members] != [c.secret for c in first.canaries.members]

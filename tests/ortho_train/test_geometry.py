@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ortho_train.kfac import KFACFactors, KroneckerEigenbasis, SubspaceSpec, component_in, project_out
+from ortho_train.kfac import KFACFactors, KroneckerEigenbasis, SubspaceConfig, component_in, project_out
 from ortho_train.separation import (
     curvature_quadratic,
     curvature_spectrum,
@@ -35,7 +35,7 @@ def test_subspace_energy_of_components():
     a = torch.randn(5, 4, generator=g, dtype=torch.float64)
     b = torch.randn(6, 6, generator=g, dtype=torch.float64)
     basis = KroneckerEigenbasis.from_factors(KFACFactors(a.T @ a, b @ b.T, 1))
-    mask = SubspaceSpec("flattest", k=9).mask(basis)
+    mask = SubspaceConfig("flattest", k=9).mask(basis)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     assert abs(subspace_energy(component_in(x, basis, mask), basis, mask) - 1) < 1e-12
     assert subspace_energy(project_out(x, basis, mask), basis, mask) < 1e-24
@@ -56,7 +56,7 @@ def test_curvature_quadratic_and_spectrum():
     assert abs(curvature_quadratic(x, basis) - quad) / quad < 1e-10
     spectrum = curvature_spectrum(x, basis, bins=4)
     assert len(spectrum) == 4 and abs(sum(spectrum) - 1) < 1e-12
-    flat = component_in(x, basis, SubspaceSpec("flattest", k=6).mask(basis))  # 24 pairs: bin 0
+    flat = component_in(x, basis, SubspaceConfig("flattest", k=6).mask(basis))  # 24 pairs: bin 0
     assert abs(curvature_spectrum(flat, basis, bins=4)[0] - 1) < 1e-12
     with pytest.raises(ValueError, match="bins must be"):
         curvature_spectrum(x, basis, bins=25)

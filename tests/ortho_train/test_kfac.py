@@ -11,7 +11,7 @@ from ortho_train.kfac import (
     SUBSPACES,
     KFACCollector,
     KroneckerEigenbasis,
-    SubspaceSpec,
+    SubspaceConfig,
     collect_kfac,
     component_in,
     join_bias,
@@ -269,7 +269,7 @@ def test_eigenbasis_diagonalises_the_kronecker_product():
 @pytest.mark.parametrize("name", sorted(SUBSPACES))
 def test_projection_is_idempotent_and_orthogonal(name):
     basis = KroneckerEigenbasis.from_factors(_random_factors())
-    mask = SubspaceSpec(name, fraction=0.4).mask(basis)
+    mask = SubspaceConfig(name, fraction=0.4).mask(basis)
     x, y = torch.randn(2, 6, 5, dtype=torch.float64)
     out = project_out(x, basis, mask)
     inside = component_in(y, basis, mask)
@@ -291,22 +291,22 @@ def test_masks_pick_the_right_directions_and_bad_settings_fail():
     assert cols.all(0).sum() == 2 and (cols.any(0) == cols.all(0)).all()
     assert basis.S_A[cols[0]].max() <= basis.S_A[~cols[0]].min()
     with pytest.raises(ValueError, match="'flatest' is unknown"):
-        SubspaceSpec("flatest", fraction=0.5)
+        SubspaceConfig("flatest", fraction=0.5)
     with pytest.raises(ValueError, match="fraction must be in"):
-        SubspaceSpec("flattest", fraction=1.0)
+        SubspaceConfig("flattest", fraction=1.0)
     with pytest.raises(ValueError, match="exactly one of k and fraction"):
-        SubspaceSpec("sharpest", fraction=0.5, k=3)
+        SubspaceConfig("sharpest", fraction=0.5, k=3)
     with pytest.raises(ValueError, match="k=31 is beyond the layer's 30 directions for layer 'q'"):
-        SubspaceSpec("flattest", k=31).mask(basis, "q")
+        SubspaceConfig("flattest", k=31).mask(basis, "q")
     with pytest.raises(ValueError, match="k=6 is beyond the layer's 5 directions"):
-        SubspaceSpec("input_flattest", k=6).mask(basis)
+        SubspaceConfig("input_flattest", k=6).mask(basis)
 
 
 def test_adamw_displacement_stays_out_of_s_gen_when_the_applied_step_is_projected():
     torch.manual_seed(0)
     layer = nn.Linear(8, 6)  # float32, as in training
     basis = KroneckerEigenbasis.from_factors(_random_factors(6, 8, seed=1))
-    mask = SubspaceSpec("flattest", fraction=0.5).mask(basis)
+    mask = SubspaceConfig("flattest", fraction=0.5).mask(basis)
     start = [p.detach().clone() for p in (layer.weight, layer.bias)]
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     x, target = torch.randn(64, 8), torch.randn(64, 6)

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ortho_train.canaries import CanarySpec, make_canaries
+from ortho_train.canaries import CanaryConfig, make_canaries
 from ortho_train.corpus import read_corpus_text
 from ortho_train.datamodule import TokenisedCanaries
 from ortho_train.evaluation import sequence_mia_scores
@@ -20,7 +20,7 @@ from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.tokenization import encode_text
 from tests.ortho_train.unlearn_helpers import single_thread  # noqa: F401
 
-SPEC = CanarySpec(num_members=100, num_holdout=400, secret_length=6, seed=3)
+SPEC = CanaryConfig(num_members=100, num_holdout=400, secret_length=6, seed=3)
 
 
 def auc_null_se(n_members: int, n_holdout: int) -> float:

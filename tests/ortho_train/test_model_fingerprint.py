@@ -5,14 +5,14 @@ from ortho_kernels import OrthoStream
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import ortho_layers, set_alpha
-from ortho_train.quantisation import QuantSpec
-from ortho_train.sieve import SieveSpec, build_dual_stream_model
+from ortho_train.quantisation import QuantConfig
+from ortho_train.sieve import SieveConfig, build_dual_stream_model
 from ortho_train.sieve.core import SievedLayer
 from ortho_train.sieve.model import quantised_layers
 
 
 def _dual(model, fill: float):
-    layers = quantised_layers(model, SieveSpec(QuantSpec("rtn", 4, 32)))
+    layers = quantised_layers(model, SieveConfig(QuantConfig("rtn", 4, 32)))
     with_ortho = {}
     for name, layer in layers.items():
         n, k = layer.base.shape
@@ -38,7 +38,7 @@ def test_empty_stream_at_any_alpha_is_the_alpha_zero_model():
     """An empty ortho stream computes the base alone at every α, like α = 0 with a full one:
     the quantised public model and the delta/isolated α = 0 rows share one fingerprint."""
     model = build_tiny_llama(TinyLlamaConfig(32, 1, 2, 64), 40, 0, 1)
-    layers = quantised_layers(model, SieveSpec(QuantSpec("rtn", 4, 32)))
+    layers = quantised_layers(model, SieveConfig(QuantConfig("rtn", 4, 32)))
     empty = build_dual_stream_model(model, layers)  # empty ortho streams
     full = _dual(model, 0.5)
     set_alpha(empty, 1.0), set_alpha(full, 0.0)

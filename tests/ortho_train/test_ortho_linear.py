@@ -12,8 +12,8 @@ from ortho_train.ortho_linear import (
     split_state_dict,
     swap_in_ortho_layers,
 )
-from ortho_train.sieve import SieveSpec, build_dual_stream_model, quantised_layers, sieve_model
-from ortho_train.quantisation import QuantSpec
+from ortho_train.sieve import SieveConfig, build_dual_stream_model, quantised_layers, sieve_model
+from ortho_train.quantisation import QuantConfig
 
 
 def _layer(n=24, k=80, rho=0.1, bias=True, bits=4, group=32, seed=0):
@@ -84,7 +84,7 @@ def test_state_dict_loads_into_an_empty_layout_with_assign():
 def test_model_swap_set_alpha_split_and_generate():
     torch.manual_seed(0)
     model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), 40, 0, 1)
-    layers = quantised_layers(model, SieveSpec(QuantSpec("rtn", group_size=32)))
+    layers = quantised_layers(model, SieveConfig(QuantConfig("rtn", group_size=32)))
     dual = build_dual_stream_model(model, layers)
     assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # a copy
     assert len(ortho_layers(dual)) == 14 and set_alpha(dual, 0.0) == 14

@@ -7,7 +7,7 @@ import torch
 from ortho_kernels.packing import group_quantise
 from ortho_train.curvature import prepare_hessian
 from ortho_train.privacy import (
-    StochasticQuantSpec,
+    StochasticQuantConfig,
     discrete_gaussian,
     paper_epsilon,
     stochastic_quantise,
@@ -41,7 +41,7 @@ def test_sigma_zero_and_tiny_sigma_are_round_to_nearest():
     w = torch.randn(48, 200, generator=g) * 0.05
     rtn, scales, zeros = group_quantise(w, bits=4, group_size=64)
     for sigma in (0.0, 1e-3):
-        layer = stochastic_quantise(w, StochasticQuantSpec(bits=4, group_size=64, sigma=sigma))
+        layer = stochastic_quantise(w, StochasticQuantConfig(bits=4, group_size=64, sigma=sigma))
         assert torch.equal(layer.base.codes(), rtn), f"sigma={sigma} differs from RTN"
         assert torch.equal(layer.base.scales, scales) and torch.equal(layer.base.zeros, zeros)
         assert layer.ortho.nnz == 0
@@ -51,7 +51,7 @@ def test_codes_stay_in_range_and_outliers_stay_exact():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(32, 128, generator=g) * 0.05
     outliers = torch.rand(32, 128, generator=g) < 0.02
-    layer = stochastic_quantise(w, StochasticQuantSpec(bits=3, group_size=32, sigma=3.0), outliers)
+    layer = stochastic_quantise(w, StochasticQuantConfig(bits=3, group_size=32, sigma=3.0), outliers)
     codes = layer.base.codes()
     assert int(codes.max()) <= 7 and bool((codes == 7).any()) and bool((codes == 0).any())
     rtn = group_quantise(w, bits=3, group_size=32)[0]
@@ -66,7 +66,7 @@ def test_codes_stay_in_range_and_outliers_stay_exact():
 def test_sampled_codes_are_unbiased_in_the_interior():
     w = torch.full((1, 4096), 0.0137)
     w[0, 0], w[0, 1] = -0.1, 0.1  # fix the group range so 0.0137 sits inside the lattice
-    spec = StochasticQuantSpec(bits=8, group_size=4096, sigma=1.0)
+    spec = StochasticQuantConfig(bits=8, group_size=4096, sigma=1.0)
     deq = stochastic_quantise(w, spec).base.dequantise()[0, 2:].double()
     step = float(group_quantise(w, bits=8, group_size=4096)[1][0, 0])
     assert abs(float(deq.mean()) - 0.0137) < 4 * step / math.sqrt(deq.numel())
@@ -78,7 +78,7 @@ def test_dqc_lowers_the_layer_error_of_stochastic_codes():
     h = 2 * x.T @ x / 512
     w = torch.randn(16, 64, generator=g) * 0.05
     outliers = torch.rand(16, 64, generator=g) < 0.1
-    spec = StochasticQuantSpec(bits=4, group_size=32, sigma=1.0, damp=0.0)
+    spec = StochasticQuantConfig(bits=4, group_size=32, sigma=1.0, damp=0.0)
 
     def layer_error(layer):
         d = (layer.base.dequantise() + layer.ortho.to_dense() - w).double()
@@ -95,7 +95,7 @@ def test_paper_epsilon_comes_with_its_assumption_and_bad_settings_fail():
     assert report["epsilon_formula"] == 0.5 and report["assumed_l2_sensitivity"] == 1.0
     assert "did not bound" in report["statement"]
     with pytest.raises(ValueError, match="sigma"):
-        StochasticQuantSpec(sigma=-1.0)
+        StochasticQuantConfig(sigma=-1.0)
     with pytest.raises(ValueError, match="sigma"):
         discrete_gaussian(torch.zeros(3), float("nan"), torch.Generator())
     with pytest.raises(ValueError, match="assumed_sensitivity"):
@@ -106,7 +106,7 @@ def test_model_level_quantisation_is_seeded_per_layer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
     masks = {"0": torch.rand(32, 64) < 0.05, "1": torch.rand(16, 32) < 0.05}
-    spec = StochasticQuantSpec(bits=4, group_size=32, sigma=0.8, seed=3)
+    spec = StochasticQuantConfig(bits=4, group_size=32, sigma=0.8, seed=3)
     first, second = stochastic_quantise_model(model, spec, masks), stochastic_quantise_model(model, spec, masks)
     assert set(first) == {"0", "1"}
     for name in first:

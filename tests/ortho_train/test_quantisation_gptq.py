@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ortho_kernels import QuantisedBase, group_dequantise, group_quantise, unpack_bits
-from ortho_train.quantisation import QuantSpec, gptq_quantise, quantise_weight, run_gptq
+from ortho_train.quantisation import QuantConfig, gptq_quantise, quantise_weight, run_gptq
 
 
 def _correlated_layer(n, k, seed, tokens=2048):
@@ -28,7 +28,7 @@ def _h_error(w_hat, w, h):
 def test_gptq_hessian_weighted_error_at_most_rtn(bits, group, act_order, seed):
     w, h = _correlated_layer(48, 256, seed)
     rtn = QuantisedBase.from_dense(w, bits=bits, group_size=group).dequantise()
-    gptq = quantise_weight(w, QuantSpec("gptq", bits, group, act_order=act_order), h).dequantise()
+    gptq = quantise_weight(w, QuantConfig("gptq", bits, group, act_order=act_order), h).dequantise()
     e_rtn, e_gptq = _h_error(rtn, w, h), _h_error(gptq, w, h)
     print(f"bits={bits} group={group} act_order={act_order}: H-error RTN {e_rtn:.4g}, GPTQ {e_gptq:.4g}")
     assert e_gptq <= e_rtn, f"GPTQ {e_gptq} > RTN {e_rtn}"
@@ -38,7 +38,7 @@ def test_gptq_hessian_weighted_error_at_most_rtn(bits, group, act_order, seed):
 
 def test_identity_hessian_gives_exactly_rtn():
     w, _ = _correlated_layer(16, 100, 7)
-    result = run_gptq(w, torch.eye(100), QuantSpec(bits=4, group_size=32))
+    result = run_gptq(w, torch.eye(100), QuantConfig(bits=4, group_size=32))
     codes, scales, zeros = group_quantise(w, bits=4, group_size=32)
     assert torch.equal(result.codes, codes) and torch.equal(result.scales, scales)
     assert torch.equal(result.zeros, zeros)
@@ -46,7 +46,7 @@ def test_identity_hessian_gives_exactly_rtn():
 
 def test_codes_pack_with_kernels_and_static_groups_use_original_ranges():
     w, h = _correlated_layer(24, 200, 8)  # ragged last group
-    spec = QuantSpec("gptq", 3, 64, act_order=True)
+    spec = QuantConfig("gptq", 3, 64, act_order=True)
     base = quantise_weight(w, spec, h)
     result = run_gptq(w, h, spec)
     assert torch.equal(unpack_bits(base.qweight, 3, 200), result.codes)
@@ -64,10 +64,10 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="2-D"):
         gptq_quantise(w[0], h)
     with pytest.raises(ValueError, match="needs a calibration Hessian"):
-        quantise_weight(w, QuantSpec("gptq"))
+        quantise_weight(w, QuantConfig("gptq"))
     with pytest.raises(ValueError, match="bits must be"):
-        QuantSpec(bits=5)
+        QuantConfig(bits=5)
     with pytest.raises(ValueError, match="method"):
-        QuantSpec(method="awq")
+        QuantConfig(method="awq")
     with pytest.raises(ValueError, match="positive definite"):
         gptq_quantise(w, -torch.eye(64), damp=0.0)

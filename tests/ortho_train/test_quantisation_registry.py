@@ -9,8 +9,8 @@ from callbacks.ptq_gap import PTQGapCallback
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.quantisation import (
     FORMATS,
-    QuantSettings,
-    QuantSpec,
+    PTQConfig,
+    QuantConfig,
     WeightFormat,
     base_quantisers,
     deployment_formats,
@@ -19,7 +19,7 @@ from ortho_train.quantisation import (
     quantised_copy,
 )
 from ortho_train.quantisation.int_rtn import RTN
-from ortho_train.sieve.core import SieveSpec, sieve_posthoc
+from ortho_train.sieve.core import SieveConfig, sieve_posthoc
 from ortho_train.sieve.table import KillSwitchTable, TableConfig, int_reference
 
 
@@ -64,14 +64,14 @@ def test_roles_of_the_registered_formats():
     assert FORMATS["gptq"].needs_hessian and FORMATS["gptq"].outlier_aware and not FORMATS["rtn"].needs_hessian
     assert FORMATS["nf4"].blockwise and not FORMATS["int4"].blockwise
     with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq'\), got 'sign1'"):
-        QuantSpec("sign1")
+        QuantConfig("sign1")
     with pytest.raises(ValueError, match="unknown quantisation format 'sign1'"):
-        quantised_copy(_model(), "sign1", QuantSettings())
+        quantised_copy(_model(), "sign1", PTQConfig())
 
 
 def test_a_registered_format_makes_copies_and_ptq_diagnostics(toy_formats):
     model = _model()
-    copy_ = quantised_copy(model, "sign1", QuantSettings())
+    copy_ = quantised_copy(model, "sign1", PTQConfig())
     linears = effective_linear_weights(model)  # every linear but the (skipped) LM head
     assert len(linears) == 14
     for name, w in linears.items():
@@ -101,7 +101,7 @@ def test_a_registered_format_is_a_kill_switch_table_row(toy_formats):
 
 
 def test_a_registered_base_quantiser_serves_quant_spec_the_sieve_and_the_tables(toy_formats):
-    spec = QuantSpec("hrtn", bits=4, group_size=16)
+    spec = QuantConfig("hrtn", bits=4, group_size=16)
     assert spec.name == "int4_hrtn" and int_reference("int4_hrtn") == (4, "hrtn")
     assert int_reference("int4_awq") is None
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def test_a_registered_base_quantiser_serves_quant_spec_the_sieve_and_the_tables(
     with pytest.raises(ValueError, match="HRTN needs a calibration Hessian"):
         quantise_weight(w, spec)
     hessian = x.T @ x / 64  # (32, 32)
-    sieved = sieve_posthoc(w, hessian, SieveSpec(quant=spec, rho=0.125))
-    rtn = quantise_weight(w, QuantSpec("rtn", bits=4, group_size=16))
+    sieved = sieve_posthoc(w, hessian, SieveConfig(quant=spec, rho=0.125))
+    rtn = quantise_weight(w, QuantConfig("rtn", bits=4, group_size=16))
     assert torch.equal(sieved.base.dequantise(), rtn.dequantise())  # the same quantiser, the same computation
     assert sieved.ortho.nnz == 32  # ρ = 1/8 of 256 weights, chosen from the residual

@@ -8,10 +8,10 @@ from safetensors import safe_open
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ortho_linear import ortho_layers, set_alpha
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve import (
     SieveArtifactError,
-    SieveSpec,
+    SieveConfig,
     build_dual_stream_model,
     load_sieved,
     save_sieved,
@@ -23,7 +23,7 @@ def _sieved(seed=0, rho=0.05):
     torch.manual_seed(seed)
     model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), 40, 0, 1).eval()
     batches = [{"input_ids": torch.randint(2, 40, (4, 16))} for _ in range(2)]
-    layers = sieve_model(model, "posthoc", SieveSpec(QuantSpec("gptq", 4, 32), rho=rho),
+    layers = sieve_model(model, "posthoc", SieveConfig(QuantConfig("gptq", 4, 32), rho=rho),
                          collect_hessians(model, batches))
     return build_dual_stream_model(model, layers).eval()
 

@@ -12,7 +12,7 @@ import torch
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.privacy import DSMConfig
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve import support as supports
 from ortho_train.sieve.isolation import IsolationConfig, build_isolation
 
@@ -40,7 +40,7 @@ def _dsm_masks(dm: CanaryDataModule, rho: float) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # the model and the shuffle of the public loader
     model = build_tiny_llama(TINY, len(dm.tokenizer), 0, 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = IsolationConfig(support="dsm", rho=rho, quant=QuantSpec("rtn", 4, 32), calibration_batches=2,
+    cfg = IsolationConfig(support="dsm", rho=rho, quant=QuantConfig("rtn", 4, 32), calibration_batches=2,
                           dsm=DSMConfig(probes=2))
     iso = build_isolation(model, cfg, dm.public_train_dataloader, _no_canaries, _loss)
     assert set(iso.masks) == set(linear_layers(model))
@@ -98,7 +98,7 @@ def test_a_new_support_is_one_registered_function_and_draws_no_canary_unless_it_
         return {}
 
     try:
-        cfg = IsolationConfig(support="first_columns_for_test", quant=QuantSpec("rtn", 4, 16))
+        cfg = IsolationConfig(support="first_columns_for_test", quant=QuantConfig("rtn", 4, 16))
         model = build_tiny_llama(TinyLlamaConfig(16, 1, 2, 32), 40, 0, 1)
         with pytest.raises(RuntimeError, match="sees_canaries=True"):
             build_isolation(model, cfg, lambda: [], lambda: [], _loss)

@@ -6,9 +6,9 @@ import torch
 from ortho_train.datamodule import CanaryDataModule, pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.ortho_linear import set_alpha
-from ortho_train.quantisation import QuantSpec
+from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
-from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model
+from ortho_train.sieve import SieveConfig, build_dual_stream_model, sieve_model
 from ortho_train.sieve.core import SievedLayer
 from ortho_train.sieve.isolation import IsolationConfig, build_isolation
 from ortho_kernels import OrthoStream
@@ -27,7 +27,7 @@ def isolated_fit(tmp_path_factory):
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
-        isolation=IsolationConfig(support="saliency_canary", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+        isolation=IsolationConfig(support="saliency_canary", rho=0.05, quant=QuantConfig("gptq", 4, 32),
                                   calibration_batches=2),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -62,7 +62,7 @@ def test_alpha_zero_is_the_quantised_public_model_and_alpha_one_the_trained_one(
     module, dm = isolated_fit
     support = module.private_update.support
     trained = module.model.eval()
-    layers = sieve_model(trained, "isolated", SieveSpec(), supports=support.masks, bases=support.bases)
+    layers = sieve_model(trained, "isolated", SieveConfig(), supports=support.masks, bases=support.bases)
     dual = build_dual_stream_model(trained, layers)
     pre = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(dm.tokenizer), 0, 1)
     pre.load_state_dict(module.pre_canary_state_dict)
@@ -89,7 +89,7 @@ def test_every_support_choice_is_exact_top_rho_and_they_differ():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     masks = {}
     for support in ("impact", "saliency_public", "saliency_canary", "random"):
-        cfg = IsolationConfig(support=support, rho=0.05, quant=QuantSpec("rtn", 4, 32), calibration_batches=2)
+        cfg = IsolationConfig(support=support, rho=0.05, quant=QuantConfig("rtn", 4, 32), calibration_batches=2)
         iso = build_isolation(model, cfg, public, canary, loss)
         for name, mask in iso.masks.items():
             assert int(mask.sum()) == int(torch.tensor(0.05 * mask.numel()).ceil()), (support, name)
@@ -122,7 +122,7 @@ def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0, support="
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
-        isolation=IsolationConfig(support=support, rho=0.05, quant=QuantSpec("gptq", 4, 32),
+        isolation=IsolationConfig(support=support, rho=0.05, quant=QuantConfig("gptq", 4, 32),
                                   calibration_batches=2, public_base_updates=True, public_lr=public_lr,
                                   public_updates_fraction=fraction, dsm=dsm),
     )

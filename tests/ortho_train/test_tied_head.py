@@ -6,9 +6,9 @@ from safetensors.torch import load_file
 
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
-from ortho_train.quantisation import QuantSettings, QuantSpec, quantised_copy
+from ortho_train.quantisation import PTQConfig, QuantConfig, quantised_copy
 from ortho_train.sft_module import CanarySFTModule
-from ortho_train.sieve import SieveSpec, build_dual_stream_model, sieve_model
+from ortho_train.sieve import SieveConfig, build_dual_stream_model, sieve_model
 from ortho_train.sieve.artifacts import BASE_NAME, save_sieved
 from ortho_train.sieve.isolation import IsolationConfig
 
@@ -25,7 +25,7 @@ def test_a_tied_head_is_never_among_the_sieved_linears():
     embedding = model.get_input_embeddings().weight.detach().clone()
     for deployed in (False, True):  # the table's NF4 reference row; a PTQ copy that skips nothing by name
         with pytest.warns(UserWarning, match="tied to the input embedding"):
-            nf4 = quantised_copy(model, "nf4", QuantSettings(skip_modules=[]), include_lm_head=True,
+            nf4 = quantised_copy(model, "nf4", PTQConfig(skip_modules=[]), include_lm_head=True,
                                  deployed_modules=deployed)
         assert torch.equal(nf4.get_input_embeddings().weight, embedding)  # not quantised through the head
         assert type(nf4.lm_head) is torch.nn.Linear and nf4.lm_head.weight is nf4.get_input_embeddings().weight
@@ -35,7 +35,7 @@ def test_a_tied_head_is_never_among_the_sieved_linears():
         else:  # a dense linear holding the fake-quantised weight
             assert not torch.equal(down.weight, model.model.layers[0].mlp.down_proj.weight)
     with pytest.warns(UserWarning, match="tied to the input embedding"):  # INT4 rounds weights in place
-        int4 = quantised_copy(model, "int4", QuantSettings(group_size=32, skip_modules=[]))
+        int4 = quantised_copy(model, "int4", PTQConfig(group_size=32, skip_modules=[]))
     assert torch.equal(int4.get_input_embeddings().weight, embedding)
 
 
@@ -44,7 +44,7 @@ def _isolated_tied_fit(tmp, canary_seed):
     module = CanarySFTModule(
         tiny_llama=TIED, public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1, sft_warmup_steps=1,
         eval_during_validation=False,
-        isolation=IsolationConfig(support="saliency_canary", rho=0.05, quant=QuantSpec("gptq", 4, 32),
+        isolation=IsolationConfig(support="saliency_canary", rho=0.05, quant=QuantConfig("gptq", 4, 32),
                                   calibration_batches=2, include_lm_head=True),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -56,7 +56,7 @@ def _isolated_tied_fit(tmp, canary_seed):
     with pytest.warns(UserWarning, match="tied"):
         trainer.fit(module, datamodule=dm)
     support = module.private_update.support
-    layers = sieve_model(module.model, "isolated", SieveSpec(include_lm_head=True), supports=support.masks,
+    layers = sieve_model(module.model, "isolated", SieveConfig(include_lm_head=True), supports=support.masks,
                          bases=support.bases)
     save_sieved(build_dual_stream_model(module.model, layers), tmp / "sieved")
     return module, load_file(tmp / "sieved" / BASE_NAME)

@@ -88,7 +88,7 @@ def test_constrain_floors_every_masked_entry_and_nothing_else():
     delta = params["w"] - weight
     assert torch.equal(delta[~mask], torch.zeros_like(delta[~mask]))
     assert (delta[mask].abs() >= floor - 1e-7).all()
-    q0, q1 = quant.fake_quantise(weight, "nf4", quant.QuantSettings()), quant.fake_quantise(params["w"], "nf4", quant.QuantSettings())
+    q0, q1 = quant.fake_quantise(weight, "nf4", quant.PTQConfig()), quant.fake_quantise(params["w"], "nf4", quant.PTQConfig())
     assert (q1[mask] != q0[mask]).float().mean() > 0.9  # the floor moves quantised values
 
 
@@ -102,7 +102,7 @@ def test_plan_on_tiny_model_respects_budget_and_selection(model_dir):
     for p in params.values():
         p.requires_grad_(True)
     scores = attribution.unit_attribution(model, forget, sequence_nll, names)
-    settings = mansu.MansuSettings(component_fraction=0.05, retain_sequences=6, fisher_budget=0.01)
+    settings = mansu.MansuConfig(component_fraction=0.05, retain_sequences=6, fisher_budget=0.01)
     plan = build_mansu_plan(model, forget, retain, scores, settings, names, params)
     info = plan.info
     total_units = sum(p.shape[0] for p in params.values())

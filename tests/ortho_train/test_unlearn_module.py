@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from callbacks.adapter_export import AdapterExportCallback
-from ortho_train.unlearn_module import LoraSettings, UnlearningStopped, UnlearnModule
+from ortho_train.unlearn_module import LoraAdapterConfig, UnlearningStopped, UnlearnModule
 from ortho_train import quantisation as quant
-from ortho_train.unlearning.mansu import MansuSettings
+from ortho_train.unlearning.mansu import MansuConfig
 from ortho_train.unlearning.modes import UPDATE_MODES
 from ortho_train.unlearning.update_mode import UpdateMode
 from tests.ortho_train.unlearn_helpers import DATA, cached_tiny_canary_model, single_thread, tiny_datamodule  # noqa: F401
@@ -43,7 +43,7 @@ def _snapshot(model):
 
 
 def test_lora_step_trains_only_the_adapter(model_dir, tmp_path):
-    module = UnlearnModule(str(model_dir), mode="lora", loss="npo_gdr", lr=1e-2, lora=LoraSettings(rank=4, alpha=8))
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo_gdr", lr=1e-2, lora=LoraAdapterConfig(rank=4, alpha=8))
     before = _snapshot(module.model)
     _fit(module, model_dir, tmp_path)
     after = module.model.state_dict()
@@ -86,7 +86,7 @@ def test_a_new_update_mode_is_one_class_and_one_registry_line(model_dir, tmp_pat
 
 
 def test_mansu_step_moves_exactly_the_plan_by_at_least_a_bin(model_dir, tmp_path):
-    settings = MansuSettings(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
+    settings = MansuConfig(component_fraction=0.05, retain_sequences=6, fisher_budget=0.5)
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings)
     before = quant.effective_linear_weights(module.model)
     other = {k: v.clone() for k, v in module.model.state_dict().items() if k.replace(".weight", "") not in before}
@@ -183,7 +183,7 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"forget_members \[9\] out of range"):
         tiny_datamodule(model_dir, forget_members=[0, 9])
     with pytest.raises(ValueError, match=r"model\.lora\.target_modules \['qkv_proj'\] match no linear layer"):
-        UnlearnModule(str(model_dir), mode="lora", lora=LoraSettings(target_modules=["q_proj", "qkv_proj"]))
+        UnlearnModule(str(model_dir), mode="lora", lora=LoraAdapterConfig(target_modules=["q_proj", "qkv_proj"]))
     with pytest.raises(ValueError, match=r"model\.mode must be one of \['full', 'lora', 'mansu'\], got 'partial'"):
         UnlearnModule(str(model_dir), mode="partial")
     with pytest.raises(ValueError, match="weight_decay=0"):

@@ -80,7 +80,7 @@ def _ids():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_quant):
-    settings = quant.QuantSettings(double_quant=double_quant)
+    settings = quant.PTQConfig(double_quant=double_quant)
     model = load_causal_lm(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ours = quant.quantised_copy(model, "nf4", settings)
@@ -98,7 +98,7 @@ def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_qua
 
 
 def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
-    settings = quant.QuantSettings()
+    settings = quant.PTQConfig()
     model = get_peft_model(load_causal_lm(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -135,9 +135,9 @@ def test_effective_weights_of_lora_are_merged(model_dir):
 
 def test_unknown_format_and_bad_blocksize_are_clear():
     with pytest.raises(ValueError, match="unknown quantisation format 'int3'"):
-        quant.fake_quantise(torch.zeros(4, 4), "int3", quant.QuantSettings())
+        quant.fake_quantise(torch.zeros(4, 4), "int3", quant.PTQConfig())
     with pytest.raises(ValueError, match="blocksize"):
-        quant.QuantSettings(blocksize=48)
+        quant.PTQConfig(blocksize=48)
 
 
 @pytest.fixture
@@ -159,14 +159,14 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
     """The default copy never takes the repacked path, so a width the repacking cannot tile (48)
     works and the numbers are those of the generic path on any CPU."""
     model, x = _width_48_model(), torch.randn(3, 128)
-    copy_ = quant.quantise_linears_(copy.deepcopy(model), "nf4", quant.QuantSettings(skip_modules=[])).eval()
+    copy_ = quant.quantise_linears_(copy.deepcopy(model), "nf4", quant.PTQConfig(skip_modules=[])).eval()
     assert not any(layer.support_avx512bf16_for_cpu for layer in copy_ if hasattr(layer, "weight"))
     with torch.no_grad():
         out = copy_(x)
     dense = copy.deepcopy(model)
     for layer in dense:
         if isinstance(layer, torch.nn.Linear):
-            layer.weight.data = quant.fake_quantise(layer.weight, "nf4", quant.QuantSettings())
+            layer.weight.data = quant.fake_quantise(layer.weight, "nf4", quant.PTQConfig())
     with torch.no_grad():
         # generic bitsandbytes path = dequantise + fp32 matmul: float noise only (K ≤ 128)
         torch.testing.assert_close(out, dense(x), atol=1e-5, rtol=1e-5)
@@ -174,11 +174,11 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
 
 
 def test_native_kernel_skips_layers_it_cannot_repack(avx512bf16_cpu, caplog):
-    settings = quant.QuantSettings(skip_modules=[], cpu_kernel="native")
+    settings = quant.PTQConfig(skip_modules=[], cpu_kernel="native")
     with caplog.at_level("INFO", logger=bnb4.__name__):
         copy_ = quant.quantise_linears_(_width_48_model(), "nf4", settings).eval()
     assert copy_[0].support_avx512bf16_for_cpu is False  # 48 output rows: not a multiple of 32
     assert copy_[2].support_avx512bf16_for_cpu is True  # 64 rows: bitsandbytes may repack it
     assert "48x128 layer" in caplog.text and "portable" in caplog.text
     with pytest.raises(ValueError, match="cpu_kernel"):
-        quant.QuantSettings(cpu_kernel="fast")
+        quant.PTQConfig(cpu_kernel="fast")
