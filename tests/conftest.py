@@ -14,7 +14,9 @@ import ortho_train  # noqa: F401  (first: makes `ortho_kernels` the kernels/ fol
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`-n N`) the N workers share the cores: each takes its share of threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 # Tests never touch the network: fail fast instead of retrying hub requests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
