@@ -30,6 +30,10 @@ from ortho_train.threads import configure_threads  # noqa: E402
 
 
 class OrthoTrainCLI(LightningCLI):
+    def __init__(self, *args, **kwargs):
+        self.reserved: list[Path] = []  # run directories this launch reserved (removed on a failed start)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The tokenizer is the model's: a local model directory brings its own, a model built
         # from a config uses bytes.
@@ -73,14 +77,14 @@ class OrthoTrainCLI(LightningCLI):
     def _reserve(self, root: Path) -> Path:
         """Reserve `root/version_N` for this run (kept in `self.reserved` for a failed start)."""
         run_dir = root / f"version_{reserve_version(root)}"
-        self.reserved = [*getattr(self, "reserved", []), run_dir]
+        self.reserved.append(run_dir)
         return run_dir
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except BaseException:  # a setting refused while the classes are built: drop the reservation
-            for run_dir in getattr(self, "reserved", []):
+            for run_dir in self.reserved:
                 remove_if_unstarted(run_dir)
             raise
 

@@ -28,9 +28,10 @@ comparing two paths adds both bounds.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from ortho_kernels.packing import unpack_int4
 from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -48,8 +49,8 @@ def gamma(n: int, u: float = FP32_UNIT_ROUNDOFF) -> float:
 
 def _per_weight(base: QuantisedBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes q, scales s and zeros z, each fp64 (N, K) (group values repeated over their columns)."""
-    n, k = base.shape
-    q = unpack_int4(base.qweight, k).double()  # (N, K)
+    k = base.shape[1]
+    q = base.codes().double()  # (N, K)
     s = base.scales.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
     z = base.zeros.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
     return q, s, z
@@ -65,29 +66,37 @@ def _block_steps(x: torch.Tensor) -> torch.Tensor:
     return step.repeat_interleave(GEMV_BLOCK, dim=1)[:, :k]  # (M, K'/64) -> (M, K)
 
 
+def _gemv_bound(x2d, q, s, z, o):
+    x, k = x2d.double().abs(), q.shape[1]  # (M, K)
+    bound = _block_steps(x2d.double()) @ ((q - z) * s).abs().T
+    bound += gamma(k + 8) * (x @ ((q.abs() + z.abs()) * s.abs()).T)
+    return bound if o is None else bound + gamma(k + 8) * (x @ o.T)
+
+
+def _torch_int4_bound(x2d, q, s, z, o):
+    x, k, u_b = x2d.double().abs(), q.shape[1], BF16_UNIT_ROUNDOFF  # (M, K)
+    magnitude = ((q - 8).abs() + (8 - z).abs()) * s.abs()  # (N, K)
+    bound = (3 * u_b + gamma(k)) * (1 + u_b) ** 3 * (x @ magnitude.T)
+    return bound if o is None else bound + gamma(k + 1) * (x @ o.T)
+
+
+def _fp32_product_bound(x2d, q, s, z, o):
+    """The dense and reference paths: X·W_eff^T in fp32 on the (cached or rebuilt) W_eff."""
+    w = ((q - z) * s).abs()  # (N, K)
+    return gamma(q.shape[1] + 2) * (x2d.double().abs() @ (w if o is None else w + o).T)
+
+
+_BOUNDS: dict[str, Callable] = {"gemv": _gemv_bound, "torch_int4": _torch_int4_bound,
+                                "dense": _fp32_product_bound, "reference": _fp32_product_bound}
+
+
 def path_error_bound(path: str, x2d: torch.Tensor, base: QuantisedBase,
                      ortho: OrthoStream | None, alpha: float) -> torch.Tensor:
     """B (M, N) fp64: |y_path - exact X·W_eff^T| <= B elementwise for the named CPU path."""
-    x = x2d.detach().double().abs()  # (M, K)
-    k = base.shape[1]
-    q, s, z = _per_weight(base)
-    w = ((q - z) * s).abs()  # (N, K)
-    o = (alpha * ortho.to_dense(torch.float64)).abs() if ortho is not None and alpha else None
-    if path == "gemv":
-        bound = _block_steps(x2d.detach().double()) @ w.T
-        bound += gamma(k + 8) * (x @ ((q.abs() + z.abs()) * s.abs()).T)
-        if o is not None:
-            bound += gamma(k + 8) * (x @ o.T)
-    elif path == "torch_int4":
-        magnitude = ((q - 8).abs() + (8 - z).abs()) * s.abs()  # (N, K)
-        u_b = BF16_UNIT_ROUNDOFF
-        bound = (3 * u_b + gamma(k)) * (1 + u_b) ** 3 * (x @ magnitude.T)
-        if o is not None:
-            bound += gamma(k + 1) * (x @ o.T)
-    elif path in ("dense", "reference"):  # fp32 product on the (cached or rebuilt) W_eff
-        bound = gamma(k + 2) * (x @ (w + o if o is not None else w).T)
-    else:
+    if path not in _BOUNDS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    o = (alpha * ortho.to_dense(torch.float64)).abs() if ortho is not None and alpha else None
+    bound = _BOUNDS[path](x2d.detach(), *_per_weight(base), o)
     # the last fp32 addition (ortho or bias term), then the result rounded to X's dtype
     u_out = max(FP32_UNIT_ROUNDOFF, UNIT_ROUNDOFF[x2d.dtype])
     exact = reference_product(x2d, base, ortho, alpha).abs()
