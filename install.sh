@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs ortho-train into it, CPU build of torch pinned.
-# Usage: bash install.sh [--dev]     (--dev adds pytest)
+# Usage: bash install.sh [--dev]     (--dev adds pytest and pytest-xdist)
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")"

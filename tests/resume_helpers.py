@@ -1,4 +1,5 @@
-"""For tests/test_resume.py: runs of train.py in a subprocess, one of them killed with SIGKILL.
+"""For tests/test_resume.py: runs of train.py (in a subprocess or in the test's process), one of
+them killed with SIGKILL.
 
 `KillAtStep` is put into a run's callbacks by class path (`resume_helpers.KillAtStep`, with
 `tests/` on PYTHONPATH): at the start of the batch after `step` optimiser steps it kills its own
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import lightning as L
 import yaml
+
+from tests.in_process import fit_in_this_process
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = "seconds"  # wall-clock entries (`seconds`, `kfac_seconds`, …) differ between any two runs
@@ -57,6 +60,11 @@ def train(workdir: Path, config: Path, *args: str, killed: bool = False) -> subp
     expected = -signal.SIGKILL if killed else 0
     assert result.returncode == expected, (result.returncode, result.stderr[-4000:])
     return result
+
+
+def train_in_this_process(workdir: Path, config: Path, *args: str) -> None:
+    """As `train` for a run that is not killed, in the test's own process (`tests/in_process.py`)."""
+    fit_in_this_process(workdir, "--config", str(config), "--trainer.enable_progress_bar=false", *args)
 
 
 def results(path: Path) -> dict:

@@ -3,7 +3,8 @@
 The comparison runs isolated canary SFT twice on the same canaries (one key file):
 - DDP: `--trainer.strategy=ddp --trainer.devices=2`, per-rank batches of 2 public windows
   + 1 canary;
-- one process: `--trainer.strategy=ddp --trainer.devices=1`, batches of 4 windows + 2 canaries.
+- one process, the test's own: `--trainer.strategy=ddp --trainer.devices=1`, batches of 4 windows
+  + 2 canaries.
   Lightning's DDP strategy gives both runs the same seeded `DistributedSampler` permutation,
   so step k's two rank batches are, as a set, the one-process batch k (rank r takes positions
   r, r + 2, … of the permutation). Every window has 64 label tokens and every canary the same
@@ -16,6 +17,7 @@ difference measured is that of the gradient averaging alone.
 """
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 import yaml
 
 from ortho_train.distributed import allow_parameters_frozen_later, average_gradients_, refuse_sharded_strategy
+from tests.in_process import fit_in_this_process
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/tiny.yaml"
@@ -88,9 +91,11 @@ def test_isolated_sft_ddp_matches_one_process_of_the_same_global_batch(tmp_path,
     key = tmp_path / "canary.key"
     ddp, ddp_log = _fit(tmp_path / "ddp", TINY, *SHORT, *extra, *DDP2, key=key)
     assert ddp.returncode == 0, ddp_log[-3000:]
+    # two ranks, one run directory (`_run_dir`), one summary, one key file made by rank zero before
+    # the launch (rank 1 reads it: the one-process run below, on the same key, draws the same canaries)
     assert "GLOBAL_RANK: 1" in ddp_log and ddp_log.count("summary written to") == 1
-    one, one_log = _fit(tmp_path / "one", TINY, *SHORT, *extra, *ONE, key=key)
-    assert one.returncode == 0, one_log[-3000:]
+    assert key.is_file() and stat.S_IMODE(key.stat().st_mode) == 0o600
+    fit_in_this_process(tmp_path / "one", "--config", str(TINY), *SHORT, *extra, *ONE, f"--data.canary_key_file={key}")
     ddp_dir, one_dir = _run_dir(tmp_path / "ddp"), _run_dir(tmp_path / "one")
     s_ddp, s_one = (json.loads((d / "summary.json").read_text()) for d in (ddp_dir, one_dir))
     assert s_ddp["canary_fingerprint"] == s_one["canary_fingerprint"]

@@ -1,10 +1,10 @@
 """Kill -9, then `--ckpt_path`: the resumed run ends with the uninterrupted run's numbers.
 
 Each test runs train.py three times in one working directory (one canary key), one thread each:
-uninterrupted (version_0); killed with SIGKILL one step after a checkpoint (version_1); resumed
-from that checkpoint, which must write into version_1 again. Same machine, seed and thread count,
-so the resumed run's results must equal the uninterrupted run's exactly (wall-clock entries
-aside).
+uninterrupted (version_0, in the test's own process); killed with SIGKILL one step after a
+checkpoint (version_1, a fresh process); resumed from that checkpoint in another fresh process,
+which must write into version_1 again. Same machine, seed and thread count, so the resumed run's
+results must equal the uninterrupted run's exactly (wall-clock entries aside).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.resume_helpers import REPO, checkpoint_every, killer, results, train, write_config
+from tests.resume_helpers import (REPO, checkpoint_every, killer, results, train, train_in_this_process,
+                                  write_config)
 
 CHECKPOINT_AT, KILL_AT = 5, 6  # the killed run loses step 6 and must redo it
 
@@ -38,7 +39,7 @@ def _kill_and_resume(workdir: Path, config: dict, name: str, kill_at: int = KILL
     plain = write_config(workdir / "run.yaml", config)
     doomed = copy.deepcopy(config)
     doomed["trainer"]["callbacks"].append(killer(kill_at))
-    train(workdir, plain)
+    train_in_this_process(workdir, plain)  # the reference; the killed and the resumed run are fresh processes
     train(workdir, write_config(workdir / "killed.yaml", doomed), killed=True)
     runs = workdir / "runs" / name
     checkpoint = runs / "version_1" / "checkpoints" / f"step={checkpoint_at}.ckpt"

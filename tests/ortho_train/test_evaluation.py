@@ -36,11 +36,16 @@ def test_memorised_secret_gets_maximal_exposure(probe_and_model):
     model.load_state_dict(probe_and_model[1].state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = pad_collate(probe.members.full_ids, probe.pad_token_id)
+    members = probe.members
     for _ in range(600):
-        loss = model(**batch).loss
-        if loss.item() < 0.02:
+        out = model(**batch)
+        # stop once every secret token has probability > 1/2 given what precedes it: each secret is
+        # then the unique greedy continuation of its prefix, so it outranks every other secret
+        probs = out.logits.detach().softmax(-1)  # (B, T, V)
+        if min(float(probs[i, len(p) - 1 + torch.arange(len(s)), s].min())
+               for i, (p, s) in enumerate(zip(members.prefix_ids, members.secret_ids))) > 0.5:
             break
-        loss.backward()
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     found = evaluate_memorisation(model, probe)

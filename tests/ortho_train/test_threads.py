@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +49,19 @@ def test_explicit_settings_win():
 
 
 def test_train_py_sets_passive_wait_before_torch_loads():
-    code = ("import sys, os; sys.argv = ['train.py']; import runpy; "
-            "mod = runpy.run_path('train.py', run_name='not_main'); print(os.environ['OMP_WAIT_POLICY'])")
+    """Run train.py's imports in a child whose first `import torch` reports OMP_WAIT_POLICY as it
+    is at that moment and exits: OpenMP reads it once, when torch loads, so later is too late."""
+    code = (
+        "import os, sys, runpy, importlib.abc\n"
+        "class StopAtTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            print(os.environ.get('OMP_WAIT_POLICY'), flush=True); os._exit(0)\n"
+        "sys.meta_path.insert(0, StopAtTorch())\n"
+        "sys.argv = ['train.py']; runpy.run_path('train.py', run_name='not_main')\n"
+        "print('torch never imported')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip().splitlines() == ["PASSIVE"]
