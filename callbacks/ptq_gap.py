@@ -92,7 +92,8 @@ class PTQGapCallback(L.Callback):
         exposure_references: reference secrets for the rank exposure during training (None: all).
         final_exposure_references: reference secrets for the rank exposure before and at the end
             (None: all; after unlearning each costs a full scoring per forget canary).
-        skewnorm_references: references the skew-normal exposure is fitted to.
+        skewnorm_references: references the skew-normal exposure is fitted to (0: not computed,
+            as in `evaluate_memorisation`; the rank exposure stays).
         max_extraction_gap: largest tolerated forget extraction gap (quantised − fp).
         fail_on_gap: raise `PTQGapError` at fit end when a gap exceeds `max_extraction_gap`.
         privleak_reference: a model directory that never saw the forget set (MUSE's retrained
@@ -120,7 +121,7 @@ class PTQGapCallback(L.Callback):
     ):
         _check_counts(every_n_steps=(every_n_steps, 0), exposure_references=(exposure_references, 1),
                       final_exposure_references=(final_exposure_references, 1),
-                      skewnorm_references=(skewnorm_references, 1))
+                      skewnorm_references=(skewnorm_references, 0))
         self.periodic_metrics = tuple(UNLEARNING_METRICS if periodic_metrics is None else periodic_metrics)
         unknown = sorted(set(self.periodic_metrics) - set(UNLEARNING_METRICS))
         if unknown or not self.periodic_metrics:

@@ -24,7 +24,7 @@ def from_init_args(callback_class, init_args: dict):
     ({"max_extraction_gap": 2.0}, "max_extraction_gap must lie in"),
     ({"exposure_references": 0}, r"exposure_references=0 \(must be ≥ 1\)"),
     ({"final_exposure_references": -1}, r"final_exposure_references=-1"),
-    ({"skewnorm_references": 0}, "skewnorm_references=0"),
+    ({"skewnorm_references": -1}, "skewnorm_references=-1"),
     ({"every_n_steps": -1}, r"every_n_steps=-1 \(must be ≥ 0\)"),
     ({"quant": {"blocksize": 100}}, "blocksize must be a power of two"),
     ({"quant": {"group_size": 0}}, "group_size must be ≥ 1"),

@@ -51,6 +51,11 @@ def gpt2_dir(tmp_path_factory):
     return cached_tiny_model("gpt2", tmp_path_factory)
 
 
+# PTQ-gap evaluation on few references, skew-normal fit skipped (architecture-independent, tested in
+# tests/ortho_train/test_evaluation.py and test_metrics_exposure.py)
+FEW_REFERENCES = dict(exposure_references=10, final_exposure_references=10, skewnorm_references=0)
+
+
 def _trainer(tmp, steps, callbacks=()):
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                      limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
@@ -147,7 +152,7 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
                            guard_every_n_steps=0, attribution_batches=1)
     adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
     assert adapted == set(PROJECTIONS[arch])
-    callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
+    callback = PTQGapCallback(formats=["nf4", "int4"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 3, [callback, AdapterExportCallback()]).fit(module, datamodule=tiny_datamodule(model_dir))
     results = callback.results
@@ -180,7 +185,7 @@ def test_mansu_unlearning(arch_dir, tmp_path):
     settings = MansuConfig(component_fraction=0.05, retain_sequences=4, fisher_budget=0.5)
     module = UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", lr=1e-2, mansu=settings,
                            guard_every_n_steps=0, attribution_batches=1)
-    callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
+    callback = PTQGapCallback(formats=["nf4"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     plan = module.mansu_plan
@@ -232,7 +237,7 @@ def test_gpt2_dense_sft_round_trips(gpt2_dir, tmp_path):
 def test_gpt2_full_unlearning_and_ptq_gap(gpt2_dir, tmp_path):
     module = UnlearnModule(str(gpt2_dir), mode="full", loss="ga", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
-    callback = PTQGapCallback(formats=["int4"], exposure_references=10, final_exposure_references=10,
+    callback = PTQGapCallback(formats=["int4"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     results = callback.results
@@ -247,7 +252,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
                            guard_every_n_steps=0, attribution_batches=1)
     assert len(module.original_weights) == BLOCKS * 4
     assert module.original_weights["transformer.h.0.attn.c_attn"].shape == (3 * WIDTH, WIDTH)  # (d_out, d_in)
-    callback = PTQGapCallback(formats=["nf4", "int4"], exposure_references=10, final_exposure_references=10,
+    callback = PTQGapCallback(formats=["nf4", "int4"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     export = AdapterExportCallback(save_merged=True)
     _trainer(tmp_path, 3, [callback, export]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
@@ -297,7 +302,7 @@ def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_
     trained = {p.dtype for p in module.model.parameters() if p.requires_grad}
     assert trained == {torch.float32}  # peft's adapters
     assert str(module.model.get_input_embeddings().weight.dtype) == f"torch.{dtype}"
-    callback = PTQGapCallback(formats=["nf4"], exposure_references=10, final_exposure_references=10,
+    callback = PTQGapCallback(formats=["nf4"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
     assert module.divergence is None  # retain perplexity finite and bounded at every step
