@@ -87,13 +87,16 @@ METRICS = ("public_ppl", "public_ppl_before_canaries", "exposure_mean", "mia_auc
     pytest.param("public_base_updates", id="isolation_public_base_updates", marks=pytest.mark.slow),
 ])
 def test_isolated_sft_ddp_matches_one_process_of_the_same_global_batch(tmp_path, mode):
-    extra = ISOLATION + (PUBLIC_UPDATES if mode == "public_base_updates" else [])
+    # validation after step 5 and at the end (one batch per rank): the loop runs under DDP too
+    validation = ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=5"]
+    extra = ISOLATION + (PUBLIC_UPDATES if mode == "public_base_updates" else []) + validation
     key = tmp_path / "canary.key"
     ddp, ddp_log = _fit(tmp_path / "ddp", TINY, *SHORT, *extra, *DDP2, key=key)
     assert ddp.returncode == 0, ddp_log[-3000:]
     # two ranks, one run directory (`_run_dir`), one summary, one key file made by rank zero before
     # the launch (rank 1 reads it: the one-process run below, on the same key, draws the same canaries)
     assert "GLOBAL_RANK: 1" in ddp_log and ddp_log.count("summary written to") == 1
+    assert "val/public_ppl" in (_run_dir(tmp_path / "ddp") / "metrics.csv").read_text().splitlines()[0]
     assert key.is_file() and stat.S_IMODE(key.stat().st_mode) == 0o600
     fit_in_this_process(tmp_path / "one", "--config", str(TINY), *SHORT, *extra, *ONE, f"--data.canary_key_file={key}")
     ddp_dir, one_dir = _run_dir(tmp_path / "ddp"), _run_dir(tmp_path / "one")

@@ -159,6 +159,8 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
     assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
     for name in ["fp"] + results["variants"]:
         assert 0.0 <= results[f"forget_extraction_{name}"] <= 1.0 and math.isfinite(results[f"public_ppl_{name}"])
+        assert math.isfinite(results[f"forget_exposure_{name}"])  # skewnorm_references=0 keeps the rank exposure
+    assert not [key for key in results if "skewnorm" in key]  # and skips the fit
     projections = BLOCKS * len(PROJECTIONS[arch])
     assert len(module.original_weights) == projections
     assert results["quantised_linear_weights"] == sum(w.numel() for w in module.original_weights.values())
