@@ -8,14 +8,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# bitsandbytes runs `from kernels import get_kernel` when it is imported on a CPU with AVX512-BF16
+# (and on MPS); the probe runs that import itself, so it checks the same resolution on every CPU
+# without importing bitsandbytes (~3 s of the probe's start-up).
 PROBE = """
 import importlib.util, sys
-import ortho_train, bitsandbytes, ortho_kernels
+import ortho_train, ortho_kernels
 from transformers import LlamaConfig  # transformers tests find_spec("kernels") before it imports it
 print("ortho_kernels", ortho_kernels.__file__)
 assert sys.path[0] in ("", {repo!r}), sys.path[0]
 try:
-    from kernels import get_kernel  # what bitsandbytes runs on AVX512-BF16 CPUs and MPS
+    from kernels import get_kernel  # what bitsandbytes runs at import on AVX512-BF16 CPUs and MPS
 except ImportError as error:
     print("kernels", type(error).__name__, "spec", importlib.util.find_spec("kernels"))
 else:

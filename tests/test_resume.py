@@ -2,8 +2,9 @@
 
 Each test runs train.py three times in one working directory (one canary key), one thread each:
 uninterrupted (version_0, in the test's own process); killed with SIGKILL one step after a
-checkpoint (version_1, a fresh process); resumed from that checkpoint in another fresh process,
-which must write into version_1 again. Same machine, seed and thread count, so the resumed run's
+checkpoint (version_1, a fresh process); resumed from that checkpoint, which must write into
+version_1 again: in another fresh process (the slow tests, as a user resumes) or in the test's
+process (the fast one: the state it resumes from is still only what the killed process wrote). Same machine, seed and thread count, so the resumed run's
 results must equal the uninterrupted run's exactly (wall-clock entries aside).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _sft_config(**model) -> dict:
 
 
 def _kill_and_resume(workdir: Path, config: dict, name: str, kill_at: int = KILL_AT,
-                     checkpoint_at: int = CHECKPOINT_AT) -> tuple[Path, Path]:
+                     checkpoint_at: int = CHECKPOINT_AT, resume_in_this_process: bool = False) -> tuple[Path, Path]:
     """Run `config` uninterrupted, then killed at `kill_at`, then resumed; (uninterrupted, resumed) run dirs."""
     plain = write_config(workdir / "run.yaml", config)
     doomed = copy.deepcopy(config)
@@ -44,7 +45,8 @@ def _kill_and_resume(workdir: Path, config: dict, name: str, kill_at: int = KILL
     runs = workdir / "runs" / name
     checkpoint = runs / "version_1" / "checkpoints" / f"step={checkpoint_at}.ckpt"
     assert checkpoint.is_file(), sorted(p.name for p in (runs / "version_1").rglob("*"))
-    train(workdir, plain, f"--ckpt_path={checkpoint}")
+    resume = train_in_this_process if resume_in_this_process else train
+    resume(workdir, plain, f"--ckpt_path={checkpoint}")
     assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == ["version_0", "version_1"]  # no new version
     return runs / "version_0", runs / "version_1"
 
@@ -57,7 +59,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 
 def test_dense_canary_sft_resumes_to_the_uninterrupted_numbers(tmp_path):
-    plain, resumed = _kill_and_resume(tmp_path, _sft_config(), "tiny")
+    plain, resumed = _kill_and_resume(tmp_path, _sft_config(), "tiny", resume_in_this_process=True)
     assert results(resumed / "summary.json") == results(plain / "summary.json")
     _same_weights(resumed / "hf_model/model.safetensors", plain / "hf_model/model.safetensors")
     # the checkpoint carries the public (pre-canary) model the pre_sft and delta rows start from

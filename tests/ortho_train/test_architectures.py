@@ -296,9 +296,11 @@ def test_dtype_is_validated_and_isolation_needs_float32(arch_dir):
         UnlearnModule(str(model_dir), mode="mansu", loss="npo", optimizer="sgd", dtype="float16")
 
 
-def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch_dir, tmp_path):
-    arch, model_dir = arch_dir
-    dtype = {"llama": "float16"}.get(arch, "bfloat16")  # float16 once: the same code path
+# Two architectures: the dtype handling (peft's float32 adapters, float32 PTQ copies) is the same code
+# for every one; bfloat16 loading of all four is covered by test_dense_bf16_sft_and_posthoc_table.
+@pytest.mark.parametrize("arch, dtype", [("llama", "float16"), ("qwen2", "bfloat16")])
+def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch, dtype, tmp_path, tmp_path_factory):
+    model_dir = cached_tiny_model(arch, tmp_path_factory)
     module = UnlearnModule(str(model_dir), mode="lora", loss="npo", lr=1e-2, lora=ALL_LINEAR,
                            guard_every_n_steps=1, attribution_batches=0, dtype=dtype)
     trained = {p.dtype for p in module.model.parameters() if p.requires_grad}

@@ -5,6 +5,9 @@ windows until greedy decoding reproduces every secret; a few seconds on one CPU 
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,8 +85,23 @@ _CACHE: dict[str, Path] = {}
 
 
 def cached_tiny_canary_model(tmp_path_factory) -> Path:
-    """One memorised tiny model per test session (pass pytest's `tmp_path_factory`)."""
+    """One memorised tiny model per test session (pass pytest's `tmp_path_factory`).
+
+    Under pytest-xdist the workers share it: the first to need it trains it into the session's
+    common temporary directory, holding a file lock that the others wait on (training is seeded
+    and single-threaded, so whichever worker trains it, it is the same model).
+    """
     if "model" not in _CACHE:
-        with one_thread():
-            _CACHE["model"] = train_tiny_canary_model(tmp_path_factory.mktemp("tiny_canary_model"))
+        shared = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            shared = shared.parent  # the session's directory, above the per-worker ones
+        target = shared / "tiny_canary_model"
+        with open(shared / "tiny_canary_model.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (target / "config.json").is_file():
+                with one_thread():
+                    staging = Path(tempfile.mkdtemp(dir=shared))
+                    train_tiny_canary_model(staging)
+                    staging.rename(target)
+        _CACHE["model"] = target
     return _CACHE["model"]
