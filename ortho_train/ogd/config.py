@@ -33,6 +33,11 @@ class OGDConfig:
             keeps the α = 1 model good on public text. The public path is the same either way
             (it never sees ΔW_priv or a canary); the price is a second public forward/backward
             per step.
+        private_public_fraction: with `private_sees_public`, the share of the public batch's
+            windows (the first ⌈f·B⌉) in the α = 1 public pass, in (0, 1]. Their token-mean NLL
+            stands in for the whole batch's, weighted by its token count, so ΔW_priv descends the
+            same objective in expectation at a fraction of that pass's cost. The α = 0 public
+            path is untouched (it always uses the whole batch).
         private_basis: the coordinates the private AdamW works in (`ortho_train.ogd.private_stream`):
             'parameter' (ΔW itself; gradient and applied step projected off S_gen, two
             projections per step), 'parameter_step' (ΔW itself; only the applied step
@@ -46,6 +51,7 @@ class OGDConfig:
     kfac_batches: int = 8
     include_lm_head: bool = False
     private_sees_public: bool = False
+    private_public_fraction: float = 1.0
     private_basis: str = "parameter"
 
     def __post_init__(self) -> None:
@@ -60,6 +66,11 @@ class OGDConfig:
         if self.private_basis not in PRIVATE_BASES:
             raise ValueError(f"ogd.private_basis {self.private_basis!r} is unknown; choose one of "
                              f"{sorted(PRIVATE_BASES)}")
+        if not 0.0 < self.private_public_fraction <= 1.0:
+            raise ValueError(f"ogd.private_public_fraction must lie in (0, 1], got {self.private_public_fraction}")
+        if self.private_public_fraction < 1.0 and not self.private_sees_public:
+            raise ValueError("ogd.private_public_fraction < 1 needs ogd.private_sees_public=true: without it "
+                             "the private stream has no public pass to subsample")
         if self.kfac_batches < 1:
             raise ValueError(f"ogd.kfac_batches must be ≥ 1, got {self.kfac_batches}")
 

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 python -m ortho_train.private_update.bench            # the quickstart's Llama
     python -m ortho_train.private_update.bench --steps 10 --subspace sharpest --json out.json
     python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public
+    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public --private-public-fraction 0.5
     python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public --private-basis eigenbasis
 
 Both modes run through their private-update controller, driven in the order Lightning calls
@@ -106,6 +107,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--kfac-batches", type=int, default=8)
     parser.add_argument("--private-sees-public", action="store_true",
                         help="ΔW_priv descends the joint public + canary NLL at α = 1 (a second public pass)")
+    parser.add_argument("--private-public-fraction", type=float, default=1.0,
+                        help="share of the public windows in the α = 1 public pass (ogd.private_public_fraction)")
     parser.add_argument("--private-basis", default="parameter", choices=sorted(PRIVATE_BASES),
                         help="coordinates of the private AdamW (ortho_train.ogd.private_stream)")
     parser.add_argument("--hidden", type=int, default=TinyLlamaConfig.hidden_size)
@@ -122,6 +125,7 @@ def main(argv=None) -> dict:
     dense_host, _ = _setup(dense, config, publics)
     ogd = OGDController(OGDConfig(subspace=args.subspace, fraction=args.fraction, kfac_batches=args.kfac_batches,
                                   private_sees_public=args.private_sees_public,
+                                  private_public_fraction=args.private_public_fraction,
                                   private_basis=args.private_basis))
     ogd_host, kfac_s = _setup(ogd, config, publics)
     times = {"dense": [], "ogd": []}

@@ -12,6 +12,7 @@ W(α) = W_public_path + α·ΔW_priv. Each canary step:
    on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
 3. every model parameter takes g_pub; the private gradients go to ΔW_priv; the two parts are
    clipped separately (a joint norm would let the canaries scale the public update);
+   (`private_public_fraction` < 1: that public part is estimated from the first windows);
 4. the module's AdamW steps W_pub (the model holds W_pub during its step); a separate AdamW
    with the same learning rate, betas and weight decay steps ΔW_priv, in the coordinates
    `ogd.private_basis` names (`ortho_train.ogd.private_stream`): 'parameter' — ΔW itself;
@@ -27,6 +28,7 @@ tokens a batch has); AdamW's per-parameter normalisation makes the overall scale
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from contextlib import contextmanager
 
@@ -159,9 +161,20 @@ class OGDController(PrivateUpdateController):
         logged = (nll.detach() + canary_nll.detach()) / (tokens + canary_tokens)
         private = canary
         if self.config.private_sees_public:  # ΔW_priv also descends the public NLL at α = 1
-            public_at_one, _ = host.nll_sum(batch["public"])
-            private = (public_at_one + canary_nll) / (tokens + canary_tokens)
+            private = (self._public_nll_at_one(batch["public"], tokens) + canary_nll) / (tokens + canary_tokens)
         return TrainingLoss(private, logged, canary.detach())
+
+    def _public_nll_at_one(self, public: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """Summed public NLL at α = 1 over the batch's `tokens` label tokens; with
+        `private_public_fraction` f < 1, estimated from the first ⌈f·B⌉ windows as their
+        token-mean NLL times `tokens` (for shuffled windows of one length, an unbiased estimate of
+        the whole batch's sum)."""
+        fraction = self.config.private_public_fraction
+        if fraction == 1.0:
+            return self.host.nll_sum(public)[0]
+        rows = max(1, math.ceil(fraction * public["input_ids"].shape[0]))
+        nll, subset_tokens = self.host.nll_sum({k: v[:rows] for k, v in public.items()})  # (rows, T) each
+        return nll * (tokens / subset_tokens)
 
     def after_backward(self) -> None:
         """Private gradients (projected off S_gen) to ΔW_priv; g_pub to every model parameter;
@@ -254,6 +267,7 @@ class OGDController(PrivateUpdateController):
             "subspace": cfg.subspace, "fraction": None if cfg.k is not None else cfg.fraction, "k": cfg.k,
             "layers": len(masks), "include_lm_head": cfg.include_lm_head,
             "private_sees_public": cfg.private_sees_public, "private_basis": cfg.private_basis,
+            "private_public_fraction": cfg.private_public_fraction,
             "protected_fraction": sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks),
             "private_in_subspace_max": max(ratios.values()),
             "private_relative_norm": (delta_sq / public_sq) ** 0.5 if public_sq > 0 else None,

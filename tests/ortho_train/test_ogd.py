@@ -88,6 +88,13 @@ def test_private_sees_public_changes_only_the_private_stream(tmp_path):
     assert sum(changed) >= 0.9 * len(changed)
     assert joint.final_metrics["ogd"]["private_sees_public"] is True
     assert joint.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
+    # the α = 1 public pass on the first window of the two (private_public_fraction=0.5): again
+    # only ΔW_priv moves, and differently from the pass over the whole batch
+    half = _fit(tmp_path / "half", ogd=OGDConfig(**spec, private_sees_public=True, private_public_fraction=0.5))
+    for name, (w_pub, _) in plain.private_update.public.items():
+        assert torch.equal(w_pub, half.private_update.public[name][0]), name
+        assert not torch.equal(half.private_update.delta[name][0], joint.private_update.delta[name][0]), name
+    assert half.final_metrics["ogd"]["private_in_subspace_max"] <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +164,11 @@ def test_bad_ogd_settings_fail_at_start_up_naming_the_setting():
         CanarySFTModule(tiny_llama=TINY, ogd=OGDConfig(k=5000))  # 32×32 and 32×64 linears
     with pytest.raises(ValueError, match="ogd.k=65 is beyond layer"):
         CanarySFTModule(tiny_llama=TINY, ogd=OGDConfig(subspace="input_flattest", k=65))
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"ogd.private_public_fraction must lie in \(0, 1\]"):
+            OGDConfig(private_sees_public=True, private_public_fraction=fraction)
+    with pytest.raises(ValueError, match="ogd.private_public_fraction < 1 needs ogd.private_sees_public=true"):
+        OGDConfig(private_public_fraction=0.5)
     with pytest.raises(ValueError, match="isolation and ogd are mutually exclusive"):
         CanarySFTModule(tiny_llama=TINY, isolation=IsolationConfig(), ogd=OGDConfig())
 
