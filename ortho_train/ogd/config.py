@@ -69,8 +69,9 @@ class OGDConfig:
         if not 0.0 < self.private_public_fraction <= 1.0:
             raise ValueError(f"ogd.private_public_fraction must lie in (0, 1], got {self.private_public_fraction}")
         if self.private_public_fraction < 1.0 and not self.private_sees_public:
-            raise ValueError("ogd.private_public_fraction < 1 needs ogd.private_sees_public=true: without it "
-                             "the private stream has no public pass to subsample")
+            raise ValueError(f"ogd.private_public_fraction={self.private_public_fraction} < 1 needs "
+                             "ogd.private_sees_public=true: without it the private stream has no public pass "
+                             "to subsample (with private_sees_public=false set ogd.private_public_fraction=1)")
         if self.kfac_batches < 1:
             raise ValueError(f"ogd.kfac_batches must be ≥ 1, got {self.kfac_batches}")
 

@@ -1,9 +1,12 @@
 """OGD-projected canary SFT: the private displacement stays out of S_gen, α = 0 never sees a canary."""
 import json
+import re
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
 
 from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
@@ -167,7 +170,7 @@ def test_bad_ogd_settings_fail_at_start_up_naming_the_setting():
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"ogd.private_public_fraction must lie in \(0, 1\]"):
             OGDConfig(private_sees_public=True, private_public_fraction=fraction)
-    with pytest.raises(ValueError, match="ogd.private_public_fraction < 1 needs ogd.private_sees_public=true"):
+    with pytest.raises(ValueError, match=r"ogd.private_public_fraction=0.5 < 1 needs ogd.private_sees_public=true"):
         OGDConfig(private_public_fraction=0.5)
     with pytest.raises(ValueError, match="isolation and ogd are mutually exclusive"):
         CanarySFTModule(tiny_llama=TINY, isolation=IsolationConfig(), ogd=OGDConfig())
@@ -208,3 +211,14 @@ def test_bench_prints_dense_and_ogd_steps_side_by_side(tmp_path, capsys):
     assert "dense SFT step" in out and "OGD step" in out and "K-FAC refresh" in out
     assert result["ratio"] == pytest.approx(result["ogd_step_s"] / result["dense_step_s"])
     assert json.loads((tmp_path / "bench.json").read_text())["kfac_refresh_s"] > 0
+
+
+def test_the_configs_documented_commands_give_valid_ogd_settings():
+    """configs/ogd_sft.yaml's commented overrides (e.g. the paper's method) must start."""
+    text = (Path(__file__).resolve().parents[2] / "configs/ogd_sft.yaml").read_text()
+    shipped = yaml.safe_load(text)["model"]["init_args"]["ogd"]
+    commands = [line for line in text.splitlines() if line.startswith("#") and "--model.init_args.ogd." in line]
+    assert commands
+    for line in commands:
+        overrides = {k: yaml.safe_load(v) for k, v in re.findall(r"--model\.init_args\.ogd\.(\w+)=(\S+)", line)}
+        OGDConfig(**(shipped | overrides))
