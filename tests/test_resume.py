@@ -4,8 +4,9 @@ Each test runs train.py three times in one working directory (one canary key), o
 uninterrupted (version_0, in the test's own process); killed with SIGKILL one step after a
 checkpoint (version_1, a fresh process); resumed from that checkpoint, which must write into
 version_1 again: in another fresh process (the slow tests, as a user resumes) or in the test's
-process (the fast one: the state it resumes from is still only what the killed process wrote). Same machine, seed and thread count, so the resumed run's
-results must equal the uninterrupted run's exactly (wall-clock entries aside).
+process (the fast one: the state it resumes from is still only what the killed process wrote).
+Same machine, seed and thread count, so the resumed run's results must equal the uninterrupted
+run's exactly (wall-clock entries aside).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _kill_and_resume(workdir: Path, config: dict, name: str, kill_at: int = KILL
     plain = write_config(workdir / "run.yaml", config)
     doomed = copy.deepcopy(config)
     doomed["trainer"]["callbacks"].append(killer(kill_at))
-    train_in_this_process(workdir, plain)  # the reference; the killed and the resumed run are fresh processes
+    train_in_this_process(workdir, plain)  # the reference; the killed run is a fresh process
     train(workdir, write_config(workdir / "killed.yaml", doomed), killed=True)
     runs = workdir / "runs" / name
     checkpoint = runs / "version_1" / "checkpoints" / f"step={checkpoint_at}.ckpt"

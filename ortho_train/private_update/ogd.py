@@ -8,11 +8,11 @@ W(α) = W_public_path + α·ΔW_priv. Each canary step:
 1. g_pub = ∇ (public batch mean NLL) at the α = 0 weights (W_pub swapped in): the public
    update never depends on a canary;
 2. g_priv = ∇ (canary batch mean NLL) at the full weights W_pub + ΔW_priv, by the ordinary
-   backward (with `private_sees_public`: of the joint public + canary token-mean NLL there);
+   backward (with `private_sees_public`: of the joint public + canary token-mean NLL there,
+   its public part estimated from the first windows when `private_public_fraction` < 1);
    on the protected linears g_priv ← g_priv − P_S_gen(g_priv);
 3. every model parameter takes g_pub; the private gradients go to ΔW_priv; the two parts are
    clipped separately (a joint norm would let the canaries scale the public update);
-   (`private_public_fraction` < 1: that public part is estimated from the first windows);
 4. the module's AdamW steps W_pub (the model holds W_pub during its step); a separate AdamW
    with the same learning rate, betas and weight decay steps ΔW_priv, in the coordinates
    `ogd.private_basis` names (`ortho_train.ogd.private_stream`): 'parameter' — ΔW itself;
@@ -169,10 +169,10 @@ class OGDController(PrivateUpdateController):
         `private_public_fraction` f < 1, estimated from the first ⌈f·B⌉ windows as their
         token-mean NLL times `tokens` (for shuffled windows of one length, an unbiased estimate of
         the whole batch's sum)."""
-        fraction = self.config.private_public_fraction
-        if fraction == 1.0:
+        windows = public["input_ids"].shape[0]
+        rows = max(1, math.ceil(self.config.private_public_fraction * windows))
+        if rows == windows:
             return self.host.nll_sum(public)[0]
-        rows = max(1, math.ceil(fraction * public["input_ids"].shape[0]))
         nll, subset_tokens = self.host.nll_sum({k: v[:rows] for k, v in public.items()})  # (rows, T) each
         return nll * (tokens / subset_tokens)
 

@@ -11,7 +11,7 @@ import yaml
 from callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.kfac import component_in
-from ortho_train.models import TinyLlamaConfig
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.ogd import OGDConfig, SubspaceDelta
 from ortho_train.private_update import OGDController, SubspaceStreams
 from ortho_train.sft_module import CanarySFTModule
@@ -222,3 +222,23 @@ def test_the_configs_documented_commands_give_valid_ogd_settings():
     for line in commands:
         overrides = {k: yaml.safe_load(v) for k, v in re.findall(r"--model\.init_args\.ogd\.(\w+)=(\S+)", line)}
         OGDConfig(**(shipped | overrides))
+
+
+def test_public_pass_at_alpha_one_is_estimated_from_the_first_windows():
+    """f < 1: the first ⌈f·B⌉ windows' NLL, scaled to the whole batch's label tokens; f = 1 (or a
+    fraction that rounds up to every window): the whole batch's summed NLL itself."""
+    from ortho_train.private_update.bench import BenchHost, _batch
+
+    generator = torch.Generator().manual_seed(0)
+    public = _batch(4, 12, generator)  # (4, 12) windows
+    public["labels"] = public["labels"].clone()
+    public["labels"][0, :5] = -100  # unequal label counts: the weighting must use the real ones
+    model = build_tiny_llama(TINY, 259, pad_token_id=0, eos_token_id=1)
+    host = BenchHost(model, [public])
+    full, tokens = host.nll_sum(public)
+    first, first_tokens = host.nll_sum({k: v[:2] for k, v in public.items()})  # (2, 12)
+    for fraction, expected in ((0.5, first * (tokens / first_tokens)), (0.9, full), (1.0, full)):
+        controller = OGDController(OGDConfig(private_sees_public=True, private_public_fraction=fraction))
+        controller.host = host
+        assert torch.equal(controller._public_nll_at_one(public, tokens), expected), fraction
+    assert not torch.allclose(first * (tokens / first_tokens), full)  # the subset is an estimate
