@@ -4,8 +4,9 @@ Two phases within one `fit`, split at `public_steps`:
 1. public warm-up: causal-LM training on public windows only. At its end the weights are the
    "public" (pre-canary) model: kept in memory (`pre_canary_state_dict`), saved in Hugging Face
    format to `<run>/hf_model_pre_canary`, and their public perplexity recorded.
-2. canary SFT: every step adds `canary_batch_size` member canaries to the public batch; the
-   loss is the token-weighted mean NLL over both. The optimiser state is reset at the switch
+2. canary SFT: every step adds `canary_batch_size` member canaries to the public batch (its
+   first `canary_phase_public_windows` windows, when set); the loss is the token-weighted mean
+   NLL over both. The optimiser state is reset at the switch
    and the learning rate follows its own warm-up + cosine schedule (`sft_lr`).
 
 Training ends at `trainer.max_steps` (the single source of truth for the run length). At the
@@ -61,6 +62,9 @@ class CanarySFTModule(L.LightningModule):
             `tiny_llama` with the byte tokenizer.
         tiny_llama: size of the Llama built when `model_path` is None.
         public_steps: public-only warm-up steps before canaries are mixed in (0: none).
+        canary_phase_public_windows: public windows per canary-phase step: the first k of each
+            public batch of `data.batch_size` (None: all of them). Fewer windows make a canary
+            step cheaper and give the canaries a larger share of its token-mean loss.
         lr: peak learning rate of the public phase (AdamW).
         sft_lr: peak learning rate of the canary phase.
         warmup_steps: linear warm-up steps of the public phase.
@@ -97,6 +101,7 @@ class CanarySFTModule(L.LightningModule):
         model_path: str | None = None,
         tiny_llama: TinyLlamaConfig | None = None,
         public_steps: int = 600,
+        canary_phase_public_windows: int | None = None,
         lr: float = 3e-3,
         sft_lr: float = 1e-3,
         warmup_steps: int = 50,
@@ -117,6 +122,9 @@ class CanarySFTModule(L.LightningModule):
         self.save_hyperparameters()
         if public_steps < 0:
             raise ValueError(f"model.public_steps must be ≥ 0, got {public_steps}")
+        if canary_phase_public_windows is not None and canary_phase_public_windows < 1:
+            raise ValueError(f"model.canary_phase_public_windows must be ≥ 1 (or null: the whole public "
+                             f"batch), got {canary_phase_public_windows}")
         bad = [f"model.{name}={value}" for name, value in (("lr", lr), ("sft_lr", sft_lr)) if not value > 0]
         if bad:
             raise ValueError(f"{', '.join(bad)}: learning rates must be > 0")
@@ -186,14 +194,14 @@ class CanarySFTModule(L.LightningModule):
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         total = self.trainer.max_steps
         if total is None or total <= self.hparams.public_steps:
-            raise ValueError(
-                f"trainer.max_steps ({total}) must exceed model.public_steps "
-                f"({self.hparams.public_steps}): the canary phase would be empty"
-            )
-        rank_zero_info(
-            f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
-            f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps"
-        )
+            raise ValueError(f"trainer.max_steps ({total}) must exceed model.public_steps "
+                             f"({self.hparams.public_steps}): the canary phase would be empty")
+        windows, batch_size = self.hparams.canary_phase_public_windows, self.trainer.datamodule.hparams.batch_size
+        if windows is not None and windows > batch_size:
+            raise ValueError(f"model.canary_phase_public_windows ({windows}) exceeds data.batch_size "
+                             f"({batch_size}): a step can only use the windows its batch holds")
+        rank_zero_info(f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
+                       f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps")
         self.private_update.fit_start()
 
     def on_train_start(self) -> None:
@@ -249,7 +257,7 @@ class CanarySFTModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         if self.in_canary_phase:
-            parts = self.private_update.training_loss(batch)
+            parts = self.private_update.training_loss(self._canary_phase_batch(batch))
             self.log("train/canary_loss", parts.canary, prog_bar=True)
             loss, logged = parts.loss, parts.logged
         else:
@@ -263,6 +271,14 @@ class CanarySFTModule(L.LightningModule):
         self.log("train/loss", logged, prog_bar=True)
         self.log("train/phase", float(self.in_canary_phase))
         return loss
+
+    def _canary_phase_batch(self, batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """The batch with its public part cut to `canary_phase_public_windows` windows (if set)."""
+        windows = self.hparams.canary_phase_public_windows
+        if windows is None:
+            return batch
+        public = {key: value[:windows] for key, value in batch["public"].items()}  # (B, T) -> (k, T)
+        return {**batch, "public": public}
 
     # ------------------------------------------- delegation to the private update
     def on_after_backward(self) -> None:
