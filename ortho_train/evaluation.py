@@ -68,6 +68,7 @@ def exposure_metrics(
     batch_size: int = 1024,
     progress: bool = False,
     randomness_space_size: int | None = None,
+    fit_scores: list | None = None,
 ) -> dict[str, float | str | None]:
     """Exposure of member secrets: exact rank against all references, and skew-normal.
 
@@ -77,8 +78,10 @@ def exposure_metrics(
     scored in full, and capped at log2|R| (`randomness_space_size`); when it is refused (too
     few references, a fit that does not converge) `exposure_skewnorm_mean` is None and
     `exposure_skewnorm_refused` says why. `skewnorm_references=0` skips it (tables that do not
-    show it: scoring the fit's references in full is most of the cost of exposure). Both cover the secret's tokens only, conditioned on
-    the canary's prefix.
+    show it: scoring the fit's references in full is most of the cost of exposure). Both cover
+    the secret's tokens only, conditioned on the canary's prefix. `fit_scores`, a list, gets
+    `(Px(canary), Px(fit references))` in bits per canary whose fit was scored (for
+    `exposure_histogram`, which pools the same numbers).
     """
     count = len(canaries) if max_canaries is None else min(max_canaries, len(canaries))
     ref_groups = _groups_by_length(reference_secret_ids)
@@ -98,9 +101,11 @@ def exposure_metrics(
         )
         ranked.append(metrics.exposure_from_count(below, len(reference_secret_ids)))
         if refused is None:
+            fit_lp = _fit_log_perplexities(model, prefix, reference_secret_ids, fit_groups, batch_size)
+            if fit_scores is not None:
+                fit_scores.append((canary_lp.item(), fit_lp))
             try:
-                extrapolated.append(_skewnorm_exposure(model, prefix, canary_lp, reference_secret_ids,
-                                                       fit_groups, batch_size, max_bits))
+                extrapolated.append(metrics.bounded_skewnorm_exposure(canary_lp, fit_lp, max_bits).item())
             except metrics.ExposureEstimateError as error:
                 refused = str(error)
     ranked_t = torch.tensor(ranked, dtype=torch.float64)
@@ -115,19 +120,37 @@ def exposure_metrics(
     return out
 
 
-def _skewnorm_exposure(model, prefix, canary_lp, reference_secret_ids, fit_groups, batch_size, max_bits) -> float:
-    fit_lp = torch.cat([
+def _fit_log_perplexities(model, prefix, reference_secret_ids, fit_groups, batch_size) -> torch.Tensor:
+    """Px (bits) of the fit's references in one canary's prefix context, group by group."""
+    return torch.cat([
         metrics.secret_log_perplexity(model, prefix, torch.stack([reference_secret_ids[j] for j in rows]), batch_size)
         for rows in fit_groups.values()
     ])
-    return metrics.bounded_skewnorm_exposure(canary_lp, fit_lp, max_bits).item()
+
+
+def _secret_is_argmax(logits: torch.Tensor, canaries: TokenisedCanaries, rows: range) -> torch.Tensor:
+    """Per canary: is every secret token the argmax after the true tokens before it? (bool (b,))
+
+    Greedy decoding returns the secret exactly when this holds (by induction over the secret's
+    tokens: each greedy step sees the true tokens so far), so one teacher-forced pass gives the
+    exact-match extraction of greedy decoding without decoding.
+    """
+    predicted = logits.argmax(dim=-1).cpu()  # (b, T): position t predicts token t + 1
+    hits = []
+    for row, index in enumerate(rows):
+        start, length = len(canaries.prefix_ids[index]), len(canaries.secret_ids[index])
+        guess = predicted[row, start - 1:start - 1 + length]  # (S,)
+        hits.append(bool(torch.equal(guess, canaries.secret_ids[index].cpu())))
+    return torch.tensor(hits)
 
 
 @torch.no_grad()
 def sequence_mia_scores(
     model, canaries: TokenisedCanaries, pad_token_id: int, batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Per-canary MIA scores (higher = more likely member) over whole canary sequences."""
+    """Per-canary MIA scores (higher = more likely member) over whole canary sequences, and
+    `secret_is_argmax` (bool): the greedy exact-match check of `_secret_is_argmax`, from the
+    same forward pass."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start in range(0, len(canaries), batch_size):
@@ -135,23 +158,33 @@ def sequence_mia_scores(
         batch = pad_collate(canaries.full_ids[chunk], pad_token_id)
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.float()
+        ).logits.float()  # (b, T, V)
         scores = metrics.mia_scores(logits, batch["labels"].to(device), texts=canaries.texts[chunk])
+        scores["secret_is_argmax"] = _secret_is_argmax(logits, canaries, range(len(canaries))[chunk])
         for name, value in scores.items():
             parts[name].append(value.cpu())
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def canary_scores(model, probe: MemorisationProbe) -> dict[str, dict[str, torch.Tensor]]:
+    """`sequence_mia_scores` of the members and of the holdout canaries (one pass each)."""
+    with eval_mode(model):
+        return {"members": sequence_mia_scores(model, probe.members, probe.pad_token_id),
+                "holdout": sequence_mia_scores(model, probe.holdout, probe.pad_token_id)}
 
 
 MIA_SUMMARY_NAMES = {"loss": "loss", "zlib": "zlib", "mink_20": "mink", "mink_40": "mink_40",
                      "minkpp_20": "minkpp", "minkpp_40": "minkpp_40"}
 
 
-def mia_metrics(model, probe: MemorisationProbe) -> dict[str, float]:
-    """ROC-AUC and TPR@1%FPR of each MIA score, members vs holdout canaries."""
+def mia_metrics(model, probe: MemorisationProbe, scores: dict | None = None) -> dict[str, float]:
+    """ROC-AUC and TPR@1%FPR of each MIA score, members vs holdout canaries (from `scores`,
+    the `canary_scores` of the model, when given)."""
     if len(probe.holdout) == 0:
         return {}
-    members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
-    holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
+    scores = scores or canary_scores(model, probe)
+    members, holdout = scores["members"], scores["holdout"]
     out = {}
     for score_name, short in MIA_SUMMARY_NAMES.items():
         out[f"mia_auc_{short}"] = metrics.roc_auc(members[score_name], holdout[score_name])
@@ -159,17 +192,16 @@ def mia_metrics(model, probe: MemorisationProbe) -> dict[str, float]:
     return out
 
 
-def mia_roc_curves(model, probe: MemorisationProbe, fpr: float = 0.01) -> dict[str, dict]:
+def mia_roc_curves(model, probe: MemorisationProbe, fpr: float = 0.01, scores: dict | None = None) -> dict[str, dict]:
     """ROC curve of each MIA score, members vs holdout: `{score: {fpr, tpr, auc, tpr_at_fpr}}`.
 
     Rates only (no scores, thresholds or texts), for plotting; `tpr_at_fpr` is at `fpr`.
-    Empty without holdout canaries.
+    Empty without holdout canaries. `scores`: the model's `canary_scores`, if already computed.
     """
     if len(probe.holdout) == 0:
         return {}
-    with eval_mode(model):
-        members = sequence_mia_scores(model, probe.members, probe.pad_token_id)
-        holdout = sequence_mia_scores(model, probe.holdout, probe.pad_token_id)
+    scores = scores or canary_scores(model, probe)
+    members, holdout = scores["members"], scores["holdout"]
     curves = {}
     for score_name, short in MIA_SUMMARY_NAMES.items():
         fprs, tprs = metrics.roc_curve(members[score_name], holdout[score_name])
@@ -192,19 +224,23 @@ def exposure_reference_histogram(model, probe: MemorisationProbe, contexts: int 
     with eval_mode(model):
         count = min(contexts, len(probe.members))
         groups = _groups_by_length(probe.reference_secret_ids[:references])
-        pooled, member_lp = [], []
+        scored = []
         for i in range(count):
             prefix = probe.members.prefix_ids[i]
-            member_lp.append(metrics.secret_log_perplexity(model, prefix, probe.members.secret_ids[i][None]).item())
-            for rows in groups.values():
-                candidates = torch.stack([probe.reference_secret_ids[j] for j in rows])  # (G, S)
-                pooled.append(metrics.secret_log_perplexity(model, prefix, candidates))
-    values = torch.cat(pooled).double().numpy()
+            member_lp = metrics.secret_log_perplexity(model, prefix, probe.members.secret_ids[i][None]).item()
+            scored.append((member_lp, _fit_log_perplexities(model, prefix, probe.reference_secret_ids, groups, 1024)))
+    return exposure_histogram(scored, bins)
+
+
+def exposure_histogram(scored: list[tuple[float, torch.Tensor]], bins: int = 40) -> dict:
+    """The histogram of `exposure_reference_histogram` from already scored contexts: one
+    `(Px(member), Px(references))` pair per context, e.g. the `fit_scores` of `exposure_metrics`."""
+    values = torch.cat([references for _, references in scored]).double().numpy()
     counts, edges = np.histogram(values, bins=bins)
     a, loc, scale = metrics.fit_skewnorm(values)
-    return {"units": "bits", "contexts": count, "references": len(values) // max(count, 1),
+    return {"units": "bits", "contexts": len(scored), "references": len(values) // max(len(scored), 1),
             "bin_edges": edges.tolist(), "counts": counts.tolist(),
-            "skewnorm": {"a": a, "loc": loc, "scale": scale}, "member_log_perplexity": member_lp}
+            "skewnorm": {"a": a, "loc": loc, "scale": scale}, "member_log_perplexity": [lp for lp, _ in scored]}
 
 
 def evaluate_memorisation(
@@ -215,6 +251,9 @@ def evaluate_memorisation(
     include: Sequence[str] = ("extraction", "exposure", "mia", "ppl"),
     progress: bool = False,
     skewnorm_references: int = 1000,
+    decode_holdout: bool = True,
+    scores: dict | None = None,
+    fit_scores: list | None = None,
 ) -> dict[str, float]:
     """All memorisation metrics of `model` on `probe` as a flat dict of floats.
 
@@ -224,22 +263,32 @@ def evaluate_memorisation(
         include: subset of {"extraction", "exposure", "mia", "ppl"}.
         progress: show a progress bar over the exposure computation (the slow part).
         skewnorm_references: references the skew-normal exposure is fitted to (0: not computed).
+        decode_holdout: greedy-decode the holdout canaries (`holdout_symbol_accuracy`); False
+            takes `holdout_extraction_rate` from the MIA pass's teacher-forced check, the same
+            exact-match rate without decoding (`_secret_is_argmax`), and reports no symbol accuracy.
+        scores: the model's `canary_scores`, if the caller computed them (else computed here
+            when MIA or the holdout check needs them).
+        fit_scores: a list that gets the skew-normal fit's scores per member (`exposure_metrics`).
     """
     with eval_mode(model):
         out: dict[str, float] = {}
+        if scores is None and len(probe.holdout) and ("mia" in include or not decode_holdout):
+            scores = canary_scores(model, probe)
         if "extraction" in include:
             out.update(extraction_metrics(model, probe.members))
-            if len(probe.holdout):
+            if len(probe.holdout) and decode_holdout:
                 holdout = extraction_metrics(model, probe.holdout)
                 out["holdout_extraction_rate"] = holdout["extraction_rate"]
                 out["holdout_symbol_accuracy"] = holdout["symbol_accuracy"]
+            elif len(probe.holdout):
+                out["holdout_extraction_rate"] = scores["holdout"]["secret_is_argmax"].double().mean().item()
         if "exposure" in include:
             references = probe.reference_secret_ids[:exposure_references]
             out.update(exposure_metrics(model, probe.members, references, exposure_canaries, progress=progress,
                                         randomness_space_size=probe.randomness_space_size,
-                                        skewnorm_references=skewnorm_references))
+                                        skewnorm_references=skewnorm_references, fit_scores=fit_scores))
         if "mia" in include:
-            out.update(mia_metrics(model, probe))
+            out.update(mia_metrics(model, probe, scores))
         if "ppl" in include:
             out["public_ppl"] = metrics.perplexity(model, probe.public_val_batches())
         return out

@@ -33,25 +33,21 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 
 from ortho_train import metrics
-from ortho_train.artifacts import atomic_directory, write_json_atomic
+from ortho_train.artifacts import atomic_directory
 from ortho_train.distributed import allow_parameters_frozen_later, refuse_sharded_strategy
-from ortho_train.evaluation import (SCORED_TOKENS, evaluate_memorisation, exposure_reference_histogram,
-                                    mia_roc_curves)
+from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_support import refuse_float16_training
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
 from ortho_train.rng_state import GlobalRNG
+from ortho_train.run_summary import write_run_summary
 from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
-SUMMARY_KEYS = (
-    "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
-    "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
-)
 
 
 class CanarySFTModule(L.LightningModule):
@@ -315,6 +311,8 @@ class CanarySFTModule(L.LightningModule):
             self._log_memorisation()
 
     def _log_memorisation(self) -> None:
+        if self.global_step >= self.trainer.max_steps:
+            return  # the final evaluation follows at once, with every reference secret
         if self.trainer.is_global_zero:
             found = evaluate_memorisation(
                 self.model, self.probe, exposure_references=self.hparams.val_exposure_references,
@@ -331,32 +329,7 @@ class CanarySFTModule(L.LightningModule):
 
     @rank_zero_only
     def _write_summary(self) -> None:
-        rank_zero_info("final memorisation evaluation (all reference secrets)…")
-        found = evaluate_memorisation(self.model, self.probe, progress=True)
-        found["public_ppl_before_canaries"] = self.public_ppl_before_canaries
-        found["scored_tokens"] = SCORED_TOKENS
-        found["canary_steps"] = self.trainer.max_steps - self.hparams.public_steps
-        found.update(self.private_update.summary_entries())
-        found["canary_presentations_per_member"] = (
-            found["canary_steps"] * self.trainer.datamodule.hparams.canary_batch_size
-            * max(1, self.trainer.world_size) / len(self.probe.members)
-        )
-        found |= self.trainer.datamodule.canary_record  # later stages check they use these canaries
-        self.final_metrics = found
-        for logger in self.loggers:
-            logger.log_metrics({f"final/{k}": v for k, v in found.items() if isinstance(v, (int, float))},
-                               step=self.global_step)
-            logger.save()
-        summary = {key: found.get(key) for key in SUMMARY_KEYS} | {
-            k: v for k, v in found.items() if k not in SUMMARY_KEYS
-        }
-        path = write_json_atomic(self.run_dir / "summary.json", summary)
-        rank_zero_info(f"summary written to {path.resolve()}")
-        # plot data for the report: ROC rates and reference log-perplexity counts, no secrets
-        roc = mia_roc_curves(self.model, self.probe)
-        if roc:
-            write_json_atomic(self.run_dir / "roc.json", roc)
-        write_json_atomic(self.run_dir / "exposure_refs.json", exposure_reference_histogram(self.model, self.probe))
+        self.final_metrics = write_run_summary(self)
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

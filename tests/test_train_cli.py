@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ortho_train.sft_module import SUMMARY_KEYS
+from ortho_train.run_summary import SUMMARY_KEYS
 from train import OrthoTrainCLI, cli_main
 
 REPO = Path(__file__).resolve().parents[1]

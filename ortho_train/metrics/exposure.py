@@ -30,6 +30,7 @@ import torch
 from scipy import integrate, special, stats
 from torch import Tensor, nn
 
+from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
 from ortho_train.models import eval_mode
 
 _LN2 = math.log(2.0)
@@ -80,12 +81,12 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     cache = copy.deepcopy(prefix_cache)  # forward passes append to it in place
     if h == 0:
         cache.batch_repeat_interleave(b)
-        logits = model(rows[:, :-1], past_key_values=cache, use_cache=True).logits  # (b, S-1, V)
+        logits = model(rows[:, :-1], use_cache=True, **cache_kwargs(model, cache)).logits  # (b, S-1, V)
         return logp + _candidate_logprob_sum(logits, rows[:, 1:])
     # (u, h) distinct heads and, for each of the b rows, the index of its head
     heads, head_of_row = torch.unique_consecutive(rows[:, :h], dim=0, return_inverse=True)
     cache.batch_repeat_interleave(heads.shape[0])
-    head_logits = model(heads, past_key_values=cache, use_cache=True).logits  # (u, h, V)
+    head_logits = model(heads, use_cache=True, **cache_kwargs(model, cache)).logits  # (u, h, V)
     head_logp = torch.log_softmax(head_logits.float(), dim=-1)  # position j predicts s_{j+2}
     within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, h-1)
     within_head = within_head.sum(-1)  # (u,) s_2..s_h
@@ -93,7 +94,7 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     logp = logp + within_head[head_of_row] + after_head
     if h < secret_len - 1:
         cache.batch_select_indices(head_of_row)  # (u, ...) -> (b, ...)
-        logits = model(rows[:, h:-1], past_key_values=cache, use_cache=True).logits  # (b, S-1-h, V)
+        logits = model(rows[:, h:-1], use_cache=True, **cache_kwargs(model, cache)).logits  # (b, S-1-h, V)
         logp = logp + _candidate_logprob_sum(logits, rows[:, h + 1:])
     return logp
 
@@ -130,7 +131,7 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
       whose cache cannot be copied).
 
     Args:
-        model: Hugging Face style causal LM (``.logits``, ``.past_key_values``).
+        model: Hugging Face style causal LM (``.logits`` and a KV cache, `metrics.kv_cache`).
         prefix_ids: (P,) or (1, P) prefix token ids, P ≥ 1.
         candidate_ids: (R, S) candidate secrets (e.g. the canary and the references).
         batch_size: candidates per forward pass; 1024 suits a few-million-parameter model on
@@ -154,7 +155,7 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     with eval_mode(model):
         out = model(prefix, use_cache=reuse_prefix_cache)
         first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) for s_1
-        prefix_cache = out.past_key_values if reuse_prefix_cache else None
+        prefix_cache = returned_cache(out) if reuse_prefix_cache else None
         del out
         unique_result = torch.empty(unique.shape[0], dtype=torch.float64)
         for start in range(0, unique.shape[0], batch_size):
@@ -281,8 +282,10 @@ def count_references_below(model: nn.Module, prefix_ids: Tensor, canary_logppl: 
     references whose head exceeds ``Px(canary) + margin_bits`` are dropped; the survivors are
     scored in full. A memorised canary (Px ≈ 0) prunes nearly everything at h = 2, which makes
     the rank against 10⁴ references ~50× cheaper than scoring them all; an unmemorised one
-    costs at most the full scoring plus the (small) head passes. ``margin_bits`` absorbs
-    float32 rounding between the head and full passes, so pruning never changes the count.
+    costs the full scoring plus the (small) head passes. A level whose distinct heads number
+    more than half its survivors is skipped (with the deeper ones): its pass would cost about
+    as much as scoring the survivors in full. ``margin_bits`` absorbs float32 rounding between
+    the head and full passes, so pruning never changes the count.
 
     Args:
         prefix_ids: (P,) prefix the secrets follow.
@@ -298,6 +301,8 @@ def count_references_below(model: nn.Module, prefix_ids: Tensor, canary_logppl: 
         if h >= survivors.shape[1] or survivors.shape[0] == 0:
             break
         heads, head_of_row = torch.unique(survivors[:, :h], dim=0, return_inverse=True)  # (u, h)
+        if 2 * heads.shape[0] > survivors.shape[0]:
+            break  # deeper levels have at least as many heads
         head_cost = secret_log_perplexity(model, prefix_ids, heads, batch_size)  # (u,) bits
         survivors = survivors[head_cost[head_of_row] <= canary_logppl + margin_bits]
     if survivors.shape[0] == 0:

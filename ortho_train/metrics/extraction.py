@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
 from ortho_train.models import eval_mode
 
 
@@ -23,10 +24,10 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
     """Greedy (argmax) continuation of equal-length, unpadded prefixes.
 
     ``y_i = argmax_v p(v | prefix, y_<i)`` for i = 1..n_tokens, using the model's KV cache
-    (``past_key_values``) so each step costs one token. No EOS stopping.
+    (``cache``, ``past_key_values`` before transformers 5) so each step costs one token. No EOS stopping.
 
     Args:
-        model: a Hugging Face style causal LM returning ``.logits`` and ``.past_key_values``.
+        model: a Hugging Face style causal LM returning ``.logits`` and its KV cache.
         prefix_ids: (B, P) token ids, all the same length (no padding).
         n_tokens: number of tokens to generate (≥ 0).
         batch_size: prefixes decoded together.
@@ -46,12 +47,12 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
         for start in range(0, n_prefixes, batch_size):
             ids = prefix_ids[start:start + batch_size].to(device)  # (b, P)
             out = model(ids, use_cache=True)
-            cache = out.past_key_values
+            cache = returned_cache(out)
             step = out.logits[:, -1, :].argmax(dim=-1)  # (b,)
             generated = [step]
             for _ in range(n_tokens - 1):
-                out = model(step.unsqueeze(-1), past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(step.unsqueeze(-1), use_cache=True, **cache_kwargs(model, cache))
+                cache = returned_cache(out)
                 step = out.logits[:, -1, :].argmax(dim=-1)
                 generated.append(step)
             chunks.append(torch.stack(generated, dim=1))  # (b, n_tokens)

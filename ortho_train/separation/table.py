@@ -151,7 +151,8 @@ class SeparationTable:
         c = self.config
         found = evaluate_memorisation(model, self.probe, exposure_canaries=c.exposure_canaries,
                                       exposure_references=c.exposure_references, include=tuple(c.metrics),
-                                      skewnorm_references=0)  # the table shows the exact rank only
+                                      skewnorm_references=0,  # the table shows the exact rank only
+                                      decode_holdout=False)  # holdout exact match by teacher forcing
         row = {"variant": variant, "alpha": alpha, "energy": energy,
                **{k: found.get(k) for k in COLUMNS[3:8]}, "eta": eta,
                "barrier_linear": None if barrier is None else barrier.linear,

@@ -226,7 +226,8 @@ class KillSwitchTable:
             self._measured[key] = evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
                 exposure_references=c.exposure_references, include=tuple(c.metrics),
-                skewnorm_references=0)  # the table shows the exact rank only
+                skewnorm_references=0,  # the table shows the exact rank only
+                decode_holdout=False)  # holdout exact match by teacher forcing
         return self._measured[key]
 
     def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,

@@ -4,7 +4,7 @@ import torch
 
 from ortho_train import metrics
 from ortho_train.datamodule import CanaryDataModule, pad_collate
-from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.evaluation import canary_scores, evaluate_memorisation, exposure_histogram, exposure_reference_histogram
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 
 
@@ -28,12 +28,31 @@ def test_pruned_reference_count_equals_full_scoring(probe_and_model):
         assert metrics.count_references_below(model, prefix, threshold, refs) == expected
 
 
-@pytest.mark.filterwarnings("ignore:TPR at FPR")
-def test_memorised_secret_gets_maximal_exposure(probe_and_model):
-    """Train the tiny model until member 0's secret is the most likely: exposure = log2|R_ref|."""
+def test_reference_levels_with_more_heads_than_half_the_survivors_are_skipped(probe_and_model):
+    """A level of 3 digits (≤ 300 distinct heads of 300 references) is not scored: the model runs
+    as often as with level 1 alone, and the count stays exact."""
     probe, model = probe_and_model
-    model = type(model)(model.config)
-    model.load_state_dict(probe_and_model[1].state_dict())
+    prefix = probe.members.prefix_ids[0]
+    refs = torch.stack(probe.reference_secret_ids)  # (R, S)
+    threshold = metrics.secret_log_perplexity(model, prefix, refs).median().item()
+    calls, counts, forwards = [], [], []
+    hook = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for levels in ((1,), (1, 3)):
+            calls.clear()
+            counts.append(metrics.count_references_below(model, prefix, threshold, refs, levels=levels))
+            forwards.append(len(calls))
+    finally:
+        hook.remove()
+    assert counts[0] == counts[1] == int((metrics.secret_log_perplexity(model, prefix, refs) < threshold).sum())
+    assert forwards[0] == forwards[1]
+
+
+def _memorised(probe, model):
+    """A copy of `model` trained until every member secret token has probability > 1/2."""
+    start = model
+    model = type(start)(start.config)
+    model.load_state_dict(start.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batch = pad_collate(probe.members.full_ids, probe.pad_token_id)
     members = probe.members
@@ -48,6 +67,18 @@ def test_memorised_secret_gets_maximal_exposure(probe_and_model):
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    return model
+
+
+@pytest.fixture(scope="module")
+def memorised(probe_and_model):
+    return _memorised(*probe_and_model)
+
+
+@pytest.mark.filterwarnings("ignore:TPR at FPR")
+def test_memorised_secret_gets_maximal_exposure(probe_and_model, memorised):
+    """Train the tiny model until member 0's secret is the most likely: exposure = log2|R_ref|."""
+    probe, model = probe_and_model[0], memorised
     found = evaluate_memorisation(model, probe)
     assert found["extraction_rate"] == 1.0
     assert found["exposure_mean"] == pytest.approx(found["exposure_max_measurable"])
@@ -68,3 +99,32 @@ def test_skewnorm_skipped_on_request_leaves_the_exact_rank(probe_and_model):
     assert exact_only["exposure_skewnorm_mean"] is None
     assert "skewnorm_references=0" in exact_only["exposure_skewnorm_refused"]
     assert full["exposure_skewnorm_mean"] is not None or "exposure_skewnorm_refused" in full
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["random", "memorised"])
+def test_teacher_forced_check_is_greedy_exact_match(probe_and_model, memorised, trained):
+    """`secret_is_argmax` of the MIA pass agrees with greedy decoding canary by canary, for
+    members and holdouts; the table's holdout rate (decode_holdout=False) is the decoded one."""
+    probe = probe_and_model[0]
+    model = memorised if trained else probe_and_model[1]
+    scores = canary_scores(model, probe)
+    for canaries, part in ((probe.members, "members"), (probe.holdout, "holdout")):
+        decoded = [bool(torch.equal(metrics.greedy_continuation(model, p[None], len(s))[0], s))
+                   for p, s in zip(canaries.prefix_ids, canaries.secret_ids)]
+        assert scores[part]["secret_is_argmax"].tolist() == decoded
+    assert all(scores["members"]["secret_is_argmax"].tolist()) == trained
+    decoded_rates = evaluate_memorisation(model, probe, include=("extraction",))
+    forced_rates = evaluate_memorisation(model, probe, include=("extraction", "mia"), decode_holdout=False)
+    assert forced_rates["holdout_extraction_rate"] == decoded_rates["holdout_extraction_rate"]
+    assert "holdout_symbol_accuracy" in decoded_rates and "holdout_symbol_accuracy" not in forced_rates
+    assert forced_rates["mia_auc_loss"] == evaluate_memorisation(model, probe, include=("mia",))["mia_auc_loss"]
+
+
+def test_exposure_histogram_reuses_the_skewnorm_fit_scores(probe_and_model):
+    """The run summary's histogram pools the scores the skew-normal exposure already computed:
+    the same calls in the same order as scoring the contexts afresh, so the same numbers."""
+    probe, model = probe_and_model
+    fits = []
+    evaluate_memorisation(model, probe, include=("exposure",), fit_scores=fits, skewnorm_references=300)
+    assert len(fits) == len(probe.members) and all(len(references) == 300 for _, references in fits)
+    assert exposure_histogram(fits[:2]) == exposure_reference_histogram(model, probe, contexts=2, references=300)

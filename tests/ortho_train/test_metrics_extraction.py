@@ -52,3 +52,17 @@ def test_extraction_rate_known_values():
     assert result["symbol_accuracy"] == pytest.approx(11 / 16)
     with pytest.raises(ValueError):
         extraction_rate(generated[:, :3], secrets)
+
+
+def test_cached_decoding_and_exposure_raise_no_deprecation_warning():
+    """The cache goes in under the name the installed transformers declares (`cache` in 5.x,
+    `past_key_values` before): no deprecation warning on every decoding step."""
+    import warnings
+
+    from ortho_train.metrics.exposure import secret_log_perplexity
+
+    model = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecation warning fails the test
+        greedy_continuation(model, torch.randint(0, 64, (3, 7)), 4)
+        secret_log_perplexity(model, torch.randint(0, 64, (7,)), torch.randint(0, 10, (20, 4)))
