@@ -81,6 +81,46 @@ def test_warmup_ignores_canaries_and_sft_adds_them():
     assert mixed.item() == pytest.approx(((nll + canary_nll) / (tokens + canary_tokens)).item())
 
 
+def test_canary_phase_uses_the_first_public_windows_only():
+    """canary_phase_public_windows = 1: the canary-phase loss is the token mean over the first
+    public window and the canaries; the public phase still uses the whole public batch."""
+    module = _module(public_steps=1, canary_phase_public_windows=1)
+    dm = _datamodule()  # batch_size 2
+    batch = {"public": next(iter(dm.public_train_dataloader())),
+             "canary": next(iter(dm.train_dataloader()["canary"]))}
+
+    class FakeTrainer:
+        global_step = 0
+
+    module._trainer = FakeTrainer()
+    module.log = lambda *a, **k: None
+    nll, tokens = module.nll_sum(batch["public"])
+    assert module.training_step(batch, 0).item() == pytest.approx((nll / tokens).item())
+    FakeTrainer.global_step = 1
+    first = {key: value[:1] for key, value in batch["public"].items()}  # (2, T) -> (1, T)
+    first_nll, first_tokens = module.nll_sum(first)
+    canary_nll, canary_tokens = module.nll_sum(batch["canary"])
+    expected = (first_nll + canary_nll) / (first_tokens + canary_tokens)
+    assert module.training_step(batch, 0).item() == pytest.approx(expected.item())
+    assert first_tokens < tokens  # the second window really was left out
+
+
+@pytest.mark.parametrize("windows", [0, -2])
+def test_canary_phase_public_windows_below_one_is_refused(windows):
+    with pytest.raises(ValueError, match="model.canary_phase_public_windows must be ≥ 1"):
+        _module(canary_phase_public_windows=windows)
+
+
+def test_canary_phase_public_windows_above_the_batch_is_refused_at_fit_start(tmp_path):
+    module = _module(public_steps=1, canary_phase_public_windows=3, eval_during_validation=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"canary_phase_public_windows \(3\) exceeds data.batch_size \(2\)"):
+        trainer.fit(module, datamodule=_datamodule())
+    assert not (tmp_path / "hf_model").exists()
+
+
 def test_non_finite_loss_is_a_clear_error():
     module = _module(public_steps=1)
     dm = _datamodule()
