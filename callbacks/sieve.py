@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians
+from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.model_support import require_linear_only
 from ortho_train.models import linear_layers
 from ortho_train.private_update.streams import SupportStreams
@@ -123,7 +124,8 @@ class SieveCallback(L.Callback):
         isolated = streams if isinstance(streams, SupportStreams) else None
         rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")
         table = KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
-                                lambda m: self._calibration(trainer, m), streams, rank_zero_info)
+                                lambda m: self._calibration(trainer, m), streams, rank_zero_info,
+                                known=self._known(pl_module, model, pre_model))
         rows = table.run()
         self.tables[trainer.global_step] = rows
         run_dir = pl_module.run_dir
@@ -140,6 +142,20 @@ class SieveCallback(L.Callback):
                 self._save_isolated(pl_module, model, isolated, run_dir)
         rank_zero_info(f"SieveCallback: table written to {run_dir / f'sieve_table{suffix}.md'}")
         return rows
+
+    @staticmethod
+    def _known(pl_module, model, pre_model) -> dict[str, dict]:
+        """What the run measured already on the same weights: the final evaluation of the
+        fine-tuned model and the public model's perplexity (by fingerprint: a copy in another
+        dtype does not match, and is measured)."""
+        known = {}
+        final = getattr(pl_module, "final_metrics", None)
+        if final:
+            known[model_fingerprint(model)] = final
+        ppl = getattr(pl_module, "public_ppl_before_canaries", None)
+        if pre_model is not None and ppl is not None:
+            known[model_fingerprint(pre_model)] = {"public_ppl": ppl}
+        return known
 
     def _hop(self, table: KillSwitchTable, step: int) -> dict:
         spec = self.config.spec

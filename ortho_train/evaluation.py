@@ -243,6 +243,19 @@ def exposure_histogram(scored: list[tuple[float, torch.Tensor]], bins: int = 40)
             "skewnorm": {"a": a, "loc": loc, "scale": scale}, "member_log_perplexity": [lp for lp, _ in scored]}
 
 
+METRIC_GROUP_KEYS = {  # what each `include` group of evaluate_memorisation yields (the keys tables show)
+    "extraction": ("extraction_rate", "symbol_accuracy", "holdout_extraction_rate"),
+    "mia": ("mia_auc_loss", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp"),
+    "ppl": ("public_ppl",),
+}
+
+
+def groups_known(known: dict, include: Sequence[str]) -> tuple[str, ...]:
+    """The groups of `include` whose keys `known` holds in full (exposure never: its numbers
+    depend on how many references and canaries were used)."""
+    return tuple(g for g in include if g in METRIC_GROUP_KEYS and all(k in known for k in METRIC_GROUP_KEYS[g]))
+
+
 def evaluate_memorisation(
     model,
     probe: MemorisationProbe,
@@ -272,7 +285,7 @@ def evaluate_memorisation(
     """
     with eval_mode(model):
         out: dict[str, float] = {}
-        if scores is None and len(probe.holdout) and ("mia" in include or not decode_holdout):
+        if scores is None and len(probe.holdout) and ("mia" in include or ("extraction" in include and not decode_holdout)):
             scores = canary_scores(model, probe)
         if "extraction" in include:
             out.update(extraction_metrics(model, probe.members))

@@ -37,7 +37,7 @@ from torch import nn
 
 from ortho_kernels import QuantisedBase
 from ortho_kernels.packing import SUPPORTED_BITS
-from ortho_train.evaluation import evaluate_memorisation
+from ortho_train.evaluation import METRIC_GROUP_KEYS, evaluate_memorisation, groups_known
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
@@ -173,18 +173,23 @@ class KillSwitchTable:
             serve the `intK_pre_sft` rows; not after public base updates); `SubspaceStreams`
             of an OGD fine-tune give the `ogd` rows.
         log: callable(str) for progress lines.
+        known: metrics already measured on some of the table's models, by `model_fingerprint`
+            (e.g. the run's final evaluation of the fine-tuned model, the public model's
+            perplexity): a row of such a model measures only the groups they do not cover
+            (`evaluation.groups_known`; exposure always, at the table's own settings).
     """
 
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, known: dict[str, dict] | None = None):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
         self.hessians_of, self.log = hessians_of, log
         self.isolated = streams if isinstance(streams, SupportStreams) else None
         self.ogd = streams if isinstance(streams, SubspaceStreams) else None
         self._hessians: dict[int, dict] = {}
         self._measured: dict[str, dict] = {}  # model fingerprint -> metrics (identical models: once)
+        self.known = known or {}
         self.rows: list[dict] = []
         self.hop: list[dict] = []  # with config.hop_report: per sieve, per layer, per column
 
@@ -222,10 +227,12 @@ class KillSwitchTable:
         """Metrics of `model`, reused when a row before it computed the very same function."""
         key = model_fingerprint(model)
         if key not in self._measured:
-            c = self.config
-            self._measured[key] = evaluate_memorisation(
+            c, known = self.config, self.known.get(key, {})
+            reused = groups_known(known, c.metrics)
+            found = {k: known[k] for g in reused for k in METRIC_GROUP_KEYS[g]}
+            self._measured[key] = found | evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
-                exposure_references=c.exposure_references, include=tuple(c.metrics),
+                exposure_references=c.exposure_references, include=tuple(m for m in c.metrics if m not in reused),
                 skewnorm_references=0,  # the table shows the exact rank only
                 decode_holdout=False)  # holdout exact match by teacher forcing
         return self._measured[key]

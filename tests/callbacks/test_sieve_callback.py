@@ -1,5 +1,6 @@
 """SieveCallback: the kill-switch table of a tiny isolated canary fine-tune, end to end."""
 import json
+import math
 
 import lightning as L
 import pytest
@@ -201,3 +202,42 @@ def test_empty_lists_mean_empty_and_no_table_means_default():
     assert empty.config.variants == [] and empty.config.references == []
     default = SieveCallback()
     assert default.config.variants == ["posthoc", "delta", "isolated"]
+
+
+def test_rows_of_models_the_run_measured_reuse_its_numbers(run):
+    """fp32 is the model the final evaluation measured, pre_sft the model whose perplexity was
+    taken at the switch: the table shows those numbers (exposure at its own settings)."""
+    module, _, run_dir = run
+    by = {r["variant"]: r for r in json.loads((run_dir / "sieve_table.json").read_text()) if r["alpha"] is None}
+    for key in ("extraction_rate", "holdout_extraction_rate", "mia_auc_loss", "public_ppl"):
+        assert by["fp32"][key] == module.final_metrics[key], key
+    assert by["pre_sft"]["public_ppl"] == module.public_ppl_before_canaries
+    assert by["fp32"]["exposure_mean"] <= math.log2(10) + 1e-9  # the table's 10 references
+
+
+def test_known_metrics_replace_only_the_groups_they_cover():
+    """Sentinel values prove reuse: a fully known model shows them (exposure still measured);
+    a model known for its perplexity only is measured for the rest; an unknown one in full."""
+    from ortho_train.model_fingerprint import model_fingerprint
+    from ortho_train.models import build_tiny_llama
+    from ortho_train.sieve.table import KillSwitchTable
+
+    dm = CanaryDataModule(seq_len=64, batch_size=2, val_windows=2, secret_length=4, num_member_canaries=3,
+                          num_holdout_canaries=4, num_reference_secrets=20)
+    dm.setup("fit")
+    tok = dm.tokenizer
+    model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(tok), tok.pad_token_id, tok.eos_token_id, seed=1)
+    pre = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(tok), tok.pad_token_id, tok.eos_token_id, seed=2)
+    sentinel = {"extraction_rate": 0.25, "symbol_accuracy": 0.5, "holdout_extraction_rate": 0.75,
+                "mia_auc_loss": 0.125, "mia_auc_minkpp": 0.375, "mia_tpr_at_1pct_fpr_loss": 0.0625,
+                "mia_tpr_at_1pct_fpr_minkpp": 0.1875, "public_ppl": 123.0, "exposure_mean": 99.0}
+    config = TableConfig(variants=[], references=["fp32", "pre_sft"], exposure_references=20, exposure_canaries=1)
+    known = {model_fingerprint(model): sentinel, model_fingerprint(pre): {"public_ppl": 456.0}}
+    rows = KillSwitchTable(model, pre, dm.probe, config, hessians_of=None, log=lambda _: None, known=known).run()
+    fp32, pre_sft = rows
+    assert {k: fp32[k] for k in ("extraction_rate", "holdout_extraction_rate", "mia_auc_loss", "public_ppl")} == \
+        {"extraction_rate": 0.25, "holdout_extraction_rate": 0.75, "mia_auc_loss": 0.125, "public_ppl": 123.0}
+    assert fp32["exposure_mean"] != 99.0 and fp32["exposure_mean"] <= math.log2(20) + 1e-9
+    assert pre_sft["public_ppl"] == 456.0 and pre_sft["mia_auc_loss"] not in (None, 0.125)
+    unknown = KillSwitchTable(model, pre, dm.probe, config, hessians_of=None, log=lambda _: None).run()[0]
+    assert unknown["public_ppl"] != 123.0 and unknown["mia_auc_loss"] != 0.125
