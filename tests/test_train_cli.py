@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ortho_train.run_summary import SUMMARY_KEYS
+from tests.secret_scan import holds_secret
 from train import OrthoTrainCLI, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,10 +82,11 @@ def test_no_canary_secret_reaches_any_log(tiny_run):
     cli, run_dir = tiny_run
     canaries = cli.datamodule.canaries
     secrets = [c.secret for c in canaries.members + canaries.holdout]
+    alphabet = cli.datamodule.hparams.secret_alphabet
     for path in _run_files(run_dir):
         content = path.read_bytes()
         for secret in secrets:
-            assert secret.encode() not in content, f"a canary secret appears in {path.name}"
+            assert not holds_secret(content, secret, alphabet), f"a canary secret appears in {path.name}"
 
 
 def test_logged_seed_and_settings_do_not_regenerate_the_secrets(tiny_run):
@@ -171,3 +173,9 @@ def test_bring_your_own_config_runs_on_a_local_model(tmp_path, tmp_path_factory,
         sieved = load_sieved(run_dir / "sieved_isolated", backend="reference")(ids).logits
     assert (sieved - trained).abs().max() < 2e-3
     assert (tmp_path / "runs/bring_your_own/canary.key").is_file()
+
+
+def test_secret_scan_finds_standalone_secrets_only():
+    assert holds_secret(b"code of agent 0007 is 870652.", "870652", "0123456789")
+    assert holds_secret("870652", "870652", "0123456789")
+    assert not holds_secret(b"[46.505870652371954]", "870652", "0123456789")

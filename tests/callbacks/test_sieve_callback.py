@@ -17,6 +17,7 @@ from ortho_train.sieve import load_sieved
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.table import ROW_KEYS, TableConfig
+from tests.secret_scan import holds_secret
 
 REFERENCES = ["fp32", "int4_rtn", "int4_gptq", "nf4", "pre_sft", "int4_pre_sft"]
 
@@ -112,7 +113,7 @@ def test_no_secret_in_table_files(run):
     secrets = [c.secret for c in dm.canaries.members + dm.canaries.holdout]
     for path in run_dir.glob("sieve_table*"):
         text = path.read_text()
-        assert not any(s in text for s in secrets), path.name
+        assert not any(holds_secret(text, s, dm.hparams.secret_alphabet) for s in secrets), path.name
 
 
 def _fit_tiny_isolated(tmp_path, callback, max_steps):
