@@ -56,7 +56,8 @@ def write_run_summary(module) -> dict:
     roc = mia_roc_curves(model, probe, scores=scores)
     if roc:
         write_json_atomic(module.run_dir / "roc.json", roc)
-    histogram = (exposure_histogram(fits[:HISTOGRAM_CONTEXTS]) if len(fits) >= HISTOGRAM_CONTEXTS
+    contexts = min(HISTOGRAM_CONTEXTS, len(probe.members))  # fewer fits: the fit was refused early
+    histogram = (exposure_histogram(fits[:contexts]) if len(fits) >= contexts
                  else exposure_reference_histogram(model, probe, HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES))
     write_json_atomic(module.run_dir / "exposure_refs.json", histogram)
     return found

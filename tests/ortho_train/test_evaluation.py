@@ -18,12 +18,23 @@ def probe_and_model():
     return dm.probe, model
 
 
+def _between_scores(scores: torch.Tensor) -> float:
+    """A threshold near the median, midway in the widest of the 21 gaps around it between
+    adjacent distinct scores: the pruned path scores references in other batches (another
+    float order, ~1e-6 bits), so a threshold equal to a score could count it either way."""
+    ordered = scores.unique()  # sorted, distinct
+    middle = len(ordered) // 2
+    window = ordered[middle - 10:middle + 11]
+    gap = int((window[1:] - window[:-1]).argmax())
+    return float((window[gap] + window[gap + 1]) / 2)
+
+
 def test_pruned_reference_count_equals_full_scoring(probe_and_model):
     probe, model = probe_and_model
     prefix = probe.members.prefix_ids[0]
     refs = torch.stack(probe.reference_secret_ids)  # (R, S)
     full = metrics.secret_log_perplexity(model, prefix, refs)
-    for threshold in (full.min().item() - 1, full.median().item(), full.max().item() + 1):
+    for threshold in (full.min().item() - 1, _between_scores(full), full.max().item() + 1):
         expected = int((full < threshold).sum())
         assert metrics.count_references_below(model, prefix, threshold, refs) == expected
 
@@ -34,7 +45,7 @@ def test_reference_levels_with_more_heads_than_half_the_survivors_are_skipped(pr
     probe, model = probe_and_model
     prefix = probe.members.prefix_ids[0]
     refs = torch.stack(probe.reference_secret_ids)  # (R, S)
-    threshold = metrics.secret_log_perplexity(model, prefix, refs).median().item()
+    threshold = _between_scores(metrics.secret_log_perplexity(model, prefix, refs))
     calls, counts, forwards = [], [], []
     hook = model.register_forward_hook(lambda *args: calls.append(1))
     try:
@@ -108,6 +119,9 @@ def test_teacher_forced_check_is_greedy_exact_match(probe_and_model, memorised, 
     probe = probe_and_model[0]
     model = memorised if trained else probe_and_model[1]
     scores = canary_scores(model, probe)
+    # Two float orders (full-sequence pass, cached decoding) meet only through argmax decisions:
+    # the memorised model's secret tokens have probability > 1/2 (no near-tie), and for the random
+    # model an outcome flips only if the argmax hits the secret at every position on one side.
     for canaries, part in ((probe.members, "members"), (probe.holdout, "holdout")):
         decoded = [bool(torch.equal(metrics.greedy_continuation(model, p[None], len(s))[0], s))
                    for p, s in zip(canaries.prefix_ids, canaries.secret_ids)]

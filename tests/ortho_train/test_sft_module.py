@@ -61,8 +61,9 @@ def test_phases_schedule_and_pre_canary_snapshot(tmp_path):
     assert (tmp_path / "summary.json").is_file()
 
 
-def test_warmup_ignores_canaries_and_sft_adds_them():
-    module = _module(public_steps=1)
+def _mixed_batch_and_trainer(module):
+    """A public + canary batch of `_datamodule()` and a stand-in trainer at step 0 attached to
+    `module` (set its `global_step` to move between the phases)."""
     dm = _datamodule()
     batch = {"public": next(iter(dm.public_train_dataloader())),
              "canary": next(iter(dm.train_dataloader()["canary"]))}
@@ -72,10 +73,16 @@ def test_warmup_ignores_canaries_and_sft_adds_them():
 
     module._trainer = FakeTrainer()
     module.log = lambda *a, **k: None
+    return batch, module._trainer
+
+
+def test_warmup_ignores_canaries_and_sft_adds_them():
+    module = _module(public_steps=1)
+    batch, trainer = _mixed_batch_and_trainer(module)
     public_only = module.training_step(batch, 0)
     nll, tokens = module.nll_sum(batch["public"])
     assert public_only.item() == pytest.approx((nll / tokens).item())
-    FakeTrainer.global_step = 1
+    trainer.global_step = 1
     mixed = module.training_step(batch, 0)
     canary_nll, canary_tokens = module.nll_sum(batch["canary"])
     assert mixed.item() == pytest.approx(((nll + canary_nll) / (tokens + canary_tokens)).item())
@@ -85,18 +92,10 @@ def test_canary_phase_uses_the_first_public_windows_only():
     """canary_phase_public_windows = 1: the canary-phase loss is the token mean over the first
     public window and the canaries; the public phase still uses the whole public batch."""
     module = _module(public_steps=1, canary_phase_public_windows=1)
-    dm = _datamodule()  # batch_size 2
-    batch = {"public": next(iter(dm.public_train_dataloader())),
-             "canary": next(iter(dm.train_dataloader()["canary"]))}
-
-    class FakeTrainer:
-        global_step = 0
-
-    module._trainer = FakeTrainer()
-    module.log = lambda *a, **k: None
+    batch, trainer = _mixed_batch_and_trainer(module)  # 2 public windows
     nll, tokens = module.nll_sum(batch["public"])
     assert module.training_step(batch, 0).item() == pytest.approx((nll / tokens).item())
-    FakeTrainer.global_step = 1
+    trainer.global_step = 1
     first = {key: value[:1] for key, value in batch["public"].items()}  # (2, T) -> (1, T)
     first_nll, first_tokens = module.nll_sum(first)
     canary_nll, canary_tokens = module.nll_sum(batch["canary"])
