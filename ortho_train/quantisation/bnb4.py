@@ -17,7 +17,13 @@ matmul's summation order). `BnB4.deployed_linear` builds the real `Linear4bit` (
 its device quantises it). Its CPU kernel is chosen, not inherited from the host: 'portable'
 (default) is the generic path on every CPU; 'native' lets bitsandbytes repack for its
 AVX512-BF16 kernel where the CPU has one, except layers it cannot tile (out_features not a
-multiple of `BNB_REPACK_BLOCK_N`, or an odd in_features), which stay portable, each logged.
+multiple of `BNB_REPACK_BLOCK_N`, or in_features not a multiple of the blocksize), which stay
+portable, each logged. Every deployed layer is then checked against the exact dequantised weight
+on a probe input (`bnb4_exact.deployed_forward_error`): bitsandbytes 0.50's native CPU
+dequantisation (AVX-512 hosts) is wrong when in_features is not a multiple of the blocksize, and
+a layer its host computes wrongly is replaced by a dense linear holding the exact fake-quantised
+weight, with the reason logged: the copy then measures the 4-bit format, not the host's kernel.
+The fake quantisation itself always dequantises in torch (`bnb4_exact.exact_dequantise_4bit`).
 
 Bin width of a weight (the MANSU floor, the bin-crossing diagnostic): the rounding interval
 of its level, between the midpoints to its neighbours, ``absmax · (c_{k+1} − c_{k−1}) / 2``
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.quantisation.bins import level_widths
+from ortho_train.quantisation.bnb4_exact import deployed_forward_error, exact_dequantise_4bit
 from ortho_train.quantisation.format import WeightFormat
 
 if TYPE_CHECKING:
@@ -64,8 +71,9 @@ def bnb_quantise_4bit(w: Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
 
 def bnb_dequantise_4bit(packed: Tensor, state) -> Tensor:
-    """Inverse of `bnb_quantise_4bit`: the dense fp32 weight (N, K)."""
-    return _functional().dequantize_4bit(packed, state).float()
+    """Inverse of `bnb_quantise_4bit`: the dense fp32 weight (N, K), computed in torch on every host
+    (`bnb4_exact`: bitsandbytes' own CPU dequantisation is wrong on AVX-512 hosts for some widths)."""
+    return exact_dequantise_4bit(packed, state)
 
 
 def bnb_fake_quantise(w: Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -122,12 +130,49 @@ def use_native_cpu_kernel(layer: nn.Module, settings: "PTQConfig") -> bool:
     """
     if settings.cpu_kernel == "portable" or not getattr(layer, "support_avx512bf16_for_cpu", False):
         return False
-    if layer.out_features % BNB_REPACK_BLOCK_N or layer.in_features % 2:
+    if layer.out_features % BNB_REPACK_BLOCK_N or layer.in_features % settings.blocksize:
         log.info("bitsandbytes AVX512-BF16 kernel skipped for a %dx%d layer: it repacks tiles of %d output "
-                 "rows and an even input width; this layer runs the portable CPU path",
-                 layer.out_features, layer.in_features, BNB_REPACK_BLOCK_N)
+                 "rows and whole blocks of %d inputs per row; this layer runs the portable CPU path",
+                 layer.out_features, layer.in_features, BNB_REPACK_BLOCK_N, settings.blocksize)
         return False
     return True
+
+
+def forward_tolerance(layer: nn.Module, settings: "PTQConfig") -> float:
+    """Largest relative error `deployed_forward_error` accepts: 4 ulps of the dtype the layer multiplies
+    in (bf16 for the AVX512-BF16 kernel: measured 2–4e-3; fp32: summation order only), at least 1e-4.
+    The width bug of `bnb4_exact` gives 0.19–0.24 on random weights."""
+    dtype = torch.bfloat16 if getattr(layer, "support_avx512bf16_for_cpu", False) else settings.torch_compute_dtype
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
+
+
+_REPORTED_FALLBACKS: set[tuple] = set()
+
+
+def exact_fallback(layer: nn.Module, linear: nn.Linear, quant_type: str, settings: "PTQConfig") -> nn.Module:
+    """`layer` if its forward matches x ŵᵀ + b on this host, else a dense linear holding ŵ (reason logged once
+    per shape)."""
+    weight = exact_dequantise_4bit(layer.weight.data, layer.weight.quant_state)  # (out, in) before any repack
+    error = deployed_forward_error(layer, weight, linear.bias)
+    tolerance = forward_tolerance(layer, settings)
+    if error <= tolerance:
+        return layer
+    key = (quant_type, layer.out_features, layer.in_features, settings.blocksize)
+    if key not in _REPORTED_FALLBACKS:
+        _REPORTED_FALLBACKS.add(key)
+        log.warning("bitsandbytes %s Linear4bit %dx%d (blocksize %d) computes with a relative error of %.3g on "
+                    "this host (tolerance %.1g): its CPU dequantisation assumes in_features is a multiple of the "
+                    "blocksize. This layer is evaluated by exact fake quantisation (dense weight = the 4-bit "
+                    "weight, dequantised in torch) instead.", quant_type, layer.out_features,
+                    layer.in_features, settings.blocksize, error, tolerance)
+    exact = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                      device=linear.weight.device, dtype=torch.float32)
+    exact.weight.data.copy_(weight)
+    if linear.bias is not None:
+        exact.bias.data.copy_(linear.bias.detach().float())
+    exact.requires_grad_(False)
+    exact.exact_fake_quantised = quant_type  # marks the fallback (tests, diagnostics)
+    return exact
 
 
 def linear4bit(linear: nn.Linear, quant_type: str, settings: "PTQConfig") -> nn.Module:
@@ -144,7 +189,8 @@ def linear4bit(linear: nn.Linear, quant_type: str, settings: "PTQConfig") -> nn.
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     layer.support_avx512bf16_for_cpu = use_native_cpu_kernel(layer, settings)
-    return layer.to(device)  # the move quantises the weight (bitsandbytes `Params4bit.to`)
+    layer = layer.to(device)  # the move quantises the weight (bitsandbytes `Params4bit.to`)
+    return exact_fallback(layer, linear, quant_type, settings)
 
 
 class BnB4(WeightFormat):

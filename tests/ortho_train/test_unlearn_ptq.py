@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from ortho_train import quantisation as quant
 from ortho_train.model_support import merged_copy
 from ortho_train.models import load_causal_lm
-from ortho_train.quantisation import bins, bnb4
+from ortho_train.quantisation import bins, bnb4, bnb4_exact
 from ortho_train.quantisation.int_rtn import group_bin_width
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread  # noqa: F401
 
@@ -78,6 +78,22 @@ def _ids():
     return torch.randint(3, 259, (2, 17), generator=torch.Generator().manual_seed(0))
 
 
+def _portable(model):
+    """`model` with bitsandbytes' generic CPU path in every Linear4bit, as our copies use by default (on an
+    AVX512-BF16 CPU transformers' loading would otherwise repack for the bf16 kernel at the first call)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _exact_nf4_model(model, settings):
+    """`model` with every quantised linear's weight replaced by its exact fake-quantised NF4 weight."""
+    dense = copy.deepcopy(model)
+    quant.quantise_linears_(dense, "nf4", settings, deployed_modules=False)
+    return dense.eval()
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_quant):
     settings = quant.PTQConfig(double_quant=double_quant)
@@ -86,9 +102,15 @@ def test_nf4_copy_equals_transformers_bitsandbytes_loading(model_dir, double_qua
     ours = quant.quantised_copy(model, "nf4", settings)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
                                 bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
-                                                  dtype=torch.float32)
+    theirs = _portable(AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config,
+                                                            device_map="cpu", dtype=torch.float32))
     with torch.no_grad():
+        # the format's definition on every host: dequantise-then-matmul in fp32 (float noise only)
+        exact = _exact_nf4_model(model, settings)(_ids()).logits
+        torch.testing.assert_close(ours(_ids()).logits, exact, atol=1e-5, rtol=1e-5)
+        # an independent implementation: transformers' loading (every input width here, 64 and 128, is a
+        # multiple of the blocksize, where bitsandbytes' generic path is right on every host; other
+        # widths: test_deployed_layer_of_any_width_computes_the_4bit_weight)
         torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(ours(_ids()).logits, model(_ids()).logits, atol=1e-4)  # it did quantise
     assert type(ours.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
@@ -111,10 +133,14 @@ def test_lora_deployments_merged_and_adapter(model_dir, tmp_path):
         merged = quant.quantised_copy(model, "nf4", settings, "merged")(ids).logits
         # "NF4 base + fp adapter" is what plain peft on a bitsandbytes-loaded base computes
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
-                                                    dtype=torch.float32)
+        base = _portable(AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config,
+                                                              device_map="cpu", dtype=torch.float32))
         reference = PeftModel.from_pretrained(base, tmp_path / "adapter")(ids).logits
         torch.testing.assert_close(adapter, reference, atol=1e-5, rtol=1e-5)
+        # the same deployment by definition: exact NF4 base weights + the fp32 adapter
+        exact_base = copy.deepcopy(model)
+        quant.quantise_linears_(exact_base, "nf4", settings, deployed_modules=False)
+        torch.testing.assert_close(adapter, exact_base.eval()(ids).logits, atol=1e-5, rtol=1e-5)
         # "merge then quantise" quantises the merged weights: a different model. Same merge, same
         # quantiser and the same (eval-mode) kernel on both sides: only float noise may differ.
         plain = quant.quantise_linears_(merged_copy(model), "nf4", settings).eval()(ids).logits
@@ -150,7 +176,9 @@ def avx512bf16_cpu(monkeypatch):
 
 
 def _width_48_model():
-    model = torch.nn.Sequential(torch.nn.Linear(128, 48), torch.nn.ReLU(), torch.nn.Linear(48, 64))
+    """Widths the AVX512-BF16 repacking cannot tile: 48 output rows (not a multiple of 32). Every
+    input width is a multiple of the blocksize (64), so bitsandbytes' generic path is right on any host."""
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
     torch.nn.init.normal_(model[0].weight, std=0.05)
     return model.eval()
 
@@ -173,12 +201,99 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
     assert not getattr(copy_[0].weight.quant_state, "packing_format_for_cpu", False)
 
 
+def _unquantised_linear4bit(rows: int, cols: int):
+    import bitsandbytes as bnb
+
+    return bnb.nn.Linear4bit(cols, rows, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+
+
 def test_native_kernel_skips_layers_it_cannot_repack(avx512bf16_cpu, caplog):
+    """The repacking tiles 32 output rows and whole blocks of inputs per row; other layers stay portable."""
     settings = quant.PTQConfig(skip_modules=[], cpu_kernel="native")
     with caplog.at_level("INFO", logger=bnb4.__name__):
-        copy_ = quant.quantise_linears_(_width_48_model(), "nf4", settings).eval()
-    assert copy_[0].support_avx512bf16_for_cpu is False  # 48 output rows: not a multiple of 32
-    assert copy_[2].support_avx512bf16_for_cpu is True  # 64 rows: bitsandbytes may repack it
-    assert "48x128 layer" in caplog.text and "portable" in caplog.text
+        assert bnb4.use_native_cpu_kernel(_unquantised_linear4bit(64, 128), settings) is True
+        assert bnb4.use_native_cpu_kernel(_unquantised_linear4bit(48, 128), settings) is False  # 48 rows
+        assert bnb4.use_native_cpu_kernel(_unquantised_linear4bit(64, 96), settings) is False  # 96 = 1.5 blocks
+    assert "48x128 layer" in caplog.text and "64x96 layer" in caplog.text and "portable" in caplog.text
+    assert bnb4.use_native_cpu_kernel(_unquantised_linear4bit(64, 128), quant.PTQConfig()) is False  # portable
+
+
+@pytest.mark.skipif(not bnb_functional.has_avx512bf16(), reason="needs a CPU with AVX512-BF16 (bitsandbytes' repacked kernel)")
+def test_native_kernel_runs_on_an_avx512bf16_cpu():
+    """On a CPU that has the kernel: the repacked layers compute in bf16, within 4 bf16 ulps of the exact weight."""
+    model, x = _width_48_model(), torch.randn(3, 128)
+    copy_ = quant.quantise_linears_(copy.deepcopy(model), "nf4", quant.PTQConfig(skip_modules=[], cpu_kernel="native"))
+    assert copy_[0].support_avx512bf16_for_cpu is True and copy_[2].support_avx512bf16_for_cpu is False
+    assert getattr(copy_[0].weight.quant_state, "packing_format_for_cpu", False)  # repacked by the check's eval call
+    exact = _exact_nf4_model(model, quant.PTQConfig(skip_modules=[]))
+    with torch.no_grad():
+        error = (copy_.eval()(x) - exact(x)).norm() / exact(x).norm()
+    assert 0 < error < 4 * torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("cols", [96, 128, 688])
+def test_exact_dequantisation_is_the_format_on_every_host(quant_type, double_quant, cols):
+    """code[q]·absmax of the row-major block, also where a block spans two rows (K = 96, 688 with blocks
+    of 64): the nearest code level of each weight in its flat block, computed here independently."""
+    w = torch.randn(24, cols, generator=torch.Generator().manual_seed(cols))
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=double_quant)
+    ours = bnb4_exact.exact_dequantise_4bit(packed, state)
+    blocks = w.reshape(-1, 64)  # (n_blocks, 64): 24·cols is a multiple of 64 for these widths
+    absmax = bnb4_exact.block_absmax(state).view(-1, 1)  # (n_blocks, 1), the (double-)quantised absmax
+    levels = bnb4.code_levels(quant_type)
+    nearest = levels[(blocks.abs().amax(1, keepdim=True).reciprocal() * blocks).unsqueeze(-1)
+                     .sub(levels).abs().argmin(-1)]  # (n_blocks, 64) nearest level of w / true absmax
+    # one fp32 product per weight on both sides; ties between two levels are measure-zero for randn
+    torch.testing.assert_close(ours.reshape(-1, 64), nearest * absmax, atol=0, rtol=0)
+
+
+def test_deployed_layer_of_any_width_computes_the_4bit_weight():
+    """On every host a deployed NF4 layer with K = 96 (blocks span rows) computes x ŵᵀ + b: bitsandbytes'
+    Linear4bit where this host's kernel is right, the exact fallback where it is not."""
+    linear = torch.nn.Linear(96, 64)
+    copy_ = quant.quantise_linears_(torch.nn.Sequential(copy.deepcopy(linear)), "nf4",
+                                    quant.PTQConfig(skip_modules=[])).eval()
+    w_hat = quant.fake_quantise(linear.weight, "nf4", quant.PTQConfig())
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), x @ w_hat.T + linear.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_a_host_kernel_that_computes_wrongly_is_replaced_and_logged(monkeypatch, caplog):
+    """A Linear4bit whose forward is off (as bitsandbytes 0.50's CPU kernel is on AVX-512 hosts for K not a
+    multiple of the blocksize; here forced on any host by scaling its output by 1.1) becomes a dense linear
+    holding the exact 4-bit weight, and the log says why, once per shape."""
+    import bitsandbytes as bnb
+
+    real = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *args, **kwargs: 1.1 * real(*args, **kwargs))
+    bnb4._REPORTED_FALLBACKS.clear()
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with caplog.at_level("WARNING", logger=bnb4.__name__):
+        copy_ = quant.quantise_linears_(copy.deepcopy(model), "fp4", quant.PTQConfig(skip_modules=[])).eval()
+    assert all(type(layer) is torch.nn.Linear and layer.exact_fake_quantised == "fp4" for layer in copy_)
+    assert caplog.text.count("exact fake quantisation") == 2  # 64x128 once, 64x64 once (two layers)
+    assert "64x128" in caplog.text and "relative error of 0.1" in caplog.text
+    x = torch.randn(3, 128)
+    expected = x
+    for layer in model:
+        expected = expected @ quant.fake_quantise(layer.weight, "fp4", quant.PTQConfig()).T + layer.bias
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_tolerance_follows_the_multiplying_dtype():
+    settings = quant.PTQConfig()
+    layer = _unquantised_linear4bit(64, 128)
+    layer.support_avx512bf16_for_cpu = False
+    assert bnb4.forward_tolerance(layer, settings) == 1e-4  # fp32: summation order only
+    layer.support_avx512bf16_for_cpu = True
+    assert bnb4.forward_tolerance(layer, settings) == 4 * torch.finfo(torch.bfloat16).eps  # the repacked kernel
+
+
+def test_ptq_config_rejects_an_unknown_cpu_kernel():
     with pytest.raises(ValueError, match="cpu_kernel"):
         quant.PTQConfig(cpu_kernel="fast")
