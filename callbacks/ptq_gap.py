@@ -46,6 +46,7 @@ from ortho_train.quantisation import (
     deployment_format,
     deployment_formats,
     effective_linear_weights,
+    exact_fallback_layers,
     quantisable_linears,
     quantised_copy,
 )
@@ -148,6 +149,7 @@ class PTQGapCallback(L.Callback):
         self.privleak_reference = privleak_reference
         self._auc_reference: float | None = None
         self._privleak_note: dict = {}
+        self.exact_fallbacks: dict[str, list[str]] = {}  # variant -> layers run by exact fake quantisation
         self.results: dict | None = None
         self.failure: str | None = None
         self._before: dict[str, float] = {}
@@ -174,6 +176,8 @@ class PTQGapCallback(L.Callback):
         found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
         for name, fmt, deployment in self.variants(module):
             quantised = quantised_copy(module.model, fmt, self.settings, deployment)
+            if fallback := exact_fallback_layers(quantised):
+                self.exact_fallbacks[name] = fallback
             for key, value in evaluate(quantised).items():
                 found[f"{key}_{name}"] = value
                 if key in GAP_METRICS and f"{key}_fp" in found:
@@ -316,6 +320,8 @@ class PTQGapCallback(L.Callback):
                             f"{results['forget_extraction_fp']:.3f})")
         results["status"] = "failed" if (failing and self.fail_on_gap) else "ok"
         results["quantisation"] = {fmt: self.settings.describe(fmt) for fmt in self.formats}
+        if self.exact_fallbacks:  # layers this host's 4-bit kernel computed wrongly (`bnb4_exact`)
+            results["exact_fake_quantised_layers"] = self.exact_fallbacks
         results |= self._privleak_note
         results["steps"] = trainer.global_step
         results["seconds"] = time.perf_counter() - start

@@ -33,6 +33,7 @@ from ortho_train.quantisation.bnb4 import (
 from ortho_train.quantisation.copies import (
     bin_width,
     effective_linear_weights,
+    exact_fallback_layers,
     fake_quantise,
     quantisable_linears,
     quantise_linears_,
@@ -53,6 +54,6 @@ __all__ = [
     "FORMATS", "GPTQResult", "QUANT_TYPES", "PTQConfig", "QuantConfig", "WeightFormat",
     "base_from_codes", "base_quantiser", "base_quantisers", "bin_width", "bnb_bits_per_weight",
     "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit", "deployment_format",
-    "deployment_formats", "effective_linear_weights", "fake_quantise", "gptq_quantise",
+    "deployment_formats", "effective_linear_weights", "exact_fallback_layers", "fake_quantise", "gptq_quantise",
     "quantisable_linears", "quantise_linears_", "quantise_weight", "quantised_copy", "run_gptq",
 ]

@@ -113,6 +113,12 @@ def quantised_copy(model: nn.Module, fmt: str, settings: PTQConfig, deployment: 
     return quantise_linears_(clone.float(), fmt, settings, include_lm_head, deployed_modules).eval()
 
 
+def exact_fallback_layers(model: nn.Module) -> list[str]:
+    """Names of a copy's layers that run by exact fake quantisation because this host's deployment kernel
+    computed them wrongly (`bnb4.exact_fallback`); empty where every layer runs the deployed module."""
+    return [name for name, module in model.named_modules() if getattr(module, "exact_fake_quantised", None)]
+
+
 def fake_quantise(w: Tensor, fmt: str, settings: PTQConfig) -> Tensor:
     """Quantise then dequantise one (d_out, d_in) weight in format `fmt` (float32 result, same shape)."""
     return deployment_format(fmt).fake_quantise(w, settings)

@@ -275,6 +275,7 @@ def test_a_host_kernel_that_computes_wrongly_is_replaced_and_logged(monkeypatch,
     with caplog.at_level("WARNING", logger=bnb4.__name__):
         copy_ = quant.quantise_linears_(copy.deepcopy(model), "fp4", quant.PTQConfig(skip_modules=[])).eval()
     assert all(type(layer) is torch.nn.Linear and layer.exact_fake_quantised == "fp4" for layer in copy_)
+    assert quant.exact_fallback_layers(copy_) == ["0", "1", "2"]  # what ptq_gap.json lists per variant
     assert caplog.text.count("exact fake quantisation") == 2  # 64x128 once, 64x64 once (two layers)
     assert "64x128" in caplog.text and "relative error of 0.1" in caplog.text
     x = torch.randn(3, 128)
