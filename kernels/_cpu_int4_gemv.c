@@ -151,20 +151,30 @@ typedef struct {
 } gemv_job;
 
 /* Output rows [n0, n1) for every row of X: the same arithmetic whichever thread runs it,
- * so the result does not depend on the thread count or on which thread took a chunk. */
+ * so the result does not depend on the thread count or on which thread took a chunk.
+ * The sparse term runs in a second pass over the chunk, after its dense rows: its loads of X
+ * are at random columns, and interleaved with the dense rows' stream of packed codes (2 KiB
+ * per row at K = 4096, prefetched from DRAM into L2 ahead of use) they found X evicted: with
+ * cold caches alpha = 1 at rho = 1% cost 1.9x alpha = 0 on an AMD EPYC (Zen 4), against 1.1x
+ * for the same entries at consecutive columns. After the dense pass the chunk's X row stays in
+ * L1 for all its sparse rows. Each output is still dense + alpha * sparse, in that order. */
 static void gemv_rows(const gemv_job *j, int n0, int n1) {
     const size_t xstride = (size_t)SB * (j->full + 1), sstride = (size_t)j->full + 1;
     for (int n = n0; n < n1; ++n) {
         const uint8_t *qrow = j->q + (size_t)n * j->row_bytes;
         for (int m = 0; m < j->M; ++m) {
             const float *xm = j->x + (size_t)m * j->K;
-            float acc = row_dot(qrow, j->s + (size_t)n * j->G, j->z + (size_t)n * j->G, xm,
-                                j->x16 + m * xstride, j->sx + m * sstride,
-                                j->xsum + (size_t)m * j->G, j->K, j->group, j->G);
-            if (j->crow)
-                acc += j->alpha * sparse_row_dot(j->col, j->val, j->crow[n], j->crow[n + 1], xm);
-            j->y[(size_t)m * j->N + n] = acc;
+            j->y[(size_t)m * j->N + n] = row_dot(qrow, j->s + (size_t)n * j->G, j->z + (size_t)n * j->G, xm,
+                                                 j->x16 + m * xstride, j->sx + m * sstride,
+                                                 j->xsum + (size_t)m * j->G, j->K, j->group, j->G);
         }
+    }
+    if (!j->crow) return;
+    for (int m = 0; m < j->M; ++m) {
+        const float *xm = j->x + (size_t)m * j->K;
+        float *ym = j->y + (size_t)m * j->N;
+        for (int n = n0; n < n1; ++n)
+            ym[n] += j->alpha * sparse_row_dot(j->col, j->val, j->crow[n], j->crow[n + 1], xm);
     }
 }
 
