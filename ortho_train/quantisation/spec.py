@@ -80,8 +80,11 @@ class PTQConfig:
             PTQ gap measured on one machine holds on any other. 'native': on CPUs with
             AVX512-BF16 let bitsandbytes repack the weights for its fused kernel on the first
             inference call (bf16 activations and bf16 block absmax: what a deployment on such a
-            CPU computes); layers it cannot repack (out_features not a multiple of 32) stay on
-            the portable path, each logged with the reason. Elsewhere 'native' is 'portable'.
+            CPU computes); layers it cannot repack (out_features not a multiple of 32, or
+            in_features not a whole number of blocks) stay on the portable path, each logged with
+            the reason. Elsewhere 'native' is 'portable'. Either way a layer this host's kernel
+            computes wrongly (checked on a probe input, `bnb4_exact`) runs the exact fake-quantised
+            weight instead, logged.
     """
 
     blocksize: int = 64
