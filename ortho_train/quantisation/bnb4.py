@@ -160,11 +160,12 @@ def exact_fallback(layer: nn.Module, linear: nn.Linear, quant_type: str, setting
     key = (quant_type, layer.out_features, layer.in_features, settings.blocksize)
     if key not in _REPORTED_FALLBACKS:
         _REPORTED_FALLBACKS.add(key)
+        cause = ("bitsandbytes 0.50's native CPU dequantisation assumes in_features is a multiple of the blocksize"
+                 if layer.in_features % settings.blocksize else "this host's bitsandbytes kernel")
         log.warning("bitsandbytes %s Linear4bit %dx%d (blocksize %d) computes with a relative error of %.3g on "
-                    "this host (tolerance %.1g): its CPU dequantisation assumes in_features is a multiple of the "
-                    "blocksize. This layer is evaluated by exact fake quantisation (dense weight = the 4-bit "
-                    "weight, dequantised in torch) instead.", quant_type, layer.out_features,
-                    layer.in_features, settings.blocksize, error, tolerance)
+                    "this host (tolerance %.1g; cause: %s). This layer is evaluated by exact fake quantisation "
+                    "(dense weight = the 4-bit weight, dequantised in torch) instead.", quant_type,
+                    layer.out_features, layer.in_features, settings.blocksize, error, tolerance, cause)
     exact = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                       device=linear.weight.device, dtype=torch.float32)
     exact.weight.data.copy_(weight)

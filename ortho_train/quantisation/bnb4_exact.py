@@ -19,6 +19,8 @@ layer's forward is from ``x ŵᵀ + b`` so a copy can refuse a module its host c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -43,9 +45,7 @@ def block_absmax(state) -> Tensor:
 def exact_dequantise_4bit(packed: Tensor, state) -> Tensor:
     """ŵ = code[q] · absmax[block] (module docstring) as a dense fp32 tensor of `state.shape`."""
     shape = tuple(state.shape)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     codes = unpack_4bit_codes(packed, numel)  # (numel,)
     values = state.code.float().to(codes.device)[codes]  # (numel,)
     n_blocks = -(-numel // state.blocksize)

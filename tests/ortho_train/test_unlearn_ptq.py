@@ -244,10 +244,15 @@ def test_exact_dequantisation_is_the_format_on_every_host(quant_type, double_qua
     blocks = w.reshape(-1, 64)  # (n_blocks, 64): 24·cols is a multiple of 64 for these widths
     absmax = bnb4_exact.block_absmax(state).view(-1, 1)  # (n_blocks, 1), the (double-)quantised absmax
     levels = bnb4.code_levels(quant_type)
-    nearest = levels[(blocks.abs().amax(1, keepdim=True).reciprocal() * blocks).unsqueeze(-1)
-                     .sub(levels).abs().argmin(-1)]  # (n_blocks, 64) nearest level of w / true absmax
-    # one fp32 product per weight on both sides; ties between two levels are measure-zero for randn
-    torch.testing.assert_close(ours.reshape(-1, 64), nearest * absmax, atol=0, rtol=0)
+    normalised = blocks / blocks.abs().amax(1, keepdim=True)  # (n_blocks, 64) w / true absmax
+    nearest = levels[(normalised.unsqueeze(-1) - levels).abs().argmin(-1)]  # (n_blocks, 64)
+    # bitsandbytes divides in its own float order: a weight within 1e-5 of a midpoint between two
+    # levels may round either way, so those (a few per million) are left out; every other weight is
+    # one fp32 product code · absmax on both sides
+    mids, _ = bins.level_widths(levels)
+    clear = (normalised.unsqueeze(-1) - mids).abs().amin(-1) > 1e-5  # (n_blocks, 64)
+    assert clear.float().mean() > 0.999
+    torch.testing.assert_close(ours.reshape(-1, 64)[clear], (nearest * absmax)[clear], atol=0, rtol=0)
 
 
 def test_deployed_layer_of_any_width_computes_the_4bit_weight():
@@ -278,6 +283,7 @@ def test_a_host_kernel_that_computes_wrongly_is_replaced_and_logged(monkeypatch,
     assert quant.exact_fallback_layers(copy_) == ["0", "1", "2"]  # what ptq_gap.json lists per variant
     assert caplog.text.count("exact fake quantisation") == 2  # 64x128 once, 64x64 once (two layers)
     assert "64x128" in caplog.text and "relative error of 0.1" in caplog.text
+    assert "cause: this host's bitsandbytes kernel" in caplog.text  # widths are whole blocks: not the width bug
     x = torch.randn(3, 128)
     expected = x
     for layer in model:
