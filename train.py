@@ -23,6 +23,7 @@ set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, be
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from ortho_train.console import add_step_progress_bar, quiet_library_chatter  # noqa: E402
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
 from ortho_train.run_paths import (checkpoint_run_dir, remove_if_unstarted, reserve_version,  # noqa: E402
                                    set_aside_metrics_csv)
@@ -43,6 +44,7 @@ class OrthoTrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        add_step_progress_bar(config.trainer)
         resumed = checkpoint_run_dir(config.get("ckpt_path"))  # --ckpt_path: continue in its run directory
         loggers = config.trainer.logger
         if loggers is False:
@@ -143,5 +145,6 @@ def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:
 
 
 if __name__ == "__main__":
+    quiet_library_chatter()  # progress, tables and paths on the console; not Lightning's tips
     configure_threads()  # the cores this process may use (OMP_NUM_THREADS overrides), not the machine's
     cli_main()

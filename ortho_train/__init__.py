@@ -1,4 +1,4 @@
 """ortho-train: plant, measure, separate and remove memorisation in language models."""
-from ortho_train.import_names import install as _install_import_names
+from ortho_train.checkout import add_checkout_folders
 
-_install_import_names()  # `ortho_kernels` is the kernels/ folder; `kernels` never is (bitsandbytes imports that name)
+add_checkout_folders()  # a checkout used without installing: `ortho_kernels`, `ortho_callbacks`

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ortho_train  # noqa: F401  (first: makes `ortho_kernels` the kernels/ folder in a checkout not installed)
+import ortho_train  # noqa: F401
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from callbacks.separation import SeparationTableCallback
+from ortho_callbacks.separation import SeparationTableCallback
 from ortho_train.separation.table import SeparationConfig
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig

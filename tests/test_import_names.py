@@ -1,53 +1,161 @@
-"""The kernels/ folder is `ortho_kernels`; `kernels` (Hugging Face's package, which bitsandbytes
-imports) never resolves to it, even with the repository root first on sys.path."""
+"""Import names in every context a user meets: `kernels` is Hugging Face's package (or absent), a
+user's `callbacks` module is the user's, and the toolkit's folders import as `ortho_kernels` and
+`ortho_callbacks` only (ortho_train/checkout.py). Each context runs in a fresh subprocess:
+
+- `root`: `python -c` from the repository root (the root first on sys.path), installed editable;
+- `tests_path`: the repository and `tests/` on PYTHONPATH, as the resume tests start train.py;
+- `editable`: a user's own directory, the toolkit installed editable (install.sh);
+- `wheel`: the toolkit built as a wheel and installed into a directory of its own;
+- `checkout`: the repository root without any install (`python -S`: no .pth, no editable finder);
+- `hub_absent`: like `checkout`, and Hugging Face's `kernels` not installed either, from the
+  root and from elsewhere.
+"""
+import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
 
-# bitsandbytes runs `from kernels import get_kernel` when it is imported on a CPU with AVX512-BF16
-# (and on MPS); the probe runs that import itself, so it checks the same resolution on every CPU
-# without importing bitsandbytes (~3 s of the probe's start-up).
+REPO = Path(__file__).resolve().parents[1]
+SITE = Path(sysconfig.get_paths()["purelib"])
+
 PROBE = """
-import importlib.util, sys
-import ortho_train, ortho_kernels
-from transformers import LlamaConfig  # transformers tests find_spec("kernels") before it imports it
-print("ortho_kernels", ortho_kernels.__file__)
-assert sys.path[0] in ("", {repo!r}), sys.path[0]
+import json, sys
+import ortho_train, ortho_kernels, ortho_callbacks.sieve
+from transformers.utils import is_kernels_available
+out = {"ortho_kernels": ortho_kernels.__file__, "ortho_callbacks": ortho_callbacks.__file__,
+       "transformers_sees_kernels": is_kernels_available()}
 try:
-    from kernels import get_kernel  # what bitsandbytes runs at import on AVX512-BF16 CPUs and MPS
-except ImportError as error:
-    print("kernels", type(error).__name__, "spec", importlib.util.find_spec("kernels"))
+    import kernels
+except ModuleNotFoundError:
+    out["kernels"] = "ModuleNotFoundError"
 else:
-    print("kernels hub", get_kernel.__module__, importlib.util.find_spec("kernels").origin)
+    out["kernels"] = getattr(kernels, "__file__", None)
+    out["get_kernel"] = hasattr(kernels, "get_kernel")
+import callbacks
+out["callbacks"] = getattr(callbacks, "__file__", None)
+# every loaded module whose code lies in the toolkit's kernels or callbacks folders, by top-level name
+folders = (str(__import__("pathlib").Path(ortho_kernels.__file__).parent),
+           str(__import__("pathlib").Path(ortho_callbacks.__file__).parent))
+out["own_names"] = sorted({name.split(".")[0] for name, module in list(sys.modules.items())
+                           if str(getattr(module, "__file__", None) or "").startswith(folders)})
+print(json.dumps(out))
 """
 
 
-def test_kernels_never_resolves_to_the_repository_folder():
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO))], cwd=REPO, env=env,
+def run_probe(cwd: Path, pythonpath: list[Path], no_site: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=os.pathsep.join(map(str, pythonpath)), OMP_NUM_THREADS="1")
+    flags = ["-S"] if no_site else []
+    result = subprocess.run([sys.executable, *flags, "-c", PROBE], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    own = Path(lines["ortho_kernels"]).parent
-    assert own.name == "kernels" and (own / "_cpu_int4_gemv.c").is_file()  # the folder, as ortho_kernels
-    found = lines["kernels"]
-    if found.startswith("hub"):  # Hugging Face's package is installed: it, not a copy of the folder
-        assert not (Path(found.split()[-1]).parent / "_cpu_int4_gemv.c").exists(), found
-    else:
-        # absent: not importable and no spec, so libraries that test find_spec (transformers,
-        # bitsandbytes) see it as not installed
-        assert found == "ModuleNotFoundError spec None", found
-    assert "get_kernel" not in result.stderr and str(REPO / "kernels") not in result.stderr + found
+    return json.loads(result.stdout.splitlines()[-1])
 
 
-def test_pyproject_lists_every_package_and_maps_the_kernels_folder():
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory) -> Path:
+    """A user's project: its own `callbacks.py`."""
+    path = tmp_path_factory.mktemp("user_project")
+    (path / "callbacks.py").write_text("WHOSE = 'the user'\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel_site(tmp_path_factory) -> Path:
+    """The toolkit built as a wheel (no build isolation: setuptools of this environment) and
+    installed, without dependencies, into a directory of its own."""
+    out = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", out / "dist", REPO],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((out / "dist").glob("ortho_train-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", out / "site", wheel],
+                   check=True, capture_output=True, timeout=300)
+    return out / "site"
+
+
+@pytest.fixture(scope="module")
+def site_without_hub_kernels(tmp_path_factory) -> Path:
+    """This environment's site-packages as links, less Hugging Face's `kernels` and its metadata."""
+    farm = tmp_path_factory.mktemp("site_without_kernels")
+    for entry in SITE.iterdir():
+        if entry.name == "kernels" or entry.name.startswith("kernels-"):
+            continue
+        (farm / entry.name).symlink_to(entry)
+    return farm
+
+
+def assert_toolkit_names(out: dict, kernels_folder: Path, callbacks_folder: Path) -> None:
+    assert Path(out["ortho_kernels"]).parent == kernels_folder / "ortho_kernels"
+    assert Path(out["ortho_callbacks"]).parent == callbacks_folder / "ortho_callbacks"
+    assert out["own_names"] == ["ortho_callbacks", "ortho_kernels"]
+
+
+def assert_hub_kernels(out: dict) -> None:
+    """`kernels` is Hugging Face's installed package, and transformers sees it as such."""
+    assert Path(out["kernels"]).parent.parent == SITE and out["get_kernel"], out
+    assert out["transformers_sees_kernels"] is True
+
+
+@pytest.mark.parametrize("context", ["root", "tests_path", "editable"])
+def test_installed_editable(context, user_dir, tmp_path):
+    cwd, path = {"root": (REPO, [user_dir]), "tests_path": (tmp_path, [REPO, REPO / "tests", user_dir]),
+                 "editable": (user_dir, [])}[context]
+    out = run_probe(cwd, path)
+    assert_toolkit_names(out, REPO / "kernels", REPO / "callbacks")
+    assert_hub_kernels(out)
+    assert out["callbacks"] == str(user_dir / "callbacks.py")
+
+
+def test_wheel_install(wheel_site, user_dir):
+    out = run_probe(user_dir, [wheel_site])
+    assert_toolkit_names(out, wheel_site, wheel_site)
+    assert_hub_kernels(out)
+    assert out["callbacks"] == str(user_dir / "callbacks.py")
+    assert not (wheel_site / "kernels").exists() and not (wheel_site / "callbacks").exists()
+
+
+def test_checkout_used_without_installing(user_dir):
+    out = run_probe(REPO, [user_dir, SITE], no_site=True)
+    assert "__editable__" not in out["ortho_kernels"]
+    assert_toolkit_names(out, REPO / "kernels", REPO / "callbacks")
+    assert_hub_kernels(out)
+    assert out["callbacks"] == str(user_dir / "callbacks.py")
+
+
+def test_hub_kernels_absent(site_without_hub_kernels, wheel_site, user_dir):
+    """Away from the repository root (the wheel install) `import kernels` fails. At the root
+    Python finds the folder `kernels/` (no `__init__.py`) as an empty namespace package: no code,
+    not taken by transformers for the hub package (it checks for a version or a file)."""
+    elsewhere = run_probe(user_dir, [site_without_hub_kernels, wheel_site], no_site=True)
+    assert elsewhere["kernels"] == "ModuleNotFoundError"
+    assert_toolkit_names(elsewhere, wheel_site, wheel_site)
+    at_root = run_probe(REPO, [user_dir, site_without_hub_kernels], no_site=True)
+    assert at_root["kernels"] is None and at_root["get_kernel"] is False
+    assert_toolkit_names(at_root, REPO / "kernels", REPO / "callbacks")
+    for out in (elsewhere, at_root):
+        assert out["transformers_sees_kernels"] is False
+        assert out["callbacks"] == str(user_dir / "callbacks.py")
+
+
+def test_no_import_hooks_and_no_package_at_the_folder_names():
+    for folder in ("kernels", "callbacks"):
+        assert not (REPO / folder / "__init__.py").exists()  # a regular package would shadow
+    sources = [p for top in ("ortho_train", "kernels", "callbacks", "train.py")
+               for p in ([REPO / top] if top.endswith(".py") else (REPO / top).rglob("*.py"))]
+    assert not [p for p in sources if "meta_path" in p.read_text()]
+
+
+def test_pyproject_lists_every_package_and_maps_the_folders():
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {str(p.parent.relative_to(REPO)).replace(os.sep, ".")
-               for top in ("ortho_train", "callbacks") for p in (REPO / top).rglob("__init__.py")}
-    assert set(setuptools["packages"]) == folders | {"ortho_kernels"}
-    assert setuptools["package-dir"]["ortho_kernels"] == "kernels"
-    assert set(setuptools["package-data"]["ortho_kernels"]) == {p.name for p in (REPO / "kernels").glob("_cpu_*.[ch]")}
+    folders = {str(p.parent.relative_to(REPO)).replace(os.sep, ".") for p in (REPO / "ortho_train").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == folders | {"ortho_kernels", "ortho_callbacks"}
+    assert setuptools["package-dir"]["ortho_kernels"] == "kernels/ortho_kernels"
+    assert setuptools["package-dir"]["ortho_callbacks"] == "callbacks/ortho_callbacks"
+    kernels = REPO / "kernels" / "ortho_kernels"
+    assert set(setuptools["package-data"]["ortho_kernels"]) == {p.name for p in kernels.glob("_cpu_*.[ch]")}

@@ -33,7 +33,7 @@ def test_a_setting_refused_while_building_leaves_no_version_directory(tmp_path, 
     """A callback setting refused while the classes are built (after the run's directory was
     reserved) leaves nothing behind either."""
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.callbacks+=callbacks.sieve.SieveCallback",
+    args = ["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.callbacks+=ortho_callbacks.sieve.SieveCallback",
             "--trainer.callbacks.calibration_batches=0"] + (["--trainer.logger=false"] if logger == "false" else [])
     with pytest.raises((ValueError, SystemExit)):
         cli_main(args)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import ViTConfig
 
-from callbacks.ptq_gap import PTQGapCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback
 from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, load_causal_lm

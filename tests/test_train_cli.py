@@ -134,7 +134,7 @@ def test_a_failing_table_leaves_the_model_and_summary_and_fails_the_run(tmp_path
     with pytest.raises(RuntimeError, match="forced table failure"):
         cli_main(["fit", "--config", str(REPO / "configs/tiny.yaml"), "--trainer.max_steps=14",
                   "--model.init_args.eval_during_validation=false",
-                  "--trainer.callbacks+=callbacks.sieve.SieveCallback"])
+                  "--trainer.callbacks+=ortho_callbacks.sieve.SieveCallback"])
     run_dir = tmp_path / "runs/tiny/version_0"
     assert (run_dir / "hf_model/model.safetensors").is_file()
     assert "extraction_rate" in json.loads((run_dir / "summary.json").read_text())

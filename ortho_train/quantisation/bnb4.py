@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ortho_kernels.bitsandbytes_offline import import_bitsandbytes
 from ortho_train.quantisation.bins import level_widths
 from ortho_train.quantisation.bnb4_exact import deployed_forward_error, exact_dequantise_4bit
 from ortho_train.quantisation.format import WeightFormat
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 
 def _functional():
-    import bitsandbytes.functional as bnbf  # imported lazily: slow import, optional on some hosts
+    import_bitsandbytes()  # imported lazily: slow import, never from the hub
+    import bitsandbytes.functional as bnbf
 
     return bnbf
 
@@ -178,7 +180,7 @@ def exact_fallback(layer: nn.Module, linear: nn.Linear, quant_type: str, setting
 
 def linear4bit(linear: nn.Linear, quant_type: str, settings: "PTQConfig") -> nn.Module:
     """A `bitsandbytes.nn.Linear4bit` holding `linear`'s weight, on `linear`'s device."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     device = linear.weight.device
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ortho_kernels.bitsandbytes_offline import import_bitsandbytes
+
 
 def unpack_4bit_codes(packed: Tensor, numel: int) -> Tensor:
     """The `numel` 4-bit codes (int64, row-major order) of bitsandbytes' packed uint8 bytes."""
@@ -36,7 +38,8 @@ def block_absmax(state) -> Tensor:
     """The fp32 absmax of every block of a bitsandbytes `QuantState` (double quantisation undone)."""
     if not getattr(state, "nested", False):
         return state.absmax.float()
-    import bitsandbytes.functional as bnbf  # lazily: slow import
+    import_bitsandbytes()  # lazily: slow import, never from the hub
+    import bitsandbytes.functional as bnbf
 
     # 1-D blockwise 8-bit codes: blocks of 256 consecutive absmax values, no rows to confuse
     return bnbf.dequantize_blockwise(state.absmax, state.state2).float() + state.offset

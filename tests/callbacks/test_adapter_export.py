@@ -8,8 +8,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from callbacks.adapter_export import AdapterExportCallback
-from callbacks.ptq_gap import PTQGapCallback
+from ortho_callbacks.adapter_export import AdapterExportCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback
 from ortho_train.unlearn_module import LoraAdapterConfig, UnlearnModule
 from tests.ortho_train.unlearn_helpers import (  # noqa: F401
     cached_tiny_canary_model,
@@ -93,12 +93,12 @@ def test_a_failing_export_leaves_no_partial_artifact_set(model_dir, tmp_path, mo
     """The merged model fails after the adapter was saved: neither lands, no temporary is left."""
     from types import SimpleNamespace
 
-    import callbacks.adapter_export
+    import ortho_callbacks.adapter_export
     from ortho_train.unlearning.lora import LoraAdapterConfig, wrap_lora as _wrap_lora
 
     model = _wrap_lora(AutoModelForCausalLM.from_pretrained(model_dir), LoraAdapterConfig(rank=2))
     module = SimpleNamespace(model=model, tokenizer=None, run_dir=tmp_path)
-    monkeypatch.setattr(callbacks.adapter_export, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
+    monkeypatch.setattr(ortho_callbacks.adapter_export, "merged_copy", lambda m: (_ for _ in ()).throw(PermissionError("not writable")))
     with pytest.raises(PermissionError):
         AdapterExportCallback(save_merged=True).export_models(module)
     assert list(tmp_path.iterdir()) == []

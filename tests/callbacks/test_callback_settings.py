@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from jsonargparse import ArgumentParser
 
-from callbacks.adapter_export import AdapterExportCallback
-from callbacks.dp_table import DPTableCallback
-from callbacks.ptq_gap import PTQGapCallback
-from callbacks.separation import SeparationTableCallback
-from callbacks.sieve import SieveCallback
+from ortho_callbacks.adapter_export import AdapterExportCallback
+from ortho_callbacks.dp_table import DPTableCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback
+from ortho_callbacks.separation import SeparationTableCallback
+from ortho_callbacks.sieve import SieveCallback
 
 
 def from_init_args(callback_class, init_args: dict):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from callbacks.dp_table import DPTableCallback
+from ortho_callbacks.dp_table import DPTableCallback
 from ortho_train.privacy.table import COLUMNS, PrivacyTableConfig
 from tests.ortho_train.dp_helpers import dp_fit, single_thread  # noqa: F401
 

@@ -14,8 +14,8 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.adapter_export import AdapterExportCallback
-from callbacks.ptq_gap import PTQGapCallback, PTQGapError
+from ortho_callbacks.adapter_export import AdapterExportCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback, PTQGapError
 from ortho_train import quantisation as quant
 from ortho_train.evaluation import evaluate_unlearning
 from ortho_train.quantisation.bins import level_widths

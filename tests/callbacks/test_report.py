@@ -9,8 +9,8 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.report import ReportCallback
-from callbacks.sieve import SieveCallback
+from ortho_callbacks.report import ReportCallback
+from ortho_callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.quantisation import QuantConfig

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from callbacks.separation import SeparationTableCallback
+from ortho_callbacks.separation import SeparationTableCallback
 from ortho_train.separation.table import COLUMNS, SeparationConfig
 from tests.separation_fits import dense_fit, ogd_fit
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.sieve import SieveCallback
+from ortho_callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, linear_layers
 from ortho_train.ortho_linear import ortho_layers

@@ -17,9 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from callbacks.adapter_export import AdapterExportCallback
-from callbacks.ptq_gap import PTQGapCallback
-from callbacks.sieve import SieveCallback
+from ortho_callbacks.adapter_export import AdapterExportCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback
+from ortho_callbacks.sieve import SieveCallback
 from ortho_train import quantisation as quant
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.model_support import UnsupportedLayerError, conv1d_as_linear

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from callbacks.sieve import SieveCallback
+from ortho_callbacks.sieve import SieveCallback
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.kfac import component_in
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama

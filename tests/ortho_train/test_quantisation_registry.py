@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.ptq_gap import PTQGapCallback
+from ortho_callbacks.ptq_gap import PTQGapCallback
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.quantisation import (
     FORMATS,

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.adapter_export import AdapterExportCallback
+from ortho_callbacks.adapter_export import AdapterExportCallback
 from ortho_train.unlearn_module import LoraAdapterConfig, UnlearningStopped, UnlearnModule
 from ortho_train import quantisation as quant
 from ortho_train.unlearning.mansu import MansuConfig
@@ -198,7 +198,7 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
 def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
     from train import cli_main
 
-    from callbacks.ptq_gap import PTQGapError
+    from ortho_callbacks.ptq_gap import PTQGapError
 
     monkeypatch.chdir(tmp_path)
     data = [f"--data.{k}={v}" for k, v in DATA.items()]

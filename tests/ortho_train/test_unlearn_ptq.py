@@ -1,18 +1,20 @@
 """Quantisation bin widths, bin crossing and the bitsandbytes PTQ copies (NF4/FP4, LoRA deployments)."""
 import copy
 
-import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from ortho_kernels.bitsandbytes_offline import import_bitsandbytes
 from ortho_train import quantisation as quant
 from ortho_train.model_support import merged_copy
 from ortho_train.models import load_causal_lm
 from ortho_train.quantisation import bins, bnb4, bnb4_exact
 from ortho_train.quantisation.int_rtn import group_bin_width
 from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model, single_thread  # noqa: F401
+
+bnb_functional = import_bitsandbytes().functional
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -202,7 +204,7 @@ def test_portable_kernel_is_chosen_on_an_avx512bf16_cpu(avx512bf16_cpu):
 
 
 def _unquantised_linear4bit(rows: int, cols: int):
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     return bnb.nn.Linear4bit(cols, rows, bias=False, quant_type="nf4", compute_dtype=torch.float32)
 
@@ -271,7 +273,7 @@ def test_a_host_kernel_that_computes_wrongly_is_replaced_and_logged(monkeypatch,
     """A Linear4bit whose forward is off (as bitsandbytes 0.50's CPU kernel is on AVX-512 hosts for K not a
     multiple of the blocksize; here forced on any host by scaling its output by 1.1) becomes a dense linear
     holding the exact 4-bit weight, and the log says why, once per shape."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     real = bnb.matmul_4bit
     monkeypatch.setattr(bnb, "matmul_4bit", lambda *args, **kwargs: 1.1 * real(*args, **kwargs))

@@ -1,0 +1,113 @@
+"""Worst-case error of each CPU path of the dual-stream op against the exact product.
+
+The CPU paths round differently (see `ortho_kernels.dual_stream._cpu_forward`), so one tolerance
+for "the CPU op" is either too loose for the GEMV or too tight for torch's bf16 op, and a
+fixed relative tolerance on a whole model's logits fails on some CPUs and seeds. This module
+gives, per output element, a bound |y_path - X·W_eff^T|_mj <= B_mj derived from the path's
+roundings (standard floating-point error analysis, Higham, *Accuracy and Stability of
+Numerical Algorithms*, §3.1: a K-term fp32 sum of products is within
+γ_K = K·u/(1 - K·u) of Σ|x||w|, u = 2^-24):
+
+- ``gemv`` (M <= MAX_M, `ortho_kernels.cpu_gemv`): X in 16-bit fixed point per 64-element block,
+  |x~ - x| <= max_b|x| / 65534 · (1 + 4u); codes and fp16 scales/zeros exact; the product is
+  Σ (q - z)·s·x~ computed as s·(Σ q·x~ - z·Σ x~) in fp32, so its rounding is bounded through
+  the magnitudes (|q| + |z|)·|s| rather than |w|:
+  B = Σ_k |w_k| · δ_block(k) + γ_{K+8} · Σ_k (|q_k| + |z_k|)·|s_k|·|x_k|.
+- ``torch_int4`` (MAX_M < M < DENSE_MIN_M, `aten._weight_int4pack_mm_for_cpu`): X, the scale
+  s and the offset zf = (8 - z)·s rounded to bf16 (u_b = 2^-8), the output rounded to bf16.
+  With m_k = (|q_k - 8| + |8 - z_k|)·|s_k| >= |w_k| (the two bf16 operands of a weight):
+  B = (3·u_b + γ_K)·(1 + u_b)^3 · Σ_k m_k |x_k|  (activation, weight and output rounding
+  each contribute u_b·Σ m|x|; the cube covers the products of the roundings);
+  the ortho term is added in fp32 afterwards: + γ_K · α·Σ_k |o_k||x_k|.
+- ``dense`` (M >= DENSE_MIN_M) and ``reference``: X·W_eff^T in fp32 on the dequantised
+  weight (w_eff = (q - z)·s + α·o, two more fp32 roundings): B = γ_{K+2} · Σ_k |w_eff,k| |x_k|.
+
+The last fp32 addition and a result returned in a narrower dtype add 2·u_out·|y|. The bound
+is for fp32 or narrower X against the exact fp64 product (`reference_product`); a caller
+comparing two paths adds both bounds.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ortho_kernels.streams import OrthoStream, QuantisedBase
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+PATHS = ("gemv", "torch_int4", "dense", "reference")  # `ortho_kernels.dual_stream.resolved_path`
+GEMV_BLOCK = 64  # elements of X sharing one fixed-point scale (`_cpu_int4_gemv.c`)
+UNIT_ROUNDOFF = {torch.float32: FP32_UNIT_ROUNDOFF, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: BF16_UNIT_ROUNDOFF}
+
+
+def gamma(n: int, u: float = FP32_UNIT_ROUNDOFF) -> float:
+    """γ_n = n·u / (1 - n·u): the relative error bound of an n-term floating-point sum."""
+    return n * u / (1 - n * u)
+
+
+def _per_weight(base: QuantisedBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes q, scales s and zeros z, each fp64 (N, K) (group values repeated over their columns)."""
+    k = base.shape[1]
+    q = base.codes().double()  # (N, K)
+    s = base.scales.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
+    z = base.zeros.double().repeat_interleave(base.group_size, dim=1)[:, :k]  # (N, G) -> (N, K)
+    return q, s, z
+
+
+def _block_steps(x: torch.Tensor) -> torch.Tensor:
+    """Per element, the GEMV's worst fixed-point rounding of X: max|x| of its 64-block / 65534."""
+    m, k = x.shape
+    blocks = -(-k // GEMV_BLOCK)
+    padded = torch.nn.functional.pad(x.abs(), (0, blocks * GEMV_BLOCK - k))  # (M, K')
+    block_max = padded.view(m, blocks, GEMV_BLOCK).amax(dim=2)  # (M, K'/64, 64) -> (M, K'/64)
+    step = block_max / 65534 * (1 + 4 * FP32_UNIT_ROUNDOFF)
+    return step.repeat_interleave(GEMV_BLOCK, dim=1)[:, :k]  # (M, K'/64) -> (M, K)
+
+
+def _gemv_bound(x2d, q, s, z, o):
+    x, k = x2d.double().abs(), q.shape[1]  # (M, K)
+    bound = _block_steps(x2d.double()) @ ((q - z) * s).abs().T
+    bound += gamma(k + 8) * (x @ ((q.abs() + z.abs()) * s.abs()).T)
+    return bound if o is None else bound + gamma(k + 8) * (x @ o.T)
+
+
+def _torch_int4_bound(x2d, q, s, z, o):
+    x, k, u_b = x2d.double().abs(), q.shape[1], BF16_UNIT_ROUNDOFF  # (M, K)
+    magnitude = ((q - 8).abs() + (8 - z).abs()) * s.abs()  # (N, K)
+    bound = (3 * u_b + gamma(k)) * (1 + u_b) ** 3 * (x @ magnitude.T)
+    return bound if o is None else bound + gamma(k + 1) * (x @ o.T)
+
+
+def _fp32_product_bound(x2d, q, s, z, o):
+    """The dense and reference paths: X·W_eff^T in fp32 on the (cached or rebuilt) W_eff."""
+    w = ((q - z) * s).abs()  # (N, K)
+    return gamma(q.shape[1] + 2) * (x2d.double().abs() @ (w if o is None else w + o).T)
+
+
+_BOUNDS: dict[str, Callable] = {"gemv": _gemv_bound, "torch_int4": _torch_int4_bound,
+                                "dense": _fp32_product_bound, "reference": _fp32_product_bound}
+
+
+def path_error_bound(path: str, x2d: torch.Tensor, base: QuantisedBase,
+                     ortho: OrthoStream | None, alpha: float) -> torch.Tensor:
+    """B (M, N) fp64: |y_path - exact X·W_eff^T| <= B elementwise for the named CPU path."""
+    if path not in _BOUNDS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    o = (alpha * ortho.to_dense(torch.float64)).abs() if ortho is not None and alpha else None
+    bound = _BOUNDS[path](x2d.detach(), *_per_weight(base), o)
+    # the last fp32 addition (ortho or bias term), then the result rounded to X's dtype
+    u_out = max(FP32_UNIT_ROUNDOFF, UNIT_ROUNDOFF[x2d.dtype])
+    exact = reference_product(x2d, base, ortho, alpha).abs()
+    return bound + 2 * u_out * (exact + bound)
+
+
+def reference_product(x2d: torch.Tensor, base: QuantisedBase, ortho: OrthoStream | None,
+                      alpha: float) -> torch.Tensor:
+    """X·W_eff^T in fp64 (M, N): the exact value every path approximates."""
+    w = base.dequantise(torch.float64)
+    if ortho is not None and alpha:
+        w = w + alpha * ortho.to_dense(torch.float64)
+    return x2d.detach().double() @ w.T
+

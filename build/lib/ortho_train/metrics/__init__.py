@@ -1,0 +1,70 @@
+"""Memorisation metrics (pure torch + scipy/torchmetrics; no Lightning).
+
+Log-prob helpers shared with the unlearning losses, perplexity, extraction, exposure,
+membership inference and MUSE-style VerbMem/KnowMem/PrivLeak. See docs/methods.md §2.
+"""
+from ortho_train.metrics.exposure import (
+    count_references_below,
+    exposure_from_count,
+    exposure_from_rank,
+    exposure_from_skewnorm,
+    bounded_skewnorm_exposure,
+    ExposureEstimateError,
+    fit_skewnorm,
+    secret_log_perplexity,
+    skewnorm_logcdf,
+)
+from ortho_train.metrics.extraction import extraction_rate, greedy_continuation
+from ortho_train.metrics.logprobs import (
+    IGNORE_INDEX,
+    TokenDistributionStats,
+    sequence_logprob,
+    sequence_nll_mean,
+    token_distribution_stats,
+    token_logprobs,
+)
+from ortho_train.metrics.mia import mia_report, mia_scores, roc_auc, roc_curve, tpr_at_fpr, zlib_bits
+from ortho_train.metrics.muse import (
+    greedy_rouge_l_f1,
+    knowmem,
+    lcs_length,
+    privleak,
+    rouge_l_f1,
+    verbmem,
+)
+from ortho_train.metrics.perplexity import bits_per_token, nll_sum_and_count, perplexity
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenDistributionStats",
+    "bits_per_token",
+    "count_references_below",
+    "exposure_from_count",
+    "exposure_from_rank",
+    "exposure_from_skewnorm",
+    "bounded_skewnorm_exposure",
+    "ExposureEstimateError",
+    "extraction_rate",
+    "fit_skewnorm",
+    "greedy_continuation",
+    "greedy_rouge_l_f1",
+    "knowmem",
+    "lcs_length",
+    "mia_report",
+    "mia_scores",
+    "nll_sum_and_count",
+    "perplexity",
+    "privleak",
+    "roc_auc",
+    "roc_curve",
+    "rouge_l_f1",
+    "secret_log_perplexity",
+    "sequence_logprob",
+    "sequence_nll_mean",
+    "skewnorm_logcdf",
+    "token_distribution_stats",
+    "token_logprobs",
+    "tpr_at_fpr",
+    "verbmem",
+    "zlib_bits",
+]

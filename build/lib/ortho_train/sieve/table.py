@@ -1,0 +1,400 @@
+"""The kill-switch table: sieve a fine-tuned model every way and measure each α (no Lightning).
+
+Rows (one per model evaluated), keys `variant, alpha, rho, extraction_rate, exposure_mean,
+mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
+- references: `fp32` (the fine-tuned model), `intK_<method>` (it, quantised by a registered
+  base quantiser: `intK_rtn`, `intK_gptq`), any registered deployment format (`nf4` / `fp4`:
+  bitsandbytes; its fake-quantised copy, `ortho_train.quantisation.quantised_copy`), `pre_sft`
+  (the public model before fine-tuning) and `intK_pre_sft` (its base stream: Q(W_pre), the
+  model α = 0 of `delta`/`isolated` is);
+- sieves: `posthoc` and `delta` at every ρ of the list, `isolated` at its training ρ, each at
+  every α of the list; `posthoc_dqc` / `delta_dqc` are the same sieves (same base, same ortho
+  positions) with DQC-compensated ortho values (the HOP/DQC paper, "A Geometric Theory of
+  Functionally Sensitive Outlier Separability"), so DQC is measured beside plain GPTQ;
+- `ogd`: an OGD-projected fine-tune's W(α) = W_public_path + α·ΔW_priv at every α (ΔW_priv
+  rebuilt from its fp16 eigen-coefficients); its bits count the fp32 public path, and for
+  α > 0 the coefficients plus the fp16 eigenbases they need; ortho_density is the share of
+  eigen-directions off S_gen (the stored coefficients).
+bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
+entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
+row counts the base stream only (the base file alone is that model); α > 0 rows count both.
+
+With `hop_report` every sieve also records, per layer, the HOP per-column error report of its
+base error ΔW = dequant(base) − W_ft (`ortho_train.sieve.select.hop_report`) and the layer
+losses tr(ΔW H ΔWᵀ) at α = 0 and α = 1, in `KillSwitchTable.hop` (one entry per sieve and ρ).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ortho_kernels import QuantisedBase
+from ortho_kernels.packing import SUPPORTED_BITS
+from ortho_train.evaluation import METRIC_GROUP_KEYS, evaluate_memorisation, groups_known
+from ortho_train.model_fingerprint import model_fingerprint
+from ortho_train.ortho_linear import set_alpha
+from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
+from ortho_train.quantisation import (
+    FORMATS,
+    PTQConfig,
+    base_quantisers,
+    deployment_format,
+    deployment_formats,
+    quantised_copy,
+)
+from ortho_train.sieve.core import SievedLayer, SieveConfig
+from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
+
+ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_auc_loss",
+            "public_ppl", "bits_per_weight", "ortho_density")
+EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss",
+              "mia_tpr_at_1pct_fpr_minkpp", "base", "seconds")
+_INT_REF = re.compile(r"int(\d+)_(\w+)")
+SIEVED_VARIANTS = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")  # rows over α with a ρ
+VARIANTS = SIEVED_VARIANTS + ("ogd",)
+
+
+def int_reference(name: str) -> tuple[int, str] | None:
+    """(bits, method or 'pre_sft') of an `int<k>_<method>` / `int<k>_pre_sft` reference, else None."""
+    match = _INT_REF.fullmatch(name)
+    if match is None:
+        return None
+    bits, kind = int(match[1]), match[2]
+    if kind == "pre_sft":
+        return (bits, kind) if bits in SUPPORTED_BITS else None
+    return (bits, kind) if kind in base_quantisers() and bits in FORMATS[kind].bits else None
+
+
+@dataclass
+class TableConfig:
+    """What the kill-switch table contains and how it is measured (`SieveCallback(table=…)`).
+
+    Args:
+        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune),
+            posthoc_dqc, delta_dqc (posthoc / delta with DQC-compensated ortho values).
+        references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
+            (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
+        alphas: α values evaluated for each sieve, in [0, 1].
+        rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
+        spec: the posthoc/delta sieve (base quantiser, bits, group size, selection, DQC γ, HOP β,
+            LM head); the int references use its quantiser settings too.
+        metrics: subset of extraction, exposure, mia, ppl.
+        exposure_references: reference secrets for exposure (fewer = faster; None: all).
+        exposure_canaries: members whose exposure is measured (None: all).
+        dqc: add a posthoc_dqc / delta_dqc row right after every posthoc / delta row.
+        hop_report: record the HOP per-column report of every sieve (hop_report.json).
+
+    A setting that would be ignored is refused: `spec.dqc_gamma` without DQC rows, `spec.hop_beta`
+    without `hop_report`, `hop_report` without a sieved variant.
+    """
+
+    variants: list[str] = field(default_factory=lambda: ["posthoc", "delta", "isolated"])
+    references: list[str] = field(default_factory=lambda: ["fp32", "int4_rtn", "int4_gptq", "nf4",
+                                                           "pre_sft", "int4_pre_sft"])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    rhos: list[float] = field(default_factory=lambda: [0.01])
+    spec: SieveConfig = field(default_factory=SieveConfig)
+    metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
+    exposure_references: int | None = 1000
+    exposure_canaries: int | None = None
+    dqc: bool = False
+    hop_report: bool = False
+
+    def __post_init__(self) -> None:
+        self.alphas, self.rhos = [float(a) for a in self.alphas], [float(r) for r in self.rhos]
+        if self.dqc:
+            self.variants = with_dqc_twins(self.variants)
+        self._check_entries()
+        self._check_nothing_ignored()
+
+    def _check_entries(self) -> None:
+        for name in self.references:
+            if name not in ("fp32", "pre_sft") + deployment_formats() and int_reference(name) is None:
+                raise ValueError(f"unknown reference {name!r}: use fp32, pre_sft, a deployment format "
+                                 f"{deployment_formats()} or int{{k}}_{{method or pre_sft}} (k in "
+                                 f"{SUPPORTED_BITS}, methods {base_quantisers()})")
+        for variant in self.variants:
+            if variant not in VARIANTS:
+                raise ValueError(f"unknown sieve variant {variant!r}: use one of {VARIANTS}")
+        bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
+        if bad_alphas:
+            raise ValueError(f"alphas must lie in [0, 1] (0: base stream only, 1: the full ortho stream), "
+                             f"got {bad_alphas}")
+        bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
+        if bad_rhos:
+            raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
+        unknown = sorted(set(self.metrics) - {"extraction", "exposure", "mia", "ppl"})
+        if unknown or not self.metrics:
+            raise ValueError(f"metrics must be a non-empty subset of extraction, exposure, mia, ppl; "
+                             f"got {self.metrics}")
+        for name in ("exposure_references", "exposure_canaries"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
+
+    def _check_nothing_ignored(self) -> None:
+        defaults = SieveConfig()
+        if self.spec.dqc_gamma != defaults.dqc_gamma and not any(v.endswith("_dqc") for v in self.variants):
+            raise ValueError("spec.dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
+                             "variants); it would be ignored")
+        if self.spec.hop_beta != defaults.hop_beta and not self.hop_report:
+            raise ValueError("spec.hop_beta needs hop_report: true (it would be ignored)")
+        if self.hop_report and not set(self.variants) & set(SIEVED_VARIANTS):
+            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
+                             f"got {self.variants}")
+
+
+def with_dqc_twins(variants: list[str]) -> list[str]:
+    """`variants` with `<v>_dqc` right after each posthoc / delta (each variant once)."""
+    if not {"posthoc", "delta"} & set(variants):
+        raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
+                         f"variants {variants} has neither")
+    twinned = [v for plain in variants for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
+    return list(dict.fromkeys(twinned))  # a _dqc variant listed as well: once
+
+
+class KillSwitchTable:
+    """Builds and evaluates the rows; `run()` returns them as a list of dicts.
+
+    Args:
+        model: the fine-tuned model (not modified; copies are sieved).
+        pre_model: the pre-fine-tuning model (same architecture) or None.
+        probe: the `MemorisationProbe` of the run.
+        hessians_of: callable(model) -> {layer: H} over public calibration text.
+        streams: the private fine-tune's streams, or None. `SupportStreams` of an isolated
+            fine-tune give the `isolated` rows (and, when `bases_are_pre`, their Q(W_pre) bases
+            serve the `intK_pre_sft` rows; not after public base updates); `SubspaceStreams`
+            of an OGD fine-tune give the `ogd` rows.
+        log: callable(str) for progress lines.
+        known: metrics already measured on some of the table's models, by `model_fingerprint`
+            (e.g. the run's final evaluation of the fine-tuned model, the public model's
+            perplexity): a row of such a model measures only the groups they do not cover
+            (`evaluation.groups_known`; exposure always, at the table's own settings).
+    """
+
+    def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
+                 hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
+                 streams: PrivateStreams | None = None,
+                 log: Callable[[str], None] = print, known: dict[str, dict] | None = None):
+        self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
+        self.hessians_of, self.log = hessians_of, log
+        self.isolated = streams if isinstance(streams, SupportStreams) else None
+        self.ogd = streams if isinstance(streams, SubspaceStreams) else None
+        self._hessians: dict[int, dict] = {}
+        self._measured: dict[str, dict] = {}  # model fingerprint -> metrics (identical models: once)
+        self.known = known or {}
+        self.rows: list[dict] = []
+        self.hop: list[dict] = []  # with config.hop_report: per sieve, per layer, per column
+
+    # ----------------------------------------------------------------- pieces
+    def hessians(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        if id(model) not in self._hessians:
+            self._hessians[id(model)] = self.hessians_of(model)
+        return self._hessians[id(model)]
+
+    def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None,
+                  dqc: bool | None = None) -> SieveConfig:
+        """The table's sieve spec with the bits, quantiser, ρ or DQC replaced where given."""
+        s = self.config.spec
+        quant = replace(s.quant, method=method or s.quant.method, bits=bits or s.quant.bits)
+        return replace(s, quant=quant, rho=s.rho if rho is None else rho, dqc=s.dqc if dqc is None else dqc)
+
+    def _require_pre(self, what: str) -> nn.Module:
+        if self.pre_model is None:
+            raise ValueError(f"{what} needs the pre-fine-tuning model (none was given)")
+        return self.pre_model
+
+    def pre_bases(self, bits: int) -> tuple[dict[str, QuantisedBase], str]:
+        """Q(W_pre): the isolated fine-tune's own bases when it has them at these bits."""
+        if self.isolated is not None and self.isolated.bases_are_pre:
+            bases = self.isolated.bases
+            first = next(iter(bases.values()))
+            if first.bits == bits:
+                return bases, "isolated SFT base"
+        pre = self._require_pre("a pre-fine-tuning base")
+        spec = self.spec_with(bits)
+        layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.quantiser.needs_hessian else None)
+        return {n: layer.base for n, layer in layers.items()}, spec.quant.name
+
+    def _evaluate(self, model: nn.Module) -> dict:
+        """Metrics of `model`, reused when a row before it computed the very same function."""
+        key = model_fingerprint(model)
+        if key not in self._measured:
+            c, known = self.config, self.known.get(key, {})
+            reused = groups_known(known, c.metrics)
+            found = {k: known[k] for g in reused for k in METRIC_GROUP_KEYS[g]}
+            self._measured[key] = found | evaluate_memorisation(
+                model, self.probe, exposure_canaries=c.exposure_canaries,
+                exposure_references=c.exposure_references, include=tuple(m for m in c.metrics if m not in reused),
+                skewnorm_references=0,  # the table shows the exact rank only
+                decode_holdout=False)  # holdout exact match by teacher forcing
+        return self._measured[key]
+
+    def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
+                base: str | None) -> dict:
+        """Evaluate `model` and append its row (other tables build rows of their own models here)."""
+        start = time.perf_counter()
+        found = self._evaluate(model)
+        row = {"variant": variant, "alpha": alpha, "rho": rho,
+               **{k: found.get(k) for k in ROW_KEYS[3:7]},
+               "bits_per_weight": bits, "ortho_density": density,
+               "holdout_extraction_rate": found.get("holdout_extraction_rate"),
+               "symbol_accuracy": found.get("symbol_accuracy"),
+               **{k: found.get(k) for k in EXTRA_KEYS[2:5]}, "base": base,
+               "seconds": round(time.perf_counter() - start, 1)}
+        self.rows.append(row)
+        self.log(format_row(row))
+        return row
+
+    def _record_hop(self, variant: str, layers: dict[str, SievedLayer], rho: float, base: str,
+                    dqc: bool, hessians: str) -> None:
+        """Keep the per-layer HOP reports of one sieve (layers sieved with `report=True`)."""
+        self.hop.append({
+            "variant": variant, "rho": rho, "dqc": dqc, "base": base, "hessians": hessians,
+            "layers": {name: {k: v for k, v in layer.stats.items() if k != "hop"} | layer.stats["hop"]
+                       for name, layer in layers.items() if "hop" in layer.stats},
+        })
+
+    def _sieved_rows(self, variant: str, layers: dict[str, SievedLayer], rho: float, base: str) -> None:
+        dual = build_dual_stream_model(self.model, layers)
+        stats = stream_stats(dual)
+        for alpha in self.config.alphas:
+            set_alpha(dual, alpha)
+            bits = stats["bits_per_weight"] if alpha != 0 else stats["base_bits_per_weight"]
+            self.measure(variant, dual, alpha, rho, bits, stats["ortho_density"], base)
+
+    # ------------------------------------------------------------------- rows
+    def reference(self, name: str) -> None:
+        if name == "fp32":
+            self.measure("fp32", self.model, None, None, 32.0, 0.0, None)
+        elif name == "pre_sft":
+            self.measure("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
+        elif name in deployment_formats():
+            self.deployed_reference(name)
+        else:
+            bits, kind = int_reference(name)
+            if kind == "pre_sft":
+                bases, how = self.pre_bases(bits)
+                layers = {n: SievedLayer(b, _empty(b), {}) for n, b in bases.items()}
+                dual = build_dual_stream_model(self._require_pre(name), layers)
+            else:
+                spec = self.spec_with(bits, kind)
+                hessians = self.hessians(self.model) if spec.quant.quantiser.needs_hessian else None
+                layers = quantised_layers(self.model, spec, hessians)
+                dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
+            self.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
+
+    def deployed_reference(self, name: str) -> None:
+        """The row of a deployment format: the model's fake-quantised copy (dense linears holding
+        dequantise(quantise(W)); the LM head only with `include_lm_head`, never a tied one)."""
+        settings = PTQConfig(group_size=self.config.spec.quant.group_size, skip_modules=[])
+        fmt = deployment_format(name)
+        copy_ = quantised_copy(self.model, name, settings, include_lm_head=self.config.spec.include_lm_head,
+                               deployed_modules=False)
+        self.measure(name, copy_, None, None, fmt.bits_per_weight(settings), 0.0, fmt.label(settings))
+
+    def _ogd_rows(self) -> None:
+        streams = self.ogd
+        if streams is None:
+            self.log("ogd: skipped (the model was not fine-tuned with OGD)")
+            return
+        bits = streams.bits_per_weight()
+        for alpha in self.config.alphas:
+            model = copy.deepcopy(self.model)
+            with torch.no_grad():
+                for name, (weight, bias) in streams.weights_at(alpha).items():
+                    module = model.get_submodule(name)
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+            private = bits["coefficients"] + bits["basis"] if alpha != 0 else 0.0
+            self.measure("ogd", model.eval(), alpha, None, 32.0 + private,
+                      bits["free_fraction"] if alpha != 0 else 0.0,
+                      f"fp32 public path; ΔW_priv off S_gen ({streams.subspace})")
+
+    def variant(self, variant: str) -> None:
+        if variant == "ogd":
+            self._ogd_rows()
+            return
+        if variant == "isolated":
+            if self.isolated is None:
+                self.log("isolated: skipped (the model was not fine-tuned with isolation)")
+                return
+            streams = self.isolated
+            spec = self.spec_with(next(iter(streams.bases.values())).bits)
+            report = self.config.hop_report  # the Hessians serve the report only: S and the base are fixed
+            layers = sieve_model(self.model, "isolated", spec, self.hessians(self.model) if report else None,
+                                 supports=streams.masks, bases=streams.bases, report=report)
+            base = "isolated SFT base" if streams.bases_are_pre else "base re-quantised after public updates"
+            if report:
+                self._record_hop("isolated", layers, streams.rho, base, False, "fine-tuned model")
+            self._sieved_rows("isolated", layers, streams.rho, base)
+            return
+        plain = variant.removesuffix("_dqc")
+        dqc = True if variant.endswith("_dqc") else None  # plain rows: the spec's own setting
+        report = self.config.hop_report
+        for rho in self.config.rhos:
+            spec = self.spec_with(rho=rho, dqc=dqc)
+            if plain == "posthoc":
+                layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model), report=report)
+                base, hessians = f"{spec.quant.name} of the fine-tuned weights", "fine-tuned model"
+            else:
+                pre = self._require_pre("the delta sieve")
+                bases, how = self.pre_bases(spec.quant.bits)
+                layers = sieve_model(self.model, "delta", spec, self.hessians(pre),
+                                     pre_state=pre.state_dict(), bases=bases, report=report)
+                base, hessians = how, "pre-fine-tuning model"
+            if spec.dqc:
+                base += f" + DQC γ={spec.dqc_gamma:g}"
+            if report:
+                self._record_hop(variant, layers, rho, base, spec.dqc, hessians)
+            self._sieved_rows(variant, layers, rho, base)
+
+    def run(self) -> list[dict]:
+        for name in self.config.references:
+            self.reference(name)
+        for variant in self.config.variants:
+            self.variant(variant)
+        return self.rows
+
+
+def _empty(base: QuantisedBase):
+    from ortho_kernels import OrthoStream
+
+    return OrthoStream.empty(base.shape, base.device)
+
+
+def format_value(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['variant']:>13} α={format_value(row['alpha'], 2)} ρ={format_value(row['rho'], 3)}: "
+            f"extraction {format_value(row['extraction_rate'], 2)}, exposure {format_value(row['exposure_mean'], 2)}, "
+            f"MIA AUC {format_value(row['mia_auc_loss'])}, PPL {format_value(row['public_ppl'])}, "
+            f"{format_value(row['bits_per_weight'], 2)} bits/w, density {format_value(row['ortho_density'], 4)} "
+            f"({row['seconds']} s)")
+
+
+def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
+    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) | public PPL "
+            "| bits/weight | ortho density | base |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {format_value(r['alpha'], 2)} | {format_value(r['rho'], 3)} | "
+            f"{format_value(r['extraction_rate'], 2)} | {format_value(r.get('holdout_extraction_rate'), 2)} | "
+            f"{format_value(r['exposure_mean'], 2)} | {format_value(r['mia_auc_loss'])} | {format_value(r['public_ppl'])} | "
+            f"{format_value(r['bits_per_weight'], 2)} | {format_value(r['ortho_density'], 4)} | {r.get('base') or ''} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
