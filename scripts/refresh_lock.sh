@@ -3,9 +3,9 @@
 # constraints-cpu.txt), newest versions allowed, with hashes:
 #   requirements/cpu-dev.lock  what `bash install.sh --dev` installs (the toolkit + pytest)
 #   requirements/cpu.lock      what `bash install.sh` installs: the same versions, without pytest
-# Run it after changing a dependency range, then `bash scripts/test_latest.sh` is no longer
-# needed to see the new versions: `rm -rf .venv && bash install.sh --dev` and the README's test
-# command. Commit both files. Takes ~7 min (pip-tools hashes every file of every pinned release).
+# Run it after changing a dependency range, or when scripts/test_latest.sh shows that the newest
+# versions pass; then `rm -rf .venv && bash install.sh --dev`, the README's test command, and
+# commit both files. Takes ~7 min (pip-tools hashes every file of every pinned release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=$(mktemp -d)

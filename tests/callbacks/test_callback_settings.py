@@ -110,7 +110,7 @@ def test_every_shipped_config_builds_its_callbacks():
     for path in configs:
         for block in yaml.safe_load(path.read_text())["trainer"].get("callbacks") or []:
             module, _, name = block["class_path"].rpartition(".")
-            if module.startswith("callbacks."):
+            if module.startswith("ortho_callbacks."):
                 from_init_args(getattr(importlib.import_module(module), name), block.get("init_args", {}))
                 built += 1
     assert built >= len(configs)
