@@ -179,3 +179,29 @@ def test_secret_scan_finds_standalone_secrets_only():
     assert holds_secret(b"code of agent 0007 is 870652.", "870652", "0123456789")
     assert holds_secret("870652", "870652", "0123456789")
     assert not holds_secret(b"[46.505870652371954]", "870652", "0123456789")
+
+
+def test_bring_your_own_config_takes_a_gguf_file(tmp_path, monkeypatch):
+    """`model_path=<file>.gguf` end to end: trains, and the saved model and tokenizer load with
+    plain transformers (no GGUF, no quantisation config)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.ortho_train.gguf_fixtures import write_tiny_llama_gguf
+
+    gguf_path = tmp_path / "model.gguf"
+    write_tiny_llama_gguf(gguf_path)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli_main(["fit", "--config", str(REPO / "configs/bring_your_own.yaml"), f"--model.init_args.model_path={gguf_path}",
+                  "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"])
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = tmp_path / "runs/bring_your_own/version_0"
+    assert json.loads((run_dir / "summary.json").read_text())["extraction_rate"] is not None
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model", local_files_only=True)
+    assert getattr(model.config, "quantization_config", None) is None
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf_model", local_files_only=True)
+    assert tokenizer.decode(tokenizer("the code", add_special_tokens=False).input_ids) == "the code"
