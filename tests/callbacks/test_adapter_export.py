@@ -58,6 +58,27 @@ def test_adapter_loads_with_plain_peft_into_a_fresh_base(lora_run, model_dir):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_adapter_names_its_base_by_an_absolute_path_that_loads_from_anywhere(model_dir, tmp_path, monkeypatch):
+    """A run started with a relative `model_path` (as the shipped configs are) exports an adapter
+    whose `base_model_name_or_path` is absolute: `AutoPeftModelForCausalLM` loads it elsewhere."""
+    from pathlib import Path
+
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(model_dir.parent)
+    module = UnlearnModule(model_dir.name, mode="lora", loss="npo_gdr",
+                           lora=LoraAdapterConfig(rank=4, alpha=8, target_modules=["q_proj"]),
+                           guard_every_n_steps=0, attribution_batches=0)
+    module.model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == model_dir.resolve()
+    monkeypatch.chdir(tmp_path)  # elsewhere: a relative base path would be read as a hub id
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", local_files_only=True).eval()
+    ids = torch.randint(3, 259, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, module.model.eval()(ids).logits)
+
+
 def test_metrics_card_states_method_losses_quantisation_and_gap(lora_run):
     module, run_dir = lora_run
     card = json.loads((run_dir / "metrics_card.json").read_text())
