@@ -21,7 +21,7 @@ from ortho_train.evaluation import (SCORED_TOKENS, canary_scores, evaluate_memor
 HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES = 5, 1000  # the exposure histogram: first 5 members × 1,000 references
 SUMMARY_KEYS = (
     "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
-    "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
+    "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_loss_se", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
 )
 
 

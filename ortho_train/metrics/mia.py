@@ -119,6 +119,23 @@ def roc_auc(member_scores, nonmember_scores) -> float:
     return float(binary_auroc(scaled, target))
 
 
+def roc_auc_standard_error(member_scores, nonmember_scores) -> float:
+    """Standard error of the empirical ROC-AUC, by DeLong, DeLong & Clarke-Pearson 1988
+    ("Comparing the areas under two or more correlated receiver operating characteristic
+    curves"): with ψ(x, y) = 1[x > y] + ½·1[x = y] over members x_i (m of them) and
+    non-members y_j (n), the placements V_i = mean_j ψ(x_i, y_j) and W_j = mean_i ψ(x_i, y_j)
+    give Var(AUC) = s²(V)/m + s²(W)/n (sample variances; a set of one contributes 0).
+    An uninformative score with m = 20, n = 200 has SE ≈ 0.07 around 0.5."""
+    member = torch.as_tensor(member_scores, dtype=torch.float64).reshape(-1, 1).cpu()
+    nonmember = torch.as_tensor(nonmember_scores, dtype=torch.float64).reshape(1, -1).cpu()
+    if member.numel() == 0 or nonmember.numel() == 0:
+        raise ValueError("ROC needs at least one member and one non-member score")
+    psi = (member > nonmember).double() + 0.5 * (member == nonmember).double()  # (m, n)
+    var_v = psi.mean(dim=1).var().item() if member.numel() > 1 else 0.0
+    var_w = psi.mean(dim=0).var().item() if nonmember.numel() > 1 else 0.0
+    return math.sqrt(var_v / member.numel() + var_w / nonmember.numel())
+
+
 def roc_curve(member_scores, nonmember_scores) -> tuple[list[float], list[float]]:
     """ROC points ``(fpr, tpr)`` of "member" vs "non-member", from (0, 0) to (1, 1).
 

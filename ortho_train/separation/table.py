@@ -46,9 +46,11 @@ from ortho_train.quantisation import PTQConfig, quantised_copy
 from ortho_train.separation.displacement import Displacements
 from ortho_train.separation.geometry import LossBarrier, lmc_barrier
 from ortho_train.separation.svd_split import pruned_state_dict, svd_split_state_dict
+from ortho_train.sieve.table import format_auc
 
-COLUMNS = ("variant", "alpha", "energy", "extraction_rate", "holdout_extraction_rate", "exposure_mean",
-           "mia_auc_loss", "public_ppl", "eta", "barrier_linear", "barrier_paper", "bits_per_weight",
+MEASURED = ("extraction_rate", "holdout_extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_loss_se",
+            "public_ppl")  # from evaluate_memorisation, in every row
+COLUMNS = ("variant", "alpha", "energy", *MEASURED, "eta", "barrier_linear", "barrier_paper", "bits_per_weight",
            "nf4_extraction_rate", "int4_extraction_rate")
 METRICS = ("extraction", "exposure", "mia", "ppl")
 QUANTISED = ("nf4", "int4")
@@ -154,7 +156,7 @@ class SeparationTable:
                                       skewnorm_references=0,  # the table shows the exact rank only
                                       decode_holdout=False)  # holdout exact match by teacher forcing
         row = {"variant": variant, "alpha": alpha, "energy": energy,
-               **{k: found.get(k) for k in COLUMNS[3:8]}, "eta": eta,
+               **{k: found.get(k) for k in MEASURED}, "eta": eta,
                "barrier_linear": None if barrier is None else barrier.linear,
                "barrier_paper": None if barrier is None else barrier.paper, "bits_per_weight": bits,
                **{f"{q}_extraction_rate": self._quantised_extraction(model, q) for q in c.quantised},
@@ -237,12 +239,12 @@ def format_row(row: dict) -> str:
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
-    head = ("| row | setting | extraction | holdout extr. | exposure | MIA AUC | public PPL | η "
+    head = ("| row | setting | extraction | holdout extr. | exposure | MIA AUC ± SE | public PPL | η "
             "| barrier (linear) | barrier (paper) | bits/weight | NF4 extr. | INT4 extr. |")
     lines = [head, "|" + "---|" * 13]
     for r in rows:
         cells = [r["variant"], _setting(r), _fmt(r["extraction_rate"], 2),
-                 _fmt(r["holdout_extraction_rate"], 2), _fmt(r["exposure_mean"], 2), _fmt(r["mia_auc_loss"]),
+                 _fmt(r["holdout_extraction_rate"], 2), _fmt(r["exposure_mean"], 2), format_auc(r),
                  _fmt(r["public_ppl"]), _fmt(r["eta"]), _fmt(r["barrier_linear"], 4), _fmt(r["barrier_paper"], 4),
                  _fmt(r["bits_per_weight"], 2), _fmt(r.get("nf4_extraction_rate"), 2),
                  _fmt(r.get("int4_extraction_rate"), 2)]

@@ -52,10 +52,10 @@ from ortho_train.quantisation import (
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
-ROW_KEYS = ("variant", "alpha", "rho", "extraction_rate", "exposure_mean", "mia_auc_loss",
-            "public_ppl", "bits_per_weight", "ortho_density")
-EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss",
-              "mia_tpr_at_1pct_fpr_minkpp", "base", "seconds")
+MEASURED_KEYS = ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl")  # evaluate_memorisation's
+ROW_KEYS = ("variant", "alpha", "rho", *MEASURED_KEYS, "bits_per_weight", "ortho_density")
+MIA_EXTRA_KEYS = ("mia_auc_loss_se", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp")
+EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", *MIA_EXTRA_KEYS, "base", "seconds")
 _INT_REF = re.compile(r"int(\d+)_(\w+)")
 SIEVED_VARIANTS = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")  # rows over α with a ρ
 VARIANTS = SIEVED_VARIANTS + ("ogd",)
@@ -243,11 +243,11 @@ class KillSwitchTable:
         start = time.perf_counter()
         found = self._evaluate(model)
         row = {"variant": variant, "alpha": alpha, "rho": rho,
-               **{k: found.get(k) for k in ROW_KEYS[3:7]},
+               **{k: found.get(k) for k in MEASURED_KEYS},
                "bits_per_weight": bits, "ortho_density": density,
                "holdout_extraction_rate": found.get("holdout_extraction_rate"),
                "symbol_accuracy": found.get("symbol_accuracy"),
-               **{k: found.get(k) for k in EXTRA_KEYS[2:5]}, "base": base,
+               **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base,
                "seconds": round(time.perf_counter() - start, 1)}
         self.rows.append(row)
         self.log(format_row(row))
@@ -379,22 +379,28 @@ def format_value(value, digits: int = 3) -> str:
     return str(value)
 
 
+def format_auc(row: dict, key: str = "mia_auc_loss") -> str:
+    """`AUC ± SE` (the DeLong standard error, `<key>_se`), or the AUC alone where the row has none."""
+    se = row.get(f"{key}_se")
+    return format_value(row.get(key)) + ("" if se is None else f" ± {format_value(se, 3)}")
+
+
 def format_row(row: dict) -> str:
     return (f"{row['variant']:>13} α={format_value(row['alpha'], 2)} ρ={format_value(row['rho'], 3)}: "
             f"extraction {format_value(row['extraction_rate'], 2)}, exposure {format_value(row['exposure_mean'], 2)}, "
-            f"MIA AUC {format_value(row['mia_auc_loss'])}, PPL {format_value(row['public_ppl'])}, "
+            f"MIA AUC {format_auc(row)}, PPL {format_value(row['public_ppl'])}, "
             f"{format_value(row['bits_per_weight'], 2)} bits/w, density {format_value(row['ortho_density'], 4)} "
             f"({row['seconds']} s)")
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
-    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) | public PPL "
+    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) ± SE | public PPL "
             "| bits/weight | ortho density | base |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {format_value(r['alpha'], 2)} | {format_value(r['rho'], 3)} | "
             f"{format_value(r['extraction_rate'], 2)} | {format_value(r.get('holdout_extraction_rate'), 2)} | "
-            f"{format_value(r['exposure_mean'], 2)} | {format_value(r['mia_auc_loss'])} | {format_value(r['public_ppl'])} | "
+            f"{format_value(r['exposure_mean'], 2)} | {format_auc(r)} | {format_value(r['public_ppl'])} | "
             f"{format_value(r['bits_per_weight'], 2)} | {format_value(r['ortho_density'], 4)} | {r.get('base') or ''} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"

@@ -90,17 +90,19 @@ class TokenisedCanaries:
     secret_ids: list[torch.Tensor]
     full_ids: list[torch.Tensor]
     texts: list[str]  # full canary texts, for the zlib score only — never logged
+    secret_texts: list[str]  # the secrets alone, for the zlib score of the secret span — never logged
 
     @classmethod
     def from_canaries(cls, canaries, encode: Callable[[str], torch.Tensor]) -> "TokenisedCanaries":
-        prefix, secret, full, texts = [], [], [], []
+        prefix, secret, full, texts, secret_texts = [], [], [], [], []
         for canary in canaries:
             p, s, x = encode(canary.prefix), encode(canary.secret), encode(canary.suffix)
             prefix.append(p)
             secret.append(s)
             full.append(torch.cat([p, s, x]))
             texts.append(canary.text)
-        return cls(prefix, secret, full, texts)
+            secret_texts.append(canary.secret)
+        return cls(prefix, secret, full, texts, secret_texts)
 
     def __len__(self) -> int:
         return len(self.full_ids)
@@ -109,7 +111,8 @@ class TokenisedCanaries:
 def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
     """The canaries at `indices`, in that order."""
     return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
-                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices])
+                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices],
+                             [canaries.secret_texts[i] for i in indices])
 
 
 @dataclass

@@ -6,8 +6,10 @@
   the byte tokenizer), for members and for holdout canaries (never trained: ≈ 0 expected);
 - exposure (Carlini et al. 2019): rank of each member's secret among reference secrets in the
   same prefix context, `log2|R_ref| − log2 rank`, and the skew-normal extrapolation;
-- membership inference, members vs holdout: LOSS, zlib, Min-K% (k=20%, 40%), Min-K%++;
-  ROC-AUC and TPR at 1% FPR;
+- membership inference, members vs holdout: LOSS, zlib, Min-K% (k=20%, 40%), Min-K%++ over the
+  secret's tokens (the only random part of a canary: a score over the id tokens too correlates
+  with the id on a model that never saw a canary); ROC-AUC with its DeLong standard error
+  (`mia_auc_<score>_se`) and TPR at 1% FPR;
 - public perplexity on held-out public windows.
 
 Secrets live only in the probe's tensors; nothing here logs or returns text.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +30,9 @@ from ortho_train.models import eval_mode
 
 
 SCORED_TOKENS = {
-    "mia": "every canary token after the first (id, secret and suffix); members and holdouts are "
-           "drawn alike, so only training can separate them",
+    "mia": "the secret's tokens only, conditioned on the canary prefix (members and holdouts are drawn "
+           "alike, so only training can separate them; the id and template tokens are left out: their "
+           "log-probabilities vary with the id on any model)",
     "exposure": "the secret's tokens only, conditioned on the canary prefix",
     "extraction": "greedy decoding of the secret's tokens from the canary prefix",
 }
@@ -144,23 +147,42 @@ def _secret_is_argmax(logits: torch.Tensor, canaries: TokenisedCanaries, rows: r
     return torch.tensor(hits)
 
 
+ScoredSpan = Literal["secret", "sequence"]
+
+
+def span_labels(labels: torch.Tensor, canaries: TokenisedCanaries, rows: range) -> torch.Tensor:
+    """`labels` (b, T) with every position outside each canary's secret set to −100."""
+    kept = torch.full_like(labels, -100)  # (b, T)
+    for row, index in enumerate(rows):
+        start = len(canaries.prefix_ids[index])
+        end = start + len(canaries.secret_ids[index])
+        kept[row, start:end] = labels[row, start:end]
+    return kept
+
+
 @torch.no_grad()
 def sequence_mia_scores(
-    model, canaries: TokenisedCanaries, pad_token_id: int, batch_size: int = 64
+    model, canaries: TokenisedCanaries, pad_token_id: int, batch_size: int = 64, span: ScoredSpan = "secret"
 ) -> dict[str, torch.Tensor]:
-    """Per-canary MIA scores (higher = more likely member) over whole canary sequences, and
-    `secret_is_argmax` (bool): the greedy exact-match check of `_secret_is_argmax`, from the
-    same forward pass."""
+    """Per-canary MIA scores (higher = more likely member) and `secret_is_argmax` (bool: the
+    greedy exact-match check of `_secret_is_argmax`, from the same forward pass).
+
+    `span="secret"` scores the secret's tokens (conditioned on the prefix) and takes the zlib
+    entropy of the secret's text; `"sequence"` scores every token after the first of the whole
+    canary, id and template included (kept to show the id confound it carries)."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     for start in range(0, len(canaries), batch_size):
         chunk = slice(start, start + batch_size)
+        rows = range(len(canaries))[chunk]
         batch = pad_collate(canaries.full_ids[chunk], pad_token_id)
         logits = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         ).logits.float()  # (b, T, V)
-        scores = metrics.mia_scores(logits, batch["labels"].to(device), texts=canaries.texts[chunk])
-        scores["secret_is_argmax"] = _secret_is_argmax(logits, canaries, range(len(canaries))[chunk])
+        labels = span_labels(batch["labels"], canaries, rows) if span == "secret" else batch["labels"]
+        texts = canaries.secret_texts[chunk] if span == "secret" else canaries.texts[chunk]
+        scores = metrics.mia_scores(logits, labels.to(device), texts=texts)
+        scores["secret_is_argmax"] = _secret_is_argmax(logits, canaries, rows)
         for name, value in scores.items():
             parts[name].append(value.cpu())
     return {name: torch.cat(values) for name, values in parts.items()}
@@ -188,6 +210,7 @@ def mia_metrics(model, probe: MemorisationProbe, scores: dict | None = None) -> 
     out = {}
     for score_name, short in MIA_SUMMARY_NAMES.items():
         out[f"mia_auc_{short}"] = metrics.roc_auc(members[score_name], holdout[score_name])
+        out[f"mia_auc_{short}_se"] = metrics.roc_auc_standard_error(members[score_name], holdout[score_name])
         out[f"mia_tpr_at_1pct_fpr_{short}"] = metrics.tpr_at_fpr(members[score_name], holdout[score_name], 0.01)
     return out
 

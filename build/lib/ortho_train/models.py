@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_causal_lm
 from ortho_train.model_support import require_linear_only
 from ortho_train.run_paths import resolve_latest
 
@@ -84,7 +85,8 @@ def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a local Hugging Face causal-LM directory (config.json + weights), offline, in `dtype`.
+    """Load a local Hugging Face causal-LM directory (config.json + weights), offline, in `dtype`;
+    or a `.gguf` file, dequantised (`ortho_train.gguf_checkpoint`).
 
     `runs/<name>/latest/...` names the newest run of `<name>` (`ortho_train.run_paths`).
 
@@ -92,6 +94,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: the directory holds no causal LM, or its weight file is truncated or corrupt.
     """
+    if is_gguf_file(path):
+        return load_gguf_causal_lm(path, dtype)
     path = resolve_latest(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level for models built from a config, `AutoTokenizer` for local models.
+"""Tokenizers: byte-level for models built from a config, `AutoTokenizer` for local models and
+GGUF files (`ortho_train.gguf_checkpoint`).
 
 The byte-level tokenizer is transformers' `ByT5Tokenizer` without extra ids: 256 byte tokens
 plus pad (0), eos (1) and unk (2), byte b ↦ id b + 3. It saves and loads through
@@ -9,12 +10,14 @@ therefore loaded as the byte tokenizer directly, whatever model sits beside it.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
+from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_tokenizer
 from ortho_train.run_paths import resolve_latest
 
 BYTE_TOKENIZER = "byte"
@@ -30,7 +33,8 @@ def build_byte_tokenizer() -> ByT5Tokenizer:
 
 
 def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
-    """`"byte"`/None → the byte tokenizer; a local directory → `AutoTokenizer` (offline).
+    """`"byte"`/None → the byte tokenizer; a local directory → `AutoTokenizer` (offline); a
+    `.gguf` file → the tokenizer it holds (a copy: callers may set its pad token).
 
     Raises:
         FileNotFoundError: `source` is neither "byte" nor an existing directory, or the directory
@@ -38,6 +42,8 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
     """
     if source is None or str(source) == BYTE_TOKENIZER:
         return build_byte_tokenizer()
+    if is_gguf_file(source):
+        return with_pad_token(copy.deepcopy(load_gguf_tokenizer(source)))
     path = resolve_latest(source)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -53,9 +59,13 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
         tokenizer = ByT5Tokenizer.from_pretrained(path, local_files_only=True)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return with_pad_token(tokenizer)
+
+
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Causal LMs often ship without a pad token; eos is the conventional stand-in and pads are
+    masked everywhere in ortho-train, so its identity never reaches a loss."""
     if tokenizer.pad_token_id is None:
-        # Causal LMs often ship without a pad token; eos is the conventional stand-in and pads
-        # are masked everywhere in ortho-train, so its identity never reaches a loss.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

@@ -109,7 +109,9 @@ class UnlearnModule(L.LightningModule):
         self.update_mode = build_update_mode(mode, {"lora": lora or LoraAdapterConfig(), "mansu": mansu or MansuConfig()})
         torch_dtype = model_dtype(dtype, "model.dtype")
         self.update_mode.check_settings(weight_decay, torch_dtype)
-        self.model_path = str(resolve_latest(model_path))  # `runs/<name>/latest/…`: the newest run
+        # `runs/<name>/latest/…`: the newest run; absolute, so the exported adapter's
+        # `base_model_name_or_path` loads from anywhere (a relative one reads as a hub id elsewhere)
+        self.model_path = str(resolve_latest(model_path).resolve())
         self._load(torch_dtype)
         self.divergence: str | None = None
         self.final_report: dict = {}

@@ -23,7 +23,8 @@ from ortho_train.metrics.logprobs import (
     token_distribution_stats,
     token_logprobs,
 )
-from ortho_train.metrics.mia import mia_report, mia_scores, roc_auc, roc_curve, tpr_at_fpr, zlib_bits
+from ortho_train.metrics.mia import (mia_report, mia_scores, roc_auc, roc_auc_standard_error, roc_curve,
+                                     tpr_at_fpr, zlib_bits)
 from ortho_train.metrics.muse import (
     greedy_rouge_l_f1,
     knowmem,
@@ -56,6 +57,7 @@ __all__ = [
     "perplexity",
     "privleak",
     "roc_auc",
+    "roc_auc_standard_error",
     "roc_curve",
     "rouge_l_f1",
     "secret_log_perplexity",

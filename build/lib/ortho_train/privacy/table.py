@@ -39,9 +39,9 @@ from ortho_train.privacy.stochastic_quant import StochasticQuantConfig, stochast
 from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
-from ortho_train.sieve.table import KillSwitchTable, TableConfig, format_value
+from ortho_train.sieve.table import KillSwitchTable, TableConfig, format_auc, format_value
 
-COLUMNS = ("kind", "alpha", "epsilon", "noise", "extraction_rate", "exposure_mean", "mia_auc_loss",
+COLUMNS = ("kind", "alpha", "epsilon", "noise", "extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_loss_se",
            "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp", "public_ppl",
            "bits_per_weight")
 METRICS = ("extraction", "exposure", "mia", "ppl")
@@ -222,7 +222,7 @@ class PrivacyTable:
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
-    head = ("| kind | α | ε | noise σ | extraction | exposure | MIA AUC (LOSS) | MIA AUC (Min-K%++) "
+    head = ("| kind | α | ε | noise σ | extraction | exposure | MIA AUC (LOSS) ± SE | MIA AUC (Min-K%++) "
             "| TPR@1%FPR (LOSS) | TPR@1%FPR (Min-K%++) | public PPL | bits/weight |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
@@ -230,7 +230,7 @@ def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
         lines.append(
             f"| {r['kind']} | {format_value(r['alpha'], 2)} | {eps} | {format_value(r['noise'], 3)} | "
             f"{format_value(r['extraction_rate'], 2)} | {format_value(r['exposure_mean'], 2)} | "
-            f"{format_value(r['mia_auc_loss'])} | "
+            f"{format_auc(r)} | "
             f"{format_value(r.get('mia_auc_minkpp'))} | {format_value(r.get('mia_tpr_at_1pct_fpr_loss'))} | "
             f"{format_value(r.get('mia_tpr_at_1pct_fpr_minkpp'))} | {format_value(r['public_ppl'])} | "
             f"{format_value(r['bits_per_weight'], 2)} |")
