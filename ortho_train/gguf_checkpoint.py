@@ -23,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ortho_train.loading import LOCAL_FILES_ONLY
+
 SUFFIX = ".gguf"
 
 
@@ -49,7 +51,7 @@ def load_gguf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) ->
     path = _existing(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True,
+            path.parent, gguf_file=path.name, dtype=dtype, **LOCAL_FILES_ONLY,
             quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
     except Exception as err:  # gguf/transformers raise many types for a damaged or foreign file
         raise ValueError(f"could not load the GGUF model {str(path)!r} ({type(err).__name__}: "
@@ -63,7 +65,7 @@ def load_gguf_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     rebuilding a 262k vocabulary takes tens of seconds)."""
     path = _existing(path)
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **LOCAL_FILES_ONLY)
     except Exception as err:
         raise ValueError(f"could not read the tokenizer of the GGUF file {str(path)!r} "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err

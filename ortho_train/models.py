@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_causal_lm
+from ortho_train.loading import LOCAL_FILES_ONLY
 from ortho_train.model_support import require_linear_only
 from ortho_train.run_paths import resolve_latest
 
@@ -103,7 +104,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
             "(expected a directory written by save_pretrained, e.g. <run>/hf_model)"
         )
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **LOCAL_FILES_ONLY)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'} is not a readable Hugging Face config: "
                          f"{str(err).splitlines()[0]}") from err
@@ -112,7 +113,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> PreT
                          f"({', '.join(config.architectures or ['no architecture'])}), not a causal LM: "
                          "ortho-train needs a decoder that AutoModelForCausalLM loads")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **LOCAL_FILES_ONLY)
     except Exception as err:  # safetensors/torch raise their own types for damaged files
         files = sorted(str(f) for pattern in WEIGHT_PATTERNS for f in path.glob(pattern)) or [str(path)]
         raise ValueError(f"could not load the weights in {', '.join(files)} ({type(err).__name__}: "

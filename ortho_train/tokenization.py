@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_tokenizer
+from ortho_train.loading import LOCAL_FILES_ONLY
 from ortho_train.run_paths import resolve_latest
 
 BYTE_TOKENIZER = "byte"
@@ -56,9 +57,9 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
             "save the tokenizer into it (tokenizer.save_pretrained) or copy them from the base model"
         )
     if _declared_class(path) == ByT5Tokenizer.__name__:
-        tokenizer = ByT5Tokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = ByT5Tokenizer.from_pretrained(path, **LOCAL_FILES_ONLY)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_FILES_ONLY)
     return with_pad_token(tokenizer)
 
 
