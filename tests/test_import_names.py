@@ -12,6 +12,7 @@ user's `callbacks` module is the user's, and the toolkit's folders import as `or
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -67,11 +68,15 @@ def user_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wheel_site(tmp_path_factory) -> Path:
-    """The toolkit built as a wheel (no build isolation: setuptools of this environment) and
-    installed, without dependencies, into a directory of its own."""
+    """The toolkit built as a wheel (no build isolation: setuptools of this environment) from a
+    copy of the sources (a build writes build/ and *.egg-info beside them), and installed, without
+    dependencies, into a directory of its own."""
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "runs", "build", "dist", "*.egg-info", "__pycache__", "tests"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", out / "dist", REPO],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", out / "dist", source],
                    check=True, capture_output=True, timeout=300)
     wheel = next((out / "dist").glob("ortho_train-*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--target", out / "site", wheel],
