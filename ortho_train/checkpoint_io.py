@@ -10,7 +10,8 @@ in the checkpoint's directory, and writes it with `ortho_train.artifacts.write_b
 (truncated, damaged, or something else) raises `UnreadableCheckpointError`, which names the file,
 its size and the checkpoints beside it, and never suggests loading with `weights_only=False`
 (that runs whatever code the file holds). `use_atomic_checkpoints(trainer)` installs it; train.py
-does so for every run.
+does so for every run, and turns the same errors of LightningCLI's own first read of the file
+(for its hyper-parameters, before any Trainer exists) into `UnreadableCheckpointError`.
 """
 from __future__ import annotations
 
@@ -32,12 +33,17 @@ from ortho_train.artifacts import write_bytes_atomic
 # ends early (EOFError) or holds other things (UnpicklingError, also the weights-only refusal),
 # or bytes that are neither. A missing or forbidden file keeps its own error.
 DAMAGED = (RuntimeError, EOFError, zipfile.BadZipFile, OSError)
-UNREADABLE = (*DAMAGED, pickle.UnpicklingError, ValueError, KeyError, AttributeError, TypeError)
+LOAD_ERRORS = (*DAMAGED, pickle.UnpicklingError)  # raised by torch.load itself, whatever reads the file
+UNREADABLE = (*LOAD_ERRORS, ValueError, KeyError, AttributeError, TypeError)
 FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 class UnreadableCheckpointError(ValueError):
     """A checkpoint file that cannot be loaded; the message says which and what to do."""
+
+    @classmethod
+    def for_file(cls, path, error: BaseException | None) -> UnreadableCheckpointError:
+        return cls(_unreadable(Path(path), error))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,9 +63,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FILE_ERRORS:
             raise
         except UNREADABLE as error:
-            raise UnreadableCheckpointError(_unreadable(Path(path), error)) from None  # torch's text suggests weights_only=False
+            raise UnreadableCheckpointError.for_file(path, error) from None  # torch's text suggests weights_only=False
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise UnreadableCheckpointError(_unreadable(Path(path), None))
+            raise UnreadableCheckpointError.for_file(path, None)
         return checkpoint
 
 
