@@ -8,6 +8,7 @@ filling up mid-run, without root). The resume command printed by the stopped run
 printed (its arguments, in the test's own process), from the run's own saved config. The
 uninterrupted run (module fixture) shares the stopped runs' canary key, thread count and machine,
 so the resumed numbers must equal it exactly (wall-clock entries aside), as in tests/test_resume.py.
+The slow test does the same for a LoRA unlearning run (configs/unlearn_lora_npo_gdr.yaml, 6 steps).
 """
 from __future__ import annotations
 
@@ -144,3 +145,28 @@ def test_a_truncated_checkpoint_is_refused_by_name(tmp_path, uninterrupted):
     message = str(refused.value)
     assert "step=6.ckpt" in message and f"{len(whole) // 2:,} bytes" in message and "step=4.ckpt" in message
     assert "weights_only" not in message
+
+
+@pytest.mark.slow  # ~40 s on a loaded 2-core machine (memorised model, PTQ copies, three runs)
+def test_a_stopped_lora_unlearning_run_exports_its_adapter_and_resumes_to_the_same_numbers(
+        tmp_path, tmp_path_factory, monkeypatch):
+    """SIGTERM after 4 of 6 unlearning steps: checkpoint, adapter and summary.json (no card, no PTQ
+    table); the printed command resumes to the uninterrupted run's PTQ gaps and training outcome."""
+    from tests.ortho_train.unlearn_helpers import cached_tiny_canary_model
+    from tests.test_resume import _unlearn_config
+
+    config = _unlearn_config(cached_tiny_canary_model(tmp_path_factory))
+    train_in_this_process(tmp_path, write_config(tmp_path / "plain.yaml", config))
+    config["trainer"]["callbacks"].append(signaller(4, "SIGTERM"))
+    stopped = train(tmp_path, write_config(tmp_path / "stopped.yaml", config), returncode=143)
+    runs = tmp_path / "runs/unlearn_lora_npo_gdr"
+    plain, run_dir = runs / "version_0", runs / "version_1"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], summary["step"], summary["reason"]) == ("interrupted", 5, "SIGTERM")
+    assert (run_dir / "adapter/adapter_config.json").is_file() and (run_dir / "checkpoints/interrupted-step=5.ckpt").is_file()
+    assert not (run_dir / "metrics_card.json").exists() and not (run_dir / "ptq_gap.json").exists()
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    command = shlex.split(stopped.stderr.split("resume with: ")[-1].splitlines()[0])
+    fit_in_this_process(tmp_path, *command[3:])
+    assert results(run_dir / "ptq_gap.json") == results(plain / "ptq_gap.json")
+    assert results(run_dir / "metrics_card.json")["training"] == results(plain / "metrics_card.json")["training"]
