@@ -14,6 +14,12 @@ callback saves, on every rank and in this order:
 3. then prints the resume command and sets the exit status to 128 + the signal (130 for SIGINT,
    143 for SIGTERM): Lightning ends the process with it after its teardown.
 
+A signal during a validation stops it mid-way (Lightning's choice): the checkpoint then resumes
+into the rest of that validation, whose logged numbers may be missing or cover only part of it;
+the training itself, and so the final numbers, continue exactly (tested). A signal after the last
+step lets the run finish; from then on a Ctrl-C stops the final evaluation or the tables at once,
+as it would anywhere.
+
 A full disk (`DiskSpaceError`, e.g. a checkpoint that does not fit) is handled the same way, except
 that no new checkpoint is tried: the model and the summary are saved if they fit, the resume
 command names the newest checkpoint on disk, and the error ends the run (exit 1).
@@ -67,6 +73,11 @@ class InterruptionCallback(L.Callback):
         if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Training is over (callbacks' on_train_end come before the module's, which saves the model):
+        # from here a Ctrl-C stops the final evaluation or the tables at once, as it would anywhere.
+        self._restore_sigint()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore_sigint()

@@ -41,12 +41,21 @@ class KillAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send this process `signal` ('SIGTERM' or 'SIGINT') once `step` optimiser steps are done."""
+    """Send this process `signal` ('SIGTERM' or 'SIGINT') once `step` optimiser steps are done:
+    at the next training batch, or `in_validation` at the first batch of the validation after it."""
 
-    def __init__(self, step: int, signal: str):
-        self.step, self.signal = step, signal
+    def __init__(self, step: int, signal: str, in_validation: bool = False):
+        self.step, self.signal, self.in_validation = step, signal, in_validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.in_validation:
+            self._send(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.in_validation and batch_idx == 0 and not trainer.sanity_checking:
+            self._send(trainer)
+
+    def _send(self, trainer) -> None:
         if trainer.global_step == self.step and trainer.ckpt_path is None:
             os.kill(os.getpid(), getattr(signal, self.signal))
 
@@ -73,8 +82,9 @@ def killer(step: int) -> dict:
     return {"class_path": "resume_helpers.KillAtStep", "init_args": {"step": step}}
 
 
-def signaller(step: int, signal_name: str) -> dict:
-    return {"class_path": "resume_helpers.SignalAtStep", "init_args": {"step": step, "signal": signal_name}}
+def signaller(step: int, signal_name: str, in_validation: bool = False) -> dict:
+    return {"class_path": "resume_helpers.SignalAtStep",
+            "init_args": {"step": step, "signal": signal_name, "in_validation": in_validation}}
 
 
 def file_size_limit(step: int, limit: int) -> dict:

@@ -31,10 +31,10 @@ LIMIT = 400_000  # bytes: the model (~151 kB) fits, a canary-phase checkpoint (~
 
 
 def _config(*extra_callbacks: dict) -> dict:
-    """configs/tiny.yaml, 8 steps (3 public), validation at 4 and 8 (one batch), 50 reference
+    """configs/tiny.yaml, 8 steps (3 public), validation at 4 and 8 (two batches), 50 reference
     secrets, a checkpoint every 2 steps."""
     config = yaml.safe_load((REPO / "configs/tiny.yaml").read_text())
-    config["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0)
+    config["trainer"].update(max_steps=8, val_check_interval=4, limit_val_batches=2, num_sanity_val_steps=0)
     config["trainer"]["callbacks"] = [checkpoint_every(2), *extra_callbacks]
     config["model"]["init_args"].update(public_steps=3, eval_during_validation=False)
     config["data"].update(num_reference_secrets=50)
@@ -107,6 +107,16 @@ def test_a_stop_signal_keeps_checkpoint_model_and_summary_and_resumes_to_the_sam
         assert "Ctrl-C: stopping after the current step" in stderr
     command = _resume_as_printed(tmp_path, stderr, run_dir, monkeypatch)
     assert command[command.index("--ckpt_path") + 1] == summary["checkpoint"]
+    _assert_reaches_the_uninterrupted_numbers(run_dir, uninterrupted)
+
+
+def test_a_signal_during_validation_stops_it_and_resumes_to_the_same_numbers(tmp_path, uninterrupted, monkeypatch):
+    """SIGTERM at the first batch of the validation after step 4: Lightning stops it mid-way; the
+    checkpoint of step 4 resumes into the rest of it, and training continues exactly."""
+    run_dir, stderr = _stop(tmp_path, uninterrupted, signaller(4, "SIGTERM", in_validation=True), 143)
+    summary = _assert_stopped_run_kept(run_dir, 4, "SIGTERM")
+    assert summary["checkpoint"].endswith("interrupted-step=4.ckpt")
+    _resume_as_printed(tmp_path, stderr, run_dir, monkeypatch)
     _assert_reaches_the_uninterrupted_numbers(run_dir, uninterrupted)
 
 
