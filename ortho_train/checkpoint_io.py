@@ -81,7 +81,8 @@ def _unreadable(path: Path, error: BaseException | None) -> str:
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     alternatives = (f"resume from another checkpoint of {path.parent} ({', '.join(others)})" if others
                     else "start the run afresh (no other checkpoint lies beside it)")
-    return f"--ckpt_path {path} ({size:,} bytes) cannot be read as a checkpoint: {why}. Pass a whole one: {alternatives}"
+    return (f"--ckpt_path {path} ({size:,} bytes) cannot be read as a checkpoint: {why}. "
+            f"Pass a whole one: {alternatives}")
 
 
 def use_atomic_checkpoints(trainer: L.Trainer) -> None:

@@ -37,7 +37,7 @@ import threading
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ortho_train.artifacts import DiskSpaceError, write_json_atomic
@@ -95,7 +95,8 @@ class InterruptionCallback(L.Callback):
             if started:
                 self._rescue(trainer, pl_module, signal.Signals(signum).name, self._save_checkpoint(trainer))
         elif isinstance(exception, DiskSpaceError) and started:
-            self._rescue(trainer, pl_module, f"disk full: {exception}", newest_checkpoint(self._checkpoint_dir(trainer)))
+            newest = newest_checkpoint(self._checkpoint_dir(trainer))
+            self._rescue(trainer, pl_module, f"disk full: {exception}", newest)
 
     def _rescue(self, trainer, pl_module, reason: str, checkpoint: Path | None) -> None:
         """Save the model and summary.json, then print what was kept and the resume command."""

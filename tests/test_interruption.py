@@ -173,7 +173,8 @@ def test_a_stopped_lora_unlearning_run_exports_its_adapter_and_resumes_to_the_sa
     plain, run_dir = runs / "version_0", runs / "version_1"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], summary["step"], summary["reason"]) == ("interrupted", 5, "SIGTERM")
-    assert (run_dir / "adapter/adapter_config.json").is_file() and (run_dir / "checkpoints/interrupted-step=5.ckpt").is_file()
+    assert (run_dir / "adapter/adapter_config.json").is_file()
+    assert (run_dir / "checkpoints/interrupted-step=5.ckpt").is_file()
     assert not (run_dir / "metrics_card.json").exists() and not (run_dir / "ptq_gap.json").exists()
     monkeypatch.syspath_prepend(str(REPO / "tests"))
     command = shlex.split(stopped.stderr.split("resume with: ")[-1].splitlines()[0])
