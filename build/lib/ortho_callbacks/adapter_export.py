@@ -28,7 +28,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from ortho_callbacks.ptq_gap import GAP_METRICS, PTQGapError, gap_name
 from ortho_train.artifacts import atomic_artifacts, to_json
 from ortho_train.model_support import is_peft_model, merged_copy
-from ortho_train.models import weight_bytes
 
 TABLE_METRICS = ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "forget_mia_auc_mink",
                  "forget_verbmem", "forget_privleak", "retain_extraction", "holdout_extraction", "public_ppl")
@@ -144,8 +143,7 @@ class AdapterExportCallback(L.Callback):
         wanted = {"adapter": self.adapter_dirname} if is_lora else {}
         if self.save_merged or not is_lora:
             wanted["merged_model"] = self.merged_dirname
-        needed = weight_bytes(pl_module.model) if "merged_model" in wanted else 0  # an adapter is small
-        with atomic_artifacts(pl_module.run_dir, list(wanted.values()), needed=needed) as staged:
+        with atomic_artifacts(pl_module.run_dir, list(wanted.values())) as staged:
             paths = dict(zip(wanted, staged))
             if "adapter" in paths:
                 pl_module.model.save_pretrained(paths["adapter"], safe_serialization=True)
