@@ -68,7 +68,10 @@ class OrthoTrainCLI(LightningCLI):
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
+            if resumed is not None and root.resolve() == resumed:
+                run_dir = resumed  # the run's own config.yaml names its version directory as the root
+            else:
+                run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
             config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
             return

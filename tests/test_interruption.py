@@ -49,12 +49,12 @@ def uninterrupted(tmp_path_factory) -> Path:
     return workdir / "runs/tiny/version_0"
 
 
-def _stop(tmp_path: Path, uninterrupted: Path, helper: dict, returncode: int) -> tuple[Path, str]:
-    """Run `_config(helper)` in a fresh process with the uninterrupted run's canary key; check its
-    exit code; (its run directory, its stderr)."""
+def _stop(tmp_path: Path, uninterrupted: Path, helper: dict, returncode: int, *args: str) -> tuple[Path, str]:
+    """Run `_config(helper)` [args] in a fresh process with the uninterrupted run's canary key;
+    check its exit code; (its run directory, its stderr)."""
     (tmp_path / "runs/tiny").mkdir(parents=True)
     shutil.copy2(uninterrupted.parent / "canary.key", tmp_path / "runs/tiny/canary.key")
-    stopped = train(tmp_path, write_config(tmp_path / "run.yaml", _config(helper)), returncode=returncode)
+    stopped = train(tmp_path, write_config(tmp_path / "run.yaml", _config(helper)), *args, returncode=returncode)
     return tmp_path / "runs/tiny/version_0", stopped.stderr
 
 
@@ -107,6 +107,18 @@ def test_a_stop_signal_keeps_checkpoint_model_and_summary_and_resumes_to_the_sam
         assert "Ctrl-C: stopping after the current step" in stderr
     command = _resume_as_printed(tmp_path, stderr, run_dir, monkeypatch)
     assert command[command.index("--ckpt_path") + 1] == summary["checkpoint"]
+    _assert_reaches_the_uninterrupted_numbers(run_dir, uninterrupted)
+
+
+def test_a_run_without_logger_resumes_in_its_own_directory(tmp_path, uninterrupted, monkeypatch):
+    """With `trainer.logger=false` the saved config names the version directory itself as the root:
+    its resume command continues there, not in a version directory nested inside it."""
+    _, stderr = _stop(tmp_path, uninterrupted, signaller(STOP_AFTER, "SIGTERM"), 143,
+                      "--trainer.logger=false", "--trainer.default_root_dir=runs/tiny")
+    run_dir = tmp_path / "runs/tiny/version_0"
+    _assert_stopped_run_kept(run_dir, STOP_AFTER + 1, "SIGTERM")
+    _resume_as_printed(tmp_path, stderr, run_dir, monkeypatch)
+    assert not list(run_dir.glob("version_*"))
     _assert_reaches_the_uninterrupted_numbers(run_dir, uninterrupted)
 
 
