@@ -107,6 +107,7 @@ def test_a_stop_signal_keeps_checkpoint_model_and_summary_and_resumes_to_the_sam
         assert "Ctrl-C: stopping after the current step" in stderr
     command = _resume_as_printed(tmp_path, stderr, run_dir, monkeypatch)
     assert command[command.index("--ckpt_path") + 1] == summary["checkpoint"]
+    assert (run_dir / "metrics_before_resume_0.csv").is_file()  # the rows logged before the stop are kept
     _assert_reaches_the_uninterrupted_numbers(run_dir, uninterrupted)
 
 
