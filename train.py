@@ -9,7 +9,13 @@ set): beside another busy process a 2-thread run then slows ~1.5×, not ~2.7×
 (`python -m ortho_train.threads_bench`).
 
 Resume: the same command with `--ckpt_path <run>/version_N/checkpoints/<file>.ckpt` continues that
-run in its own `version_N` (README, "Resume").
+run in its own `version_N` (README, "Resume"), as does `--config <run>/version_N/config.yaml`.
+
+Stopped runs: SIGTERM or Ctrl-C ends a run after the current step with a checkpoint, the model, a
+`summary.json` marked interrupted and the resume command printed, exit 143 / 130; a full disk
+likewise, with the newest checkpoint on disk (`ortho_train.interruption`). Checkpoints are written
+atomically in their own directory, and an unreadable `--ckpt_path` is refused with a message
+naming it (`ortho_train.checkpoint_io`).
 """
 from __future__ import annotations
 
@@ -23,8 +29,10 @@ set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, be
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from ortho_train.checkpoint_io import LOAD_ERRORS, UnreadableCheckpointError, use_atomic_checkpoints  # noqa: E402
 from ortho_train.console import add_step_progress_bar, quiet_library_chatter  # noqa: E402
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
+from ortho_train.interruption import InterruptionCallback  # noqa: E402
 from ortho_train.run_paths import (checkpoint_run_dir, remove_if_unstarted, reserve_version,  # noqa: E402
                                    set_aside_metrics_csv)
 from ortho_train.threads import configure_threads  # noqa: E402
@@ -42,6 +50,15 @@ class OrthoTrainCLI(LightningCLI):
             "model.init_args.model_path", "data.tokenizer", compute_fn=lambda path: path or "byte"
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's read of the checkpoint's hyper-parameters, with a damaged or foreign file
+        named (torch's own message for it suggests `weights_only=False`, which runs its code)."""
+        try:
+            super()._parse_ckpt_path()
+        except LOAD_ERRORS as error:
+            config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+            raise UnreadableCheckpointError.for_file(config.get("ckpt_path"), error) from None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
@@ -51,7 +68,10 @@ class OrthoTrainCLI(LightningCLI):
             # Without a logger Lightning writes into default_root_dir itself, and every such run
             # would replace the previous one's artifacts: give it its own version directory.
             root = Path(config.trainer.default_root_dir or ".")
-            run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
+            if resumed is not None and root.resolve() == resumed:
+                run_dir = resumed  # the run's own config.yaml names its version directory as the root
+            else:
+                run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
             config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
             return
@@ -62,16 +82,17 @@ class OrthoTrainCLI(LightningCLI):
         # TensorBoard and CSV loggers each pick "the next free version" and so land in
         # different directories; give all of them the first one's, so a run has one log dir.
         first = loggers[0].init_args
+        root = Path(first.save_dir) / (first.get("name") or "")
         if first.get("version") is None:
-            root = Path(first.save_dir) / (first.get("name") or "")
             if _resumes_in(resumed, root):
                 first.version = int(resumed.name.removeprefix("version_"))
                 set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
             else:
                 first.version = int(self._reserve(root).name.removeprefix("version_"))
-            # The directory is this run's own (new, or the one it resumes): the other loggers'
-            # files in it are its own, and CSVLogger finds no metrics.csv there to remove.
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            _own_log_dir()
+        elif resumed is not None and resumed == (root / f"version_{first.version}").resolve():
+            set_aside_metrics_csv(resumed)  # resumed with the run's own config.yaml, which names its version
+            _own_log_dir()
         for logger in loggers[1:]:
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version
@@ -89,6 +110,9 @@ class OrthoTrainCLI(LightningCLI):
             for run_dir in self.reserved:
                 remove_if_unstarted(run_dir)
             raise
+        # first: a stopped run's checkpoint and model are saved before any other callback reacts
+        self.trainer.callbacks.insert(0, InterruptionCallback())
+        use_atomic_checkpoints(self.trainer)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -121,6 +145,12 @@ def _resumes_in(run_dir: Path | None, root: Path) -> bool:
                       "writes into a new version directory", stacklevel=3)
         return False
     return True
+
+
+def _own_log_dir() -> None:
+    """The log directory is this run's own (new, or the one it resumes): the other loggers' files
+    in it are its own, and CSVLogger finds no metrics.csv there to remove."""
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def _drop_callbacks_needing_a_logger(trainer_config) -> None:

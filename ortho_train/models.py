@@ -125,6 +125,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's state dict (tied weights once): about what `save_pretrained` writes."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted `name` (e.g. "model.layers.0.mlp.up_proj") by `module`."""
     parent_name, _, child = name.rpartition(".")

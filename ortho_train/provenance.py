@@ -4,7 +4,9 @@ The fine-tuning run writes `canary_fingerprint` (`ortho_train.canaries.canary_fi
 hash, never the secrets) and `canary_settings` (the data settings that shape the canaries) to
 its `summary.json`. A later stage that loads `<run>/hf_model` reads `<run>/summary.json` and
 refuses a data module whose canaries differ: unlearning canaries the model never saw would
-report success without removing anything.
+report success without removing anything. It also refuses the model of a run that was stopped
+before its end (`status: interrupted`, `ortho_train.interruption`): a half-trained model would
+give numbers that look like the finished run's.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ class CanaryMismatchError(ValueError):
     """The data module's canaries are not the ones the model was fine-tuned on."""
 
 
+class UnfinishedRunError(ValueError):
+    """The model comes from a fine-tuning run that was stopped before its end."""
+
+
 def canary_record(canaries: CanarySet) -> dict:
     """`{"canary_fingerprint", "canary_settings"}` for a run's summary (no secret, no key in it:
     the key appears as its fingerprint)."""
@@ -35,7 +41,8 @@ def canary_record(canaries: CanarySet) -> dict:
 
 
 def check_same_canaries(model_path: str | Path, record: dict) -> None:
-    """Refuse `record` (this run's `canary_record`) if the run that wrote `model_path` used other canaries.
+    """Refuse `record` (this run's `canary_record`) if the run that wrote `model_path` used other canaries
+    (`CanaryMismatchError`) or was stopped before its end (`UnfinishedRunError`).
 
     The fine-tuning run's summary is `<model_path>/../summary.json`; without one (a model from
     elsewhere) nothing can be checked, and a warning says so.
@@ -45,6 +52,11 @@ def check_same_canaries(model_path: str | Path, record: dict) -> None:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {}
+    if summary.get("status") == "interrupted":
+        resume = summary.get("resume_command") or "its resume command"
+        raise UnfinishedRunError(f"{model_path} is the model of a run stopped at step {summary.get('step')} of "
+                                 f"{summary.get('max_steps')} ({summary.get('reason')}; {summary_path}): finish "
+                                 f"that run first ({resume}), or pass another model_path")
     recorded = summary.get("canary_fingerprint")
     if recorded is None:
         rank_zero_warn(f"cannot check that the canaries match the fine-tuning run's: no canary_fingerprint in "

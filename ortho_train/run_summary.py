@@ -9,6 +9,10 @@
   summary's MIA numbers;
 - `exposure_refs.json`: the histogram of reference log-perplexities with its skew-normal fit,
   pooled from the skew-normal exposure's own scores of the first members' contexts.
+
+`write_interrupted_summary(module, record)` writes the `summary.json` of a run stopped before its
+end: the interruption record (`status: interrupted`, the step, the checkpoint and the command that
+resumes it) and the canary record, no metrics.
 """
 from __future__ import annotations
 
@@ -61,3 +65,12 @@ def write_run_summary(module) -> dict:
                  else exposure_reference_histogram(model, probe, HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES))
     write_json_atomic(module.run_dir / "exposure_refs.json", histogram)
     return found
+
+
+def write_interrupted_summary(module, record: dict) -> None:
+    """`summary.json` of a run stopped before its end: `record` and the canary record, no metrics
+    (later stages read the status and refuse the unfinished model)."""
+    summary = record | {"public_ppl_before_canaries": module.public_ppl_before_canaries}
+    summary |= module.trainer.datamodule.canary_record
+    path = write_json_atomic(module.run_dir / "summary.json", summary)
+    rank_zero_info(f"summary (status {record['status']}) written to {path.resolve()}")

@@ -13,7 +13,9 @@ Training ends at `trainer.max_steps` (the single source of truth for the run len
 end the fine-tuned model goes to `<run>/hf_model` and the memorisation metrics to
 `<run>/summary.json` (docs/methods.md §2), on rank zero only, with the plot data of the report
 beside it: `roc.json` (MIA ROC rates) and `exposure_refs.json` (histogram of the reference
-secrets' log-perplexities, its skew-normal fit, the members' log-perplexities).
+secrets' log-perplexities, its skew-normal fit, the members' log-perplexities). A run stopped
+early (a stop signal, a full disk: `ortho_train.interruption`) saves `hf_model` as it stands and a
+`summary.json` marked `status: interrupted`, without the evaluation (`save_interrupted`).
 
 The canary phase's update is governed by a private-update controller
 (`ortho_train.private_update`), picked from the config: none set is dense SFT; `isolation:`
@@ -37,12 +39,13 @@ from ortho_train.artifacts import atomic_directory
 from ortho_train.distributed import allow_parameters_frozen_later, refuse_sharded_strategy
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_support import refuse_float16_training
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype
+from ortho_train.models import (TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype,
+                                weight_bytes)
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
 from ortho_train.rng_state import GlobalRNG
-from ortho_train.run_summary import write_run_summary
+from ortho_train.run_summary import write_interrupted_summary, write_run_summary
 from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
 from ortho_train.sieve.isolation import IsolationConfig
@@ -235,7 +238,7 @@ class CanarySFTModule(L.LightningModule):
 
     @rank_zero_only
     def _save_hf_model(self, name: str) -> None:
-        with atomic_directory(self.run_dir / name) as tmp:
+        with atomic_directory(self.run_dir / name, needed=weight_bytes(self.model)) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
 
@@ -330,6 +333,17 @@ class CanarySFTModule(L.LightningModule):
     @rank_zero_only
     def _write_summary(self) -> None:
         self.final_metrics = write_run_summary(self)
+
+    def save_interrupted(self, record: dict) -> None:
+        """A run stopped before its end (`ortho_train.interruption`): `hf_model` as it stands and
+        `summary.json` holding `record` (status, reason, step, checkpoint, resume command) and the
+        canary record; no evaluation, which could outlast the time a stop signal leaves."""
+        self._save_hf_model("hf_model")
+        self._write_interrupted_summary(record)
+
+    @rank_zero_only
+    def _write_interrupted_summary(self, record: dict) -> None:
+        write_interrupted_summary(self, record)
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

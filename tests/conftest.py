@@ -35,7 +35,7 @@ NUMERICS_MODULES = ("tests/kernels/", *(f"tests/ortho_train/test_{name}" for nam
 # pytest-xdist (`-n 2 --dist worksteal`, README line 2) each worker starts on its half of the
 # collection order and an idle worker steals from the end of the other's queue, so these go first:
 # last, one of them would keep one worker busy while the other has nothing left to run.
-LONG_TESTS = ("tests/test_ddp.py", "tests/test_resume.py", "tests/test_import_names.py",
+LONG_TESTS = ("tests/test_ddp.py", "tests/test_resume.py", "tests/test_interruption.py", "tests/test_import_names.py",
               "tests/test_run_dirs.py", "tests/test_train_cli.py", "tests/ortho_train/test_threads.py",
               "tests/ortho_train/test_unlearn_module.py", "tests/callbacks/test_adapter_export.py",
               "tests/ortho_train/test_evaluation.py", "tests/ortho_train/test_unlearn_mansu.py")

@@ -13,7 +13,9 @@ In the module's run directory: at train end, before any PTQ copy or table is bui
   (the PTQ gap) or `stopped` (the divergence guard ended training).
 
 If `PTQGapCallback(fail_on_gap=True)` fails the run first, the export still happens (from
-`on_exception`), and the card says the run failed. Secrets are never written to the card.
+`on_exception`), and the card says the run failed. A run stopped before its end (a stop signal or
+a full disk, `ortho_train.interruption`) exports its models as they stand, without a card (its
+`summary.json` says `status: interrupted`). Secrets are never written to the card.
 
 Reads the module's public attributes: `model`, `tokenizer`, `method_card`, `final_report`, `run_dir`.
 """
@@ -23,12 +25,15 @@ import json
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ortho_callbacks.ptq_gap import GAP_METRICS, PTQGapError, gap_name
-from ortho_train.artifacts import atomic_artifacts, to_json
+from ortho_train.artifacts import DiskSpaceError, atomic_artifacts, to_json
 from ortho_train.model_support import is_peft_model, merged_copy
+from ortho_train.models import weight_bytes
 
+STOPS = (SIGTERMException, DiskSpaceError)  # how ortho_train.interruption's runs stop (SIGINT becomes SIGTERM)
 TABLE_METRICS = ("forget_extraction", "forget_exposure", "forget_mia_auc_loss", "forget_mia_auc_mink",
                  "forget_verbmem", "forget_privleak", "retain_extraction", "holdout_extraction", "public_ppl")
 
@@ -135,6 +140,11 @@ class AdapterExportCallback(L.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, PTQGapError) and self.card is None:
             self.export(pl_module, failure=str(exception))
+        elif isinstance(exception, STOPS) and self.artifacts is None and trainer.global_step > 0:
+            try:
+                self.export_models(pl_module)
+            except OSError as error:  # the stop's own error is the one that ends the run
+                rank_zero_warn(f"could not export the stopped run's models to {pl_module.run_dir}: {error}")
 
     @rank_zero_only
     def export_models(self, pl_module) -> None:
@@ -143,7 +153,8 @@ class AdapterExportCallback(L.Callback):
         wanted = {"adapter": self.adapter_dirname} if is_lora else {}
         if self.save_merged or not is_lora:
             wanted["merged_model"] = self.merged_dirname
-        with atomic_artifacts(pl_module.run_dir, list(wanted.values())) as staged:
+        needed = weight_bytes(pl_module.model) if "merged_model" in wanted else 0  # an adapter is small
+        with atomic_artifacts(pl_module.run_dir, list(wanted.values()), needed=needed) as staged:
             paths = dict(zip(wanted, staged))
             if "adapter" in paths:
                 pl_module.model.save_pretrained(paths["adapter"], safe_serialization=True)
