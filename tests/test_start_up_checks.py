@@ -50,14 +50,14 @@ def test_non_utf8_jsonl_corpus_names_its_path(tmp_path):
 @pytest.mark.parametrize("setting", ["lr", "sft_lr"])
 @pytest.mark.parametrize("value", [0.0, -0.003])
 def test_non_positive_learning_rates_are_refused(setting, value):
-    with pytest.raises(ValueError, match=rf"model\.{setting}={value}: learning rates must be > 0"):
+    with pytest.raises(ValueError, match=rf"model\.init_args\.{setting}={value}: learning rates must be > 0"):
         CanarySFTModule(**{setting: value})
 
 
 def test_unlearning_learning_rate_must_be_positive():
     from ortho_train.unlearn_module import UnlearnModule
 
-    with pytest.raises(ValueError, match=r"model\.lr must be > 0"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.lr=0\.0: learning rates must be > 0"):
         UnlearnModule(model_path="unused", lr=0.0)
 
 
