@@ -90,7 +90,7 @@ def check_writable(root: str | Path, setting: str) -> None:
 def _unwritable(setting: str, root: Path, err: OSError) -> SettingError:
     reason = err.strerror or str(err)
     where = f" ({err.filename})" if err.filename and str(err.filename) != str(root) else ""
-    return SettingError(f"{setting}={show(str(root))}: a run directory cannot be written there: {reason}{where}; "
+    return SettingError(f"{setting}: no run directory can be written under {root}: {reason}{where}; "
                         "choose a writable directory")
 
 
