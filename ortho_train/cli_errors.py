@@ -3,8 +3,8 @@
 jsonargparse wraps an error raised while it builds the classes (a module's `__init__`, a config
 dataclass's `__post_init__`) in one "Does not validate against any of the Union subtypes" error
 per level, each ending with a dump of the whole `Namespace`; the toolkit's own sentence sits
-under them, tens of lines up. `run_reporting_errors` follows the exception's cause chain to
-that innermost error and prints it last. A type error found while parsing (`--model.lr=abc`)
+under them, tens of lines up. `run_reporting_errors` follows the exception's cause chain past
+jsonargparse's wrappers to that error and prints it last. A type error found while parsing (`--model.lr=abc`)
 carries the setting only in the wrappers ('Parser key "model"', 'Parser key "lr"'): those keys
 are joined in front of the innermost message.
 
@@ -22,6 +22,12 @@ from ortho_train.settings import SettingError
 TRACEBACK_ENV = "ORTHO_TRAIN_TRACEBACK"
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
 _CLASS_PATH_PROBLEM = "Problem with given class_path"
+_SUBTYPES = re.compile(r"Subtypes: \[([^\n]*)\]")
+# Where a class jsonargparse builds sits in a config, by the base class its Union names; an
+# error of a nested config (`table.alphas=[]`) is shown under it: `trainer.callbacks: table.alphas=[]: …`.
+_SECTIONS = (("Callback", "trainer.callbacks"), ("LightningModule", "model.init_args"),
+             ("LightningDataModule", "data"))
+_NAMED = ("model.", "data.", "trainer.", "ckpt_path", "seed_everything")  # messages that already name their section
 # Errors of what the user gave (settings, files): exit status 2, as argparse's usage errors.
 _INPUT_ERRORS = (ValueError, TypeError, OSError)
 _LONGEST = 600  # characters of the last line: a message that long is a dump, not a sentence
@@ -55,22 +61,49 @@ def one_line(text: str) -> str:
     return text if len(text) <= _LONGEST else text[: _LONGEST - 1] + "…"
 
 
+def _raised_by_jsonargparse(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jsonargparse")
+
+
+def toolkit_error(err: BaseException) -> BaseException:
+    """The error behind jsonargparse's wrappers: the first in the cause chain raised elsewhere.
+    A toolkit error raised `from` a library's (CorpusError from UnicodeDecodeError) is kept."""
+    chain = list(cause_chain(err))
+    return next((link for link in chain if not _raised_by_jsonargparse(link)), chain[-1])
+
+
 def failure_line(err: BaseException) -> str:
     """The toolkit's message behind `err`, naming the setting where the error does."""
     chain = list(cause_chain(err))
-    innermost = chain[-1]
-    message = str(innermost) or type(innermost).__name__
-    if not isinstance(innermost, (SettingError, ValueError, OSError)):
-        message = f"{type(innermost).__name__}: {message}"  # e.g. ZeroDivisionError: a bug, not a setting
+    found = toolkit_error(err)
+    message = str(found) or type(found).__name__
+    if not isinstance(found, (ValueError, OSError)):
+        message = f"{type(found).__name__}: {message}"  # e.g. ZeroDivisionError: a bug, not a setting
     keys = _setting_keys(chain)
-    if keys and not isinstance(innermost, SettingError):
+    if keys and not isinstance(found, SettingError):
         message = f"{'.'.join(keys)}: {message}"
+    elif not message.startswith(_NAMED) and (section := _section(chain)):
+        message = f"{section}: {message}"
     return one_line(message)
 
 
 def exit_status(err: BaseException) -> int:
     """2 for a refused setting or file (as a usage error), 1 for any other failure."""
-    return 2 if isinstance(list(cause_chain(err))[-1], _INPUT_ERRORS) else 1
+    return 2 if isinstance(toolkit_error(err), _INPUT_ERRORS) else 1
+
+
+def _section(chain: list[BaseException]) -> str | None:
+    """The config section of the class whose building failed, from jsonargparse's outermost
+    "Subtypes: [...]" (None: not raised while jsonargparse built a class)."""
+    for link in chain:
+        found = _SUBTYPES.search(str(link))
+        if found:
+            return next((section for base, section in _SECTIONS if f".{base}'>" in found.group(1)
+                         or f".{base}]" in found.group(1)), None)
+    return None
 
 
 def run_reporting_errors(main: Callable[[], object]) -> int:

@@ -166,7 +166,10 @@ START_UP_CASES = {  # extra arguments after tiny.yaml → the last line, from it
     "accumulate_grad_batches=0": (["--trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0: must be ≥ 1"),
     "val_check_interval=0": (["--trainer.val_check_interval=0"], "trainer.val_check_interval=0: must be an int ≥ 1"),
     "sieve alphas=[]": (["--trainer.callbacks+=ortho_callbacks.sieve.SieveCallback", "--trainer.callbacks.table.alphas=[]"],
-                        "table.alphas=[]: needs at least one α"),
+                        "trainer.callbacks: table.alphas=[]: needs at least one α"),
+    "callback setting": (["--trainer.callbacks+=ortho_callbacks.sieve.SieveCallback",
+                          "--trainer.callbacks.calibration_batches=0"],
+                         "trainer.callbacks: calibration_batches must be ≥ 1, got 0"),
     "batch_size > data": (["--data.corpus=small.txt", "--data.batch_size=100"],
                           "data.batch_size=100: larger than the 58 windows of data.seq_len=64 tokens"),
     "NUL corpus": (["--data.corpus=nul.txt"], "data.corpus='nul.txt': 20000 of 20000 characters are control characters"),
@@ -283,17 +286,17 @@ def test_a_batch_larger_than_the_train_split_names_the_setting(tmp_path):
     CanaryDataModule(corpus=str(corpus), **(SMALL | {"batch_size": 58})).setup("fit")  # exactly one batch: fine
 
 
-def test_failure_line_unwraps_the_cause_and_names_bugs_by_type():
+def test_failure_line_keeps_a_toolkit_error_raised_from_a_library_one_and_names_bugs_by_type(tmp_path):
+    """jsonargparse's wrappers are looked through (the CLI cases above); a toolkit error raised
+    `from` a library's error is the message, not its cause."""
     from ortho_train.cli_errors import exit_status, failure_line
 
-    try:
-        try:
-            raise SettingError("model.init_args.lr=0.0: learning rates must be > 0")
-        except SettingError as inner:
-            raise ValueError("Does not validate against any of the Union subtypes\nGiven value: Namespace(…)") from inner
-    except ValueError as outer:
-        assert failure_line(outer) == "model.init_args.lr=0.0: learning rates must be > 0"
-        assert exit_status(outer) == 2
+    corpus = tmp_path / "latin1.jsonl"
+    corpus.write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(CorpusError) as refused:
+        load_corpus(str(corpus))
+    assert isinstance(refused.value.__cause__, UnicodeDecodeError)
+    assert failure_line(refused.value) == str(refused.value) and exit_status(refused.value) == 2
     try:
         1 / 0
     except ZeroDivisionError as bug:

@@ -20,7 +20,8 @@ def test_warmup_cosine_shape():
 
 
 def _module(**kwargs):
-    return CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), **kwargs)
+    # a warm-up within the shortest public phase here (the default 50 steps is refused for public_steps=1)
+    return CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), **({"warmup_steps": 1} | kwargs))
 
 
 def _datamodule():
@@ -106,7 +107,7 @@ def test_canary_phase_uses_the_first_public_windows_only():
 
 @pytest.mark.parametrize("windows", [0, -2])
 def test_canary_phase_public_windows_below_one_is_refused(windows):
-    with pytest.raises(ValueError, match="model.canary_phase_public_windows must be ≥ 1"):
+    with pytest.raises(ValueError, match=rf"model\.init_args\.canary_phase_public_windows={windows}: must be ≥ 1"):
         _module(canary_phase_public_windows=windows)
 
 
