@@ -73,8 +73,8 @@ class UnlearnModule(L.LightningModule):
         lora: adapter settings (mode 'lora').
         mansu: MANSU settings (mode 'mansu').
         max_retain_ppl_factor: stop when retain perplexity exceeds this × its start (None: off).
-        guard_every_n_steps: how often the retain perplexity is checked (and a good state kept).
-        guard_windows: held-out public windows used for that check.
+        guard_every_n_steps: how often the retain perplexity is checked (and a good state kept; 0: never).
+        guard_windows: held-out public windows used for that check and the start's retain perplexity (≥ 1).
         attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
         dtype: dtype the model is loaded in: 'float32' (default), 'bfloat16' or 'float16'. LoRA
             (peft keeps the adapters in float32) takes all three, full unlearning float32 and
@@ -135,7 +135,7 @@ class UnlearnModule(L.LightningModule):
              "must be > 1 (or null: no divergence guard)"),
             ("weight_decay", hp.weight_decay, is_finite(hp.weight_decay) and hp.weight_decay >= 0, "must be ≥ 0"),
             ("warmup_steps", hp.warmup_steps, hp.warmup_steps >= 0, "must be ≥ 0"),
-            ("guard_every_n_steps", hp.guard_every_n_steps, hp.guard_every_n_steps >= 1, "must be ≥ 1"),
+            ("guard_every_n_steps", hp.guard_every_n_steps, hp.guard_every_n_steps >= 0, "must be ≥ 0 (0: never)"),
             ("guard_windows", hp.guard_windows, hp.guard_windows >= 1,
              "must be ≥ 1 (held-out windows of the retain-perplexity check)"),
             ("attribution_batches", hp.attribution_batches, hp.attribution_batches >= 0, "must be ≥ 0 (0: no CAD)"),

@@ -121,6 +121,16 @@ def test_canary_phase_public_windows_above_the_batch_is_refused_at_fit_start(tmp
     assert not (tmp_path / "hf_model").exists()
 
 
+def test_a_canary_warm_up_longer_than_the_canary_phase_warns_at_fit_start(tmp_path):
+    module = _module(public_steps=1, sft_warmup_steps=5, eval_during_validation=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"model\.init_args\.sft_warmup_steps=5 is longer than the canary phase "
+                                         r"\(trainer\.max_steps - model\.init_args\.public_steps = 1 steps\)"):
+        trainer.fit(module, datamodule=_datamodule())
+
+
 def test_non_finite_loss_is_a_clear_error():
     module = _module(public_steps=1)
     dm = _datamodule()
