@@ -8,6 +8,11 @@ quota; `OMP_NUM_THREADS` overrides), and they wait passively (`OMP_WAIT_POLICY=P
 set): beside another busy process a 2-thread run then slows ~1.5×, not ~2.7×
 (`python -m ortho_train.threads_bench`).
 
+Errors: a failed start ends with one line naming the setting to change, e.g.
+`error: model.init_args.lr=0.0: learning rates must be > 0` (exit status 2 for a refused setting
+or file, 1 for any other failure). `ORTHO_TRAIN_TRACEBACK=1 python train.py …` shows the full
+traceback instead; `--print_config` prints the config as parsed, before anything is built.
+
 Resume: the same command with `--ckpt_path <run>/version_N/checkpoints/<file>.ckpt` continues that
 run in its own `version_N` (README, "Resume"), as does `--config <run>/version_N/config.yaml`.
 
@@ -19,6 +24,7 @@ naming it (`ortho_train.checkpoint_io`).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,12 +36,18 @@ from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from ortho_train.checkpoint_io import LOAD_ERRORS, UnreadableCheckpointError, use_atomic_checkpoints  # noqa: E402
+from ortho_train.cli_errors import run_reporting_errors  # noqa: E402
 from ortho_train.console import add_step_progress_bar, quiet_library_chatter  # noqa: E402
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
 from ortho_train.interruption import InterruptionCallback  # noqa: E402
-from ortho_train.run_paths import (checkpoint_run_dir, remove_if_unstarted, reserve_version,  # noqa: E402
+from ortho_train.run_paths import (check_checkpoint_file, check_model_dir, check_writable,  # noqa: E402
+                                   checkpoint_run_dir, remove_if_unstarted, reserve_run_dir,
                                    set_aside_metrics_csv)
+from ortho_train.settings import check_trainer_settings  # noqa: E402
 from ortho_train.threads import configure_threads  # noqa: E402
+
+
+SAVE_DIR = "trainer.logger.init_args.save_dir"
 
 
 class OrthoTrainCLI(LightningCLI):
@@ -50,6 +62,13 @@ class OrthoTrainCLI(LightningCLI):
             "model.init_args.model_path", "data.tokenizer", compute_fn=lambda path: path or "byte"
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyperparameters: torch.load's message on a
+        # file of another kind would be the last line otherwise.
+        if self.config.get("subcommand"):
+            check_checkpoint_file(self.config[self.config.subcommand].get("ckpt_path"))
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's read of the checkpoint's hyper-parameters, with a damaged or foreign file
         named (torch's own message for it suggests `weights_only=False`, which runs its code)."""
@@ -62,6 +81,10 @@ class OrthoTrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
+        check_trainer_settings(config.trainer)
+        model_args = config.model.get("init_args") if isinstance(config.model, Namespace) else None
+        if model_args is not None and model_args.get("model_path") is not None:
+            check_model_dir(model_args.model_path, "model.init_args.model_path")
         resumed = checkpoint_run_dir(config.get("ckpt_path"))  # --ckpt_path: continue in its run directory
         loggers = config.trainer.logger
         if loggers is False:
@@ -71,13 +94,16 @@ class OrthoTrainCLI(LightningCLI):
             if resumed is not None and root.resolve() == resumed:
                 run_dir = resumed  # the run's own config.yaml names its version directory as the root
             else:
-                run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root)
+                run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root, "trainer.default_root_dir")
             config.trainer.default_root_dir = str(run_dir)
             _drop_callbacks_needing_a_logger(config.trainer)
             return
         loggers = loggers if isinstance(loggers, list) else [loggers]
         loggers = [logger for logger in loggers if isinstance(logger, Namespace) and "init_args" in logger]
-        if not loggers or loggers[0].init_args.get("save_dir") is None or (len(loggers) < 2 and resumed is None):
+        if not loggers or loggers[0].init_args.get("save_dir") is None:
+            return
+        if len(loggers) < 2 and resumed is None:  # the logger picks its version itself
+            check_writable(loggers[0].init_args.save_dir, SAVE_DIR)
             return
         # TensorBoard and CSV loggers each pick "the next free version" and so land in
         # different directories; give all of them the first one's, so a run has one log dir.
@@ -88,7 +114,7 @@ class OrthoTrainCLI(LightningCLI):
                 first.version = int(resumed.name.removeprefix("version_"))
                 set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
             else:
-                first.version = int(self._reserve(root).name.removeprefix("version_"))
+                first.version = int(self._reserve(root, SAVE_DIR).name.removeprefix("version_"))
             _own_log_dir()
         elif resumed is not None and resumed == (root / f"version_{first.version}").resolve():
             set_aside_metrics_csv(resumed)  # resumed with the run's own config.yaml, which names its version
@@ -97,9 +123,10 @@ class OrthoTrainCLI(LightningCLI):
             if logger.init_args.get("version") is None:
                 logger.init_args.version = first.version
 
-    def _reserve(self, root: Path) -> Path:
-        """Reserve `root/version_N` for this run (kept in `self.reserved` for a failed start)."""
-        run_dir = root / f"version_{reserve_version(root)}"
+    def _reserve(self, root: Path, setting: str) -> Path:
+        """Reserve `root/version_N` for this run (kept in `self.reserved` for a failed start);
+        `setting` is named if `root` cannot be written."""
+        run_dir = reserve_run_dir(root, setting)
         self.reserved.append(run_dir)
         return run_dir
 
@@ -163,18 +190,29 @@ def _drop_callbacks_needing_a_logger(trainer_config) -> None:
         trainer_config.callbacks = kept
 
 
-def cli_main(args=None, run: bool = True) -> OrthoTrainCLI:
+def cli_main(args=None, run: bool = True, exit_on_error: bool = True) -> OrthoTrainCLI:
+    """The LightningCLI of the toolkit. `exit_on_error=False`: a parse error raises (for `main`)
+    instead of printing the usage and exiting."""
+    parser_kwargs = {"exit_on_error": exit_on_error}
+    parser_kwargs |= {name: {"exit_on_error": exit_on_error} for name in OrthoTrainCLI.subcommands()}
     return OrthoTrainCLI(
         model_class=None,
         datamodule_class=CanaryDataModule,
         subclass_mode_model=True,
         args=args,
         run=run,
+        parser_kwargs=parser_kwargs,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def main(args=None) -> int:
+    """`cli_main` for a person: a failure ends with `error: <setting>: <message>` on stderr
+    (`ortho_train.cli_errors`); returns the exit status."""
+    return run_reporting_errors(lambda: cli_main(args, exit_on_error=False))
 
 
 if __name__ == "__main__":
     quiet_library_chatter()  # progress, tables and paths on the console; not Lightning's tips
     configure_threads()  # the cores this process may use (OMP_NUM_THREADS overrides), not the machine's
-    cli_main()
+    sys.exit(main())

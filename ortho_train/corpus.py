@@ -7,13 +7,16 @@ training — with the Shakespeare default that is the last play(s) in file order
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 SHAKESPEARE = "shakespeare"
 _TEXT_SUFFIXES = (".txt", ".jsonl")
-# Share of U+FFFD (undecodable bytes) above which a .txt file is taken for binary, not text.
+# Share of U+FFFD (undecodable bytes) above which a .txt file is taken for binary, not text; the
+# same share of control characters (NUL and the like, valid UTF-8 but never in prose) refuses a corpus.
 MAX_REPLACED_FRACTION = 0.01
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # C0 controls and DEL, less \t \n \v \f \r
 
 
 class CorpusError(ValueError):
@@ -120,6 +123,10 @@ def read_corpus_text(
         text = _read_hf_dataset(source, hf_config, hf_split, text_field)
     if not text.strip():
         raise CorpusError(f"corpus {source!r} is empty")
+    controls = len(_CONTROL.findall(text))
+    if controls > MAX_REPLACED_FRACTION * len(text):
+        raise CorpusError(f"data.corpus={source!r}: {controls} of {len(text)} characters are control characters "
+                          "(NUL bytes and the like): this is not text; choose another data.corpus")
     return text
 
 

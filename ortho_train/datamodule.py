@@ -32,6 +32,7 @@ from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.provenance import canary_record
 from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
+from ortho_train.settings import check_settings
 from ortho_train.tokenization import encode_text, load_tokenizer
 
 
@@ -52,9 +53,7 @@ def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[
 
 
 def _check_positive(**settings: int) -> None:
-    bad = [f"data.{name}={value}" for name, value in settings.items() if value < 1]
-    if bad:
-        raise ValueError(f"{', '.join(bad)}: must be ≥ 1")
+    check_settings("data", [(name, value, value >= 1, "must be ≥ 1") for name, value in settings.items()])
 
 
 def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
@@ -302,6 +301,11 @@ class CanaryDataModule(L.LightningDataModule):
         self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len, split="train")
         self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows,
                                          split="val")
+        windows = len(self._train_public)
+        check_settings("data", [("batch_size", hp.batch_size, hp.batch_size <= windows,
+                                 f"larger than the {windows} windows of data.seq_len={hp.seq_len} tokens the "
+                                 "corpus's train split holds: no full batch (lower data.batch_size or "
+                                 "data.seq_len, or use a larger corpus)")])
         members = self._tokenise_canaries(self.canaries.members)
         longest = max(len(s) for s in members.full_ids)
         if longest > hp.seq_len:

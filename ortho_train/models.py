@@ -25,6 +25,7 @@ from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_causal_lm
 from ortho_train.loading import LOCAL_FILES_ONLY
 from ortho_train.model_support import require_linear_only
 from ortho_train.run_paths import resolve_latest
+from ortho_train.settings import check_settings
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # `model.dtype` settings: the dtype a model is loaded (or built) in. float32 is the default and
@@ -59,6 +60,14 @@ class TinyLlamaConfig:
     intermediate_size: int = 688
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        sizes = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings")
+        check_settings("model.init_args.tiny_llama", [
+            *((name, getattr(self, name), getattr(self, name) >= 1, "must be ≥ 1") for name in sizes),
+            ("hidden_size", self.hidden_size, self.num_heads < 1 or self.hidden_size % self.num_heads == 0,
+             f"must be a multiple of num_heads={self.num_heads} (each head gets hidden_size / num_heads)"),
+        ])
 
 
 def build_tiny_llama(config: TinyLlamaConfig, vocab_size: int, pad_token_id: int, eos_token_id: int,

@@ -4,19 +4,27 @@ A config that consumes an earlier stage's output names it as `runs/<name>/latest
 (e.g. `runs/quickstart/latest/hf_model`): `latest` resolves to the highest `version_N` of that
 name holding the artifact, so no config hard-codes `version_0`. A literal directory named
 `latest` wins over the lookup.
+
+At start-up a run root that cannot be written and a `--ckpt_path` that is no checkpoint are
+refused naming the setting (`reserve_run_dir`, `check_writable`, `check_checkpoint_file`).
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
+
+from ortho_train.settings import SettingError, show
 
 LATEST = "latest"
 RESERVED_ENV = "ORTHO_TRAIN_RESERVED_RUN"  # "<root>|<N>": the launcher's reservation, read by DDP ranks
 # What loggers write into a run directory before the first step (nothing a run produces).
 LOGGER_FILES = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*")
 _VERSION = re.compile(r"version_(\d+)")
+CKPT_ALIASES = ("last", "best", "hpc")  # `--ckpt_path` values Lightning resolves itself
 
 
 def versions(root: str | Path) -> list[Path]:
@@ -56,6 +64,62 @@ def reserve_version(root: str | Path) -> int:
             n += 1
     os.environ[RESERVED_ENV] = f"{root.resolve()}|{n}"
     return n
+
+
+def reserve_run_dir(root: str | Path, setting: str) -> Path:
+    """`reserve_version` for the run root a config's `setting` names; a root that cannot be
+    written (read-only, a file in the way, no permission) is refused naming the setting."""
+    root = Path(root)
+    try:
+        return root / f"version_{reserve_version(root)}"
+    except OSError as err:
+        raise _unwritable(setting, root, err) from None
+
+
+def check_writable(root: str | Path, setting: str) -> None:
+    """Refuse, at start-up, a run root where nothing can be written (Lightning would fail later
+    with a bare `OSError`); creates the root as Lightning would."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as err:
+        raise _unwritable(setting, root, err) from None
+
+
+def _unwritable(setting: str, root: Path, err: OSError) -> SettingError:
+    reason = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(root) else ""
+    return SettingError(f"{setting}: no run directory can be written under {root}: {reason}{where}; "
+                        "choose a writable directory")
+
+
+def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
+    """`--ckpt_path` names a file `torch.save` wrote (a zip archive), or a Lightning alias
+    ('last', 'best', 'hpc', 'registry…'); anything else is refused before the model is built."""
+    if ckpt_path is None or str(ckpt_path) in CKPT_ALIASES or str(ckpt_path).startswith("registry"):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise SettingError(f"ckpt_path={show(str(ckpt_path))}: no such file; pass a checkpoint from "
+                           "<run>/version_N/checkpoints/")
+    if not zipfile.is_zipfile(path):
+        raise SettingError(f"ckpt_path={show(str(ckpt_path))}: not a checkpoint (checkpoints are the zip "
+                           "archives torch.save writes, e.g. <run>/version_N/checkpoints/*.ckpt); the file "
+                           "is corrupt or of another kind")
+
+
+def check_model_dir(path: str | Path, setting: str) -> None:
+    """`path` (`runs/<name>/latest/…` resolved) is an existing directory; else a `SettingError`
+    naming `setting`, before any class is built (the tokenizer, linked to it, fails first otherwise)."""
+    try:
+        found = resolve_latest(path)
+    except FileNotFoundError as err:
+        raise SettingError(f"{setting}={show(str(path))}: {err}") from None
+    if not found.is_dir():
+        raise SettingError(f"{setting}={show(str(path))}: "
+                           f"{'not a directory' if found.exists() else 'no such directory'}; pass a local "
+                           "Hugging Face model directory (config.json, weights, tokenizer files)")
 
 
 def _launched_rank() -> bool:

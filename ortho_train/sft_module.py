@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from ortho_train import metrics
@@ -48,9 +48,11 @@ from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_summary import write_interrupted_summary, write_run_summary
 from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
+from ortho_train.settings import check_settings, is_finite
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
+MODEL = "model.init_args"  # where a module's settings sit in a config
 
 
 class CanarySFTModule(L.LightningModule):
@@ -66,11 +68,11 @@ class CanarySFTModule(L.LightningModule):
             step cheaper and give the canaries a larger share of its token-mean loss.
         lr: peak learning rate of the public phase (AdamW).
         sft_lr: peak learning rate of the canary phase.
-        warmup_steps: linear warm-up steps of the public phase.
+        warmup_steps: linear warm-up steps of the public phase (at most `public_steps`).
         sft_warmup_steps: linear warm-up steps of the canary phase.
-        min_lr_ratio: cosine floor as a fraction of the peak.
-        weight_decay: AdamW decoupled weight decay (not applied to norms/biases).
-        betas: AdamW betas.
+        min_lr_ratio: cosine floor as a fraction of the peak, in [0, 1].
+        weight_decay: AdamW decoupled weight decay (not applied to norms/biases), ≥ 0.
+        betas: AdamW betas, each in [0, 1).
         val_exposure_references: reference secrets used for exposure at validation (cheap);
             the final evaluation uses all of the data module's references.
         eval_during_validation: compute memorisation metrics at each validation in the canary phase.
@@ -119,14 +121,28 @@ class CanarySFTModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if public_steps < 0:
-            raise ValueError(f"model.public_steps must be ≥ 0, got {public_steps}")
-        if canary_phase_public_windows is not None and canary_phase_public_windows < 1:
-            raise ValueError(f"model.canary_phase_public_windows must be ≥ 1 (or null: the whole public "
-                             f"batch), got {canary_phase_public_windows}")
-        bad = [f"model.{name}={value}" for name, value in (("lr", lr), ("sft_lr", sft_lr)) if not value > 0]
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: learning rates must be > 0")
+        check_settings(MODEL, [
+            ("public_steps", public_steps, public_steps >= 0, "must be ≥ 0 (0: no public phase)"),
+            ("canary_phase_public_windows", canary_phase_public_windows,
+             canary_phase_public_windows is None or canary_phase_public_windows >= 1,
+             "must be ≥ 1 (or null: the whole public batch)"),
+            *((name, value, is_finite(value) and value > 0, "learning rates must be > 0")
+              for name, value in (("lr", lr), ("sft_lr", sft_lr))),
+            *((name, value, value >= 0, "must be ≥ 0") for name, value in
+              (("warmup_steps", warmup_steps), ("sft_warmup_steps", sft_warmup_steps))),
+            ("warmup_steps", warmup_steps, public_steps == 0 or warmup_steps <= public_steps,
+             f"longer than the public phase ({MODEL}.public_steps={public_steps}): the public model "
+             "would be trained at a fraction of model.init_args.lr only"),
+            ("min_lr_ratio", min_lr_ratio, is_finite(min_lr_ratio) and 0 <= min_lr_ratio <= 1,
+             "the cosine floor is a fraction of the peak rate, in [0, 1] (below 0 the rate turns "
+             "negative: gradient ascent)"),
+            ("weight_decay", weight_decay, is_finite(weight_decay) and weight_decay >= 0,
+             "must be ≥ 0 (a negative decay inflates the weights)"),
+            ("betas", list(betas), len(betas) == 2 and all(is_finite(b) and 0 <= b < 1 for b in betas),
+             "AdamW needs two betas in [0, 1)"),
+            ("val_exposure_references", val_exposure_references, val_exposure_references >= 1,
+             "must be ≥ 1 (reference secrets ranked at each validation)"),
+        ])
         torch_dtype = model_dtype(dtype, "model.dtype")
         refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
@@ -199,6 +215,11 @@ class CanarySFTModule(L.LightningModule):
         if windows is not None and windows > batch_size:
             raise ValueError(f"model.canary_phase_public_windows ({windows}) exceeds data.batch_size "
                              f"({batch_size}): a step can only use the windows its batch holds")
+        canary_steps = total - self.hparams.public_steps
+        if self.hparams.sft_warmup_steps > canary_steps:  # a warning: short test runs keep the default warm-up
+            rank_zero_warn(f"{MODEL}.sft_warmup_steps={self.hparams.sft_warmup_steps} is longer than the canary "
+                           f"phase (trainer.max_steps - {MODEL}.public_steps = {canary_steps} steps): the canaries "
+                           f"are trained at a fraction of {MODEL}.sft_lr only")
         rank_zero_info(f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
                        f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps")
         self.private_update.fit_start()

@@ -39,6 +39,7 @@ from ortho_train.provenance import check_same_canaries
 from ortho_train.quantisation import effective_linear_weights
 from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_paths import resolve_latest
+from ortho_train.settings import check_settings, is_finite
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
@@ -72,8 +73,8 @@ class UnlearnModule(L.LightningModule):
         lora: adapter settings (mode 'lora').
         mansu: MANSU settings (mode 'mansu').
         max_retain_ppl_factor: stop when retain perplexity exceeds this × its start (None: off).
-        guard_every_n_steps: how often the retain perplexity is checked (and a good state kept).
-        guard_windows: held-out public windows used for that check.
+        guard_every_n_steps: how often the retain perplexity is checked (and a good state kept; 0: never).
+        guard_windows: held-out public windows used for that check and the start's retain perplexity (≥ 1).
         attribution_batches: forget/retain batches for the attribution scores behind CAD (0: no CAD).
         dtype: dtype the model is loaded in: 'float32' (default), 'bfloat16' or 'float16'. LoRA
             (peft keeps the adapters in float32) takes all three, full unlearning float32 and
@@ -103,7 +104,7 @@ class UnlearnModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        self._check_settings(lr, optimizer, max_retain_ppl_factor)
+        self._check_settings(self.hparams)
         self.mode = mode
         self.objective = UnlearningObjective(loss, beta, retain_weight)
         self.update_mode = build_update_mode(mode, {"lora": lora or LoraAdapterConfig(), "mansu": mansu or MansuConfig()})
@@ -126,13 +127,21 @@ class UnlearnModule(L.LightningModule):
         self.global_rng = GlobalRNG()
 
     @staticmethod
-    def _check_settings(lr: float, optimizer: str, max_retain_ppl_factor: float | None) -> None:
-        if not lr > 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"model.optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-        if max_retain_ppl_factor is not None and max_retain_ppl_factor <= 1:
-            raise ValueError(f"max_retain_ppl_factor must be > 1 (or None), got {max_retain_ppl_factor}")
+    def _check_settings(hp) -> None:
+        """Refuse, before the model is loaded, a setting that would fail later or do nothing."""
+        ppl_factor = hp.max_retain_ppl_factor
+        check_settings("model.init_args", [
+            ("lr", hp.lr, is_finite(hp.lr) and hp.lr > 0, "learning rates must be > 0"),
+            ("optimizer", hp.optimizer, hp.optimizer in OPTIMIZERS, f"must be one of {sorted(OPTIMIZERS)}"),
+            ("max_retain_ppl_factor", ppl_factor, ppl_factor is None or ppl_factor > 1,
+             "must be > 1 (or null: no divergence guard)"),
+            ("weight_decay", hp.weight_decay, is_finite(hp.weight_decay) and hp.weight_decay >= 0, "must be ≥ 0"),
+            ("warmup_steps", hp.warmup_steps, hp.warmup_steps >= 0, "must be ≥ 0"),
+            ("guard_every_n_steps", hp.guard_every_n_steps, hp.guard_every_n_steps >= 0, "must be ≥ 0 (0: never)"),
+            ("guard_windows", hp.guard_windows, hp.guard_windows >= 1,
+             "must be ≥ 1 (held-out windows of the retain-perplexity check)"),
+            ("attribution_batches", hp.attribution_batches, hp.attribution_batches >= 0, "must be ≥ 0 (0: no CAD)"),
+        ])
 
     def _load(self, torch_dtype: torch.dtype) -> None:
         """The model to unlearn (prepared by the update mode), its tokenizer, its starting linear

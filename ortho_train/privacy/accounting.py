@@ -15,6 +15,8 @@ the whole sequence of released gradients, hence in everything computed from them
 """
 from __future__ import annotations
 
+import warnings
+
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -37,6 +39,19 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=check_accountant(accountant),
                                       epsilon_tolerance=epsilon_tolerance))
+
+
+def rdp_epsilon_floor(delta: float) -> float:
+    """The least ε opacus' RDP accountant reports at `delta` for any σ, q and T: with the Rényi
+    divergences → 0 (σ → ∞) its conversion to (ε, δ) still costs log(1/δ)/(α − 1) − … at its
+    largest order α (63). A target at or below it is unreachable, whatever the run's length."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_privacy_spent(orders=orders, rdp=[0.0] * len(orders), delta=delta)[0])
 
 
 class PrivacyLedger:

@@ -36,9 +36,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ortho_train.privacy.accounting import PrivacyLedger, calibrate_noise_multiplier, check_accountant
+from ortho_train.privacy.accounting import (PrivacyLedger, calibrate_noise_multiplier, check_accountant,
+                                            rdp_epsilon_floor)
 from ortho_train.privacy.attention import eager_attention
 from ortho_train.privacy.poisson import PoissonCanarySampler
+from ortho_train.settings import SettingError, check_settings
 
 Batch = dict[str, torch.Tensor]
 SCOPES = ("support", "global")
@@ -80,6 +82,12 @@ class DPConfig:
                              f"target_epsilon={self.target_epsilon}, noise_multiplier={self.noise_multiplier}")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
             raise ValueError(f"dp target_epsilon must be positive, got {self.target_epsilon}")
+        elif self.target_epsilon is not None and self.accountant == "rdp" and 0.0 < self.delta < 1.0:
+            floor = rdp_epsilon_floor(self.delta)  # at start-up: calibration would search σ up to 10⁶ first
+            check_settings("model.init_args.dp", [(
+                "target_epsilon", self.target_epsilon, self.target_epsilon > floor,
+                f"below {floor:.4f}, the least ε the RDP accountant reports at δ = {self.delta:g} for any σ; "
+                "raise target_epsilon (or use accountant: prv)")])
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ValueError(f"dp noise_multiplier must be positive, got {self.noise_multiplier}")
         if not 0.0 < self.delta < 1.0:
@@ -95,6 +103,18 @@ class DPConfig:
         if self.expected_batch_size is not None and not self.expected_batch_size > 0:
             raise ValueError(f"dp expected_batch_size must be positive, got {self.expected_batch_size}")
 
+    def _calibrate(self, q: float, steps: int) -> float:
+        """σ for `target_epsilon`; a budget no σ reaches is refused naming the setting (opacus
+        gives up once σ passes 10⁶)."""
+        try:
+            return calibrate_noise_multiplier(self.target_epsilon, self.delta, q, steps, self.accountant)
+        except ValueError as err:
+            if "budget is too low" not in str(err):
+                raise
+            raise SettingError(f"model.init_args.dp.target_epsilon={self.target_epsilon}: not reachable: even "
+                               f"σ = 10⁶ spends more over {steps} steps at q = {q:g}, δ = {self.delta:g} "
+                               f"({self.accountant}); raise target_epsilon or set noise_multiplier") from None
+
     def resolve(self, num_members: int, steps: int) -> "DPSchedule":
         """q, q·n and σ for a private set of `num_members` and `steps` DP steps."""
         if num_members < 1:
@@ -108,7 +128,7 @@ class DPConfig:
                              f"{num_members} members (sample rate {q} > 1)")
         sigma = self.noise_multiplier
         if sigma is None:
-            sigma = calibrate_noise_multiplier(self.target_epsilon, self.delta, q, steps, self.accountant)
+            sigma = self._calibrate(q, steps)
         return DPSchedule(noise_multiplier=sigma, sample_rate=q, expected_batch_size=q * num_members,
                           num_members=num_members, steps=steps, delta=self.delta,
                           max_grad_norm=self.max_grad_norm, accountant=self.accountant, seed=self.seed)

@@ -9,6 +9,7 @@ from torch import Tensor
 from ortho_kernels import QuantisedBase
 from ortho_train.quantisation.format import WeightFormat
 from ortho_train.quantisation.registry import base_quantiser, deployment_format
+from ortho_train.settings import Rule, is_finite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KERNELS = ("portable", "native")
@@ -43,6 +44,15 @@ class QuantConfig:
             raise ValueError(f"bits must be one of {self.quantiser.bits}, got {self.bits}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
+
+    def rules(self) -> list[Rule]:
+        """Checks of the GPTQ settings (`ortho_train.settings`), named relative to this config: its
+        owner checks them under its own path (`model.init_args.isolation.quant`), which a nested
+        config does not know. A negative damping makes the Hessian indefinite, and GPTQ fails
+        only when the first base is quantised (at the canary switch for isolation)."""
+        return [("damp", self.damp, is_finite(self.damp) and self.damp >= 0,
+                 "GPTQ damping (a fraction of mean(diag H)) must be ≥ 0"),
+                ("block_size", self.block_size, self.block_size >= 1, "must be ≥ 1")]
 
     @property
     def quantiser(self) -> WeightFormat:

@@ -28,6 +28,7 @@ import torch
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_kernels.packing import group_dequantise, group_quantise
 from ortho_train.quantisation import QuantConfig, base_from_codes, quantise_weight
+from ortho_train.settings import check_settings
 from ortho_train.sieve.select import (
     SELECTIONS,
     adaptive_threshold,
@@ -71,6 +72,7 @@ class SieveConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         budget(self.rho, 1)  # validates 0 ≤ ρ ≤ 1
+        check_settings("spec.quant", self.quant.rules())  # as the SieveCallback's table.spec writes it
         if not (math.isfinite(self.dqc_gamma) and self.dqc_gamma > 0):
             raise ValueError(f"dqc_gamma must be a positive number (1: the H-optimal fold), got {self.dqc_gamma}")
         if not (math.isfinite(self.hop_beta) and self.hop_beta >= 0):

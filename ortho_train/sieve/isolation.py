@@ -42,6 +42,7 @@ from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
 from ortho_train.privacy.dsm import DSMConfig
 from ortho_train.quantisation import QuantConfig, quantise_weight
+from ortho_train.settings import check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice
 
 
@@ -90,6 +91,7 @@ class IsolationConfig:
 
     def __post_init__(self) -> None:
         support_choice(self.support)  # a registered one
+        check_settings("model.init_args.isolation.quant", self.quant.rules())
         if self.dsm is not None and self.support != "dsm":
             raise ValueError(f"isolation dsm settings need support: dsm, got support {self.support!r} "
                              f"(they would be ignored)")

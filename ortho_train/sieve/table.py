@@ -49,6 +49,7 @@ from ortho_train.quantisation import (
     deployment_formats,
     quantised_copy,
 )
+from ortho_train.settings import check_settings
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
@@ -123,6 +124,12 @@ class TableConfig:
         for variant in self.variants:
             if variant not in VARIANTS:
                 raise ValueError(f"unknown sieve variant {variant!r}: use one of {VARIANTS}")
+        check_settings("table", [
+            ("alphas", self.alphas, bool(self.alphas), "needs at least one α (0: base stream only, 1: the full "
+             "ortho stream); without any the table has no kill-switch rows"),
+            ("rhos", self.rhos, bool(self.rhos) or set(self.variants) <= {"isolated", "ogd"},
+             "needs at least one ortho fraction for the posthoc and delta sieves"),
+        ])
         bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
         if bad_alphas:
             raise ValueError(f"alphas must lie in [0, 1] (0: base stream only, 1: the full ortho stream), "

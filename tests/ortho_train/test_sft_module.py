@@ -20,7 +20,8 @@ def test_warmup_cosine_shape():
 
 
 def _module(**kwargs):
-    return CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), **kwargs)
+    # a warm-up within the shortest public phase here (the default 50 steps is refused for public_steps=1)
+    return CanarySFTModule(tiny_llama=TinyLlamaConfig(32, 2, 2, 64), **({"warmup_steps": 1} | kwargs))
 
 
 def _datamodule():
@@ -106,7 +107,7 @@ def test_canary_phase_uses_the_first_public_windows_only():
 
 @pytest.mark.parametrize("windows", [0, -2])
 def test_canary_phase_public_windows_below_one_is_refused(windows):
-    with pytest.raises(ValueError, match="model.canary_phase_public_windows must be ≥ 1"):
+    with pytest.raises(ValueError, match=rf"model\.init_args\.canary_phase_public_windows={windows}: must be ≥ 1"):
         _module(canary_phase_public_windows=windows)
 
 
@@ -118,6 +119,16 @@ def test_canary_phase_public_windows_above_the_batch_is_refused_at_fit_start(tmp
     with pytest.raises(ValueError, match=r"canary_phase_public_windows \(3\) exceeds data.batch_size \(2\)"):
         trainer.fit(module, datamodule=_datamodule())
     assert not (tmp_path / "hf_model").exists()
+
+
+def test_a_canary_warm_up_longer_than_the_canary_phase_warns_at_fit_start(tmp_path):
+    module = _module(public_steps=1, sft_warmup_steps=5, eval_during_validation=False)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"model\.init_args\.sft_warmup_steps=5 is longer than the canary phase "
+                                         r"\(trainer\.max_steps - model\.init_args\.public_steps = 1 steps\)"):
+        trainer.fit(module, datamodule=_datamodule())
 
 
 def test_non_finite_loss_is_a_clear_error():
