@@ -35,12 +35,13 @@ set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, be
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-from ortho_train.checkpoint_io import LOAD_ERRORS, UnreadableCheckpointError, use_atomic_checkpoints  # noqa: E402
+from ortho_train.checkpoint_io import (LOAD_ERRORS, UnreadableCheckpointError, check_checkpoint_file,  # noqa: E402
+                                       use_atomic_checkpoints)
 from ortho_train.cli_errors import run_reporting_errors  # noqa: E402
 from ortho_train.console import add_step_progress_bar, quiet_library_chatter  # noqa: E402
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
 from ortho_train.interruption import InterruptionCallback  # noqa: E402
-from ortho_train.run_paths import (check_checkpoint_file, check_model_dir, check_writable,  # noqa: E402
+from ortho_train.run_paths import (check_model_dir, check_writable,  # noqa: E402
                                    checkpoint_run_dir, remove_if_unstarted, reserve_run_dir,
                                    set_aside_metrics_csv)
 from ortho_train.settings import check_trainer_settings  # noqa: E402

@@ -27,6 +27,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
 from ortho_train.artifacts import write_bytes_atomic
+from ortho_train.run_paths import CKPT_ALIASES
+from ortho_train.settings import SettingError, show
 
 # What torch.load raises for a file that is not a whole checkpoint: a cut zip archive
 # (RuntimeError from its reader, or OSError from a seek before the file's start), a pickle that
@@ -38,7 +40,7 @@ UNREADABLE = (*LOAD_ERRORS, ValueError, KeyError, AttributeError, TypeError)
 FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(SettingError):
     """A checkpoint file that cannot be loaded; the message says which and what to do."""
 
     @classmethod
@@ -83,6 +85,22 @@ def _unreadable(path: Path, error: BaseException | None) -> str:
                     else "start the run afresh (no other checkpoint lies beside it)")
     return (f"--ckpt_path {path} ({size:,} bytes) cannot be read as a checkpoint: {why}. "
             f"Pass a whole one: {alternatives}")
+
+
+def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
+    """`--ckpt_path` names a file `torch.save` wrote (a zip archive), or a Lightning alias
+    ('last', 'best', 'hpc', 'registry…'); anything else is refused before the model is built,
+    before LightningCLI reads the file's hyper-parameters (torch's message for a foreign file
+    suggests `weights_only=False`)."""
+    if ckpt_path is None or str(ckpt_path) in CKPT_ALIASES or str(ckpt_path).startswith("registry"):
+        return
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise SettingError(f"ckpt_path={show(str(ckpt_path))}: no such file; pass a checkpoint from "
+                           "<run>/version_N/checkpoints/")
+    if not zipfile.is_zipfile(path):
+        raise UnreadableCheckpointError(f"ckpt_path={show(str(ckpt_path))}: not a checkpoint: "
+                                        + _unreadable(path, zipfile.BadZipFile("not a zip archive")))
 
 
 def use_atomic_checkpoints(trainer: L.Trainer) -> None:

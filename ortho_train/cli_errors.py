@@ -17,6 +17,7 @@ import re
 import sys
 from typing import Callable, Iterator
 
+from ortho_train.artifacts import DiskSpaceError
 from ortho_train.settings import SettingError
 
 TRACEBACK_ENV = "ORTHO_TRAIN_TRACEBACK"
@@ -91,8 +92,10 @@ def failure_line(err: BaseException) -> str:
 
 
 def exit_status(err: BaseException) -> int:
-    """2 for a refused setting or file (as a usage error), 1 for any other failure."""
-    return 2 if isinstance(toolkit_error(err), _INPUT_ERRORS) else 1
+    """2 for a refused setting or file (as a usage error), 1 for any other failure (a full disk
+    included: nothing the user wrote is wrong)."""
+    found = toolkit_error(err)
+    return 2 if isinstance(found, _INPUT_ERRORS) and not isinstance(found, DiskSpaceError) else 1
 
 
 def _section(chain: list[BaseException]) -> str | None:

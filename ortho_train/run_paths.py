@@ -6,7 +6,7 @@ name holding the artifact, so no config hard-codes `version_0`. A literal direct
 `latest` wins over the lookup.
 
 At start-up a run root that cannot be written and a `--ckpt_path` that is no checkpoint are
-refused naming the setting (`reserve_run_dir`, `check_writable`, `check_checkpoint_file`).
+refused naming the setting (`reserve_run_dir`, `check_writable`, `check_model_dir`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 from ortho_train.settings import SettingError, show
@@ -94,21 +93,6 @@ def _unwritable(setting: str, root: Path, err: OSError) -> SettingError:
                         "choose a writable directory")
 
 
-def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
-    """`--ckpt_path` names a file `torch.save` wrote (a zip archive), or a Lightning alias
-    ('last', 'best', 'hpc', 'registry…'); anything else is refused before the model is built."""
-    if ckpt_path is None or str(ckpt_path) in CKPT_ALIASES or str(ckpt_path).startswith("registry"):
-        return
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise SettingError(f"ckpt_path={show(str(ckpt_path))}: no such file; pass a checkpoint from "
-                           "<run>/version_N/checkpoints/")
-    if not zipfile.is_zipfile(path):
-        raise SettingError(f"ckpt_path={show(str(ckpt_path))}: not a checkpoint (checkpoints are the zip "
-                           "archives torch.save writes, e.g. <run>/version_N/checkpoints/*.ckpt); the file "
-                           "is corrupt or of another kind")
-
-
 def check_model_dir(path: str | Path, setting: str) -> None:
     """`path` (`runs/<name>/latest/…` resolved) is an existing directory; else a `SettingError`
     naming `setting`, before any class is built (the tokenizer, linked to it, fails first otherwise)."""
@@ -116,10 +100,12 @@ def check_model_dir(path: str | Path, setting: str) -> None:
         found = resolve_latest(path)
     except FileNotFoundError as err:
         raise SettingError(f"{setting}={show(str(path))}: {err}") from None
+    if found.suffix.lower() == ".gguf" and found.is_file():
+        return  # a GGUF file is a model too (ortho_train.gguf_checkpoint)
     if not found.is_dir():
         raise SettingError(f"{setting}={show(str(path))}: "
                            f"{'not a directory' if found.exists() else 'no such directory'}; pass a local "
-                           "Hugging Face model directory (config.json, weights, tokenizer files)")
+                           "Hugging Face model directory (config.json, weights, tokenizer files) or a .gguf file")
 
 
 def _launched_rank() -> bool:
