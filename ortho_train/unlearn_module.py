@@ -34,7 +34,7 @@ from torch import nn
 
 from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
 from ortho_train.metrics import perplexity
-from ortho_train.models import count_parameters, load_causal_lm, model_dtype
+from ortho_train.models import count_parameters, eval_mode, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.quantisation import effective_linear_weights
 from ortho_train.rng_state import GlobalRNG
@@ -54,6 +54,16 @@ OPTIMIZERS = {"adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, we
 
 class UnlearningStopped(RuntimeError):
     """The divergence guard ended training: the run is reported as stopped, not as a success."""
+
+
+class UnlearningChangedNothing(RuntimeError):
+    """The run ended with the forget set's likelihood where it started: reported as `no_change`,
+    never as a success (e.g. `lora.alpha: 0` scales every adapter update to nothing)."""
+
+
+# A forget canary's sequence NLL that moved less than this (nats) did not move: float rounding of an
+# unchanged model stays orders of magnitude below it, one optimiser step that changes the model does not.
+NO_CHANGE_NATS = 1e-6
 
 
 class UnlearnModule(L.LightningModule):
@@ -122,6 +132,8 @@ class UnlearnModule(L.LightningModule):
         self._good_state: dict[str, torch.Tensor] = {}
         self._good_step = 0
         self._start_retain_ppl: float | None = None
+        self._start_forget_nll: torch.Tensor | None = None
+        self.no_change: str | None = None
         self._attribution_before: dict | None = None
         self._resumed = False  # the start-of-run state came from a checkpoint
         self.global_rng = GlobalRNG()
@@ -206,6 +218,15 @@ class UnlearnModule(L.LightningModule):
         batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
         return perplexity(self.model, [batch])
 
+    @torch.no_grad()
+    def _forget_nll(self) -> torch.Tensor:
+        """Sequence NLL (nats, float64, CPU) of every forget canary, in eval mode."""
+        batches = self.trainer.datamodule.forget_dataloader(shuffle=False)
+        with eval_mode(self.model):
+            return torch.cat([sequence_nll(self.model(input_ids=b["input_ids"].to(self.device),
+                                                      attention_mask=b["attention_mask"].to(self.device)).logits,
+                                           b["labels"].to(self.device)).double().cpu() for b in batches])
+
     def _attribution_data(self):
         """All forget batches; enough public batches for the attribution (and the MANSU retain
         gradients), then the retain canaries."""
@@ -235,6 +256,7 @@ class UnlearnModule(L.LightningModule):
         """Retain perplexity, CAD's attribution baseline and what the update mode measures (the
         MANSU plan) on the starting model."""
         self._start_retain_ppl = self._retain_ppl()
+        self._start_forget_nll = self._forget_nll()
         if self.hparams.attribution_batches > 0 or self.update_mode.needs_start_attribution:
             forget, retain = self._attribution_data()
             self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
@@ -247,7 +269,8 @@ class UnlearnModule(L.LightningModule):
         weights, CAD's baseline, the MANSU plan) and the global generators: a resumed run
         continues with them instead of measuring its resumed weights."""
         checkpoint["unlearn"] = {
-            "start_retain_ppl": self._start_retain_ppl, "good_state": self._good_state, "good_step": self._good_step,
+            "start_retain_ppl": self._start_retain_ppl, "start_forget_nll": self._start_forget_nll,
+            "good_state": self._good_state, "good_step": self._good_step,
             "attribution_before": self._attribution_before, "divergence": self.divergence,
             "update_mode": self.update_mode.state_dict(),
         }
@@ -259,6 +282,7 @@ class UnlearnModule(L.LightningModule):
             raise ValueError("the checkpoint holds no unlearning state (not written by UnlearnModule): "
                              "resume with a checkpoint of the same unlearning run")
         self._start_retain_ppl, self._good_state = state["start_retain_ppl"], state["good_state"]
+        self._start_forget_nll = state.get("start_forget_nll")  # None in checkpoints of earlier versions
         self._good_step, self._attribution_before = state["good_step"], state["attribution_before"]
         self.divergence = state["divergence"]
         self.update_mode.load_state_dict(state["update_mode"])
@@ -341,6 +365,12 @@ class UnlearnModule(L.LightningModule):
     def on_train_end(self) -> None:
         report = {"retain_ppl_start": self._start_retain_ppl, "retain_ppl_end": self._retain_ppl(),
                   "steps": self.global_step, "divergence": self.divergence}
+        if self._start_forget_nll is not None:
+            moved = (self._forget_nll() - self._start_forget_nll).abs().max().item()
+            report["forget_nll_max_change"] = moved
+            if moved < NO_CHANGE_NATS and self.divergence is None:
+                self.no_change = (f"no forget canary's NLL moved by {NO_CHANGE_NATS:g} nats or more in "
+                                  f"{self.global_step} steps (at most {moved:.2e}): the update changed nothing")
         after = None
         if self._attribution_before is not None:
             forget, _ = self._attribution_data()
@@ -353,6 +383,8 @@ class UnlearnModule(L.LightningModule):
         # After the callbacks' `on_fit_end` (the card says "stopped"): a stopped run exits non-zero.
         if self.divergence is not None:
             raise UnlearningStopped(f"unlearning did not finish: {self.divergence}")
+        if self.no_change is not None:
+            raise UnlearningChangedNothing(f"unlearning changed nothing: {self.no_change}")
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):

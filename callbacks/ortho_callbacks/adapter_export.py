@@ -9,7 +9,8 @@ In the module's run directory: at train end, before any PTQ copy or table is bui
   (always for full-parameter and MANSU runs, which have no adapter; for LoRA if `save_merged`);
 - `metrics_card.json` and `metrics_card.md`: method, losses and hyper-parameters, the
   quantisation settings and the PTQ-gap table (from `ptq_gap.json` when `PTQGapCallback` ran),
-  the training outcome (steps, retain perplexity, divergence, CAD) and a status: `ok`, `failed`
+  the training outcome (steps, retain perplexity, divergence, CAD) and a status: `ok`, `no_change`
+  (the forget set's likelihood did not move: the run exits non-zero), `failed`
   (the PTQ gap) or `stopped` (the divergence guard ended training).
 
 If `PTQGapCallback(fail_on_gap=True)` fails the run first, the export still happens (from
@@ -192,7 +193,10 @@ class AdapterExportCallback(L.Callback):
 
 
 def _status(pl_module, failure: str | None, results: dict) -> str:
-    """'stopped' when the divergence guard ended training, 'failed' on a PTQ gap, else 'ok'."""
+    """'stopped' when the divergence guard ended training, 'no_change' when the forget set's
+    likelihood did not move, 'failed' on a PTQ gap, else 'ok'."""
     if getattr(pl_module, "divergence", None):
         return "stopped"
+    if getattr(pl_module, "no_change", None):
+        return "no_change"
     return "failed" if failure or results.get("status") == "failed" else "ok"

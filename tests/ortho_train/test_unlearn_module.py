@@ -229,3 +229,27 @@ def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path,
         if path.is_file() and path.suffix not in (".safetensors", ".ckpt"):
             assert not any(t.encode() in path.read_bytes() for t in texts), f"a canary leaked into {path}"
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_an_update_that_changes_nothing_is_no_change_not_ok(model_dir, tmp_path):
+    """lora.alpha = 0 scales every adapter update to nothing: the model ends bit-identical to the
+    start, and the run says so (status no_change, non-zero exit) instead of reporting success."""
+    from ortho_train.unlearn_module import UnlearningChangedNothing
+
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo_gdr", lr=1e-2, guard_every_n_steps=0,
+                           attribution_batches=0, lora=LoraAdapterConfig(rank=4, alpha=0))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[AdapterExportCallback()])
+    with pytest.raises(UnlearningChangedNothing, match="unlearning changed nothing"):
+        trainer.fit(module, datamodule=tiny_datamodule(model_dir))
+    card = json.loads((tmp_path / "metrics_card.json").read_text())
+    assert card["status"] == "no_change" and card["training"]["forget_nll_max_change"] < 1e-6
+
+
+def test_an_update_that_moves_the_forget_set_is_ok(model_dir, tmp_path):
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo_gdr", lr=1e-2, guard_every_n_steps=0,
+                           attribution_batches=0, lora=LoraAdapterConfig(rank=4, alpha=8))
+    _fit(module, model_dir, tmp_path, steps=2, callbacks=[AdapterExportCallback()])
+    card = json.loads((tmp_path / "metrics_card.json").read_text())
+    assert card["status"] == "ok" and card["training"]["forget_nll_max_change"] > 1e-3
