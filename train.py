@@ -32,6 +32,7 @@ from ortho_train.threads import set_passive_wait
 
 set_passive_wait()  # before torch loads OpenMP: its threads sleep, not spin, beside other processes
 
+import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -44,6 +45,7 @@ from ortho_train.interruption import InterruptionCallback  # noqa: E402
 from ortho_train.run_paths import (check_model_dir, check_writable,  # noqa: E402
                                    checkpoint_run_dir, remove_if_unstarted, reserve_run_dir,
                                    set_aside_metrics_csv)
+from ortho_train.resume_check import check_resume  # noqa: E402
 from ortho_train.settings import check_trainer_settings  # noqa: E402
 from ortho_train.threads import configure_threads  # noqa: E402
 
@@ -87,6 +89,9 @@ class OrthoTrainCLI(LightningCLI):
         if model_args is not None and model_args.get("model_path") is not None:
             check_model_dir(model_args.model_path, "model.init_args.model_path")
         resumed = checkpoint_run_dir(config.get("ckpt_path"))  # --ckpt_path: continue in its run directory
+        if resumed is not None:
+            as_saved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+            check_resume(resumed, as_saved, str(config.get("ckpt_path")))
         loggers = config.trainer.logger
         if loggers is False:
             # Without a logger Lightning writes into default_root_dir itself, and every such run
