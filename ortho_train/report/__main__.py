@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not a directory: {', '.join(missing)}")
     out = args.output or (args.run_dirs[0] / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
     start = time.perf_counter()
-    path = build_report(args.run_dirs, out)
+    try:
+        path = build_report(args.run_dirs, out)
+    except OSError as err:  # the output cannot be written: say where and why, in one line
+        print(f"error: the report cannot be written to {out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"report written to {path} ({path.stat().st_size / 1024:.0f} KiB, {time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -30,7 +30,7 @@ def _guarded(key: str, title: str, build: Callable[[], Section]) -> Section:
     """A section, or its one skip line when its files hold something unexpected."""
     try:
         return build()
-    except (KeyError, TypeError, ValueError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         return Section(key, title, skipped=f"could not be drawn from this run's files "
                                            f"({type(err).__name__}: {err})")
 

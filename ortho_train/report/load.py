@@ -24,6 +24,8 @@ JSON_FILES = {
     "run_info": ("run_info.json", dict),
 }
 _PERIODIC = re.compile(r"sieve_table_step(\d+)\.json")
+# A key holding one of these words is a measurement: a number, or null where it was not measured.
+_MEASURED = re.compile(r"rate|exposure|auc|ppl|bits|density|tpr|privleak|accuracy|verbmem|epsilon|seconds")
 _PERIODIC_PTQ = re.compile(r"ptq_gap_step(\d+)\.json")
 STREAMS_DIR = "sieved_isolated"
 
@@ -78,6 +80,36 @@ def _read_json(path: Path, kind: type, problems: dict[str, str]):
     return value
 
 
+def _non_numbers(value, where: str) -> list[str]:
+    """`where.key = 'abc'` for every measurement key of `value` (a dict, or a list of row dicts)
+    whose value is neither a number nor null."""
+    rows = value if isinstance(value, list) else [value]
+    found = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        for key, item in row.items():
+            if _MEASURED.search(str(key)) and item is not None and (isinstance(item, bool) or not isinstance(item, (int, float))):
+                found.append(f"{where}{f'[{index}]' if isinstance(value, list) else ''}.{key} = {item!r}")
+    return found
+
+
+def _drop_non_numbers(value, filename: str, problems: dict[str, str]):
+    """Null every measurement that is not a number, and say so in one line naming the file."""
+    bad = _non_numbers(value, filename)
+    if not bad:
+        return value
+    rows = value if isinstance(value, list) else [value]
+    for row in rows:
+        if isinstance(row, dict):
+            for key, item in row.items():
+                if _MEASURED.search(str(key)) and item is not None and (isinstance(item, bool) or not isinstance(item, (int, float))):
+                    row[key] = None
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    problems[filename] = f"{filename} holds values that are not numbers ({shown}); they are shown as –"
+    return value
+
+
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
     """Columns of a Lightning `metrics.csv` as `{column: [(step, value), ...]}`, blanks dropped."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -120,7 +152,10 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     name = path.name if path.parent.name in ("", ".") else f"{path.parent.name}/{path.name}"
     run = RunArtifacts(path=path, name=name)
     for attribute, (filename, kind) in JSON_FILES.items():
-        setattr(run, attribute, _read_json(path / filename, kind, run.problems))
+        value = _read_json(path / filename, kind, run.problems)
+        if value is not None and attribute != "roc":  # roc.json: lists of rates, checked where drawn
+            value = _drop_non_numbers(value, filename, run.problems)
+        setattr(run, attribute, value)
     for table in sorted(path.glob("sieve_table_step*.json")):
         match = _PERIODIC.fullmatch(table.name)
         rows = _read_json(table, list, run.problems) if match else None

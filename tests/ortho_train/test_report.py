@@ -246,3 +246,27 @@ def test_ptq_curves_join_before_periodic_and_final(runs):
     assert curves["fp"][0] == (0, 1.0) and curves["fp"][-1] == (60, 0.0)  # before, final
     assert dict(curves["nf4"])[20] == pytest.approx(1.0 - 20 / 70)
     assert "nf4_adapter" in curves and "fp_before" not in curves
+
+
+def test_malformed_files_and_non_numbers_cost_one_line_each(runs, tmp_path):
+    """A metrics card or run_info of the wrong shape skips its own section only; a measurement that
+    is not a number is shown as – and named, with its file, in one line."""
+    run = tmp_path / "malformed" / "version_0"
+    shutil.copytree(runs["sieve"], run)
+    (run / "run_info.json").write_text(json.dumps({"versions": ["torch", "2.13"], "wall_seconds": 3.0}))
+    (run / "summary.json").write_text(json.dumps({"extraction_rate": "abc", "public_ppl": 7.5}))
+    page = build_report([run], tmp_path / "report.html").read_text()
+    status = section_status(page)
+    assert status["run"].startswith("skipped: could not be drawn from this run's files (AttributeError")
+    assert status["kill_switch"] == "present"
+    assert page.count("summary.json holds values that are not numbers (summary.json.extraction_rate = &#x27;abc&#x27;)") == 1
+    assert ">abc<" not in page
+
+
+def test_command_line_output_that_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"extraction_rate": 1.0}))
+    (tmp_path / "file").write_text("in the way")
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "file" / "report.html")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the report cannot be written to {tmp_path / 'file' / 'report.html'}")
