@@ -56,6 +56,7 @@ SAVE_DIR = "trainer.logger.init_args.save_dir"
 class OrthoTrainCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         self.reserved: list[Path] = []  # run directories this launch reserved (removed on a failed start)
+        self.new_key_file: Path | None = None  # a canary key this launch may create (removed on a failed start)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -85,6 +86,8 @@ class OrthoTrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
         check_trainer_settings(config.trainer)
+        key_file = _default_key_file(config)
+        self.new_key_file = None if key_file is None or key_file.exists() else key_file
         model_args = config.model.get("init_args") if isinstance(config.model, Namespace) else None
         if model_args is not None and model_args.get("model_path") is not None:
             check_model_dir(model_args.model_path, "model.init_args.model_path")
@@ -142,6 +145,7 @@ class OrthoTrainCLI(LightningCLI):
         except BaseException:  # a setting refused while the classes are built: drop the reservation
             for run_dir in self.reserved:
                 remove_if_unstarted(run_dir)
+            self._remove_new_key_file()
             raise
         # first: a stopped run's checkpoint and model are saved before any other callback reacts
         self.trainer.callbacks.insert(0, InterruptionCallback())
@@ -154,12 +158,19 @@ class OrthoTrainCLI(LightningCLI):
             self._remove_unstarted_run_dirs()
             raise
 
+    def _remove_new_key_file(self) -> None:
+        """A key file this launch created is removed when the run fails before its first step: a
+        failed start leaves no secret behind."""
+        if self.new_key_file is not None and self.new_key_file.is_file():
+            self.new_key_file.unlink()
+
     def _remove_unstarted_run_dirs(self) -> None:
         """After a failure before the first optimiser step, drop run directories holding
         nothing but logger files (rank zero; other ranks write none)."""
         trainer = self.trainer
         if trainer.global_step > 0 or not trainer.is_global_zero:
             return
+        self._remove_new_key_file()
         candidates = {Path(trainer.default_root_dir)} if not trainer.loggers else set()
         for logger in trainer.loggers:
             log_dir = getattr(logger, "log_dir", None)
@@ -167,6 +178,24 @@ class OrthoTrainCLI(LightningCLI):
                 candidates.add(Path(log_dir))
         for run_dir in candidates:
             remove_if_unstarted(run_dir)
+
+
+def _default_key_file(config) -> Path | None:
+    """The canary key file of this run: `data.canary_key_file`, or, when the config leaves it unset
+    in the key-file mode, `<run root>/<name>/canary.key` beside the run directories (the first
+    logger's save_dir/name, else trainer.default_root_dir), written into the config. None in the
+    seed-only mode (`data.canary_secrets=seed`)."""
+    data = config.data
+    if data.get("canary_secrets", "key_file") != "key_file":
+        return None
+    if data.get("canary_key_file") is None:
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        first = next((lg.init_args for lg in loggers if isinstance(lg, Namespace) and "init_args" in lg
+                      and lg.init_args.get("save_dir") is not None), None)
+        root = (Path(first.save_dir) / (first.get("name") or "")) if first is not None \
+            else Path(config.trainer.default_root_dir or ".")
+        data.canary_key_file = str(root / "canary.key")
+    return Path(data.canary_key_file)
 
 
 def _resumes_in(run_dir: Path | None, root: Path) -> bool:

@@ -18,9 +18,11 @@ the remaining members; holdout canaries stay the non-members for MIA. Training b
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -32,7 +34,7 @@ from ortho_train.corpus import CorpusError, load_corpus
 from ortho_train.provenance import canary_record
 from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
-from ortho_train.settings import check_settings
+from ortho_train.settings import SettingError, check_settings
 from ortho_train.tokenization import encode_text, load_tokenizer
 
 
@@ -50,6 +52,26 @@ def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[
     if len(set(forget_members)) != len(forget_members):
         raise ValueError(f"forget_members has duplicates: {forget_members}")
     return list(forget_members)
+
+
+SEED_ONLY_WARNING = ("data.canary_secrets=seed: the secrets follow from data.canary_seed alone, so anyone "
+                     "with this run's config.yaml can regenerate them; use a key file (data.canary_key_file) "
+                     "for private data")
+
+
+def _check_secret_source(canary_secrets: str, canary_key_file: str | None) -> None:
+    """The key-file mode needs its file; the seed-only mode takes none and is warned about."""
+    if canary_secrets not in ("key_file", "seed"):
+        raise SettingError(f"data.canary_secrets={canary_secrets!r}: choose 'key_file' or 'seed'")
+    if canary_secrets == "key_file" and canary_key_file is None:
+        raise SettingError("data.canary_key_file=null: the secrets come from a key file (data.canary_secrets="
+                           "key_file), so name one (train.py names runs/<name>/canary.key when a config "
+                           "leaves it unset), or set data.canary_secrets=seed to derive them from the seed alone")
+    if canary_secrets == "seed":
+        if canary_key_file is not None:
+            raise SettingError(f"data.canary_key_file={canary_key_file!r} with data.canary_secrets=seed: the "
+                               "seed-only mode reads no key; drop one of the two")
+        warnings.warn(SEED_ONLY_WARNING, stacklevel=3)
 
 
 def _check_positive(**settings: int) -> None:
@@ -188,8 +210,12 @@ class CanaryDataModule(L.LightningDataModule):
         canary_seed: seeds secrets and references.
         canary_key_file: file holding the canary key (`ortho_train.canary_key`): a fine-tuning run
             (train_split 'sft') writes it once, 0600, if it does not exist; unlearning reads it.
-            With it, the logged seed and settings cannot regenerate the secrets. None: secrets
-            follow from canary_seed alone (reproducible from the logs; tests).
+            With it, the logged seed and settings cannot regenerate the secrets. `train.py` sets
+            `<run root>/<name>/canary.key` when a config leaves it unset.
+        canary_secrets: 'key_file' (default: the secrets come from the key file, which must be
+            set) or 'seed' (explicit opt-in: secrets follow from canary_seed alone, so anyone with
+            the logged config can regenerate them; warned at start and recorded in the summary's
+            `canary_settings`; for tests and throw-away runs).
         num_workers: DataLoader workers.
         train_split: 'sft' (public + member canaries) or 'unlearn' (forget/retain batches).
         forget_members: indices of the member canaries to forget (None: all members).
@@ -215,6 +241,7 @@ class CanaryDataModule(L.LightningDataModule):
         num_reference_secrets: int = 10_000,
         canary_seed: int = 1234,
         canary_key_file: str | None = None,
+        canary_secrets: Literal["key_file", "seed"] = "key_file",
         num_workers: int = 0,
         train_split: str = "sft",
         forget_members: list[int] | None = None,
@@ -228,6 +255,7 @@ class CanaryDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
         if train_split not in ("sft", "unlearn"):
             raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
+        _check_secret_source(canary_secrets, canary_key_file)
         self.canary_spec = CanaryConfig(
             template=canary_template,
             alphabet=secret_alphabet,
@@ -251,7 +279,9 @@ class CanaryDataModule(L.LightningDataModule):
     @property
     def canary_record(self) -> dict:
         """Fingerprint and settings of the canaries, for a run's summary (no secret in it)."""
-        return canary_record(self.canaries)
+        record = canary_record(self.canaries)
+        record["canary_settings"]["canary_secrets"] = self.hparams.canary_secrets
+        return record
 
     @property
     def forget_probe(self) -> MemorisationProbe:

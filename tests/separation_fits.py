@@ -30,7 +30,7 @@ def fit(run_dir: Path, callbacks=(), **module_kwargs) -> CanarySFTModule:
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=run_dir, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=0.5, callbacks=list(callbacks))
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50)
     trainer.fit(module, datamodule=dm)
     return module

@@ -16,7 +16,7 @@ from ortho_train.sft_module import CanarySFTModule
 from ortho_train.tokenization import build_byte_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+SMALL = dict(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
              num_member_canaries=2, num_holdout_canaries=4, num_reference_secrets=20)
 
 

@@ -61,7 +61,7 @@ def sieve_fit(tmp_path_factory):
     trainer = L.Trainer(max_steps=6, accelerator="cpu", logger=loggers, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[sieve, ReportCallback()], enable_progress_bar=False,
                         enable_model_summary=False)
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=20)
     with one_thread():
         trainer.fit(module, datamodule=dm)

@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
                         enable_model_summary=False)
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50)
     trainer.fit(module, datamodule=dm)
     return module, callback, module.run_dir
@@ -126,7 +126,7 @@ def _fit_tiny_isolated(tmp_path, callback, max_steps):
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, callbacks=[callback], enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path)
-    dm = CanaryDataModule(seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=48, batch_size=2, canary_batch_size=1, val_windows=1, secret_length=3,
                           num_member_canaries=2, num_holdout_canaries=2, num_reference_secrets=10)
     trainer.fit(module, datamodule=dm)
     return module
@@ -223,7 +223,7 @@ def test_known_metrics_replace_only_the_groups_they_cover():
     from ortho_train.models import build_tiny_llama
     from ortho_train.sieve.table import KillSwitchTable
 
-    dm = CanaryDataModule(seq_len=64, batch_size=2, val_windows=2, secret_length=4, num_member_canaries=3,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, val_windows=2, secret_length=4, num_member_canaries=3,
                           num_holdout_canaries=4, num_reference_secrets=20)
     dm.setup("fit")
     tok = dm.tokenizer

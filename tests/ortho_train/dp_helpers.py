@@ -47,7 +47,7 @@ def dp_fit(tmp, canary_seed=1, dp=None, callbacks=(), isolation=None):
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
                         enable_model_summary=False, gradient_clip_val=1.0, deterministic=True,
                         callbacks=list(callbacks))
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50,
                           canary_seed=canary_seed)
     trainer.fit(module, datamodule=dm)

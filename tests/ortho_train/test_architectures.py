@@ -35,7 +35,7 @@ from ortho_train.unlearning.mansu import MansuConfig
 from tests.ortho_train.arch_models import ARCHITECTURES, BLOCKS, PROJECTIONS, WIDTH, cached_tiny_model
 from tests.ortho_train.unlearn_helpers import single_thread, tiny_datamodule  # noqa: F401
 
-SFT_DATA = dict(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+SFT_DATA = dict(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                 num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=30)
 ALL_LINEAR = LoraAdapterConfig(rank=4, target_modules=["all-linear"])
 QUANT = dict(blocksize=64, group_size=32)

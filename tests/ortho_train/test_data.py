@@ -98,7 +98,7 @@ def test_too_many_reference_secrets():
 
 
 def _tiny_dm(**overrides):
-    kwargs = dict(seq_len=64, batch_size=4, canary_batch_size=2, val_windows=4, secret_length=6,
+    kwargs = dict(canary_secrets="seed", seq_len=64, batch_size=4, canary_batch_size=2, val_windows=4, secret_length=6,
                   num_member_canaries=4, num_holdout_canaries=8, num_reference_secrets=100)
     return CanaryDataModule(**(kwargs | overrides))
 

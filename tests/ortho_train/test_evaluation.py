@@ -10,7 +10,7 @@ from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 
 @pytest.fixture(scope="module")
 def probe_and_model():
-    dm = CanaryDataModule(seq_len=64, batch_size=4, val_windows=4, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=4, val_windows=4, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=12, num_reference_secrets=300)
     dm.setup("fit")
     tok = dm.tokenizer

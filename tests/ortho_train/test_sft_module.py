@@ -25,7 +25,7 @@ def _module(**kwargs):
 
 
 def _datamodule():
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=2, num_holdout_canaries=4, num_reference_secrets=50)
     dm.setup("fit")
     return dm

@@ -20,7 +20,7 @@ TINY = TinyLlamaConfig(32, 2, 2, 64)
 
 
 def _datamodule(canary_seed: int) -> CanaryDataModule:
-    dm = CanaryDataModule(seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
+    dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, canary_batch_size=2, val_windows=2, secret_length=4,
                           num_member_canaries=3, num_holdout_canaries=4, num_reference_secrets=50,
                           canary_seed=canary_seed)
     dm.setup("fit")

@@ -39,7 +39,7 @@ def single_thread():
         yield
 
 
-DATA = dict(seq_len=64, batch_size=4, canary_batch_size=4, val_windows=4, secret_length=4, num_member_canaries=4,
+DATA = dict(canary_secrets="seed", seq_len=64, batch_size=4, canary_batch_size=4, val_windows=4, secret_length=4, num_member_canaries=4,
             num_holdout_canaries=16, num_reference_secrets=100, canary_seed=7)
 TINY = TinyLlamaConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
 
