@@ -48,10 +48,17 @@ def is_finite(value: Any) -> bool:
 
 
 def check_trainer_settings(trainer) -> None:
-    """Trainer settings Lightning accepts and then fails on at the first step (a modulo by zero)."""
+    """Trainer settings Lightning accepts and then fails on at the first step (a modulo by zero),
+    or runs with silently (a negative clipping threshold clips nothing), and a run length the
+    toolkit's phases need (`max_steps` bounds every run: its schedules and phase switch use it)."""
     accumulate, interval = trainer.get("accumulate_grad_batches"), trainer.get("val_check_interval")
     number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
+    clip, max_steps = trainer.get("gradient_clip_val"), trainer.get("max_steps")
     check_settings("trainer", [
+        ("max_steps", max_steps, max_steps is None or max_steps >= 1,
+         "must be ≥ 1: every run of the toolkit is bounded by its number of optimiser steps"),
+        ("gradient_clip_val", clip, clip is None or clip >= 0,
+         "must be ≥ 0 (null or 0: no clipping); a negative threshold would silently clip nothing"),
         ("accumulate_grad_batches", accumulate, accumulate is None or accumulate >= 1,
          "must be ≥ 1 (batches per optimiser step)"),
         ("val_check_interval", interval,

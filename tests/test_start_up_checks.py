@@ -177,6 +177,11 @@ START_UP_CASES = {  # extra arguments after tiny.yaml → the last line, from it
     "model_path": (["--model.init_args.model_path=no/such/model"],
                    "model.init_args.model_path='no/such/model': no such directory"),
     "type error": (["--model.init_args.lr=abc"], "model.init_args.lr: Expected a <class 'float'>. Got value: abc"),
+    # beyond the list, from a sweep of the same kinds
+    "max_steps=-5": (["--trainer.max_steps=-5"], "trainer.max_steps=-5: must be ≥ 1"),
+    "gradient_clip_val=-1": (["--trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1: must be ≥ 0"),
+    "canary_secrets": (["--data.canary_secrets=maybe"], "data.canary_secrets: Expected a typing.Literal"),
+    "missing gguf": (["--model.init_args.model_path=no/model.gguf"], "model.init_args.model_path='no/model.gguf': no such"),
 }
 
 
