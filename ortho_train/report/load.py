@@ -80,33 +80,25 @@ def _read_json(path: Path, kind: type, problems: dict[str, str]):
     return value
 
 
-def _non_numbers(value, where: str) -> list[str]:
-    """`where.key = 'abc'` for every measurement key of `value` (a dict, or a list of row dicts)
-    whose value is neither a number nor null."""
-    rows = value if isinstance(value, list) else [value]
-    found = []
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            continue
-        for key, item in row.items():
-            if _MEASURED.search(str(key)) and item is not None and (isinstance(item, bool) or not isinstance(item, (int, float))):
-                found.append(f"{where}{f'[{index}]' if isinstance(value, list) else ''}.{key} = {item!r}")
-    return found
+def _is_bad_measurement(key, item) -> bool:
+    """A measurement key (`_MEASURED`) holding neither a number nor null."""
+    return bool(_MEASURED.search(str(key))) and item is not None and (
+        isinstance(item, bool) or not isinstance(item, (int, float)))
 
 
 def _drop_non_numbers(value, filename: str, problems: dict[str, str]):
-    """Null every measurement that is not a number, and say so in one line naming the file."""
-    bad = _non_numbers(value, filename)
-    if not bad:
-        return value
+    """Null every measurement of `value` (a dict, or a list of row dicts) that is not a number,
+    and say so in one line naming the file and the first few values."""
     rows = value if isinstance(value, list) else [value]
-    for row in rows:
-        if isinstance(row, dict):
-            for key, item in row.items():
-                if _MEASURED.search(str(key)) and item is not None and (isinstance(item, bool) or not isinstance(item, (int, float))):
-                    row[key] = None
-    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-    problems[filename] = f"{filename} holds values that are not numbers ({shown}); they are shown as –"
+    bad = []
+    for index, row in enumerate(rows):
+        for key, item in (row.items() if isinstance(row, dict) else ()):
+            if _is_bad_measurement(key, item):
+                bad.append(f"{filename}{f'[{index}]' if isinstance(value, list) else ''}.{key} = {item!r}")
+                row[key] = None
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        problems[filename] = f"{filename} holds values that are not numbers ({shown}); they are shown as –"
     return value
 
 
