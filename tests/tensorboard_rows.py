@@ -19,6 +19,8 @@ def row_runs(log_dir: Path, table: str) -> dict[str, dict]:
         for key, value in start.hparams.items():
             kind = value.WhichOneof("kind")
             hparams[key] = getattr(value, kind)
-        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+        # by step: a run written by several writers (periodic, then final) has several event files,
+        # whose order on reading follows their names (timestamps), not the steps
+        scalars = {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
         found[run.name] = {"hparams": hparams, "scalars": scalars}
     return found
