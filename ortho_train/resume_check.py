@@ -37,11 +37,13 @@ def flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def differing_settings(saved: dict, current: dict) -> list[str]:
-    """`"<setting>: <saved> in the run, <current> now"` for every compared setting that differs."""
+    """`"<setting>: <saved> in the run, <current> now"` for every compared setting that both
+    configs hold and that differs (a setting only one of them holds was added or removed by a
+    later version of the toolkit, not chosen by the user)."""
     before = {k: v for key in COMPARED for k, v in flatten(saved.get(key), key).items()}
     now = {k: v for key in COMPARED for k, v in flatten(current.get(key), key).items()}
-    return [f"{name}: {before.get(name)!r} in the run, {now.get(name)!r} now"
-            for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
+    return [f"{name}: {before[name]!r} in the run, {now[name]!r} now"
+            for name in sorted(before.keys() & now.keys()) if before[name] != now[name]]
 
 
 def check_resume(run_dir: Path, current: dict, ckpt_path: str) -> None:

@@ -5,8 +5,9 @@ A config that consumes an earlier stage's output names it as `runs/<name>/latest
 name holding the artifact, so no config hard-codes `version_0`. A literal directory named
 `latest` wins over the lookup.
 
-At start-up a run root that cannot be written and a `--ckpt_path` that is no checkpoint are
-refused naming the setting (`reserve_run_dir`, `check_writable`, `check_model_dir`).
+At start-up a run root that cannot be written and a `model_path` that names nothing are refused
+naming the setting (`reserve_run_dir`, `check_writable`, `check_model_dir`; an unreadable
+`--ckpt_path` is `ortho_train.checkpoint_io`'s).
 """
 from __future__ import annotations
 

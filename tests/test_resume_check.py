@@ -58,3 +58,5 @@ def test_differing_settings_compares_model_data_and_seed_only():
     other = {**saved, "seed_everything": 1, "model": {"init_args": {"lr": 0.2, "betas": [0.9, 0.95]}}}
     assert differing_settings(saved, other) == ["model.init_args.lr: 0.1 in the run, 0.2 now",
                                                 "seed_everything: 0 in the run, 1 now"]
+    newer = {**saved, "data": {"canary_seed": 1, "canary_secrets": "key_file"}}  # a setting added since the run
+    assert differing_settings(saved, newer) == []
