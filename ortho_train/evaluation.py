@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ortho_train import metrics
-from ortho_train.datamodule import MemorisationProbe, TokenisedCanaries, pad_collate
+from ortho_train.token_datasets import MemorisationProbe, TokenisedCanaries, pad_collate
 from ortho_train.models import eval_mode
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from ortho_train.datamodule import pad_collate
+from ortho_train.token_datasets import pad_collate
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SupportStreams
