@@ -172,6 +172,9 @@ def sequence_mia_scores(
     canary, id and template included (kept to show the id confound it carries)."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    longest = max((len(ids) for ids in canaries.full_ids), default=1)
+    # logits, log-softmax and the Min-K%++ moments: ~5 float32 (T, V) tensors per canary
+    batch_size = metrics.batch_within_logit_budget(batch_size, longest, metrics.vocab_size_of(model), copies=5)
     for start in range(0, len(canaries), batch_size):
         chunk = slice(start, start + batch_size)
         rows = range(len(canaries))[chunk]

@@ -17,11 +17,14 @@ from ortho_train.metrics.exposure import (
 from ortho_train.metrics.extraction import extraction_rate, greedy_continuation
 from ortho_train.metrics.logprobs import (
     IGNORE_INDEX,
+    LOGIT_BUDGET_BYTES,
     TokenDistributionStats,
+    batch_within_logit_budget,
     sequence_logprob,
     sequence_nll_mean,
     token_distribution_stats,
     token_logprobs,
+    vocab_size_of,
 )
 from ortho_train.metrics.mia import (mia_report, mia_scores, roc_auc, roc_auc_standard_error, roc_curve,
                                      tpr_at_fpr, zlib_bits)
@@ -66,6 +69,9 @@ __all__ = [
     "skewnorm_logcdf",
     "token_distribution_stats",
     "token_logprobs",
+    "vocab_size_of",
+    "batch_within_logit_budget",
+    "LOGIT_BUDGET_BYTES",
     "tpr_at_fpr",
     "verbmem",
     "zlib_bits",

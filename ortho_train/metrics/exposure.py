@@ -31,6 +31,7 @@ from scipy import integrate, special, stats
 from torch import Tensor, nn
 
 from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
+from ortho_train.metrics.logprobs import batch_within_logit_budget, vocab_size_of
 from ortho_train.models import eval_mode
 
 _LN2 = math.log(2.0)
@@ -90,7 +91,7 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     head_logp = torch.log_softmax(head_logits.float(), dim=-1)  # position j predicts s_{j+2}
     within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, h-1)
     within_head = within_head.sum(-1)  # (u,) s_2..s_h
-    after_head = head_logp[head_of_row, -1].gather(-1, rows[:, h:h + 1]).squeeze(-1)  # (b,) s_{h+1}
+    after_head = head_logp[:, -1][head_of_row, rows[:, h]]  # (b,) s_{h+1}, without a (b, V) copy
     logp = logp + within_head[head_of_row] + after_head
     if h < secret_len - 1:
         cache.batch_select_indices(head_of_row)  # (u, ...) -> (b, ...)
@@ -135,7 +136,8 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
         prefix_ids: (P,) or (1, P) prefix token ids, P ≥ 1.
         candidate_ids: (R, S) candidate secrets (e.g. the canary and the references).
         batch_size: candidates per forward pass; 1024 suits a few-million-parameter model on
-            CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache).
+            CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache); capped
+            so that the batch's logits fit `LOGIT_BUDGET_BYTES` (`batch_within_logit_budget`).
         reuse_prefix_cache: see above.
 
     Returns:
@@ -151,6 +153,7 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     prefix = prefix.to(device)
     # Sorted unique rows: shared heads become contiguous, duplicates are scored once.
     unique, inverse = torch.unique(candidate_ids.to(device), dim=0, return_inverse=True)  # (U, S)
+    batch_size = batch_within_logit_budget(batch_size, candidate_ids.shape[1], vocab_size_of(model))
 
     with eval_mode(model):
         out = model(prefix, use_cache=reuse_prefix_cache)
