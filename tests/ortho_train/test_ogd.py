@@ -16,7 +16,7 @@ from ortho_train.ogd import OGDConfig, SubspaceDelta
 from ortho_train.private_update import OGDController, SubspaceStreams
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.table import TableConfig
+from ortho_train.measurement.kill_switch import TableConfig
 from tests.script_loader import load_script
 
 TINY = TinyLlamaConfig(32, 2, 2, 64)
