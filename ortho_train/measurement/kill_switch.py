@@ -41,7 +41,7 @@ from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import PTQConfig, deployment_format, deployment_formats, quantised_copy
+from ortho_train.quantisation import PTQConfig, deployment_format, quantised_copy
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
@@ -181,7 +181,7 @@ class KillSwitchTable:
             self.measure("fp32", self.model, None, None, 32.0, 0.0, None)
         elif name == "pre_sft":
             self.measure("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
-        elif name in deployment_formats():
+        elif int_reference(name) is None:  # a deployment format (`int4_rtn` is a base stream row, packed)
             self.deployed_reference(name)
         else:
             bits, kind = int_reference(name)
