@@ -61,7 +61,7 @@ class TableCallback(L.Callback):
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
         if calibration_batches < 1:
-            raise ValueError(f"{self.title} calibration_batches must be ≥ 1, got {calibration_batches}")
+            raise ValueError(f"calibration_batches must be ≥ 1, got {calibration_batches}")
         self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
         self.calibration_batches = calibration_batches
         self.tables: dict[int, list[dict]] = {}  # step -> rows
