@@ -6,7 +6,7 @@ module is always `CanaryDataModule`. `--print_config` prints a complete, editabl
 Threads: torch uses as many as the cores this process may run on (its CPU affinity and cgroup
 quota; `OMP_NUM_THREADS` overrides), and they wait passively (`OMP_WAIT_POLICY=PASSIVE` unless
 set): beside another busy process a 2-thread run then slows ~1.5×, not ~2.7×
-(`python -m ortho_train.threads_bench`).
+(`python benchmarks/cpu_threads.py`).
 
 Errors: a failed start ends with one line naming the setting to change, e.g.
 `error: model.init_args.lr=0.0: learning rates must be > 0` (exit status 2 for a refused setting

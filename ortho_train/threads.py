@@ -9,7 +9,7 @@ never the machine's core count, which `torch` uses by default.
 torch is imported: torch's OpenMP threads then sleep at the end of a parallel region instead
 of spinning. When another process holds a core, a spinning thread burns the time slice its
 descheduled peer needs, and every parallel region waits for that peer: measured by
-`python -m ortho_train.threads_bench`, numbers in docs/results.md.
+`python benchmarks/cpu_threads.py`, numbers in docs/results.md.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 
 from ortho_callbacks.separation import SeparationTableCallback
-from ortho_train.separation.table import SeparationConfig
+from ortho_train.measurement.separation import SeparationConfig
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig
 from ortho_train.ogd import OGDConfig

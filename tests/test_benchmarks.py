@@ -1,22 +1,20 @@
-"""benchmarks/ptq_formats.py end to end on a tiny GGUF model: every row, its bits per weight, the
+"""benchmarks/: every script answers --help; ptq_formats.py end to end on a tiny GGUF model: every row, its bits per weight, the
 float row as the reference, the calibration tokens of each GPTQ row, and the JSON it writes."""
-import importlib.util
 import json
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.script_loader import REPO, load_script
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+@pytest.mark.parametrize("script", sorted(p.stem for p in (REPO / "benchmarks").glob("*.py")))
+def test_every_benchmark_answers_help(script):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
 
 
 def test_ptq_formats_table(tmp_path):
@@ -69,3 +67,10 @@ def test_real_runs_rows_read_what_the_runs_wrote(tmp_path, capsys):
     fp, nf4 = load_script("real_runs").main([str(unlearn), "--kind", "unlearn"])
     assert fp == f"| {unlearn} | fp | 1.00 → 0.00 | – | -3.5 | 105.0 (1.050×) | – min · – GiB |"
     assert nf4.startswith(f"| {unlearn} | nf4 | 0.90 → 0.05 |")
+
+
+def test_busy_load_processes_end_with_the_block():
+    busy_load = load_script("busy_load").busy_load
+    with busy_load(2, seconds=30) as procs:
+        assert all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)

@@ -117,7 +117,7 @@ def _unlearn_config(model_dir: Path) -> dict:
     callbacks = [c for c in config["trainer"]["callbacks"] if "Report" not in c["class_path"]]
     for callback in callbacks:
         if callback["class_path"].endswith("PTQGapCallback"):
-            callback["init_args"].update(every_n_steps=2, fail_on_gap=False, formats=["nf4", "int4"])
+            callback["init_args"].update(every_n_steps=2, fail_on_gap=False, formats=["nf4", "int4_rtn"])
     config["trainer"]["callbacks"] = callbacks + [checkpoint_every(3)]
     config["model"]["init_args"].update(model_path=str(model_dir), guard_every_n_steps=2, lr=1e-2,
                                         lora={"rank": 4, "alpha": 8})

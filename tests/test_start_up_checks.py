@@ -264,7 +264,7 @@ def test_an_unreachable_dp_budget_is_refused_at_once():
 
 
 def test_sieve_table_without_alphas_is_refused_with_or_without_rhos():
-    from ortho_train.sieve.table import TableConfig
+    from ortho_train.measurement.kill_switch import TableConfig
 
     with pytest.raises(SettingError, match=r"^table\.alphas=\[\]: needs at least one α"):
         TableConfig(alphas=[])

@@ -124,7 +124,7 @@ def test_max_steps_must_leave_a_canary_phase(tmp_path, monkeypatch):
 
 
 def test_a_failing_table_leaves_the_model_and_summary_and_fails_the_run(tmp_path, monkeypatch):
-    from ortho_train.sieve.table import KillSwitchTable
+    from ortho_train.measurement.kill_switch import KillSwitchTable
 
     def fail(self):
         raise RuntimeError("forced table failure")

@@ -44,6 +44,7 @@ from ortho_train.models import load_causal_lm
 from ortho_train.quantisation import (
     PTQConfig,
     deployment_format,
+    canonical_format,
     deployment_formats,
     effective_linear_weights,
     exact_fallback_layers,
@@ -80,7 +81,7 @@ class PTQGapCallback(L.Callback):
     """Measure the PTQ gap of forget and retain metrics during and after unlearning.
 
     Args:
-        formats: registered deployment formats ('nf4', 'fp4', 'int4'; `registry.deployment_formats()`).
+        formats: registered deployment formats ('nf4', 'fp4', 'int4_rtn'; `registry.deployment_formats()`).
         quant: how the copies are quantised (`PTQConfig`: NF4/FP4 block size, double
             quantisation, compute dtype, INT4 group size, linears kept in full precision, the
             bitsandbytes CPU kernel).
@@ -132,7 +133,7 @@ class PTQGapCallback(L.Callback):
             raise ValueError(f"PTQGapCallback max_extraction_gap must lie in [0, 1] (an extraction-rate "
                              f"difference), got {max_extraction_gap}")
         self.formats = list(formats or ["nf4", "fp4"])
-        unknown = [f for f in self.formats if f not in deployment_formats()]
+        unknown = [f for f in self.formats if canonical_format(f) not in deployment_formats()]
         if unknown or not self.formats:
             raise ValueError(f"unknown quantisation formats {unknown}: choose from {deployment_formats()}")
         self.deployments = list(lora_deployments or ["merged", "adapter"])

@@ -4,7 +4,8 @@ Rows for the public model, the run's own model (dense SFT, OGD α ∈ {0, 1} or 
 α ∈ {0, 1}), the SVD split W_clean = W_pre + τ_gen of the run's fine-tune and naive pruning at
 the same budget; columns extraction, holdout extraction, exposure, MIA AUC, public PPL, η of
 the tracked displacements, LMC barriers on fixed public batches, bits per weight, and the
-extraction after NF4 and INT4 (`ortho_train.separation.table`). Writes
+extraction after NF4 and INT4 (`ortho_train.measurement.separation`; the skeleton, with each row's seconds and peak RSS, is
+`TableCallback`'s). Writes
 `<run>/separation_table.json` (rows, η per layer, notes) and `<run>/separation_table.md`
 (`separation_table_step<N>.*` for periodic tables), and each row to TensorBoard as the run
 `separation_rows/<row>` (variant, α as hparams; scalars `separation/<metric>`).
@@ -20,20 +21,15 @@ Runs on rank zero. The files hold numbers only, never a canary's text.
 """
 from __future__ import annotations
 
-import copy
-import time
-
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from ortho_callbacks.sieve import periodic_table_due
-from ortho_train.artifacts import write_json_atomic, write_text_atomic
-from ortho_train.model_support import require_linear_only
+from ortho_callbacks.table_callback import TableCallback
+from ortho_train.measurement.progress import RowMeter
+from ortho_train.measurement.separation import SeparationConfig, SeparationTable, to_markdown
 from ortho_train.report.tensorboard import log_table_rows
-from ortho_train.separation.table import SeparationConfig, SeparationTable, to_markdown
 
 
-class SeparationTableCallback(L.Callback):
+class SeparationTableCallback(TableCallback):
     """The separation table of the model being fine-tuned (see the module docstring).
 
     Args:
@@ -43,62 +39,44 @@ class SeparationTableCallback(L.Callback):
             batches, metrics, quantised formats, INT4 group size, exposure cost).
     """
 
+    name, title = "separation_table", "separation table"
+
     def __init__(self, every_n_steps: int = 0, at_fit_end: bool = True, table: SeparationConfig | None = None):
-        super().__init__()
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
+        super().__init__(every_n_steps, at_fit_end)
         self.config = table if table is not None else SeparationConfig()
-        self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
-        self.tables: dict[int, list[dict]] = {}
-        self.markdown: str | None = None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuse, before any training, a model whose projections the split would skip (Conv1D)."""
-        require_linear_only(pl_module.model, "ortho_callbacks.separation.SeparationTableCallback")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if periodic_table_due(trainer, pl_module, self.every_n_steps):
-            self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if not (self.at_fit_end and trainer.is_global_zero):
-            return
+    def ready(self, trainer, pl_module) -> bool:
         if pl_module.pre_canary_state_dict is None:
             rank_zero_info("SeparationTableCallback: no canary phase ran, no table")
-            return
+            return False
         if not (pl_module.run_dir / "summary.json").exists():
             raise RuntimeError("SeparationTableCallback ran before the module wrote summary.json")
-        self._table(trainer, pl_module, suffix="", final=True)
-        print("\nseparation table (separation_table.md):\n" + self.markdown, flush=True)
+        return True
 
-    def _table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
-        start = time.perf_counter()
-        rank_zero_info(f"SeparationTableCallback: building the separation table at step {trainer.global_step}…")
-        model = copy.deepcopy(pl_module.model).float().eval()  # the table's maths in float32
-        displacements = pl_module.displacements()
-        table = SeparationTable(model, pl_module.pre_canary_state_dict, trainer.datamodule.probe, self.config,
-                                pl_module.private_streams(), displacements, rank_zero_info)
-        rows = table.run()
-        self.tables[trainer.global_step] = rows
-        notes = self._notes(table, time.perf_counter() - start)
-        markdown = to_markdown(rows, notes)
+    def build(self, trainer, pl_module, model, meter: RowMeter) -> SeparationTable:
+        return SeparationTable(model, pl_module.pre_canary_state_dict, trainer.datamodule.probe, self.config,
+                               pl_module.private_streams(), pl_module.displacements(), rank_zero_info, meter)
+
+    def to_markdown(self, rows: list[dict], notes: list[str]) -> str:
+        return to_markdown(rows, notes)
+
+    def payload(self, trainer, table: SeparationTable, rows: list[dict], notes: list[str]) -> dict:
         eta = table.eta
-        run_dir = pl_module.run_dir
-        write_json_atomic(run_dir / f"separation_table{suffix}.json", {
-            "step": trainer.global_step, "rows": rows, "notes": notes,
-            "eta": None if eta is None else {"overall": eta.overall, "per_layer": eta.per_layer,
-                                             "rule": table.displacement_rule}})
-        write_text_atomic(run_dir / f"separation_table{suffix}.md", markdown)
-        if final:
-            self.markdown = markdown
-        metrics = sorted({k for r in rows for k, v in r.items()
-                          if k not in ("alpha", "energy") and isinstance(v, (int, float))})
-        log_table_rows(trainer.loggers, "separation", rows, ("variant", "alpha", "energy"), metrics,
-                       trainer.global_step, _label)
-        rank_zero_info(f"SeparationTableCallback: table written to {run_dir / f'separation_table{suffix}.md'}")
-        return rows
+        return {"step": trainer.global_step, "rows": rows, "notes": notes,
+                "eta": None if eta is None else {"overall": eta.overall, "per_layer": eta.per_layer,
+                                                 "rule": table.displacement_rule}}
 
-    def _notes(self, table: SeparationTable, seconds: float) -> list[str]:
+    @staticmethod
+    def row_label(row: dict) -> str:
+        return row["variant"] + ("" if row["alpha"] is None else f"_a{row['alpha']:g}")
+
+    def log_rows(self, trainer, rows: list[dict]) -> None:
+        metrics = sorted({k for r in rows for k, v in r.items()
+                          if k not in ("alpha", "energy", "seconds", "peak_rss_mib") and isinstance(v, (int, float))})
+        log_table_rows(trainer.loggers, "separation", rows, ("variant", "alpha", "energy"), metrics,
+                       trainer.global_step, self.row_label)
+
+    def notes(self, trainer, pl_module, table: SeparationTable) -> list[str]:
         c = self.config
         eta = ("η: not tracked (set model.track_displacements, or train with ogd)" if table.eta is None
                else f"η of the run's tracked displacements ({table.displacement_rule}); on the fine-tuned "
@@ -111,8 +89,5 @@ class SeparationTableCallback(L.Callback):
                 "bits/weight: fp32 rows 32; svd_clean 32 + fp32 factors; pruned 32 + 64 bits per kept entry "
                 "(value + index); ogd/isolated α rows count their streams",
                 f"NF4 (bitsandbytes, block 64) and INT4 (RTN, group {c.group_size}) of each row's model; "
-                f"LM head not quantised", f"table built in {seconds:.0f} s"]
+                f"LM head not quantised"]
 
-
-def _label(row: dict) -> str:
-    return row["variant"] + ("" if row["alpha"] is None else f"_a{row['alpha']:g}")

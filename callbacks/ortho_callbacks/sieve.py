@@ -3,7 +3,8 @@
 Sieves copies of the module's model with public calibration batches and evaluates each α in
 `alphas` beside references (fp32, INT4 RTN/GPTQ, NF4, the pre-fine-tuning model and its INT4
 base): extraction, exposure, MIA AUC, public perplexity, bits per weight, ortho density
-(`ortho_train.sieve.table`). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
+(`ortho_train.measurement.kill_switch`; the skeleton, with each row's seconds and peak RSS, is
+`TableCallback`'s). Writes `<run>/sieve_table.json` and `<run>/sieve_table.md`
 (`sieve_table_step<N>.*` for periodic tables; the final table after the module has saved the
 model and the summary, so a failing table loses neither), writes each row to TensorBoard as
 the run `sieve_rows/<row>` (variant, α, ρ as hparams; scalars `sieve/<metric>`) with the
@@ -29,40 +30,28 @@ Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
 from __future__ import annotations
 
 import copy
-import time
 
-import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ortho_train.artifacts import write_json_atomic, write_text_atomic
-from ortho_train.curvature import collect_hessians
+from ortho_callbacks.table_callback import TableCallback, periodic_table_due
+from ortho_train.artifacts import write_json_atomic
+from ortho_train.measurement.kill_switch import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
+from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
-from ortho_train.model_support import require_linear_only
-from ortho_train.models import linear_layers
-from ortho_train.private_update.streams import SupportStreams
+from ortho_train.private_streams import SupportStreams
 from ortho_train.quantisation import QuantConfig
 from ortho_train.report.kill_switch import kill_switch_figures
 from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.sieve.artifacts import save_sieved
 from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, sieve_model
-from ortho_train.sieve.table import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
 
-
-def periodic_table_due(trainer, pl_module, every_n_steps: int) -> bool:
-    """A periodic table is due: every N steps of the canary phase, before the final step, rank zero."""
-    step = trainer.global_step
-    started = pl_module.pre_canary_state_dict is not None  # the canary phase has begun
-    before_final = trainer.max_steps < 0 or step < trainer.max_steps  # max_steps -1: epoch-bounded
-    return bool(every_n_steps and step % every_n_steps == 0 and started and before_final
-                and trainer.is_global_zero)
-
+__all__ = ["ROW_METRICS", "SieveCallback", "periodic_table_due"]
 
 ROW_METRICS = ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl", "bits_per_weight", "ortho_density")
 
 
-class SieveCallback(L.Callback):
+class SieveCallback(TableCallback):
     """Kill-switch table of the model being fine-tuned (see the module docstring).
 
     Args:
@@ -75,73 +64,34 @@ class SieveCallback(L.Callback):
         save_isolated: save the isolated sieve as base/ortho safetensors at fit end.
     """
 
+    name, title = "sieve_table", "kill-switch table"
+
     def __init__(self, every_n_steps: int = 0, at_fit_end: bool = True, table: TableConfig | None = None,
                  calibration_batches: int = 8, save_isolated: bool = True):
-        super().__init__()
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be ≥ 0, got {every_n_steps}")
-        if calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be ≥ 1, got {calibration_batches}")
+        super().__init__(every_n_steps, at_fit_end, calibration_batches)
         self.config = table if table is not None else TableConfig()
-        self.every_n_steps, self.at_fit_end = every_n_steps, at_fit_end
-        self.calibration_batches, self.save_isolated = calibration_batches, save_isolated
-        self.tables: dict[int, list[dict]] = {}
-        self.markdown: str | None = None
+        self.save_isolated = save_isolated
 
-    # ------------------------------------------------------------------ hooks
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuse, before any training, a model whose projections the sieve would skip (Conv1D)."""
-        require_linear_only(pl_module.model, "ortho_callbacks.sieve.SieveCallback")
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if periodic_table_due(trainer, pl_module, self.every_n_steps):
-            self._table(trainer, pl_module, suffix=f"_step{trainer.global_step}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        # `on_fit_end`, not `on_train_end`: Lightning runs callbacks' `on_train_end` before the
-        # module's, which saves the model and the summary; a failing table must not lose them.
-        if self.at_fit_end and trainer.is_global_zero:
-            self._table(trainer, pl_module, suffix="", final=True)
-            print("\nkill-switch table (sieve_table.md):\n" + self.markdown, flush=True)
-
-    # ------------------------------------------------------------------- work
-    def _calibration(self, trainer, model) -> dict[str, torch.Tensor]:
-        modules = linear_layers(model, include_lm_head=True)
-        with torch.random.fork_rng():  # drawing batches must not shift the training RNG
-            return collect_hessians(model, trainer.datamodule.public_train_dataloader(), modules,
-                                    self.calibration_batches)
-
-    def _table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
-        start = time.perf_counter()
-        # float32 copies: GPTQ, the sieve and the metrics run in float32 whatever model.dtype is
-        model = copy.deepcopy(pl_module.model).float().eval()
+    def build(self, trainer, pl_module, model, meter: RowMeter) -> KillSwitchTable:
         pre_model = None
         if pl_module.pre_canary_state_dict is not None:
             pre_model = copy.deepcopy(pl_module.model)
             pre_model.load_state_dict(pl_module.pre_canary_state_dict)
             pre_model.float().eval()
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
-        isolated = streams if isinstance(streams, SupportStreams) else None
-        rank_zero_info(f"SieveCallback: building the kill-switch table at step {trainer.global_step}…")
-        table = KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
-                                lambda m: self._calibration(trainer, m), streams, rank_zero_info,
-                                known=self._known(pl_module, model, pre_model))
-        rows = table.run()
-        self.tables[trainer.global_step] = rows
+        return KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
+                               lambda m: self.calibration(trainer, m), streams, rank_zero_info,
+                               known=self._known(pl_module, model, pre_model), meter=meter)
+
+    def to_markdown(self, rows: list[dict], notes: list[str]) -> str:
+        return to_markdown(rows, notes)
+
+    def after(self, trainer, pl_module, model, table: KillSwitchTable, suffix: str, final: bool) -> None:
         run_dir = pl_module.run_dir
-        notes = self._notes(pl_module, time.perf_counter() - start)
-        markdown = to_markdown(rows, notes)
-        write_json_atomic(run_dir / f"sieve_table{suffix}.json", rows)
-        write_text_atomic(run_dir / f"sieve_table{suffix}.md", markdown)
         if self.config.hop_report:
             write_json_atomic(run_dir / f"hop_report{suffix}.json", self._hop(table, trainer.global_step))
-        self._log(trainer, rows)
-        if final:
-            self.markdown = markdown
-            if self.save_isolated and isolated is not None:
-                self._save_isolated(pl_module, model, isolated, run_dir)
-        rank_zero_info(f"SieveCallback: table written to {run_dir / f'sieve_table{suffix}.md'}")
-        return rows
+        if final and self.save_isolated and table.isolated is not None:
+            self._save_isolated(pl_module, model, table.isolated, run_dir)
 
     @staticmethod
     def _known(pl_module, model, pre_model) -> dict[str, dict]:
@@ -170,7 +120,7 @@ class SieveCallback(L.Callback):
             "sieves": table.hop,
         }
 
-    def _notes(self, pl_module, seconds: float) -> list[str]:
+    def notes(self, trainer, pl_module, table) -> list[str]:
         c = self.config
         refs = "all" if c.exposure_references is None else c.exposure_references
         notes = [f"exposure ranked against {refs} reference secrets "
@@ -180,7 +130,7 @@ class SieveCallback(L.Callback):
                  "α=0 rows count the base stream alone (the base file is that model), α>0 rows "
                  "both streams (48-bit COO entries)",
                  f"posthoc/delta: {c.spec.quant.name} g{c.spec.quant.group_size}, {c.spec.selection} "
-                 f"selection", f"table built in {seconds:.0f} s"]
+                 f"selection"]
         if any(v.endswith("_dqc") for v in c.variants):
             notes.append(f"posthoc_dqc/delta_dqc: the posthoc/delta sieve's base and ortho positions, ortho "
                          f"values DQC-compensated (γ={c.spec.dqc_gamma:g}): the regular part's error folded "
@@ -201,7 +151,7 @@ class SieveCallback(L.Callback):
         return notes
 
     @staticmethod
-    def _label(row: dict) -> str:
+    def row_label(row: dict) -> str:
         label = row["variant"]
         if row["rho"] is not None and row["variant"] in SIEVED_VARIANTS:
             label += f"_rho{row['rho']:g}"
@@ -209,9 +159,9 @@ class SieveCallback(L.Callback):
             label += f"_a{row['alpha']:g}"
         return label
 
-    def _log(self, trainer, rows: list[dict]) -> None:
+    def log_rows(self, trainer, rows: list[dict]) -> None:
         log_table_rows(trainer.loggers, "sieve", rows, ("variant", "alpha", "rho", "base"), ROW_METRICS,
-                       trainer.global_step, self._label)
+                       trainer.global_step, self.row_label)
         log_figures(trainer.loggers, "sieve/figures", lambda: kill_switch_figures(rows), trainer.global_step)
 
     def _save_isolated(self, pl_module, model, isolated: SupportStreams, run_dir) -> None:

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("_cpu_int4_gemv.c")
 SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_pool.h"))
 # -fopenmp only for the OpenMP variant the benchmark compares against; the op uses the pool
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-fPIC", "-shared"]
-MAX_M = 8  # above this torch's GEMM-shaped op is faster (see `python -m ortho_kernels.bench`)
+MAX_M = 8  # above this torch's GEMM-shaped op is faster (see `python benchmarks/dual_stream_op.py`)
 
 _LIB: ctypes.CDLL | str | None = None
 

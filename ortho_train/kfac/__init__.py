@@ -6,7 +6,7 @@
     masks = SubspaceConfig("flattest", fraction=0.5).masks(bases)           # S_gen per layer
     g = project_out(join_bias(grad_w, grad_b), bases[name], masks[name])  # off S_gen
 
-Pure torch; no Lightning. `python -m ortho_train.kfac.bench` times factor collection and
+Pure torch; no Lightning. `python benchmarks/kfac_collect.py` times factor collection and
 eigendecomposition against a plain forward+backward.
 """
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis, eigenbases, join_bias, split_bias

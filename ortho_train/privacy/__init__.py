@@ -1,5 +1,5 @@
 """Privacy on the private stream: DP-SGD on a support, post-hoc weight noise, stochastic
-quantisation, and the DSM sensitivity score.
+quantisation (the DSM sensitivity score is the sieve's: `ortho_train.sieve.dsm`).
 
     config = DPConfig(target_epsilon=4.0, delta=1e-3, expected_batch_size=5)
     schedule = config.resolve(num_members=20, steps=200)     # σ from opacus' accountant
@@ -22,15 +22,6 @@ from ortho_train.privacy.dp_sgd import (
     clip_per_example,
     module_masks_to_params,
 )
-from ortho_train.privacy.dsm import (
-    ActivationStats,
-    DSMConfig,
-    column_scores_to_weight,
-    dsm_column_scores,
-    dsm_scores,
-    dsm_support,
-    hutchinson_diagonal,
-)
 from ortho_train.privacy.poisson import PoissonCanarySampler
 from ortho_train.privacy.posthoc_noise import MODES, apply_posthoc_noise_, layer_rms, posthoc_noise
 from ortho_train.privacy.stochastic_quant import (
@@ -43,10 +34,10 @@ from ortho_train.privacy.stochastic_quant import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "ActivationStats", "DPConfig", "DPSchedule", "DPStepStats", "DSMConfig", "MODES",
+    "ACCOUNTANTS", "DPConfig", "DPSchedule", "DPStepStats", "MODES",
     "PoissonCanarySampler", "PrivacyLedger", "SCOPES", "StochasticQuantConfig", "SupportDPStep",
     "apply_posthoc_noise_", "calibrate_noise_multiplier", "clip_per_example",
-    "column_scores_to_weight", "discrete_gaussian", "dsm_column_scores", "dsm_scores", "dsm_support",
-    "hutchinson_diagonal", "layer_rms", "module_masks_to_params", "paper_epsilon", "posthoc_noise",
+    "discrete_gaussian",
+    "layer_rms", "module_masks_to_params", "paper_epsilon", "posthoc_noise",
     "stochastic_codes", "stochastic_quantise", "stochastic_quantise_model",
 ]

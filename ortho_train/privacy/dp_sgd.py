@@ -38,7 +38,7 @@ from torch.func import functional_call, grad, vmap
 
 from ortho_train.privacy.accounting import (PrivacyLedger, calibrate_noise_multiplier, check_accountant,
                                             rdp_epsilon_floor)
-from ortho_train.privacy.attention import eager_attention
+from ortho_train.attention import eager_attention
 from ortho_train.privacy.poisson import PoissonCanarySampler
 from ortho_train.settings import SettingError, check_settings
 

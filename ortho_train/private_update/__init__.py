@@ -17,7 +17,7 @@ from ortho_train.private_update.controller import (
 from ortho_train.private_update.isolation import IsolationController
 from ortho_train.private_update.dp import DPIsolationController
 from ortho_train.private_update.ogd import OGDController
-from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
+from ortho_train.private_streams import PrivateStreams, SubspaceStreams, SupportStreams
 
 __all__ = [
     "CONTROLLERS", "DPIsolationController", "DenseController", "IsolationController", "OGDController", "PrivateStreams",

@@ -35,7 +35,7 @@ from torch import nn
 from ortho_train.distributed import average_gradients_
 from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.models import linear_layers
-from ortho_train.private_update.streams import PrivateStreams
+from ortho_train.private_streams import PrivateStreams
 from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
 
 

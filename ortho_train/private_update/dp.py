@@ -39,7 +39,7 @@ from ortho_train import metrics
 from ortho_train.token_datasets import pad_collate
 from ortho_train.private_update.controller import TrainingLoss, register
 from ortho_train.private_update.isolation import IsolationController
-from ortho_train.private_update.streams import SupportStreams
+from ortho_train.private_streams import SupportStreams
 from ortho_train.privacy import (
     DPConfig,
     DPSchedule,

@@ -23,7 +23,7 @@ import torch
 from ortho_train.token_datasets import pad_collate
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
-from ortho_train.private_update.streams import SupportStreams
+from ortho_train.private_streams import SupportStreams
 from ortho_train.progress_lines import phase
 from ortho_train.sieve import public_updates
 from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation

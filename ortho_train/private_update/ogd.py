@@ -41,7 +41,7 @@ from ortho_train.models import linear_layers
 from ortho_train.ogd import OGDConfig, ProtectedSubspace, SubspaceDelta, build_subspaces, check_subspace_fits
 from ortho_train.ogd.private_stream import PrivateStream, make_private_stream
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
-from ortho_train.private_update.streams import SubspaceStreams
+from ortho_train.private_streams import SubspaceStreams
 from ortho_train.separation.displacement import Displacements
 
 Pair = tuple[torch.Tensor, "torch.Tensor | None"]  # (weight, bias or None) of one linear

@@ -9,7 +9,7 @@
 Who owns what:
 - `format.py`: `WeightFormat`, the interface (base quantiser and/or deployment format).
 - `registry.py`: `FORMATS`, name → format, one line each; lookups by role.
-- `int_rtn.py`: INT-k round to nearest (`rtn` base quantiser, `int4` deployment, group bin widths).
+- `int_rtn.py`: INT-k round to nearest (`rtn` base quantiser, `int4_rtn` deployment, group bin widths).
 - `gptq.py`: GPTQ (`gptq` base quantiser, outlier-aware sweep for the post-hoc sieve).
 - `bnb4.py`: bitsandbytes NF4/FP4 (`nf4`, `fp4`: fake quantisation, `Linear4bit` modules with
   the CPU-kernel choice, code books, block bin widths, bits per weight).
@@ -43,15 +43,18 @@ from ortho_train.quantisation.format import WeightFormat, base_from_codes
 from ortho_train.quantisation.gptq import GPTQResult, gptq_quantise, run_gptq
 from ortho_train.quantisation.registry import (
     FORMATS,
+    RENAMED,
     base_quantiser,
     base_quantisers,
+    canonical_format,
     deployment_format,
     deployment_formats,
+    int_formats,
 )
 from ortho_train.quantisation.spec import PTQConfig, QuantConfig, quantise_weight
 
 __all__ = [
-    "FORMATS", "GPTQResult", "QUANT_TYPES", "PTQConfig", "QuantConfig", "WeightFormat",
+    "FORMATS", "GPTQResult", "RENAMED", "canonical_format", "int_formats", "QUANT_TYPES", "PTQConfig", "QuantConfig", "WeightFormat",
     "base_from_codes", "base_quantiser", "base_quantisers", "bin_width", "bnb_bits_per_weight",
     "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit", "deployment_format",
     "deployment_formats", "effective_linear_weights", "exact_fallback_layers", "fake_quantise", "gptq_quantise",

@@ -9,8 +9,9 @@ contain 0; the fp16 scale rounded up, see `ortho_kernels.packing`):
 Two registry entries share it:
 - `rtn` (base quantiser): k ∈ kernels' SUPPORTED_BITS, the packed `ortho_kernels.QuantisedBase`
   the sieve and the `int<k>_rtn` table rows use; no Hessian.
-- `int4` (deployment format, `IntRTNDeployment(4)`): the PTQ copies' INT4 RTN with
-  `PTQConfig.group_size`; the bin width of a weight is its group's scale.
+- `int4_rtn` (deployment format, `IntRTNDeployment(4)`): the PTQ copies' INT4 RTN with
+  `PTQConfig.group_size` (the name of the INT4 RTN base stream it equals); the bin width of a
+  weight is its group's scale.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class RTN(WeightFormat):
 
 
 class IntRTNDeployment(WeightFormat):
-    """INT-k RTN as a deployment format (`int4` in the registry): every quantisable linear's
+    """INT-k RTN as a deployment format (`int4_rtn` in the registry): every quantisable linear's
     weight becomes its group-wise round trip, groups of `PTQConfig.group_size`."""
 
     deployable = True
@@ -47,7 +48,7 @@ class IntRTNDeployment(WeightFormat):
     def __init__(self, bits: int):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-        self.name, self.bits = f"int{bits}", (bits,)
+        self.name, self.bits = f"int{bits}_rtn", (bits,)
 
     @property
     def k(self) -> int:
@@ -70,7 +71,7 @@ class IntRTNDeployment(WeightFormat):
                 "skip_modules": list(settings.skip_modules)}
 
     def label(self, settings: "PTQConfig") -> str:
-        return f"{self.name} RTN group {settings.group_size}"
+        return f"{self.name} group {settings.group_size}"
 
 
 def group_bin_width(w: Tensor, group_size: int = 128, bits: int = 4) -> Tensor:

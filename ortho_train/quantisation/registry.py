@@ -5,6 +5,13 @@ The sieve, isolation and the kill-switch table find base quantisers here (`Quant
 rows, the separation table and MANSU's floor find deployment formats here (`fake_quantise`,
 `bin_width`, `deployed_linear`, `describe`). To add a format, write a `WeightFormat` subclass
 in its own file (see `format.py`) and add its line to `FORMATS`.
+
+One spelling per format. A packed INT-k base stream is `QuantConfig(method, bits)`, and its name
+everywhere a name is written (table references and rows, the PTQ formats, JSON keys) is
+`QuantConfig.name`, `int<k>_<method>`: `int_formats()` enumerates those names from this
+registry, so they are looked up, never parsed. The INT4 RTN deployment copy is `int4_rtn`, the
+same name as the INT4 RTN base stream it equals. An old spelling (`RENAMED`) is refused with
+the canonical one.
 """
 from __future__ import annotations
 
@@ -18,8 +25,21 @@ FORMATS: dict[str, WeightFormat] = {
     "gptq": GPTQ(),                # base quantiser: INT-k GPTQ (calibration Hessian)
     "nf4": BnB4("nf4"),            # deployment: bitsandbytes NormalFloat-4, block absmax
     "fp4": BnB4("fp4"),            # deployment: bitsandbytes 4-bit minifloat, block absmax
-    "int4": IntRTNDeployment(4),   # deployment: INT4 RTN copies (PTQConfig.group_size)
+    "int4_rtn": IntRTNDeployment(4),   # deployment: INT4 RTN copies (PTQConfig.group_size)
 }
+RENAMED = {"int4": "int4_rtn"}  # old spelling -> canonical name (refused, naming the canonical one)
+
+
+def canonical_format(name: str) -> str:
+    """`name` itself, or a ValueError naming the canonical spelling of an old one."""
+    if name in RENAMED:
+        raise ValueError(f"quantisation format {name!r} is spelt {RENAMED[name]!r} (one name per format)")
+    return name
+
+
+def int_formats() -> dict[str, tuple[str, int]]:
+    """`int<k>_<method>` -> (method, k) for every registered base quantiser and width it stores."""
+    return {f"int{k}_{method}": (method, k) for method in base_quantisers() for k in FORMATS[method].bits}
 
 
 def base_quantisers() -> tuple[str, ...]:
@@ -42,7 +62,7 @@ def base_quantiser(name: str) -> WeightFormat:
 
 def deployment_format(name: str) -> WeightFormat:
     """The deployment format called `name`; a clear error naming the registered ones otherwise."""
-    fmt = FORMATS.get(name)
+    fmt = FORMATS.get(canonical_format(name))
     if fmt is None or not fmt.deployable:
         raise ValueError(f"unknown quantisation format {name!r}: expected one of {deployment_formats()}")
     return fmt

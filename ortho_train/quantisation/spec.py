@@ -82,7 +82,7 @@ class PTQConfig:
         double_quant: quantise the per-block absmax too (bitsandbytes `compress_statistics`,
             transformers `bnb_4bit_use_double_quant`).
         compute_dtype: dtype of the dequantised matmul ('float32', 'bfloat16', 'float16').
-        group_size: INT-k RTN group size along the input dimension (the `int4` format; the
+        group_size: INT-k RTN group size along the input dimension (the `int4_rtn` format; the
             same quantity as `QuantConfig.group_size` of a base stream).
         skip_modules: names of linears kept in full precision (any dotted name component).
         cpu_kernel: which bitsandbytes CPU kernel the NF4/FP4 copies run. 'portable' (default):

@@ -1,7 +1,7 @@
 """The unlearning section: the PTQ gap as grouped bars, bin crossing, CAD (`ptq_gap.json`).
 
 Each deployment measured by the `PTQGapCallback` (full precision `fp`, then every quantised
-copy: `nf4`, `fp4`, `int4` merged and `<fmt>_adapter` = quantised base + fp adapter) is one
+copy: `nf4`, `fp4`, `int4_rtn` merged and `<fmt>_adapter` = quantised base + fp adapter) is one
 bar per metric; a positive forget-extraction gap means quantisation brought secrets back.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
     eta = entanglement(delta_public, delta_private).overall
     eta = module.displacements().entanglement()     # a run's tracked ΔW_pub, ΔW_priv
 
-The separation table (`ortho_train.separation.table`) is imported from its own module: it
+The separation table (`ortho_train.measurement.separation`) is imported from its own module: it
 reads the private-update streams, which import this package.
 
 Pure torch; no Lightning.

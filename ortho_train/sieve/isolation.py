@@ -40,7 +40,7 @@ from torch import nn
 from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
-from ortho_train.privacy.dsm import DSMConfig
+from ortho_train.sieve.dsm import DSMConfig
 from ortho_train.quantisation import QuantConfig, quantise_weight
 from ortho_train.settings import check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice

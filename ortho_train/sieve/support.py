@@ -14,7 +14,7 @@ seeded random draw). What each choice looks at matters for the privacy claim:
 - "random": a seeded uniform draw. Sees nothing.
 - "dsm": whole input columns of W_pre by the differentiated sensitivity metric of
   "A Geometric Theory of Functionally Sensitive Outlier Separability"
-  (`ortho_train.privacy.dsm`): log(1 + a₁·Tr(H_j)) + a₂·‖W_{:, j}‖ + a₃·σ(A_j), Hutchinson
+  (`ortho_train.sieve.dsm`): log(1 + a₁·Tr(H_j)) + a₂·‖W_{:, j}‖ + a₃·σ(A_j), Hutchinson
   traces of the loss Hessian and activation stds on `calibration_batches` *public* batches.
   Sees public data only.
 
@@ -36,6 +36,7 @@ from torch import nn
 
 from ortho_kernels import QuantisedBase
 from ortho_train.models import eval_mode
+from ortho_train.sieve.dsm import DSMConfig, dsm_scores, dsm_support
 from ortho_train.sieve.select import hinv_diagonal, impact_scores, top_fraction_mask
 
 
@@ -185,8 +186,6 @@ def _random(inputs: SupportInputs) -> dict[str, torch.Tensor]:
 @register_support("dsm", sees="public calibration text (Hessian traces, activation stds) and the "
                               "pre-fine-tuning weights")
 def _dsm(inputs: SupportInputs) -> dict[str, torch.Tensor]:
-    from ortho_train.privacy.dsm import DSMConfig, dsm_scores, dsm_support  # privacy imports the sieve
-
     cfg = inputs.config
     batches = take(inputs.public_batches(), cfg.calibration_batches)
     scores = dsm_scores(inputs.model, inputs.modules, batches, inputs.loss_fn, cfg.dsm or DSMConfig())

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import eval_mode
-from ortho_train.quantisation import PTQConfig, deployment_format, deployment_formats
+from ortho_train.quantisation import PTQConfig, canonical_format, deployment_format, deployment_formats
 
 
 @dataclass
@@ -48,7 +48,7 @@ class MansuConfig:
         fisher_budget: bound on the predicted retain damage ½ Σ F Δ² (nats per token).
         floor_budget_share: share of the budget the magnitude floor alone may use (pruning).
         floor_format: grid of the magnitude floor, a registered deployment format ('nf4', 'fp4',
-            'int4').
+            'int4_rtn').
         blocksize: NF4/FP4 block size of the floor grid.
         group_size: INT4 group size of the floor grid.
         floor_margin: the floor is (1 + margin) bin widths.
@@ -71,7 +71,7 @@ class MansuConfig:
             raise ValueError(f"component_fraction must be in (0, 1], got {self.component_fraction}")
         if self.fisher_budget <= 0 or not 0 < self.floor_budget_share <= 1:
             raise ValueError("fisher_budget must be > 0 and floor_budget_share in (0, 1]")
-        if self.floor_format not in deployment_formats():
+        if canonical_format(self.floor_format) not in deployment_formats():
             raise ValueError(f"floor_format must be one of {deployment_formats()}, got {self.floor_format!r}")
         self.floor_settings()  # a blocksize bitsandbytes cannot deploy fails here
         if self.floor_margin < 0 or self.retain_sequences < 1 or self.attribution_batches < 1:

@@ -94,7 +94,7 @@ def test_a_shipped_style_block_builds_the_typed_configs():
     assert sieve.every_n_steps == 5 and sieve.config.variants == ["posthoc", "posthoc_dqc"]
     assert (sieve.config.spec.quant.method, sieve.config.spec.quant.bits, sieve.config.spec.quant.group_size) == \
         ("rtn", 3, 64) and sieve.config.spec.include_lm_head
-    ptq = from_init_args(PTQGapCallback, {"formats": ["int4"], "quant": {"group_size": 32, "skip_modules": []}})
+    ptq = from_init_args(PTQGapCallback, {"formats": ["int4_rtn"], "quant": {"group_size": 32, "skip_modules": []}})
     assert ptq.settings.group_size == 32 and ptq.settings.skip_modules == []
     separation = from_init_args(SeparationTableCallback, {"table": {"energy": 0.5, "group_size": 64}})
     assert separation.config.energy == 0.5 and separation.config.group_size == 64

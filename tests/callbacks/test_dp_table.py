@@ -5,10 +5,10 @@ import re
 import pytest
 
 from ortho_callbacks.dp_table import DPTableCallback
-from ortho_train.privacy.table import COLUMNS, PrivacyTableConfig
+from ortho_train.measurement.privacy import COLUMNS, PrivacyTableConfig
 from tests.ortho_train.dp_helpers import dp_fit, single_thread  # noqa: F401
 
-KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "gptq_int4", "gptq_int4_noise", "stochastic_quant"]
+KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "int4_gptq", "int4_gptq_noise", "stochastic_quant"]
 
 
 @pytest.fixture(scope="module")

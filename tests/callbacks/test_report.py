@@ -16,7 +16,7 @@ from ortho_train.models import TinyLlamaConfig
 from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.core import SieveConfig
-from ortho_train.sieve.table import TableConfig
+from ortho_train.measurement.kill_switch import TableConfig
 from tests.tensorboard_rows import row_runs
 from tests.ortho_train.unlearn_helpers import one_thread, single_thread  # noqa: F401
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from ortho_callbacks.separation import SeparationTableCallback
-from ortho_train.separation.table import COLUMNS, SeparationConfig
+from ortho_train.measurement.separation import COLUMNS, SeparationConfig
 from tests.separation_fits import dense_fit, ogd_fit
 
 
@@ -27,7 +27,7 @@ def test_dense_table_rows_columns_and_eta():
     for name in ("svd_clean", "pruned"):
         assert len(by[name]["barrier_curve"]) == 11
         assert by[name]["barrier_paper"] >= by[name]["barrier_linear"] - 1e-9
-    assert all(r["nf4_extraction_rate"] is not None and r["int4_extraction_rate"] is not None for r in rows)
+    assert all(r["nf4_extraction_rate"] is not None and r["int4_rtn_extraction_rate"] is not None for r in rows)
     assert (module.run_dir / "hf_model").is_dir() and (module.run_dir / "summary.json").is_file()
 
 

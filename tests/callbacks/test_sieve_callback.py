@@ -16,7 +16,7 @@ from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import load_sieved
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.sieve.core import SieveConfig
-from ortho_train.sieve.table import ROW_KEYS, TableConfig
+from ortho_train.measurement.kill_switch import ROW_KEYS, TableConfig
 from tests.secret_scan import holds_secret
 
 REFERENCES = ["fp32", "int4_rtn", "int4_gptq", "nf4", "pre_sft", "int4_pre_sft"]
@@ -221,7 +221,7 @@ def test_known_metrics_replace_only_the_groups_they_cover():
     a model known for its perplexity only is measured for the rest; an unknown one in full."""
     from ortho_train.model_fingerprint import model_fingerprint
     from ortho_train.models import build_tiny_llama
-    from ortho_train.sieve.table import KillSwitchTable
+    from ortho_train.measurement.kill_switch import KillSwitchTable
 
     dm = CanaryDataModule(canary_secrets="seed", seq_len=64, batch_size=2, val_windows=2, secret_length=4, num_member_canaries=3,
                           num_holdout_canaries=4, num_reference_secrets=20)

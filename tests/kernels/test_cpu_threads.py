@@ -14,7 +14,6 @@ import torch
 
 from ortho_kernels import cpu_gemv
 from ortho_kernels import dual_stream as ds
-from ortho_kernels.bench_load import busy_load
 from ortho_kernels.dual_stream import dual_stream_linear
 from ortho_kernels.streams import OrthoStream, QuantisedBase
 
@@ -110,9 +109,3 @@ def test_prefill_cache_is_kept_across_alpha_and_freed_with_the_base():
     del base, dense
     gc.collect()
     assert not any(key in ds._CPU_BASE_CACHE._entries for key in mine)  # ... and goes with it
-
-
-def test_busy_load_processes_end_with_the_block():
-    with busy_load(2, seconds=30) as procs:
-        assert all(p.poll() is None for p in procs)
-    assert all(p.poll() is not None for p in procs)

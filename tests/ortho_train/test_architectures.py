@@ -29,7 +29,7 @@ from ortho_train.quantisation import QuantConfig
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.core import SieveConfig
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.table import TableConfig
+from ortho_train.measurement.kill_switch import TableConfig
 from ortho_train.unlearn_module import LoraAdapterConfig, UnlearnModule
 from ortho_train.unlearning.mansu import MansuConfig
 from tests.ortho_train.arch_models import ARCHITECTURES, BLOCKS, PROJECTIONS, WIDTH, cached_tiny_model
@@ -152,11 +152,11 @@ def test_lora_unlearning_and_ptq_gap(arch_dir, tmp_path):
                            guard_every_n_steps=0, attribution_batches=1)
     adapted = {name.rsplit(".", 2)[-2] for name, _ in module.model.named_modules() if name.endswith(".lora_A")}
     assert adapted == set(PROJECTIONS[arch])
-    callback = PTQGapCallback(formats=["nf4", "int4"], **FEW_REFERENCES,
+    callback = PTQGapCallback(formats=["nf4", "int4_rtn"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 3, [callback, AdapterExportCallback()]).fit(module, datamodule=tiny_datamodule(model_dir))
     results = callback.results
-    assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
+    assert sorted(results["variants"]) == ["int4_rtn", "int4_rtn_adapter", "nf4", "nf4_adapter"]
     for name in ["fp"] + results["variants"]:
         assert 0.0 <= results[f"forget_extraction_{name}"] <= 1.0 and math.isfinite(results[f"public_ppl_{name}"])
         assert math.isfinite(results[f"forget_exposure_{name}"])  # skewnorm_references=0 keeps the rank exposure
@@ -239,11 +239,11 @@ def test_gpt2_dense_sft_round_trips(gpt2_dir, tmp_path):
 def test_gpt2_full_unlearning_and_ptq_gap(gpt2_dir, tmp_path):
     module = UnlearnModule(str(gpt2_dir), mode="full", loss="ga", lr=1e-3, guard_every_n_steps=0,
                            attribution_batches=0)
-    callback = PTQGapCallback(formats=["int4"], **FEW_REFERENCES,
+    callback = PTQGapCallback(formats=["int4_rtn"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     _trainer(tmp_path, 2, [callback]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
     results = callback.results
-    assert results["variants"] == ["int4"] and math.isfinite(results["public_ppl_int4"])
+    assert results["variants"] == ["int4_rtn"] and math.isfinite(results["public_ppl_int4_rtn"])
     assert results["quantised_linear_weights"] == BLOCKS * 12 * WIDTH * WIDTH
     assert results["updated_weights"] == results["quantised_linear_weights"]  # GA moves every weight
 
@@ -254,7 +254,7 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
                            guard_every_n_steps=0, attribution_batches=1)
     assert len(module.original_weights) == BLOCKS * 4
     assert module.original_weights["transformer.h.0.attn.c_attn"].shape == (3 * WIDTH, WIDTH)  # (d_out, d_in)
-    callback = PTQGapCallback(formats=["nf4", "int4"], **FEW_REFERENCES,
+    callback = PTQGapCallback(formats=["nf4", "int4_rtn"], **FEW_REFERENCES,
                               evaluate_before=False, quant=quant.PTQConfig(**QUANT))
     export = AdapterExportCallback(save_merged=True)
     _trainer(tmp_path, 3, [callback, export]).fit(module, datamodule=tiny_datamodule(gpt2_dir))
@@ -264,13 +264,13 @@ def test_gpt2_lora_unlearning_quantises_its_conv1d(gpt2_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, module.model.eval()(ids).logits, atol=1e-5)
     results = callback.results
-    assert sorted(results["variants"]) == ["int4", "int4_adapter", "nf4", "nf4_adapter"]
+    assert sorted(results["variants"]) == ["int4_rtn", "int4_rtn_adapter", "nf4", "nf4_adapter"]
     assert results["quantised_linear_weights"] == BLOCKS * 12 * WIDTH * WIDTH  # 3d² + d² + 4d² + 4d² per block
     assert results["updated_weights"] > 0 and math.isfinite(module.final_report["cad"])
     for name in ["fp"] + results["variants"]:
         assert math.isfinite(results[f"public_ppl_{name}"]), name
     for deployment in ("merged", "adapter"):  # no Conv1D left in a quantised copy, the model keeps its own
-        copy = quant.quantised_copy(module.model, "int4", quant.PTQConfig(**QUANT), deployment)
+        copy = quant.quantised_copy(module.model, "int4_rtn", quant.PTQConfig(**QUANT), deployment)
         assert not any(isinstance(m, Conv1D) for m in copy.modules()), deployment
     assert any(isinstance(m, Conv1D) for m in module.model.modules())
 
@@ -312,5 +312,5 @@ def test_half_precision_lora_unlearning_ptq_copies_run_in_float32(arch, dtype, t
     assert module.divergence is None  # retain perplexity finite and bounded at every step
     for name in ("fp", "nf4", "nf4_adapter"):
         assert math.isfinite(callback.results[f"public_ppl_{name}"]), (arch, name)
-    copy = quant.quantised_copy(module.model, "int4", quant.PTQConfig(**QUANT))
+    copy = quant.quantised_copy(module.model, "int4_rtn", quant.PTQConfig(**QUANT))
     assert {p.dtype for p in copy.parameters()} == {torch.float32}

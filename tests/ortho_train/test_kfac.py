@@ -22,6 +22,7 @@ from ortho_train.kfac import (
 from ortho_train.kfac.factors import KFACFactors
 from ortho_train.metrics import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama
+from tests.script_loader import load_script
 
 D_IN, HIDDEN, CLASSES = 5, 7, 4
 
@@ -328,7 +329,7 @@ def test_adamw_displacement_stays_out_of_s_gen_when_the_applied_step_is_projecte
 
 
 def test_bench_reports_collection_eigh_and_projection_per_layer(tmp_path):
-    from ortho_train.kfac import bench
+    bench = load_script("kfac_collect")
 
     out = tmp_path / "bench.json"
     summary = bench.main(["--hidden", "16", "--blocks", "1", "--intermediate", "24", "--batch-size", "2",

@@ -16,7 +16,8 @@ from ortho_train.ogd import OGDConfig, SubspaceDelta
 from ortho_train.private_update import OGDController, SubspaceStreams
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve.isolation import IsolationConfig
-from ortho_train.sieve.table import TableConfig
+from ortho_train.measurement.kill_switch import TableConfig
+from tests.script_loader import load_script
 
 TINY = TinyLlamaConfig(32, 2, 2, 64)
 
@@ -202,7 +203,7 @@ def test_checkpoint_state_round_trip(ogd_fit):
 
 
 def test_bench_prints_dense_and_ogd_steps_side_by_side(tmp_path, capsys):
-    from ortho_train.private_update import bench
+    bench = load_script("ogd_step")
 
     result = bench.main(["--hidden", "16", "--blocks", "1", "--intermediate", "24", "--batch-size", "2",
                          "--seq-len", "16", "--canary-batch-size", "2", "--canary-len", "8", "--steps", "2",
@@ -227,7 +228,8 @@ def test_the_configs_documented_commands_give_valid_ogd_settings():
 def test_public_pass_at_alpha_one_is_estimated_from_the_first_windows():
     """f < 1: the first ⌈f·B⌉ windows' NLL, scaled to the whole batch's label tokens; f = 1 (or a
     fraction that rounds up to every window): the whole batch's summed NLL itself."""
-    from ortho_train.private_update.bench import BenchHost, _batch
+    bench = load_script("ogd_step")
+    BenchHost, _batch = bench.BenchHost, bench._batch
 
     generator = torch.Generator().manual_seed(0)
     public = _batch(4, 12, generator)  # (4, 12) windows

@@ -15,12 +15,13 @@ from ortho_train.quantisation import (
     base_quantisers,
     deployment_formats,
     effective_linear_weights,
+    int_formats,
     quantise_weight,
     quantised_copy,
 )
+from ortho_train.measurement.kill_switch import KillSwitchTable, TableConfig, int_reference
 from ortho_train.quantisation.int_rtn import RTN
 from ortho_train.sieve.core import SieveConfig, sieve_posthoc
-from ortho_train.sieve.table import KillSwitchTable, TableConfig, int_reference
 
 
 class Sign1(WeightFormat):
@@ -60,9 +61,9 @@ def _model():
 
 
 def test_roles_of_the_registered_formats():
-    assert base_quantisers() == ("rtn", "gptq") and deployment_formats() == ("nf4", "fp4", "int4")
+    assert base_quantisers() == ("rtn", "gptq") and deployment_formats() == ("nf4", "fp4", "int4_rtn")
     assert FORMATS["gptq"].needs_hessian and FORMATS["gptq"].outlier_aware and not FORMATS["rtn"].needs_hessian
-    assert FORMATS["nf4"].blockwise and not FORMATS["int4"].blockwise
+    assert FORMATS["nf4"].blockwise and not FORMATS["int4_rtn"].blockwise
     with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq'\), got 'sign1'"):
         QuantConfig("sign1")
     with pytest.raises(ValueError, match="unknown quantisation format 'sign1'"):
@@ -113,3 +114,16 @@ def test_a_registered_base_quantiser_serves_quant_spec_the_sieve_and_the_tables(
     rtn = quantise_weight(w, QuantConfig("rtn", bits=4, group_size=16))
     assert torch.equal(sieved.base.dequantise(), rtn.dequantise())  # the same quantiser, the same computation
     assert sieved.ortho.nnz == 32  # ρ = 1/8 of 256 weights, chosen from the residual
+
+
+def test_one_spelling_per_format():
+    """INT4 RTN is `int4_rtn` everywhere a name is written: the base stream `QuantConfig("rtn", 4)`,
+    the deployment copy and the table reference; the old `int4` is refused with the canonical name."""
+    assert QuantConfig("rtn", 4).name == "int4_rtn" and "int4_rtn" in deployment_formats()
+    assert int_formats()["int4_rtn"] == ("rtn", 4) and int_formats()["int3_gptq"] == ("gptq", 3)
+    assert int_reference("int4_rtn") == (4, "rtn") and int_reference("int4_pre_sft") == (4, "pre_sft")
+    for refuse in (lambda: quantised_copy(_model(), "int4", PTQConfig()),
+                   lambda: TableConfig(references=["int4"]),
+                   lambda: PTQGapCallback(formats=["int4"], privleak_reference=None)):
+        with pytest.raises(ValueError, match="'int4' is spelt 'int4_rtn'"):
+            refuse()

@@ -1,7 +1,7 @@
 """The `dsm` isolation support: whole DSM columns of W_pre, exactly ρ, from public text only.
 
 DSM is the differentiated sensitivity metric of "A Geometric Theory of Functionally Sensitive
-Outlier Separability" (`ortho_train.privacy.dsm`). A support chosen from the canaries' gradients
+Outlier Separability" (`ortho_train.sieve.dsm`). A support chosen from the canaries' gradients
 would leak where the secrets are; this one must not depend on the canaries at all.
 """
 import math
@@ -11,7 +11,7 @@ import torch
 
 from ortho_train.datamodule import CanaryDataModule
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
-from ortho_train.privacy import DSMConfig
+from ortho_train.sieve.dsm import DSMConfig
 from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve import support as supports
 from ortho_train.sieve.isolation import IsolationConfig, build_isolation

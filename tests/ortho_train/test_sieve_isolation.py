@@ -164,7 +164,7 @@ def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
 
 
 def test_dsm_support_fit_keeps_alpha_zero_independent_of_the_secrets(tmp_path):
-    from ortho_train.privacy import DSMConfig
+    from ortho_train.sieve.dsm import DSMConfig
 
     a = _public_update_fit(tmp_path / "a", canary_seed=1, support="dsm", dsm=DSMConfig(probes=2))
     b = _public_update_fit(tmp_path / "b", canary_seed=2, support="dsm", dsm=DSMConfig(probes=2))

@@ -35,7 +35,7 @@ def test_a_tied_head_is_never_among_the_sieved_linears():
         else:  # a dense linear holding the fake-quantised weight
             assert not torch.equal(down.weight, model.model.layers[0].mlp.down_proj.weight)
     with pytest.warns(UserWarning, match="tied to the input embedding"):  # INT4 rounds weights in place
-        int4 = quantised_copy(model, "int4", PTQConfig(group_size=32, skip_modules=[]))
+        int4 = quantised_copy(model, "int4_rtn", PTQConfig(group_size=32, skip_modules=[]))
     assert torch.equal(int4.get_input_embeddings().weight, embedding)
 
 

@@ -1,7 +1,7 @@
 """Benchmark: what a K-FAC refresh costs, beside a plain forward+backward of the same batch.
 
-    OMP_NUM_THREADS=2 python -m ortho_train.kfac.bench                 # the quickstart's Llama
-    python -m ortho_train.kfac.bench --batch-size 8 --seq-len 128 --rounds 5 --json out.json
+    OMP_NUM_THREADS=2 python benchmarks/kfac_collect.py                 # the quickstart's Llama
+    python benchmarks/kfac_collect.py --batch-size 8 --seq-len 128 --rounds 5 --json out.json
 
 The model is the quickstart's tiny Llama (`TinyLlamaConfig` defaults: hidden 256, 4 blocks,
 SwiGLU 688, byte vocabulary 259), randomly initialised, on random tokens: timings do not
@@ -22,15 +22,20 @@ import argparse
 import statistics
 import time
 from typing import Callable
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_train.artifacts import write_json_atomic
-from ortho_train.kfac.eigenbasis import KroneckerEigenbasis
-from ortho_train.kfac.factors import KFACCollector, _gram
-from ortho_train.kfac.subspace import SubspaceConfig, project_out
-from ortho_train.metrics import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
+import torch  # noqa: E402
+
+from ortho_train.artifacts import write_json_atomic  # noqa: E402
+from ortho_train.kfac.eigenbasis import KroneckerEigenbasis  # noqa: E402
+from ortho_train.kfac.factors import KFACCollector, _gram  # noqa: E402
+from ortho_train.kfac.subspace import SubspaceConfig, project_out  # noqa: E402
+from ortho_train.metrics import token_logprobs  # noqa: E402
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers  # noqa: E402
 
 VOCAB = 259  # byte tokenizer: 256 bytes + pad/eos/unk
 

@@ -1,4 +1,7 @@
-"""Competing CPU load for `python -m ortho_kernels.bench --load N`: N busy-loop processes.
+"""Competing CPU load for the benchmarks' `--load N` (`dual_stream_op.py`, `cpu_threads.py`, `sieve_generate.py`):
+N busy-loop processes.
+
+    python benchmarks/busy_load.py --processes 2 --seconds 60     # load the machine by hand
 
 Each process spins in pure Python (no memory traffic to speak of: it takes a core, as a
 data loader or another job would) and ends by itself after `seconds`, so a benchmark that
@@ -6,6 +9,7 @@ dies cannot leave them behind for long; the context manager also kills them on e
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import subprocess
 import sys
@@ -28,3 +32,16 @@ def busy_load(n: int, seconds: float = 1800.0):
             proc.kill()
         for proc in procs:
             proc.wait()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=1, help="busy-loop processes")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long they spin")
+    args = parser.parse_args(argv)
+    with busy_load(args.processes, args.seconds):
+        time.sleep(args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,12 @@
 """Training and decoding speed under competing load, per thread setting, side by side.
 
-    python -m ortho_train.threads_bench [--load 1] [--steps 30] [--threads 1 2]
+    python benchmarks/cpu_threads.py [--load 1] [--steps 30] [--threads 1 2]
 
 For each thread count and OpenMP wait policy (the library default, PASSIVE as `train.py`
 sets it), a fresh Python process (OpenMP reads its environment once, at load) times optimiser
 steps of the quickstart's 3.3M-parameter Llama (batch 8 × 128 tokens, AdamW) and greedy
 decoding (20 prompts × 12 new tokens, the extraction probe's shape), first on the idle
-machine, then while `--load` busy-loop processes hold cores (`ortho_kernels.bench_load`). It
+machine, then while `--load` busy-loop processes hold cores (`benchmarks/busy_load.py`). It
 prints ms per step / per decoded batch and the slowdown loaded / idle of each setting.
 Timings mean something only when nothing else runs: the script reports the load average
 it started at.
@@ -18,8 +18,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from ortho_kernels.bench_load import busy_load
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
+
+from busy_load import busy_load  # noqa: E402
 
 _CHILD = r"""
 import json, sys, time

@@ -7,7 +7,8 @@ Rows (one per model evaluated; `kind` names the row family):
 - `posthoc_global` / `posthoc_dual` at every σ of `posthoc_sigmas`: the α = 1 weights
   W = dequant(base) + ortho plus Gaussian noise of std σ·RMS(W) per layer, on every sieved
   weight or on the ortho support only (`apply_posthoc_noise_`; same draws in both modes).
-- `gptq_int4`: GPTQ INT-k of the trained weights; `gptq_int4_noise` at every posthoc σ: its
+- `int4_gptq`: GPTQ INT-k of the trained weights (`int<k>_gptq`, the format's one name);
+  `int4_gptq_noise` at every posthoc σ: its
   dequantised weights plus the global post-hoc noise (the stochastic-quantisation paper's
   "GPTQ + Gaussian noise" baseline).
 - `stochastic_quant` at every σ of `stochastic_sigmas` (lattice steps): the regular weights'
@@ -20,7 +21,7 @@ DP-SGD model, since post-processing keeps it; 0 for α = 0 of a support; "none" 
 `noise` (the post-hoc σ or the lattice σ: a noise scale, never an ε — weight noise has no
 sensitivity bound), extraction, exposure, MIA AUC (LOSS, Min-K%++), TPR at 1% FPR, public
 PPL, bits per weight. Evaluation and row bookkeeping are the kill-switch table's
-(`ortho_train.sieve.table.KillSwitchTable.measure`).
+(`ortho_train.measurement.kill_switch.KillSwitchTable.measure`, which also times and sizes each row).
 """
 from __future__ import annotations
 
@@ -32,14 +33,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
+from ortho_train.measurement.kill_switch import KillSwitchTable, TableConfig
+from ortho_train.measurement.progress import RowMeter
 from ortho_train.ortho_linear import set_alpha
-from ortho_train.private_update.streams import PrivateStreams, SupportStreams
+from ortho_train.private_streams import PrivateStreams, SupportStreams
 from ortho_train.privacy.posthoc_noise import MODES, apply_posthoc_noise_
 from ortho_train.privacy.stochastic_quant import StochasticQuantConfig, stochastic_quantise_model
 from ortho_train.quantisation import QuantConfig
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
-from ortho_train.sieve.table import KillSwitchTable, TableConfig, format_auc, format_value
 
 COLUMNS = ("kind", "alpha", "epsilon", "noise", "extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_loss_se",
            "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp", "public_ppl",
@@ -132,17 +135,29 @@ class PrivacyTable:
         hessians_of: callable(model) -> {layer: H} over public calibration text.
         streams: the run's private streams (a `SupportStreams` gives the support rows).
         epsilon: ε of the run's DP-SGD (None: not private).
-        log: callable(str) for progress lines.
+        log: callable(str) for each finished row's one-line summary.
+        meter: times and sizes the rows and prints what each is computing (default: a
+            `RowMeter` titled "privacy table").
     """
 
     def __init__(self, model: nn.Module, probe, config: PrivacyTableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None, epsilon: float | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, meter: RowMeter | None = None):
         self.model, self.config, self.epsilon, self.log = model, config, epsilon, log
         self.support = streams if isinstance(streams, SupportStreams) else None
-        self.sieve = KillSwitchTable(model, None, probe, config.table_config(), hessians_of, self.support, log)
+        self.meter = meter if meter is not None else RowMeter("privacy table")
+        self.meter.total = self.meter.total or self.expected_rows()
+        self.sieve = KillSwitchTable(model, None, probe, config.table_config(), hessians_of, self.support, log,
+                                     meter=self.meter)
         self.rows: list[dict] = []
+
+    def expected_rows(self) -> int:
+        """Rows `run()` will produce: the run's, post-hoc global and dual, GPTQ with and without noise,
+        stochastic quantisation."""
+        c = self.config
+        run = len(c.alphas) if self.support is not None else 1
+        return run + 3 * len(c.posthoc_sigmas) + 1 + len(c.stochastic_sigmas)
 
     def _add(self, row: dict, kind: str, epsilon, noise: float | None = None) -> None:
         row.update(kind=kind, epsilon="none" if epsilon is None else epsilon, noise=noise)
@@ -188,17 +203,17 @@ class PrivacyTable:
         spec = self.sieve.spec_with(self.config.bits, "gptq")
         quantised = quantised_layers(self.model, spec, self.sieve.hessians(self.model))
         dual = build_dual_stream_model(self.model, quantised)
-        row = self.sieve.measure(f"gptq_int{self.config.bits}", dual, None, 0.0,
-                                 stream_stats(dual)["bits_per_weight"], 0.0, spec.quant.name)
-        self._add(row, f"gptq_int{self.config.bits}", self.epsilon)
+        name = spec.quant.name  # int<k>_gptq
+        row = self.sieve.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, name)
+        self._add(row, name, self.epsilon)
         base = dense_model(self.model, quantised)
         masks = {name: torch.ones(layer.base.shape, dtype=torch.bool) for name, layer in quantised.items()}
         for sigma in self.config.posthoc_sigmas:
             noisy = copy.deepcopy(base)
             apply_posthoc_noise_(noisy, masks, sigma, "global", self.config.seed)
-            row = self.sieve.measure(f"gptq_int{self.config.bits}_noise", noisy, None, None, 32.0, 0.0,
+            row = self.sieve.measure(f"{name}_noise", noisy, None, None, 32.0, 0.0,
                                      "GPTQ + σ·RMS(W) Gaussian noise")
-            self._add(row, f"gptq_int{self.config.bits}_noise", self.epsilon, sigma)
+            self._add(row, f"{name}_noise", self.epsilon, sigma)
 
     def stochastic_rows(self, layers: dict[str, SievedLayer]) -> None:
         masks = ortho_masks(layers)
@@ -224,14 +239,11 @@ class PrivacyTable:
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
     head = ("| kind | α | ε | noise σ | extraction | exposure | MIA AUC (LOSS) ± SE | MIA AUC (Min-K%++) "
             "| TPR@1%FPR (LOSS) | TPR@1%FPR (Min-K%++) | public PPL | bits/weight |")
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        eps = r["epsilon"] if isinstance(r["epsilon"], str) else format_value(float(r["epsilon"]), 2)
-        lines.append(
-            f"| {r['kind']} | {format_value(r['alpha'], 2)} | {eps} | {format_value(r['noise'], 3)} | "
-            f"{format_value(r['extraction_rate'], 2)} | {format_value(r['exposure_mean'], 2)} | "
-            f"{format_auc(r)} | "
-            f"{format_value(r.get('mia_auc_minkpp'))} | {format_value(r.get('mia_tpr_at_1pct_fpr_loss'))} | "
-            f"{format_value(r.get('mia_tpr_at_1pct_fpr_minkpp'))} | {format_value(r['public_ppl'])} | "
-            f"{format_value(r['bits_per_weight'], 2)} |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    cells = [[r["kind"], format_value(r["alpha"], 2),
+              r["epsilon"] if isinstance(r["epsilon"], str) else format_value(float(r["epsilon"]), 2),
+              format_value(r["noise"], 3), format_value(r["extraction_rate"], 2), format_value(r["exposure_mean"], 2),
+              format_auc(r), format_value(r.get("mia_auc_minkpp")), format_value(r.get("mia_tpr_at_1pct_fpr_loss")),
+              format_value(r.get("mia_tpr_at_1pct_fpr_minkpp")), format_value(r["public_ppl"]),
+              format_value(r["bits_per_weight"], 2)]
+             for r in rows]
+    return markdown_table(head, cells, notes)

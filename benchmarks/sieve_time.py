@@ -1,7 +1,7 @@
 """Benchmark: the posthoc sieve per layer against plain GPTQ on the same layer and Hessian.
 
-    python -m ortho_train.sieve.bench                         # synthetic Llama-ish shapes
-    python -m ortho_train.sieve.bench --model runs/.../hf_model --rho 0.01 --json out.json
+    python benchmarks/sieve_time.py                         # synthetic Llama-ish shapes
+    python benchmarks/sieve_time.py --model runs/.../hf_model --rho 0.01 --json out.json
 
 With `--model` the layers and their Hessians come from a saved Hugging Face model and
 public calibration text (the quickstart's Shakespeare windows); otherwise from random
@@ -17,11 +17,16 @@ import argparse
 import os
 import statistics
 import time
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_train.quantisation import QuantConfig, quantise_weight
-from ortho_train.sieve.core import SieveConfig, sieve_posthoc
+import torch  # noqa: E402
+
+from ortho_train.quantisation import QuantConfig, quantise_weight  # noqa: E402
+from ortho_train.sieve.core import SieveConfig, sieve_posthoc  # noqa: E402
 
 SYNTHETIC_SHAPES = [(256, 256), (688, 256), (256, 688), (1024, 1024), (4096, 4096)]
 

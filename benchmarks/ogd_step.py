@@ -1,10 +1,10 @@
 """Benchmark: one OGD-projected canary SFT step beside one dense SFT step of the same batch.
 
-    OMP_NUM_THREADS=2 python -m ortho_train.private_update.bench            # the quickstart's Llama
-    python -m ortho_train.private_update.bench --steps 10 --subspace sharpest --json out.json
-    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public
-    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public --private-public-fraction 0.5
-    python -m ortho_train.private_update.bench --subspace sharpest --private-sees-public --private-basis eigenbasis
+    OMP_NUM_THREADS=2 python benchmarks/ogd_step.py            # the quickstart's Llama
+    python benchmarks/ogd_step.py --steps 10 --subspace sharpest --json out.json
+    python benchmarks/ogd_step.py --subspace sharpest --private-sees-public
+    python benchmarks/ogd_step.py --subspace sharpest --private-sees-public --private-public-fraction 0.5
+    python benchmarks/ogd_step.py --subspace sharpest --private-sees-public --private-basis eigenbasis
 
 Both modes run through their private-update controller, driven in the order Lightning calls
 the module's hooks (before_step, training_loss, backward, after_backward, clip, the optimiser
@@ -21,16 +21,21 @@ import argparse
 import statistics
 import time
 from types import SimpleNamespace
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_train.artifacts import write_json_atomic
-from ortho_train.metrics import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
-from ortho_train.ogd import OGDConfig
-from ortho_train.ogd.private_stream import PRIVATE_BASES
-from ortho_train.private_update.controller import DenseController, PrivateUpdateController
-from ortho_train.private_update.ogd import OGDController
+import torch  # noqa: E402
+
+from ortho_train.artifacts import write_json_atomic  # noqa: E402
+from ortho_train.metrics import token_logprobs  # noqa: E402
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama  # noqa: E402
+from ortho_train.ogd import OGDConfig  # noqa: E402
+from ortho_train.ogd.private_stream import PRIVATE_BASES  # noqa: E402
+from ortho_train.private_update.controller import DenseController, PrivateUpdateController  # noqa: E402
+from ortho_train.private_update.ogd import OGDController  # noqa: E402
 
 VOCAB = 259  # byte tokenizer: 256 bytes + pad/eos/unk
 

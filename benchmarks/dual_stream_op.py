@@ -1,6 +1,6 @@
 """Benchmark of the dual-stream linear against dense and 4-bit baselines.
 
-    python -m ortho_kernels.bench [--json PATH] [--quick] [--rounds R] [--threads T] [--load N]
+    python benchmarks/dual_stream_op.py [--json PATH] [--quick] [--rounds R] [--threads T] [--load N]
                             [--ms 1,16,128,512] [--shapes 4096x4096,...]
 
 Shapes are weight shapes (N, K) = (out_features, in_features) as `nn.Linear.weight` stores
@@ -19,7 +19,7 @@ alone" calls the compiled kernel with prebuilt arguments (the null test's base-o
 "torch int4 CPU op alone" is torch's op with bf16 X, the anchor. Two more GEMV rows show
 the threading side by side: the same kernel with OpenMP's static split (what the op used
 before its non-spinning pool) and on one thread. `--load N` runs N busy-loop processes
-(`ortho_kernels.bench_load`) for the whole measurement: the numbers under competing load, ratios
+(`benchmarks/busy_load.py`) for the whole measurement: the numbers under competing load, ratios
 in the same run; the load average is printed before and after. The ortho stream sits at
 uniformly random positions. On CUDA (untested here: this
 project's machines have no GPU) the rows add cuBLAS fp16 and run the Triton kernel with
@@ -33,13 +33,18 @@ import os
 import random
 import statistics
 import time
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_kernels.bench_load import busy_load
-from ortho_kernels.bitsandbytes_offline import import_bitsandbytes
-from ortho_kernels.dual_stream import dual_stream_linear, prepare_cpu
-from ortho_kernels.streams import OrthoStream, QuantisedBase
+import torch  # noqa: E402
+
+from busy_load import busy_load  # noqa: E402
+from ortho_kernels.bitsandbytes_offline import import_bitsandbytes  # noqa: E402
+from ortho_kernels.dual_stream import dual_stream_linear, prepare_cpu  # noqa: E402
+from ortho_kernels.streams import OrthoStream, QuantisedBase  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 512]

@@ -20,7 +20,7 @@ gives the masks. It is the isolation support `dsm` (`isolation: {support: dsm, d
 a3, probes, seed}}`, registered in `ortho_train.sieve.support`): scores of the pre-fine-tuning
 model on `calibration_batches` *public* batches, never a canary, so S carries nothing of the
 secrets. Hugging Face models run eager attention during the estimate
-(`ortho_train.privacy.attention`).
+(`ortho_train.attention`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ortho_train.models import eval_mode, requires_grad_as
-from ortho_train.privacy.attention import eager_attention
+from ortho_train.attention import eager_attention
 from ortho_train.sieve.select import top_fraction_mask
 
 

@@ -32,7 +32,6 @@ precision), the α = 0 rows the public path (OGD) or the dequantised bases (isol
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,19 +40,22 @@ from torch import nn
 
 from ortho_train import metrics
 from ortho_train.evaluation import evaluate_memorisation, extraction_metrics
-from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import PTQConfig, quantised_copy
+from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
+from ortho_train.measurement.progress import RowMeter
+from ortho_train.private_streams import PrivateStreams, SubspaceStreams, SupportStreams
+from ortho_train.quantisation import PTQConfig, QuantConfig, quantised_copy
 from ortho_train.separation.displacement import Displacements
 from ortho_train.separation.geometry import LossBarrier, lmc_barrier
 from ortho_train.separation.svd_split import pruned_state_dict, svd_split_state_dict
-from ortho_train.sieve.table import format_auc
+from ortho_train.sieve.core import SieveConfig
+from ortho_train.sieve.model import build_dual_stream_model, sieve_model, stream_stats
 
 MEASURED = ("extraction_rate", "holdout_extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_loss_se",
             "public_ppl")  # from evaluate_memorisation, in every row
 COLUMNS = ("variant", "alpha", "energy", *MEASURED, "eta", "barrier_linear", "barrier_paper", "bits_per_weight",
-           "nf4_extraction_rate", "int4_extraction_rate")
+           "nf4_extraction_rate", "int4_rtn_extraction_rate")
 METRICS = ("extraction", "exposure", "mia", "ppl")
-QUANTISED = ("nf4", "int4")
+QUANTISED = ("nf4", "int4_rtn")
 
 
 @dataclass
@@ -66,7 +68,7 @@ class SeparationConfig:
         barrier_batches: public validation batches the barriers average over (fixed batches).
         barrier_batch_size: windows per barrier batch.
         metrics: subset of extraction, exposure, mia, ppl.
-        quantised: extraction after these formats: subset of nf4, int4.
+        quantised: extraction after these formats: subset of nf4, int4_rtn.
         group_size: INT4 RTN group size.
         exposure_references: reference secrets for exposure (None: all).
         exposure_canaries: members whose exposure is measured (None: all).
@@ -125,12 +127,15 @@ class SeparationTable:
         config: a `SeparationConfig`.
         streams: the private fine-tune's typed streams (None: dense).
         displacements: the run's tracked ΔW_pub, ΔW_priv (None: η is "–").
-        log: callable(str) for progress lines.
+        log: callable(str) for each finished row's one-line summary.
+        meter: times and sizes the rows and prints what each is computing (default: a
+            `RowMeter` titled "separation table").
     """
 
     def __init__(self, model: nn.Module, pre_state: dict[str, torch.Tensor], probe,
                  config: SeparationConfig, streams: PrivateStreams | None = None,
-                 displacements: Displacements | None = None, log: Callable[[str], None] = print):
+                 displacements: Displacements | None = None, log: Callable[[str], None] = print,
+                 meter: RowMeter | None = None):
         self.model, self.probe, self.config, self.streams, self.log = model, probe, config, streams, log
         self.pre_state = {k: v.to(next(model.parameters()).device) for k, v in pre_state.items()}
         self.eta = None if displacements is None else displacements.entanglement()
@@ -138,6 +143,12 @@ class SeparationTable:
         batches = probe.public_val_batches(config.barrier_batch_size)
         self.batches = [b for _, b in zip(range(config.barrier_batches), batches)]
         self.rows: list[dict] = []
+        self.meter = meter if meter is not None else RowMeter("separation table")
+        self.meter.total = self.meter.total or self.expected_rows()
+
+    def expected_rows(self) -> int:
+        """Rows `run()` will produce: public, the run's own (two α rows with streams), svd_clean, pruned."""
+        return 1 + (2 if isinstance(self.streams, (SubspaceStreams, SupportStreams)) else 1) + 2
 
     # ------------------------------------------------------------ measuring
     def _quantised_extraction(self, model: nn.Module, fmt: str) -> float:
@@ -151,6 +162,8 @@ class SeparationTable:
     def _row(self, variant: str, model: nn.Module, alpha: float | None = None, eta: float | None = None,
              barrier: LossBarrier | None = None, bits: float = 32.0, energy: float | None = None) -> dict:
         c = self.config
+        self.meter.stage(f"{variant} {_setting({'alpha': alpha, 'energy': energy})} — evaluating "
+                         f"{', '.join(c.metrics)}, extraction after {', '.join(c.quantised) or 'no format'}")
         found = evaluate_memorisation(model, self.probe, exposure_canaries=c.exposure_canaries,
                                       exposure_references=c.exposure_references, include=tuple(c.metrics),
                                       skewnorm_references=0,  # the table shows the exact rank only
@@ -161,7 +174,7 @@ class SeparationTable:
                "barrier_paper": None if barrier is None else barrier.paper, "bits_per_weight": bits,
                **{f"{q}_extraction_rate": self._quantised_extraction(model, q) for q in c.quantised},
                "barrier_curve": None if barrier is None else barrier.losses}
-        self.rows.append(row)
+        self.rows.append(self.meter.record(row))
         self.log(format_row(row))
         return row
 
@@ -211,19 +224,9 @@ class SeparationTable:
 
 
 def _support_bits(model: nn.Module, streams: SupportStreams) -> dict[str, float]:
-    from ortho_train.quantisation import QuantConfig
-    from ortho_train.sieve.core import SieveConfig
-    from ortho_train.sieve.model import build_dual_stream_model, sieve_model, stream_stats
-
     spec = SieveConfig(QuantConfig(bits=next(iter(streams.bases.values())).bits), rho=streams.rho)
     layers = sieve_model(model, "isolated", spec, supports=streams.masks, bases=streams.bases)
     return stream_stats(build_dual_stream_model(model, layers))
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _setting(row: dict) -> str:
@@ -233,20 +236,18 @@ def _setting(row: dict) -> str:
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['variant']:>10} {_setting(row)}: extraction {_fmt(row['extraction_rate'], 2)}"
-            f" (NF4 {_fmt(row.get('nf4_extraction_rate'), 2)}, INT4 {_fmt(row.get('int4_extraction_rate'), 2)}),"
-            f" PPL {_fmt(row['public_ppl'])}, η {_fmt(row['eta'])}, barrier {_fmt(row['barrier_linear'])}")
+    return (f"{row['variant']:>10} {_setting(row)}: extraction {format_value(row['extraction_rate'], 2)}"
+            f" (NF4 {format_value(row.get('nf4_extraction_rate'), 2)}, INT4 {format_value(row.get('int4_rtn_extraction_rate'), 2)}),"
+            f" PPL {format_value(row['public_ppl'])}, η {format_value(row['eta'])}, barrier {format_value(row['barrier_linear'])}")
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
     head = ("| row | setting | extraction | holdout extr. | exposure | MIA AUC ± SE | public PPL | η "
             "| barrier (linear) | barrier (paper) | bits/weight | NF4 extr. | INT4 extr. |")
-    lines = [head, "|" + "---|" * 13]
-    for r in rows:
-        cells = [r["variant"], _setting(r), _fmt(r["extraction_rate"], 2),
-                 _fmt(r["holdout_extraction_rate"], 2), _fmt(r["exposure_mean"], 2), format_auc(r),
-                 _fmt(r["public_ppl"]), _fmt(r["eta"]), _fmt(r["barrier_linear"], 4), _fmt(r["barrier_paper"], 4),
-                 _fmt(r["bits_per_weight"], 2), _fmt(r.get("nf4_extraction_rate"), 2),
-                 _fmt(r.get("int4_extraction_rate"), 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    cells = [[r["variant"], _setting(r), format_value(r["extraction_rate"], 2),
+              format_value(r["holdout_extraction_rate"], 2), format_value(r["exposure_mean"], 2), format_auc(r),
+              format_value(r["public_ppl"]), format_value(r["eta"]), format_value(r["barrier_linear"], 4),
+              format_value(r["barrier_paper"], 4), format_value(r["bits_per_weight"], 2),
+              format_value(r.get("nf4_extraction_rate"), 2), format_value(r.get("int4_rtn_extraction_rate"), 2)]
+             for r in rows]
+    return markdown_table(head, cells, notes)

@@ -26,145 +26,27 @@ losses tr(ΔW H ΔWᵀ) at α = 0 and α = 1, in `KillSwitchTable.hop` (one entr
 from __future__ import annotations
 
 import copy
-import math
-import re
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ortho_kernels import QuantisedBase
-from ortho_kernels.packing import SUPPORTED_BITS
+from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train.evaluation import METRIC_GROUP_KEYS, evaluate_memorisation, groups_known
+from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
+from ortho_train.measurement.kill_switch_config import (EXTRA_KEYS, MEASURED_KEYS, MIA_EXTRA_KEYS, ROW_KEYS,
+                                                       SIEVED_VARIANTS, VARIANTS, TableConfig, int_reference)
+from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
-from ortho_train.private_update.streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import (
-    FORMATS,
-    PTQConfig,
-    base_quantisers,
-    deployment_format,
-    deployment_formats,
-    quantised_copy,
-)
-from ortho_train.settings import check_settings
+from ortho_train.private_streams import PrivateStreams, SubspaceStreams, SupportStreams
+from ortho_train.quantisation import PTQConfig, deployment_format, quantised_copy
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
-MEASURED_KEYS = ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl")  # evaluate_memorisation's
-ROW_KEYS = ("variant", "alpha", "rho", *MEASURED_KEYS, "bits_per_weight", "ortho_density")
-MIA_EXTRA_KEYS = ("mia_auc_loss_se", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp")
-EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", *MIA_EXTRA_KEYS, "base", "seconds")
-_INT_REF = re.compile(r"int(\d+)_(\w+)")
-SIEVED_VARIANTS = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")  # rows over α with a ρ
-VARIANTS = SIEVED_VARIANTS + ("ogd",)
-
-
-def int_reference(name: str) -> tuple[int, str] | None:
-    """(bits, method or 'pre_sft') of an `int<k>_<method>` / `int<k>_pre_sft` reference, else None."""
-    match = _INT_REF.fullmatch(name)
-    if match is None:
-        return None
-    bits, kind = int(match[1]), match[2]
-    if kind == "pre_sft":
-        return (bits, kind) if bits in SUPPORTED_BITS else None
-    return (bits, kind) if kind in base_quantisers() and bits in FORMATS[kind].bits else None
-
-
-@dataclass
-class TableConfig:
-    """What the kill-switch table contains and how it is measured (`SieveCallback(table=…)`).
-
-    Args:
-        variants: sieves to run: posthoc, delta, isolated, ogd (the α-models of an OGD fine-tune),
-            posthoc_dqc, delta_dqc (posthoc / delta with DQC-compensated ortho values).
-        references: reference rows: fp32, int4_rtn, int4_gptq, nf4, fp4, pre_sft, int4_pre_sft
-            (any int{2,3,4,8}_{rtn,gptq,pre_sft}, any registered deployment format).
-        alphas: α values evaluated for each sieve, in [0, 1].
-        rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
-        spec: the posthoc/delta sieve (base quantiser, bits, group size, selection, DQC γ, HOP β,
-            LM head); the int references use its quantiser settings too.
-        metrics: subset of extraction, exposure, mia, ppl.
-        exposure_references: reference secrets for exposure (fewer = faster; None: all).
-        exposure_canaries: members whose exposure is measured (None: all).
-        dqc: add a posthoc_dqc / delta_dqc row right after every posthoc / delta row.
-        hop_report: record the HOP per-column report of every sieve (hop_report.json).
-
-    A setting that would be ignored is refused: `spec.dqc_gamma` without DQC rows, `spec.hop_beta`
-    without `hop_report`, `hop_report` without a sieved variant.
-    """
-
-    variants: list[str] = field(default_factory=lambda: ["posthoc", "delta", "isolated"])
-    references: list[str] = field(default_factory=lambda: ["fp32", "int4_rtn", "int4_gptq", "nf4",
-                                                           "pre_sft", "int4_pre_sft"])
-    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    rhos: list[float] = field(default_factory=lambda: [0.01])
-    spec: SieveConfig = field(default_factory=SieveConfig)
-    metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
-    exposure_references: int | None = 1000
-    exposure_canaries: int | None = None
-    dqc: bool = False
-    hop_report: bool = False
-
-    def __post_init__(self) -> None:
-        self.alphas, self.rhos = [float(a) for a in self.alphas], [float(r) for r in self.rhos]
-        if self.dqc:
-            self.variants = with_dqc_twins(self.variants)
-        self._check_entries()
-        self._check_nothing_ignored()
-
-    def _check_entries(self) -> None:
-        for name in self.references:
-            if name not in ("fp32", "pre_sft") + deployment_formats() and int_reference(name) is None:
-                raise ValueError(f"unknown reference {name!r}: use fp32, pre_sft, a deployment format "
-                                 f"{deployment_formats()} or int{{k}}_{{method or pre_sft}} (k in "
-                                 f"{SUPPORTED_BITS}, methods {base_quantisers()})")
-        for variant in self.variants:
-            if variant not in VARIANTS:
-                raise ValueError(f"unknown sieve variant {variant!r}: use one of {VARIANTS}")
-        check_settings("table", [
-            ("alphas", self.alphas, bool(self.alphas), "needs at least one α (0: base stream only, 1: the full "
-             "ortho stream); without any the table has no kill-switch rows"),
-            ("rhos", self.rhos, bool(self.rhos) or set(self.variants) <= {"isolated", "ogd"},
-             "needs at least one ortho fraction for the posthoc and delta sieves"),
-        ])
-        bad_alphas = [a for a in self.alphas if not 0.0 <= a <= 1.0]
-        if bad_alphas:
-            raise ValueError(f"alphas must lie in [0, 1] (0: base stream only, 1: the full ortho stream), "
-                             f"got {bad_alphas}")
-        bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
-        if bad_rhos:
-            raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
-        unknown = sorted(set(self.metrics) - {"extraction", "exposure", "mia", "ppl"})
-        if unknown or not self.metrics:
-            raise ValueError(f"metrics must be a non-empty subset of extraction, exposure, mia, ppl; "
-                             f"got {self.metrics}")
-        for name in ("exposure_references", "exposure_canaries"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be ≥ 1 (or None: all), got {value}")
-
-    def _check_nothing_ignored(self) -> None:
-        defaults = SieveConfig()
-        if self.spec.dqc_gamma != defaults.dqc_gamma and not any(v.endswith("_dqc") for v in self.variants):
-            raise ValueError("spec.dqc_gamma needs DQC rows (dqc: true, or posthoc_dqc / delta_dqc in "
-                             "variants); it would be ignored")
-        if self.spec.hop_beta != defaults.hop_beta and not self.hop_report:
-            raise ValueError("spec.hop_beta needs hop_report: true (it would be ignored)")
-        if self.hop_report and not set(self.variants) & set(SIEVED_VARIANTS):
-            raise ValueError(f"hop_report needs a sieved variant ({', '.join(SIEVED_VARIANTS)}) in variants, "
-                             f"got {self.variants}")
-
-
-def with_dqc_twins(variants: list[str]) -> list[str]:
-    """`variants` with `<v>_dqc` right after each posthoc / delta (each variant once)."""
-    if not {"posthoc", "delta"} & set(variants):
-        raise ValueError(f"dqc: true adds posthoc_dqc / delta_dqc rows beside posthoc / delta, but "
-                         f"variants {variants} has neither")
-    twinned = [v for plain in variants for v in ((plain, f"{plain}_dqc") if plain in ("posthoc", "delta") else (plain,))]
-    return list(dict.fromkeys(twinned))  # a _dqc variant listed as well: once
+__all__ = ["EXTRA_KEYS", "KillSwitchTable", "MEASURED_KEYS", "MIA_EXTRA_KEYS", "ROW_KEYS", "SIEVED_VARIANTS",
+           "TableConfig", "VARIANTS", "format_row", "int_reference", "to_markdown"]  # the config's names too
 
 
 class KillSwitchTable:
@@ -179,7 +61,9 @@ class KillSwitchTable:
             fine-tune give the `isolated` rows (and, when `bases_are_pre`, their Q(W_pre) bases
             serve the `intK_pre_sft` rows; not after public base updates); `SubspaceStreams`
             of an OGD fine-tune give the `ogd` rows.
-        log: callable(str) for progress lines.
+        log: callable(str) for each finished row's one-line summary.
+        meter: times and sizes the rows and prints what each is computing (default: a
+            `RowMeter` titled "kill-switch table").
         known: metrics already measured on some of the table's models, by `model_fingerprint`
             (e.g. the run's final evaluation of the fine-tuned model, the public model's
             perplexity): a row of such a model measures only the groups they do not cover
@@ -189,7 +73,8 @@ class KillSwitchTable:
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None,
-                 log: Callable[[str], None] = print, known: dict[str, dict] | None = None):
+                 log: Callable[[str], None] = print, known: dict[str, dict] | None = None,
+                 meter: RowMeter | None = None):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
         self.hessians_of, self.log = hessians_of, log
         self.isolated = streams if isinstance(streams, SupportStreams) else None
@@ -198,7 +83,19 @@ class KillSwitchTable:
         self._measured: dict[str, dict] = {}  # model fingerprint -> metrics (identical models: once)
         self.known = known or {}
         self.rows: list[dict] = []
+        self.meter = meter if meter is not None else RowMeter("kill-switch table")
+        self.meter.total = self.meter.total or self.expected_rows()
         self.hop: list[dict] = []  # with config.hop_report: per sieve, per layer, per column
+
+    def expected_rows(self) -> int:
+        """Rows `run()` will produce (a skipped isolated / ogd variant has none)."""
+        c, rows = self.config, len(self.config.references)
+        for variant in c.variants:
+            if variant in ("isolated", "ogd"):
+                rows += len(c.alphas) if (self.isolated if variant == "isolated" else self.ogd) else 0
+            else:
+                rows += len(c.rhos) * len(c.alphas)
+        return rows
 
     # ----------------------------------------------------------------- pieces
     def hessians(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -247,16 +144,16 @@ class KillSwitchTable:
     def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
                 base: str | None) -> dict:
         """Evaluate `model` and append its row (other tables build rows of their own models here)."""
-        start = time.perf_counter()
+        self.meter.stage(f"{variant} α={format_value(alpha, 2)} ρ={format_value(rho, 3)} — evaluating "
+                         f"{', '.join(self.config.metrics)}")
         found = self._evaluate(model)
         row = {"variant": variant, "alpha": alpha, "rho": rho,
                **{k: found.get(k) for k in MEASURED_KEYS},
                "bits_per_weight": bits, "ortho_density": density,
                "holdout_extraction_rate": found.get("holdout_extraction_rate"),
                "symbol_accuracy": found.get("symbol_accuracy"),
-               **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base,
-               "seconds": round(time.perf_counter() - start, 1)}
-        self.rows.append(row)
+               **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base}
+        self.rows.append(self.meter.record(row))
         self.log(format_row(row))
         return row
 
@@ -279,11 +176,12 @@ class KillSwitchTable:
 
     # ------------------------------------------------------------------- rows
     def reference(self, name: str) -> None:
+        self.meter.stage(f"{name} reference — building its model")
         if name == "fp32":
             self.measure("fp32", self.model, None, None, 32.0, 0.0, None)
         elif name == "pre_sft":
             self.measure("pre_sft", self._require_pre("pre_sft"), None, None, 32.0, 0.0, None)
-        elif name in deployment_formats():
+        elif int_reference(name) is None:  # a deployment format (`int4_rtn` is a base stream row, packed)
             self.deployed_reference(name)
         else:
             bits, kind = int_reference(name)
@@ -348,6 +246,7 @@ class KillSwitchTable:
         dqc = True if variant.endswith("_dqc") else None  # plain rows: the spec's own setting
         report = self.config.hop_report
         for rho in self.config.rhos:
+            self.meter.stage(f"{variant} ρ={rho:g} — sieving")
             spec = self.spec_with(rho=rho, dqc=dqc)
             if plain == "posthoc":
                 layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model), report=report)
@@ -372,24 +271,8 @@ class KillSwitchTable:
         return self.rows
 
 
-def _empty(base: QuantisedBase):
-    from ortho_kernels import OrthoStream
-
+def _empty(base: QuantisedBase) -> OrthoStream:
     return OrthoStream.empty(base.shape, base.device)
-
-
-def format_value(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def format_auc(row: dict, key: str = "mia_auc_loss") -> str:
-    """`AUC ± SE` (the DeLong standard error, `<key>_se`), or the AUC alone where the row has none."""
-    se = row.get(f"{key}_se")
-    return format_value(row.get(key)) + ("" if se is None else f" ± {format_value(se, 3)}")
 
 
 def format_row(row: dict) -> str:
@@ -403,11 +286,9 @@ def format_row(row: dict) -> str:
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
     head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) ± SE | public PPL "
             "| bits/weight | ortho density | base |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {format_value(r['alpha'], 2)} | {format_value(r['rho'], 3)} | "
-            f"{format_value(r['extraction_rate'], 2)} | {format_value(r.get('holdout_extraction_rate'), 2)} | "
-            f"{format_value(r['exposure_mean'], 2)} | {format_auc(r)} | {format_value(r['public_ppl'])} | "
-            f"{format_value(r['bits_per_weight'], 2)} | {format_value(r['ortho_density'], 4)} | {r.get('base') or ''} |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+    cells = [[r["variant"], format_value(r["alpha"], 2), format_value(r["rho"], 3),
+              format_value(r["extraction_rate"], 2), format_value(r.get("holdout_extraction_rate"), 2),
+              format_value(r["exposure_mean"], 2), format_auc(r), format_value(r["public_ppl"]),
+              format_value(r["bits_per_weight"], 2), format_value(r["ortho_density"], 4), r.get("base") or ""]
+             for r in rows]
+    return markdown_table(head, cells, notes)

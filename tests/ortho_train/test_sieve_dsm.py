@@ -7,7 +7,7 @@ from torch import nn
 
 from ortho_train.metrics.logprobs import token_logprobs
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
-from ortho_train.privacy import (
+from ortho_train.sieve.dsm import (
     ActivationStats,
     DSMConfig,
     dsm_column_scores,

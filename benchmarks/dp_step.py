@@ -1,7 +1,7 @@
 """Benchmark: one DP-SGD step on the support S beside one non-private step, same model and batch.
 
-    python -m ortho_train.privacy.bench                        # quickstart-sized tiny Llama, CPU
-    python -m ortho_train.privacy.bench --rho 0.015 --rounds 5 --json out.json
+    python benchmarks/dp_step.py                        # quickstart-sized tiny Llama, CPU
+    python benchmarks/dp_step.py --rho 0.015 --rounds 5 --json out.json
 
 The model has the quickstart's size (hidden 256, 4 blocks, 4 heads, SwiGLU 688, byte vocab
 259), the batch is the 20 member canaries of the default canary spec, right-padded. S is a
@@ -22,17 +22,22 @@ import argparse
 import os
 import statistics
 import time
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_train.artifacts import write_json_atomic
-from ortho_train.canaries import CanaryConfig, make_canaries
-from ortho_train.datamodule import pad_collate
-from ortho_train.metrics.logprobs import token_logprobs
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
-from ortho_train.privacy.dp_sgd import SupportDPStep, module_masks_to_params
-from ortho_train.sieve.support import random_support
-from ortho_train.tokenization import build_byte_tokenizer, encode_text
+import torch  # noqa: E402
+
+from ortho_train.artifacts import write_json_atomic  # noqa: E402
+from ortho_train.canaries import CanaryConfig, make_canaries  # noqa: E402
+from ortho_train.datamodule import pad_collate  # noqa: E402
+from ortho_train.metrics.logprobs import token_logprobs  # noqa: E402
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers  # noqa: E402
+from ortho_train.privacy.dp_sgd import SupportDPStep, module_masks_to_params  # noqa: E402
+from ortho_train.sieve.support import random_support  # noqa: E402
+from ortho_train.tokenization import build_byte_tokenizer, encode_text  # noqa: E402
 
 
 def mean_nll(model, batch):

@@ -1,6 +1,6 @@
 """Greedy-generation speed of a sieved model: fp32 vs the reference and the deployed op.
 
-    python -m ortho_train.sieve.generate_bench [--threads 1] [--new-tokens 64] [--rounds 7]
+    python benchmarks/sieve_generate.py [--threads 1] [--new-tokens 64] [--rounds 7]
                                                [--rho 0.05] [--load N]
 
 Builds the ~3.3M-parameter tiny Llama (d = 256, 4 layers, byte vocabulary), sieves it
@@ -20,17 +20,22 @@ import random
 import statistics
 import tempfile
 import time
+import sys
+from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "kernels"), str(REPO / "benchmarks")]  # run as a script from a checkout
 
-from ortho_kernels.bench_load import busy_load
-from ortho_train.curvature import collect_hessians
-from ortho_train.models import TinyLlamaConfig, build_tiny_llama
-from ortho_train.ortho_linear import set_alpha
-from ortho_train.quantisation import QuantConfig
-from ortho_train.sieve.artifacts import load_sieved, save_sieved
-from ortho_train.sieve.core import SieveConfig
-from ortho_train.sieve.model import build_dual_stream_model, sieve_model
+import torch  # noqa: E402
+
+from busy_load import busy_load  # noqa: E402
+from ortho_train.curvature import collect_hessians  # noqa: E402
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama  # noqa: E402
+from ortho_train.ortho_linear import set_alpha  # noqa: E402
+from ortho_train.quantisation import QuantConfig  # noqa: E402
+from ortho_train.sieve.artifacts import load_sieved, save_sieved  # noqa: E402
+from ortho_train.sieve.core import SieveConfig  # noqa: E402
+from ortho_train.sieve.model import build_dual_stream_model, sieve_model  # noqa: E402
 
 VOCAB = 259  # bytes + pad + eos + bos, as the quickstart's tokenizer
 
