@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ortho_kernels.gemv_args import check_dequantise, check_gemv
+from ortho_kernels.gemv_args import check_dequantise, check_gemv, check_gemv_inputs
 
 SOURCE = Path(__file__).with_name("_cpu_int4_gemv.c")
 SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_pool.h"))
@@ -203,16 +203,21 @@ def _ready_library() -> ctypes.CDLL:
 
 def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
          group_size: int, x2d: torch.Tensor, csr: tuple | None = None,
-         alpha: float = 0.0) -> torch.Tensor:
+         alpha: float = 0.0, base_checked: bool = False) -> torch.Tensor:
     """Y = X · dequant(base)ᵀ (+ α · X · orthoᵀ if `csr`) for X (M, K) -> fp32 (M, N).
 
     qweight uint8 (N, ceil(K/2)), scales/zeros fp16 (N, G) as `QuantisedBase` stores them,
     csr = (crow int32 (N+1), col int32 (nnz), values fp16 (nnz)), all contiguous CPU tensors;
     X floating point on the CPU (converted to contiguous fp32 here). Every argument is checked
     (`gemv_args.check_gemv`: a ValueError/TypeError naming it) before a pointer reaches C.
+    `base_checked=True`: the caller ran `gemv_args.check_gemv_base` on these very buffers when
+    it took them (`dual_stream.CpuInt4Runtime`); X, the CSR and α are still checked per call.
     """
     lib = _ready_library()
-    check_gemv(qweight, scales, zeros, k, group_size, x2d, csr, alpha)
+    if base_checked:
+        check_gemv_inputs(qweight.shape[0], k, x2d, csr, alpha)
+    else:
+        check_gemv(qweight, scales, zeros, k, group_size, x2d, csr, alpha)
     if x2d.dtype is not torch.float32:
         x2d = x2d.float()
     if not x2d.is_contiguous():

@@ -102,3 +102,18 @@ def test_the_public_functions_check_before_calling_c(args):
         cpu_gemv.dequantise_rows(args["qweight"], args["scales"], args["zeros"], K, GROUP, 0, 4, torch.empty(3, K))
     y = cpu_gemv.gemv(**(args | {"x2d": torch.randn(K, 2, dtype=torch.float64).T}))  # any float layout: converted
     assert y.shape == (2, N) and y.dtype == torch.float32
+
+
+@pytest.mark.skipif(isinstance(cpu_gemv.library(), str), reason="CPU GEMV unavailable")
+def test_a_runtime_checks_its_base_once_and_its_inputs_every_call(args, monkeypatch):
+    from ortho_kernels import dual_stream as ds
+
+    base = QuantisedBase.from_dense(torch.randn(N, K), bits=4, group_size=GROUP)
+    runtime = ds.CpuInt4Runtime(base)
+    calls = []
+    monkeypatch.setattr(cpu_gemv, "check_gemv", lambda *a: calls.append(a))  # the full check: not per call
+    assert runtime.gemv(torch.randn(1, K)).shape == (1, N) and not calls
+    with pytest.raises(ValueError, match=r"x2d has shape \(1, 264\), expected \(1, 200\)"):
+        runtime.gemv(torch.randn(1, K + 64))
+    with pytest.raises(TypeError, match=r"csr values must be torch\.float16"):
+        runtime.gemv(torch.randn(1, K), _csr(args, 2, args["csr"][2].float()), 1.0)
