@@ -39,8 +39,8 @@ from ortho_train.artifacts import atomic_directory
 from ortho_train.distributed import allow_parameters_frozen_later, refuse_sharded_strategy
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_support import refuse_float16_training
-from ortho_train.models import (DtypeName, TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype,
-                                weight_bytes)
+from ortho_train.models import (DtypeName, TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm,
+                                model_dtype, weight_bytes)
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
@@ -48,7 +48,7 @@ from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_summary import write_interrupted_summary, write_run_summary
 from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
-from ortho_train.settings import check_settings, choice_rule, is_finite
+from ortho_train.settings import check_settings, is_finite
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
 
@@ -142,9 +142,8 @@ class CanarySFTModule(L.LightningModule):
              "AdamW needs two betas in [0, 1)"),
             ("val_exposure_references", val_exposure_references, val_exposure_references >= 1,
              "must be ≥ 1 (reference secrets ranked at each validation)"),
-            choice_rule("dtype", dtype, DtypeName),
         ])
-        torch_dtype = model_dtype(dtype, f"{MODEL}.dtype")
+        torch_dtype = model_dtype(dtype, f"{MODEL}.dtype")  # a Literal: checked by settings.check_choices
         refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
         if model_path is None:
