@@ -25,7 +25,6 @@ naming it (`ortho_train.checkpoint_io`).
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 from ortho_train.threads import set_passive_wait
@@ -42,20 +41,16 @@ from ortho_train.cli_errors import run_reporting_errors  # noqa: E402
 from ortho_train.console import add_step_progress_bar, quiet_library_chatter  # noqa: E402
 from ortho_train.datamodule import CanaryDataModule  # noqa: E402
 from ortho_train.interruption import InterruptionCallback  # noqa: E402
-from ortho_train.run_paths import (check_model_dir, check_writable,  # noqa: E402
-                                   checkpoint_run_dir, remove_if_unstarted, reserve_run_dir,
-                                   set_aside_metrics_csv)
+from ortho_train.run_paths import check_model_dir, checkpoint_run_dir  # noqa: E402
+from ortho_train.run_setup import RunDirectories, default_key_file  # noqa: E402
 from ortho_train.resume_check import check_resume  # noqa: E402
 from ortho_train.settings import check_trainer_settings  # noqa: E402
 from ortho_train.threads import configure_threads  # noqa: E402
 
 
-SAVE_DIR = "trainer.logger.init_args.save_dir"
-
-
 class OrthoTrainCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
-        self.reserved: list[Path] = []  # run directories this launch reserved (removed on a failed start)
+        self.run_dirs = RunDirectories()  # what this launch reserved (removed on a failed start)
         self.new_key_file: Path | None = None  # a canary key this launch may create (removed on a failed start)
         super().__init__(*args, **kwargs)
 
@@ -86,7 +81,7 @@ class OrthoTrainCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
         check_trainer_settings(config.trainer)
-        key_file = _default_key_file(config)
+        key_file = default_key_file(config)
         self.new_key_file = None if key_file is None or key_file.exists() else key_file
         model_args = config.model.get("init_args") if isinstance(config.model, Namespace) else None
         if model_args is not None and model_args.get("model_path") is not None:
@@ -95,56 +90,13 @@ class OrthoTrainCLI(LightningCLI):
         if resumed is not None:
             as_saved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
             check_resume(resumed, as_saved, str(config.get("ckpt_path")))
-        loggers = config.trainer.logger
-        if loggers is False:
-            # Without a logger Lightning writes into default_root_dir itself, and every such run
-            # would replace the previous one's artifacts: give it its own version directory.
-            root = Path(config.trainer.default_root_dir or ".")
-            if resumed is not None and root.resolve() == resumed:
-                run_dir = resumed  # the run's own config.yaml names its version directory as the root
-            else:
-                run_dir = resumed if _resumes_in(resumed, root) else self._reserve(root, "trainer.default_root_dir")
-            config.trainer.default_root_dir = str(run_dir)
-            _drop_callbacks_needing_a_logger(config.trainer)
-            return
-        loggers = loggers if isinstance(loggers, list) else [loggers]
-        loggers = [logger for logger in loggers if isinstance(logger, Namespace) and "init_args" in logger]
-        if not loggers or loggers[0].init_args.get("save_dir") is None:
-            return
-        if len(loggers) < 2 and resumed is None:  # the logger picks its version itself
-            check_writable(loggers[0].init_args.save_dir, SAVE_DIR)
-            return
-        # TensorBoard and CSV loggers each pick "the next free version" and so land in
-        # different directories; give all of them the first one's, so a run has one log dir.
-        first = loggers[0].init_args
-        root = Path(first.save_dir) / (first.get("name") or "")
-        if first.get("version") is None:
-            if _resumes_in(resumed, root):
-                first.version = int(resumed.name.removeprefix("version_"))
-                set_aside_metrics_csv(resumed)  # CSVLogger would delete the rows logged before the kill
-            else:
-                first.version = int(self._reserve(root, SAVE_DIR).name.removeprefix("version_"))
-            _own_log_dir()
-        elif resumed is not None and resumed == (root / f"version_{first.version}").resolve():
-            set_aside_metrics_csv(resumed)  # resumed with the run's own config.yaml, which names its version
-            _own_log_dir()
-        for logger in loggers[1:]:
-            if logger.init_args.get("version") is None:
-                logger.init_args.version = first.version
-
-    def _reserve(self, root: Path, setting: str) -> Path:
-        """Reserve `root/version_N` for this run (kept in `self.reserved` for a failed start);
-        `setting` is named if `root` cannot be written."""
-        run_dir = reserve_run_dir(root, setting)
-        self.reserved.append(run_dir)
-        return run_dir
+        self.run_dirs.assign(config.trainer, resumed)  # one version_N for every logger (ortho_train.run_setup)
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except BaseException:  # a setting refused while the classes are built: drop the reservation
-            for run_dir in self.reserved:
-                remove_if_unstarted(run_dir)
+            self.run_dirs.remove_reserved()
             self._remove_new_key_file()
             raise
         # first: a stopped run's checkpoint and model are saved before any other callback reacts
@@ -165,64 +117,13 @@ class OrthoTrainCLI(LightningCLI):
             self.new_key_file.unlink()
 
     def _remove_unstarted_run_dirs(self) -> None:
-        """After a failure before the first optimiser step, drop run directories holding
-        nothing but logger files (rank zero; other ranks write none)."""
+        """After a failure before the first optimiser step: the key file this launch created and
+        the run directories holding nothing but logger files (rank zero; other ranks write none)."""
         trainer = self.trainer
         if trainer.global_step > 0 or not trainer.is_global_zero:
             return
         self._remove_new_key_file()
-        candidates = {Path(trainer.default_root_dir)} if not trainer.loggers else set()
-        for logger in trainer.loggers:
-            log_dir = getattr(logger, "log_dir", None)
-            if log_dir is not None:
-                candidates.add(Path(log_dir))
-        for run_dir in candidates:
-            remove_if_unstarted(run_dir)
-
-
-def _default_key_file(config) -> Path | None:
-    """The canary key file of this run: `data.canary_key_file`, or, when the config leaves it unset
-    in the key-file mode, `<run root>/<name>/canary.key` beside the run directories (the first
-    logger's save_dir/name, else trainer.default_root_dir), written into the config. None in the
-    seed-only mode (`data.canary_secrets=seed`)."""
-    data = config.data
-    if data.get("canary_secrets", "key_file") != "key_file":
-        return None
-    if data.get("canary_key_file") is None:
-        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
-        first = next((lg.init_args for lg in loggers if isinstance(lg, Namespace) and "init_args" in lg
-                      and lg.init_args.get("save_dir") is not None), None)
-        root = (Path(first.save_dir) / (first.get("name") or "")) if first is not None \
-            else Path(config.trainer.default_root_dir or ".")
-        data.canary_key_file = str(root / "canary.key")
-    return Path(data.canary_key_file)
-
-
-def _resumes_in(run_dir: Path | None, root: Path) -> bool:
-    """The checkpoint's run directory is a `version_N` of `root` (else the run gets a new one)."""
-    if run_dir is None:
-        return False
-    if run_dir.parent != root.resolve():
-        warnings.warn(f"--ckpt_path lies in {run_dir}, not in a run directory of {root}: the resumed run "
-                      "writes into a new version directory", stacklevel=3)
-        return False
-    return True
-
-
-def _own_log_dir() -> None:
-    """The log directory is this run's own (new, or the one it resumes): the other loggers' files
-    in it are its own, and CSVLogger finds no metrics.csv there to remove."""
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-
-
-def _drop_callbacks_needing_a_logger(trainer_config) -> None:
-    """LearningRateMonitor refuses a Trainer without a logger; with `logger=false` it has nothing
-    to write to, so it is left out (with a warning) instead of failing the run at start-up."""
-    callbacks = trainer_config.get("callbacks") or []
-    kept = [c for c in callbacks if not str(c.get("class_path", "")).endswith("LearningRateMonitor")]
-    if len(kept) != len(callbacks):
-        warnings.warn("trainer.logger=false: LearningRateMonitor left out (it needs a logger)", stacklevel=2)
-        trainer_config.callbacks = kept
+        self.run_dirs.remove_unstarted(trainer)
 
 
 def cli_main(args=None, run: bool = True, exit_on_error: bool = True) -> OrthoTrainCLI:

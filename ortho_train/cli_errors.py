@@ -6,24 +6,28 @@ per level, each ending with a dump of the whole `Namespace`; the toolkit's own s
 under them, tens of lines up. `run_reporting_errors` follows the exception's cause chain past
 jsonargparse's wrappers to that error and prints it last. A type error found while parsing (`--model.lr=abc`)
 carries the setting only in the wrappers ('Parser key "model"', 'Parser key "lr"'): those keys
-are joined in front of the innermost message.
+are joined in front of the innermost message. A value outside a closed choice (a `Literal[...]`
+in a signature) reads as the toolkit's own checks write it: `data.forget_target='bogus': must be
+one of 'secret', 'secret_suffix', 'full'`.
 
 With `ORTHO_TRAIN_TRACEBACK=1` nothing is caught: the full traceback, as Python prints it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 from typing import Callable, Iterator
 
 from ortho_train.artifacts import DiskSpaceError
-from ortho_train.settings import SettingError
+from ortho_train.settings import SettingError, show
 
 TRACEBACK_ENV = "ORTHO_TRAIN_TRACEBACK"
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)"')
-_CLASS_PATH_PROBLEM = "Problem with given class_path"
+_CLASS_PATH_PROBLEM = re.compile(r"Problem with given class_path '([^']*)'")
 _SUBTYPES = re.compile(r"Subtypes: \[([^\n]*)\]")
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", re.S)  # jsonargparse's words
 # Where a class jsonargparse builds sits in a config, by the base class its Union names; an
 # error of a nested config (`table.alphas=[]`) is shown under it: `trainer.callbacks: table.alphas=[]: …`.
 _SECTIONS = (("Callback", "trainer.callbacks"), ("LightningModule", "model.init_args"),
@@ -52,9 +56,14 @@ def _setting_keys(chain: list[BaseException]) -> list[str]:
         found = _PARSER_KEY.match(head)
         if found and (not keys or keys[-1] != found.group(1)):
             keys.append(found.group(1))
-        elif head.startswith(_CLASS_PATH_PROBLEM) and keys:
-            keys.append("init_args")
+        elif (problem := _CLASS_PATH_PROBLEM.match(head)) and keys and not _is_dataclass(problem.group(1)):
+            keys.append("init_args")  # a config dataclass takes its fields directly, a class under init_args
     return keys
+
+
+def _is_dataclass(class_path: str) -> bool:
+    module, _, name = class_path.rpartition(".")
+    return dataclasses.is_dataclass(getattr(sys.modules.get(module), name, None))
 
 
 def one_line(text: str) -> str:
@@ -84,7 +93,10 @@ def failure_line(err: BaseException) -> str:
     if not isinstance(found, (ValueError, OSError)):
         message = f"{type(found).__name__}: {message}"  # e.g. ZeroDivisionError: a bug, not a setting
     keys = _setting_keys(chain)
-    if keys and not isinstance(found, SettingError):
+    literal = _LITERAL.fullmatch(message.strip())
+    if keys and literal:
+        message = f"{'.'.join(keys)}={show(literal.group(2))}: must be one of {literal.group(1)}"
+    elif keys and not isinstance(found, SettingError):
         message = f"{'.'.join(keys)}: {message}"
     elif not message.startswith(_NAMED) and (section := _section(chain)):
         message = f"{section}: {message}"

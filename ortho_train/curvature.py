@@ -17,11 +17,12 @@ checkpointing would fire the hooks twice per forward: collect under `torch.no_gr
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from ortho_train.hooks import LayerInputHooks
 from ortho_train.models import eval_mode, linear_layers
 
 
@@ -90,7 +91,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
         raise ValueError("the damped Hessian is not positive definite; raise `damp`") from err
 
 
-class HessianCollector:
+class HessianCollector(LayerInputHooks):
     """Forward pre-hooks accumulating the GPTQ Hessian of chosen linear layers.
 
         with HessianCollector(model) as collector:
@@ -105,33 +106,19 @@ class HessianCollector:
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Linear] | None = None,
                  dtype: torch.dtype = torch.float32):
-        self.modules = linear_layers(model) if modules is None else modules
+        super().__init__(linear_layers(model) if modules is None else modules)
         if not self.modules:
             raise ValueError("no nn.Linear layers to collect Hessians for")
         self.accumulators = {
             name: HessianAccumulator(m.in_features, dtype, m.weight.device)
             for name, m in self.modules.items()
         }
-        self.token_mask: torch.Tensor | None = None
-        self._handles: list = []
 
-    def _hook(self, name: str) -> Callable:
-        def hook(module, args):
-            x = args[0].detach()
-            mask = self.token_mask
-            if mask is not None:
-                mask = mask.to(x.device)
-            self.accumulators[name].add(x, mask)
-        return hook
-
-    def __enter__(self) -> "HessianCollector":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        mask = self.token_mask
+        if mask is not None:
+            mask = mask.to(x.device)
+        self.accumulators[name].add(x, mask)
 
     @property
     def tokens(self) -> int:

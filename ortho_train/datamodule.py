@@ -23,7 +23,7 @@ import warnings
 
 from dataclasses import replace
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning as L
 import torch
@@ -35,13 +35,16 @@ from ortho_train.corpus import load_corpus
 from ortho_train.provenance import canary_record
 from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
-from ortho_train.settings import SettingError, check_settings
+from ortho_train.settings import SettingError, check_choices, check_settings
 from ortho_train.token_datasets import (MemorisationProbe, PublicWindows, SequenceList, TokenisedCanaries,
                                         answer_collate, pad_collate, subset_canaries)
 from ortho_train.tokenization import BosPolicy, encode_text, leading_bos_id, load_tokenizer
 
 
-FORGET_TARGETS = ("secret", "secret_suffix", "full")
+ForgetTarget = Literal["secret", "secret_suffix", "full"]
+FORGET_TARGETS = get_args(ForgetTarget)
+CanarySecrets = Literal["key_file", "seed"]
+TrainSplit = Literal["sft", "unlearn"]
 
 
 def _forget_indices(forget_members: list[int] | None, num_members: int) -> list[int]:
@@ -64,8 +67,6 @@ SEED_ONLY_WARNING = ("data.canary_secrets=seed: the secrets follow from data.can
 
 def _check_secret_source(canary_secrets: str, canary_key_file: str | None) -> None:
     """The key-file mode needs its file; the seed-only mode takes none and is warned about."""
-    if canary_secrets not in ("key_file", "seed"):
-        raise SettingError(f"data.canary_secrets={canary_secrets!r}: choose 'key_file' or 'seed'")
     if canary_secrets == "key_file" and canary_key_file is None:
         raise SettingError("data.canary_key_file=null: the secrets come from a key file (data.canary_secrets="
                            "key_file), so name one (train.py names runs/<name>/canary.key when a config "
@@ -138,11 +139,11 @@ class CanaryDataModule(L.LightningDataModule):
         num_reference_secrets: int = 10_000,
         canary_seed: int = 1234,
         canary_key_file: str | None = None,
-        canary_secrets: Literal["key_file", "seed"] = "key_file",
+        canary_secrets: CanarySecrets = "key_file",
         num_workers: int = 0,
-        train_split: str = "sft",
+        train_split: TrainSplit = "sft",
         forget_members: list[int] | None = None,
-        forget_target: str = "secret",
+        forget_target: ForgetTarget = "secret",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -150,8 +151,8 @@ class CanaryDataModule(L.LightningDataModule):
                         val_windows=val_windows, num_reference_secrets=num_reference_secrets)
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be ≥ 0, got {num_workers}")
-        if train_split not in ("sft", "unlearn"):
-            raise ValueError(f"train_split must be 'sft' or 'unlearn', got {train_split!r}")
+        check_choices("data", canary_secrets=(canary_secrets, CanarySecrets), train_split=(train_split, TrainSplit),
+                      forget_target=(forget_target, ForgetTarget))
         _check_secret_source(canary_secrets, canary_key_file)
         self.canary_spec = CanaryConfig(
             template=canary_template,
@@ -164,8 +165,6 @@ class CanaryDataModule(L.LightningDataModule):
                 resolve_latest(canary_key_file), create=train_split == "sft"),
         )
         self.canaries: CanarySet = make_canaries(self.canary_spec)  # validates the spec early
-        if forget_target not in FORGET_TARGETS:
-            raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
         self.forget_indices = _forget_indices(forget_members, num_member_canaries)
         self.tokenizer = load_tokenizer(tokenizer)
         self.bos_id = leading_bos_id(self.tokenizer, add_bos)

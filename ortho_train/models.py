@@ -14,7 +14,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal, get_args
 
 import torch
 from torch import nn
@@ -25,20 +25,21 @@ from ortho_train.gguf_checkpoint import is_gguf_file, load_gguf_causal_lm
 from ortho_train.loading import LOCAL_FILES_ONLY
 from ortho_train.model_support import require_linear_only
 from ortho_train.run_paths import resolve_latest
-from ortho_train.settings import check_settings
+from ortho_train.settings import check_choices, check_settings
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-# `model.dtype` settings: the dtype a model is loaded (or built) in. float32 is the default and
+# `dtype` settings of the modules: the dtype a model is loaded (or built) in. float32 is the default and
 # the only one isolation, OGD, DP on the support and MANSU accept; float16 only LoRA unlearning
 # takes (`ortho_train.model_support`).
-MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The same names are the compute dtypes of a deployed copy (`quantisation.spec.PTQConfig`).
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = dict(zip(get_args(DtypeName), (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def model_dtype(name: str, setting: str = "model.dtype") -> torch.dtype:
-    """The torch dtype of a `model.dtype` setting; an unknown name raises ValueError naming `setting`."""
-    if name not in MODEL_DTYPES:
-        raise ValueError(f"{setting}={name!r} is not a known dtype: choose one of {sorted(MODEL_DTYPES)}")
-    return MODEL_DTYPES[name]
+    """The torch dtype of a dtype setting; an unknown name raises SettingError naming `setting`."""
+    check_choices("", **{setting: (name, DtypeName)})
+    return DTYPES[name]
 
 
 @dataclass

@@ -12,11 +12,18 @@ Every check is a `Rule`: (setting, value, ok, reason). `check_settings` raises o
 The prefix is where the owner sits in a config (`model.init_args`, `data`,
 `model.init_args.isolation.quant`, …); a class that is set in one place only names it itself.
 `train.py` prints the message of a `SettingError` as the last line of a failed start.
+
+Closed choices are `typing.Literal[...]` in the constructor signatures, so jsonargparse refuses
+a value outside them while parsing and `--help` / `--print_config` list them. A class built
+in plain Python checks them once with `check_choices` (or `choice_rule` inside a rule list),
+from the same Literal: `data.forget_target='bogus': must be one of 'secret', 'secret_suffix', 'full'`.
+An open registry (`UPDATE_MODES`, `LOSSES`, …: a new entry is one line, possibly at run time) stays
+`str` in the signature and is checked against its current names by the same helper.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 Rule = tuple[str, Any, bool, str]  # (setting, value, ok, reason)
 
@@ -40,6 +47,32 @@ def check_settings(prefix: str, rules: Iterable[Rule]) -> None:
               for setting, value, ok, reason in rules if not ok]
     if failed:
         raise SettingError("; ".join(failed))
+
+
+def choices(literal: Any) -> tuple:
+    """The values a `Literal[...]` type (or `Literal[...] | None`, without the None) allows; an
+    open registry (a dict or tuple of names, extended at run time) is its own list of values."""
+    if isinstance(literal, (dict, tuple, list, set, frozenset)):
+        return tuple(literal)
+    flat = []
+    for arg in get_args(literal):
+        if arg is type(None):
+            continue
+        flat.extend(choices(arg) if get_args(arg) else [arg])
+    return tuple(flat)
+
+
+def choice_rule(setting: str, value: Any, literal: Any) -> Rule:
+    """The `Rule` "`value` is one of the `literal` type's values" (None passes where it allows None);
+    `literal` may be a registry's names instead (`choices`)."""
+    allowed = choices(literal)
+    ok = value in allowed or (value is None and type(None) in get_args(literal))
+    return (setting, value, ok, "must be one of " + ", ".join(show(a) for a in allowed))
+
+
+def check_choices(prefix: str, **settings: tuple[Any, Any]) -> None:
+    """`check_settings` of closed choices given as `setting=(value, Literal[...])`."""
+    check_settings(prefix, [choice_rule(name, value, allowed) for name, (value, allowed) in settings.items()])
 
 
 def is_finite(value: Any) -> bool:

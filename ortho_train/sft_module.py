@@ -39,8 +39,8 @@ from ortho_train.artifacts import atomic_directory
 from ortho_train.distributed import allow_parameters_frozen_later, refuse_sharded_strategy
 from ortho_train.evaluation import evaluate_memorisation
 from ortho_train.model_support import refuse_float16_training
-from ortho_train.models import (TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm, model_dtype,
-                                weight_bytes)
+from ortho_train.models import (DtypeName, TinyLlamaConfig, build_tiny_llama, count_parameters, load_causal_lm,
+                                model_dtype, weight_bytes)
 from ortho_train.ogd import OGDConfig
 from ortho_train.private_update import PrivateStreams, build_controller
 from ortho_train.privacy import DPConfig
@@ -117,7 +117,7 @@ class CanarySFTModule(L.LightningModule):
         ogd: OGDConfig | None = None,
         dp: DPConfig | None = None,
         track_displacements: bool = False,
-        dtype: str = "float32",
+        dtype: DtypeName = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -143,7 +143,7 @@ class CanarySFTModule(L.LightningModule):
             ("val_exposure_references", val_exposure_references, val_exposure_references >= 1,
              "must be ≥ 1 (reference secrets ranked at each validation)"),
         ])
-        torch_dtype = model_dtype(dtype, "model.dtype")
+        torch_dtype = model_dtype(dtype, f"{MODEL}.dtype")  # a Literal: checked by settings.check_choices
         refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
         if model_path is None:

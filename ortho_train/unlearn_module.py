@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,20 +35,21 @@ from torch import nn
 
 from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
 from ortho_train.metrics import perplexity
-from ortho_train.models import count_parameters, eval_mode, load_causal_lm, model_dtype
+from ortho_train.models import DtypeName, count_parameters, eval_mode, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.quantisation import effective_linear_weights
 from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_paths import resolve_latest
-from ortho_train.settings import check_settings, is_finite
+from ortho_train.settings import check_settings, choice_rule, is_finite
 from ortho_train.tokenization import load_tokenizer
 from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraAdapterConfig  # noqa: F401 (re-exported)
 from ortho_train.unlearning.mansu import MansuConfig
-from ortho_train.unlearning.modes import build_update_mode
-from ortho_train.unlearning.objective import UnlearningObjective
+from ortho_train.unlearning.modes import UPDATE_MODES, build_update_mode
+from ortho_train.unlearning.objective import LOSSES, UnlearningObjective
 
+OptimizerName = Literal["adamw", "sgd"]  # the keys of OPTIMIZERS
 OPTIMIZERS = {"adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
               "sgd": lambda params, hp: torch.optim.SGD(params, lr=hp.lr)}
 
@@ -101,7 +103,7 @@ class UnlearnModule(L.LightningModule):
         beta: float = 0.1,
         retain_weight: float = 1.0,
         lr: float = 1e-3,
-        optimizer: str = "adamw",
+        optimizer: OptimizerName = "adamw",
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lora: LoraAdapterConfig | None = None,
@@ -110,7 +112,7 @@ class UnlearnModule(L.LightningModule):
         guard_every_n_steps: int = 10,
         guard_windows: int = 16,
         attribution_batches: int = 4,
-        dtype: str = "float32",
+        dtype: DtypeName = "float32",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -118,7 +120,7 @@ class UnlearnModule(L.LightningModule):
         self.mode = mode
         self.objective = UnlearningObjective(loss, beta, retain_weight)
         self.update_mode = build_update_mode(mode, {"lora": lora or LoraAdapterConfig(), "mansu": mansu or MansuConfig()})
-        torch_dtype = model_dtype(dtype, "model.dtype")
+        torch_dtype = model_dtype(dtype, "model.init_args.dtype")
         self.update_mode.check_settings(weight_decay, torch_dtype)
         # `runs/<name>/latest/…`: the newest run; absolute, so the exported adapter's
         # `base_model_name_or_path` loads from anywhere (a relative one reads as a hub id elsewhere)
@@ -144,7 +146,8 @@ class UnlearnModule(L.LightningModule):
         ppl_factor = hp.max_retain_ppl_factor
         check_settings("model.init_args", [
             ("lr", hp.lr, is_finite(hp.lr) and hp.lr > 0, "learning rates must be > 0"),
-            ("optimizer", hp.optimizer, hp.optimizer in OPTIMIZERS, f"must be one of {sorted(OPTIMIZERS)}"),
+            choice_rule("mode", hp.mode, UPDATE_MODES), choice_rule("loss", hp.loss, LOSSES),
+            choice_rule("optimizer", hp.optimizer, OptimizerName), choice_rule("dtype", hp.dtype, DtypeName),
             ("max_retain_ppl_factor", ppl_factor, ppl_factor is None or ppl_factor > 1,
              "must be > 1 (or null: no divergence guard)"),
             ("weight_decay", hp.weight_decay, is_finite(hp.weight_decay) and hp.weight_decay >= 0, "must be ≥ 0"),

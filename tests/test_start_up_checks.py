@@ -180,7 +180,14 @@ START_UP_CASES = {  # extra arguments after tiny.yaml → the last line, from it
     # beyond the list, from a sweep of the same kinds
     "max_steps=-5": (["--trainer.max_steps=-5"], "trainer.max_steps=-5: must be ≥ 1"),
     "gradient_clip_val=-1": (["--trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1: must be ≥ 0"),
-    "canary_secrets": (["--data.canary_secrets=maybe"], "data.canary_secrets: Expected a typing.Literal"),
+    "canary_secrets": (["--data.canary_secrets=maybe"], "data.canary_secrets='maybe': must be one of 'key_file', 'seed'"),
+    # closed choices are Literal types: jsonargparse refuses them while parsing, in the toolkit's words
+    "forget_target": (["--data.forget_target=bogus"],
+                      "data.forget_target='bogus': must be one of 'secret', 'secret_suffix', 'full'"),
+    "dtype": (["--model.init_args.dtype=float64"],
+              "model.init_args.dtype='float64': must be one of 'float32', 'bfloat16', 'float16'"),
+    "dp scope": (["--model.init_args.dp.scope=everywhere"],  # a nested config dataclass: no init_args in the name
+                 "model.init_args.dp.scope='everywhere': must be one of 'support', 'global'"),
     "missing gguf": (["--model.init_args.model_path=no/model.gguf"], "model.init_args.model_path='no/model.gguf': no such"),
 }
 

@@ -229,8 +229,10 @@ int ortho_int4_gemv(const uint8_t *q, const uint16_t *s, const uint16_t *z,
     return 0;
 }
 
-/* The same GEMV with the rows split by an OpenMP static schedule in torch's libgomp pool:
- * what this library did before the pool, kept so the benchmark can show both under load. */
+#ifdef _OPENMP
+/* The same GEMV with the rows split by an OpenMP static schedule: what this library did
+ * before the pool, kept so the benchmark can show both under load. Only in the separate
+ * build with -fopenmp (cpu_gemv.omp_library); the op's library has no OpenMP runtime. */
 int ortho_int4_gemv_omp(const uint8_t *q, const uint16_t *s, const uint16_t *z,
                         int M, int N, int K, int group,
                         const float *x, float *y,
@@ -244,6 +246,7 @@ int ortho_int4_gemv_omp(const uint8_t *q, const uint16_t *s, const uint16_t *z,
     free(work);
     return 0;
 }
+#endif
 
 typedef struct {
     const uint8_t *q;

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ortho_kernels import cpu_gemv
+from ortho_kernels.gemv_args import check_gemv_base
 from ortho_kernels.streams import OrthoStream, QuantisedBase
 from ortho_kernels.tensor_cache import TensorKeyedCache, stamp_of
 
@@ -93,6 +94,8 @@ class CpuInt4Runtime:
         self.scales, self.zeros = base.scales.contiguous(), base.zeros.contiguous()  # (N, G)
         reason = cpu_gemv.unsupported(base.bits, base.group_size)
         self.gemv_max_m = cpu_gemv.MAX_M if reason is None else 0
+        if reason is None:  # once here, not per decoding call: the buffers are kept as they are
+            check_gemv_base(qweight, self.scales, self.zeros, k, base.group_size)
         if reason is not None and reason not in _WARNED:
             _WARNED.add(reason)
             warnings.warn(f"dual_stream_linear: CPU GEMV unavailable ({reason}); small M uses "
@@ -142,7 +145,7 @@ class CpuInt4Runtime:
     def gemv(self, x2d: torch.Tensor, csr: tuple | None = None, alpha: float = 0.0) -> torch.Tensor:
         """(M, K) -> (M, N) fp32 with ortho-train's GEMV; M <= gemv_max_m."""
         return cpu_gemv.gemv(self.qweight, self.scales, self.zeros, self.shape[1],
-                             self.group_size, x2d, csr, alpha)
+                             self.group_size, x2d, csr, alpha, base_checked=True)
 
     def matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N) bf16, base stream only, with torch's INT4 op."""

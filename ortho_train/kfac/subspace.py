@@ -28,12 +28,13 @@ optimisers project the applied step instead (`project_update_`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis, join_bias, split_bias
+from ortho_train.settings import check_choices
 
 
 def _resolve_k(size: int, k: int | None, fraction: float | None, name: str, layer: str) -> int:
@@ -83,6 +84,7 @@ def input_flattest(basis: KroneckerEigenbasis, k: int | None = None, fraction: f
     return columns.expand(d_out, d_in).clone()  # (d_out, d_in')
 
 
+SubspaceName = Literal["flattest", "sharpest", "input_flattest"]  # the keys of SUBSPACES
 SUBSPACES: dict[str, Callable[..., Tensor]] = {
     "flattest": flattest,
     "sharpest": sharpest,
@@ -100,13 +102,12 @@ class SubspaceConfig:
         k: a number of directions (eigen-pairs, or columns for "input_flattest").
     """
 
-    name: str = "flattest"
+    name: SubspaceName = "flattest"
     fraction: float | None = None
     k: int | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in SUBSPACES:
-            raise ValueError(f"subspace name {self.name!r} is unknown; choose one of {sorted(SUBSPACES)}")
+        check_choices("subspace", name=(self.name, SubspaceName))
         if (self.k is None) == (self.fraction is None):
             raise ValueError(f"subspace {self.name!r}: give exactly one of k and fraction")
         if self.fraction is not None and not 0.0 < self.fraction < 1.0:

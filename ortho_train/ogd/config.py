@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ortho_train.kfac import SUBSPACES, SubspaceConfig
+from ortho_train.kfac import SubspaceConfig
+from ortho_train.kfac.subspace import SubspaceName
 from ortho_train.ogd.private_stream import PRIVATE_BASES
+from ortho_train.settings import check_choices
 
 
 @dataclass
@@ -45,27 +47,23 @@ class OGDConfig:
             ones held at zero; two rotations per step, Adam's scaling per eigen-direction).
     """
 
-    subspace: str = "flattest"
+    subspace: SubspaceName = "flattest"
     fraction: float | None = 0.5
     k: int | None = None
     kfac_batches: int = 8
     include_lm_head: bool = False
     private_sees_public: bool = False
     private_public_fraction: float = 1.0
-    private_basis: str = "parameter"
+    private_basis: str = "parameter"  # a registry (`register_basis`): str, not a Literal
 
     def __post_init__(self) -> None:
-        if self.subspace not in SUBSPACES:
-            raise ValueError(f"ogd.subspace {self.subspace!r} is unknown; choose one of {sorted(SUBSPACES)}")
+        check_choices("ogd", subspace=(self.subspace, SubspaceName), private_basis=(self.private_basis, PRIVATE_BASES))
         if self.k is None and self.fraction is None:
             raise ValueError("ogd.fraction and ogd.k are both unset: give one of them")
         if self.k is None and not 0.0 < self.fraction < 1.0:
             raise ValueError(f"ogd.fraction must lie in (0, 1), got {self.fraction}")
         if self.k is not None and self.k < 0:
             raise ValueError(f"ogd.k must be ≥ 0, got {self.k}")
-        if self.private_basis not in PRIVATE_BASES:
-            raise ValueError(f"ogd.private_basis {self.private_basis!r} is unknown; choose one of "
-                             f"{sorted(PRIVATE_BASES)}")
         if not 0.0 < self.private_public_fraction <= 1.0:
             raise ValueError(f"ogd.private_public_fraction must lie in (0, 1], got {self.private_public_fraction}")
         if self.private_public_fraction < 1.0 and not self.private_sees_public:

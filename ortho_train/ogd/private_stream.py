@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ortho_train.kfac import join_bias, project_update_, split_bias
 from ortho_train.ogd.subspaces import ProtectedSubspace
+from ortho_train.settings import check_choices
 
 Pair = tuple[Tensor, "Tensor | None"]  # (weight, bias or None) of one linear
 
@@ -202,6 +203,5 @@ class EigenbasisStream(PrivateStream):
 
 def make_private_stream(basis: str, subspaces: dict[str, ProtectedSubspace], shapes: dict[str, Pair],
                         lr: float, betas: tuple[float, float], weight_decay: float) -> PrivateStream:
-    if basis not in PRIVATE_BASES:
-        raise ValueError(f"ogd.private_basis {basis!r} is unknown; choose one of {sorted(PRIVATE_BASES)}")
+    check_choices("ogd", private_basis=(basis, PRIVATE_BASES))
     return PRIVATE_BASES[basis](subspaces, shapes, lr, betas, weight_decay)

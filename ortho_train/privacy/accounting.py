@@ -16,13 +16,16 @@ the whole sequence of released gradients, hence in everything computed from them
 from __future__ import annotations
 
 import warnings
+from typing import Literal, get_args
 
-ACCOUNTANTS = ("rdp", "prv")
+from ortho_train.settings import check_choices
+
+Accountant = Literal["rdp", "prv"]
+ACCOUNTANTS = get_args(Accountant)
 
 
 def check_accountant(name: str) -> str:
-    if name not in ACCOUNTANTS:
-        raise ValueError(f"dp accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    check_choices("dp", accountant=(name, Accountant))
     return name
 
 

@@ -30,20 +30,21 @@ The optimiser and the write-back of frozen values off S stay the caller's job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ortho_train.privacy.accounting import (PrivacyLedger, calibrate_noise_multiplier, check_accountant,
+from ortho_train.privacy.accounting import (Accountant, PrivacyLedger, calibrate_noise_multiplier,
                                             rdp_epsilon_floor)
 from ortho_train.attention import eager_attention
 from ortho_train.privacy.poisson import PoissonCanarySampler
-from ortho_train.settings import SettingError, check_settings
+from ortho_train.settings import SettingError, check_choices, check_settings
 
 Batch = dict[str, torch.Tensor]
-SCOPES = ("support", "global")
+DPScope = Literal["support", "global"]
+SCOPES = get_args(DPScope)
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
@@ -68,15 +69,14 @@ class DPConfig:
     noise_multiplier: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: Accountant = "rdp"
     sample_rate: float | None = None
     expected_batch_size: float | None = None
     seed: int = 0
-    scope: str = "support"
+    scope: DPScope = "support"
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"dp scope must be one of {SCOPES}, got {self.scope!r}")
+        check_choices("model.init_args.dp", scope=(self.scope, DPScope), accountant=(self.accountant, Accountant))
         if (self.target_epsilon is None) == (self.noise_multiplier is None):
             raise ValueError("dp needs exactly one of target_epsilon and noise_multiplier, got "
                              f"target_epsilon={self.target_epsilon}, noise_multiplier={self.noise_multiplier}")
@@ -94,7 +94,6 @@ class DPConfig:
             raise ValueError(f"dp delta must lie in (0, 1), got {self.delta}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"dp max_grad_norm must be positive, got {self.max_grad_norm}")
-        check_accountant(self.accountant)
         if (self.sample_rate is None) == (self.expected_batch_size is None):
             raise ValueError("dp needs exactly one of sample_rate and expected_batch_size, got "
                              f"sample_rate={self.sample_rate}, expected_batch_size={self.expected_batch_size}")

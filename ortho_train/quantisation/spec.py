@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -9,10 +10,11 @@ from torch import Tensor
 from ortho_kernels import QuantisedBase
 from ortho_train.quantisation.format import WeightFormat
 from ortho_train.quantisation.registry import base_quantiser, deployment_format
-from ortho_train.settings import Rule, is_finite
+from ortho_train.models import DTYPES, DtypeName
+from ortho_train.settings import Rule, check_choices, is_finite
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_KERNELS = ("portable", "native")
+CpuKernel = Literal["portable", "native"]
+CPU_KERNELS = get_args(CpuKernel)
 BNB_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -99,16 +101,13 @@ class PTQConfig:
 
     blocksize: int = 64
     double_quant: bool = False
-    compute_dtype: str = "float32"
+    compute_dtype: DtypeName = "float32"
     group_size: int = 128
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
-    cpu_kernel: str = "portable"
+    cpu_kernel: CpuKernel = "portable"
 
     def __post_init__(self) -> None:
-        if self.cpu_kernel not in CPU_KERNELS:
-            raise ValueError(f"cpu_kernel must be one of {CPU_KERNELS}, got {self.cpu_kernel!r}")
-        if self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
+        check_choices("quant", cpu_kernel=(self.cpu_kernel, CpuKernel), compute_dtype=(self.compute_dtype, DtypeName))
         if self.group_size < 1:
             raise ValueError(f"group_size must be ≥ 1, got {self.group_size}")
         if self.blocksize not in BNB_BLOCKSIZES:

@@ -28,9 +28,9 @@ import torch
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_kernels.packing import group_dequantise, group_quantise
 from ortho_train.quantisation import QuantConfig, base_from_codes, quantise_weight
-from ortho_train.settings import check_settings
+from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.select import (
-    SELECTIONS,
+    Selection,
     adaptive_threshold,
     budget,
     dqc_compensate,
@@ -61,7 +61,7 @@ class SieveConfig:
 
     quant: QuantConfig = field(default_factory=QuantConfig)
     rho: float = 0.01
-    selection: str = "top"
+    selection: Selection = "top"
     beta: float = 2.0
     dqc: bool = False
     dqc_gamma: float = 1.0
@@ -69,8 +69,7 @@ class SieveConfig:
     include_lm_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        check_choices("spec", selection=(self.selection, Selection))
         budget(self.rho, 1)  # validates 0 ≤ ρ ≤ 1
         check_settings("spec.quant", self.quant.rules())  # as the SieveCallback's table.spec writes it
         if not (math.isfinite(self.dqc_gamma) and self.dqc_gamma > 0):

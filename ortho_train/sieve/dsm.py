@@ -30,6 +30,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ortho_train.hooks import LayerInputHooks
 from ortho_train.models import eval_mode, requires_grad_as
 from ortho_train.attention import eager_attention
 from ortho_train.sieve.select import top_fraction_mask
@@ -77,37 +78,23 @@ def hutchinson_diagonal(loss_fn: Callable[[], torch.Tensor], params: dict[str, t
     return {name: e / probes for name, e in zip(params, estimate)}
 
 
-class ActivationStats:
+class ActivationStats(LayerInputHooks):
     """Forward pre-hooks: running mean and second moment of each listed linear's input features."""
 
     def __init__(self, modules: dict[str, nn.Linear]):
-        self.modules = modules
+        super().__init__(modules)
         self.sums = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
         self.squares = {n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in modules.items()}
         self.tokens = {n: 0 for n in modules}
-        self.token_mask: torch.Tensor | None = None
-        self._handles: list = []
 
-    def _hook(self, name: str):
-        def hook(module, args):
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])  # (tokens, K)
-            if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
-                rows = rows[self.token_mask.reshape(-1).bool().to(rows.device)]  # (kept, K)
-            rows = rows.double().cpu()
-            self.sums[name] += rows.sum(dim=0)
-            self.squares[name] += rows.square().sum(dim=0)
-            self.tokens[name] += rows.shape[0]
-        return hook
-
-    def __enter__(self) -> "ActivationStats":
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, K)
+        if self.token_mask is not None and self.token_mask.shape == x.shape[:-1]:
+            rows = rows[self.token_mask.reshape(-1).bool().to(rows.device)]  # (kept, K)
+        rows = rows.double().cpu()
+        self.sums[name] += rows.sum(dim=0)
+        self.squares[name] += rows.square().sum(dim=0)
+        self.tokens[name] += rows.shape[0]
 
     def std(self) -> dict[str, torch.Tensor]:
         """σ(A_j) (K,) per layer: sqrt(E[x²] − E[x]²) over the tokens seen."""

@@ -19,12 +19,14 @@ Pure tensor maths on one layer (W: N × K, H: K × K), no modules.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
 from ortho_train.curvature import prepare_hessian
 
-SELECTIONS = ("top", "adaptive")
+Selection = Literal["top", "adaptive"]
+SELECTIONS = get_args(Selection)
 
 
 def hinv_diagonal(hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ortho_train.settings import check_choices
 from ortho_train.unlearning.ga import GradientAscent
 from ortho_train.unlearning.gdr import RetainCrossEntropy
 from ortho_train.unlearning.klr import RetainKL
@@ -52,8 +53,7 @@ class UnlearningObjective:
     retain_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in LOSSES:
-            raise ValueError(f"unknown unlearning loss {self.name!r}; choose one of {sorted(LOSSES)}")
+        check_choices("model.init_args", loss=(self.name, LOSSES))  # an open table: str, not a Literal
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.retain_weight < 0:

@@ -47,7 +47,9 @@ def test_gemv_result_does_not_depend_on_threads_or_pool(m):
     one = _raw(lib.ortho_int4_gemv, base, x, csr, 1)
     for threads in (2, 3):
         assert torch.equal(_raw(lib.ortho_int4_gemv, base, x, csr, threads), one)
-    assert torch.equal(_raw(lib.ortho_int4_gemv_omp, base, x, csr, 2), one)
+    omp = cpu_gemv.omp_library()  # the OpenMP comparison build, if this compiler has OpenMP
+    if not isinstance(omp, str):
+        assert torch.equal(_raw(omp.ortho_int4_gemv_omp, base, x, csr, 2), one)
 
 
 def test_gemv_from_several_python_threads_at_once():

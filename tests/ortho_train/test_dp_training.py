@@ -35,7 +35,7 @@ def test_bad_dp_settings_fail_at_start_up_naming_the_setting():
         _dp(delta=1.0)
     with pytest.raises(ValueError, match="max_grad_norm must be positive"):
         _dp(max_grad_norm=0.0)
-    with pytest.raises(ValueError, match="scope must be one of"):
+    with pytest.raises(ValueError, match="dp.scope=.everywhere.: must be one of .support., .global."):
         _dp(scope="everywhere")
     with pytest.raises(ValueError, match="mutually exclusive"):
         from ortho_train.ogd import OGDConfig

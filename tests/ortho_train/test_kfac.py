@@ -291,7 +291,7 @@ def test_masks_pick_the_right_directions_and_bad_settings_fail():
     cols = SUBSPACES["input_flattest"](basis, fraction=0.4)  # round(0.4·5) = 2 columns
     assert cols.all(0).sum() == 2 and (cols.any(0) == cols.all(0)).all()
     assert basis.S_A[cols[0]].max() <= basis.S_A[~cols[0]].min()
-    with pytest.raises(ValueError, match="'flatest' is unknown"):
+    with pytest.raises(ValueError, match="subspace.name='flatest': must be one of"):
         SubspaceConfig("flatest", fraction=0.5)
     with pytest.raises(ValueError, match="fraction must be in"):
         SubspaceConfig("flattest", fraction=1.0)

@@ -154,7 +154,7 @@ def test_a_new_loss_is_one_table_line(monkeypatch):
 
 
 def test_bad_inputs_give_clear_errors():
-    with pytest.raises(ValueError, match="unknown unlearning loss 'dpo'"):
+    with pytest.raises(ValueError, match="model.init_args.loss='dpo': must be one of"):
         UnlearningObjective("dpo")
     with pytest.raises(ValueError, match="needs the reference"):
         UnlearningObjective("npo")(_logits(), LABELS)

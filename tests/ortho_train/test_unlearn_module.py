@@ -184,7 +184,7 @@ def test_bad_inputs_give_clear_errors(model_dir, tmp_path):
         tiny_datamodule(model_dir, forget_members=[0, 9])
     with pytest.raises(ValueError, match=r"model\.lora\.target_modules \['qkv_proj'\] match no linear layer"):
         UnlearnModule(str(model_dir), mode="lora", lora=LoraAdapterConfig(target_modules=["q_proj", "qkv_proj"]))
-    with pytest.raises(ValueError, match=r"model\.mode must be one of \['full', 'lora', 'mansu'\], got 'partial'"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.mode='partial': must be one of 'lora', 'full', 'mansu'"):
         UnlearnModule(str(model_dir), mode="partial")
     with pytest.raises(ValueError, match="weight_decay=0"):
         UnlearnModule(str(model_dir), mode="mansu", weight_decay=0.1)
