@@ -100,10 +100,10 @@ def max_abs_error(data: np.ndarray, qtype: QType, w: Tensor) -> float:
 def encode(w: Tensor, qtype: QType, base: QuantisedBase | None = None) -> Encoded:
     """Blocks of the weight `w` (N, K) float32: exact from `base` where its grid fits, else rounded."""
     data = exact_blocks(base, qtype) if base is not None else None
-    exact = data is not None
     if data is None:
         data = rounded_blocks(w, qtype)
-    return Encoded(data, qtype, exact, max_abs_error(data, qtype, w))
+    error = max_abs_error(data, qtype, w)
+    return Encoded(data, qtype, error == 0.0, error)
 
 
 def as_stored(t: Tensor) -> Encoded:

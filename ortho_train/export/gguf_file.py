@@ -16,7 +16,9 @@ GGUF v3 as the `gguf` package's `GGUFWriter` writes it: key/value metadata, then
   32-weight blocks unchanged, so it is exact.
 
 Tensor types: the sieved linears get the target type (`gguf_blocks.encode`: code for code from a
-base on llama.cpp's grid, llama.cpp's rounding otherwise); 1-D tensors (norms, biases) are F32;
+base on llama.cpp's grid, llama.cpp's rounding otherwise), except those whose rows are not whole
+32-weight blocks (the tiny 688-wide MLP): F32 beside Q4 (exact), F16 beside Q8_0 (as llama.cpp's
+converter falls back); 1-D tensors (norms, biases) are F32;
 other 2-D tensors (embedding, an unsieved head) keep their saved dtype in a Q4 export (exact) and
 take the target type in a Q8_0 / F16 export. Gemma3, Qwen2 and other architectures are refused.
 """
@@ -31,7 +33,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
 from ortho_train.artifacts import atomic_artifacts
-from ortho_train.export.gguf_blocks import Q4_TYPES, Encoded, as_stored, encode
+from ortho_train.export.gguf_blocks import BLOCK, Q4_TYPES, Encoded, as_stored, encode
 from ortho_train.export.gguf_vocab import write_vocab
 from ortho_train.export.report import ExportReport
 from ortho_train.export.source import SievedSource
@@ -89,6 +91,8 @@ def _encode_tensor(source: SievedSource, key: str, qtype: QType) -> Encoded:
     module, kind = key.rsplit(".", 1)
     if module in source.bases and kind == "weight":
         w = source.weight(module)  # (N, K) float32 at α
+        if qtype != QType.F16 and w.shape[1] % BLOCK:  # no whole blocks: the converter's F16 fallback,
+            return encode(w, QType.F32 if qtype in Q4_TYPES else QType.F16)  # F32 (exact) beside Q4
         return encode(w, qtype, source.bases[module] if source.alpha == 0 else None)
     tensor = source.biases[module] if module in source.bases else source.tensors[key]
     if tensor.dim() == 1:

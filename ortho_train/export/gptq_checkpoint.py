@@ -2,12 +2,13 @@
 
 A Hugging Face model directory (`config.json` with `quantization_config`, `quantize_config.json`
 for AutoGPTQ, `model.safetensors`, the tokenizer files). For every sieved linear `<name>`
-(out N, in K, groups of g, G = K / g), codes q and zero-points z ∈ [0, 15], scales s:
+(out N, in K, groups of g), codes q and zero-points z ∈ [0, 15], scales s:
 
     <name>.qweight  int32 (K/8, N):  bits [4j, 4j+4) of qweight[i, n] = q[n, 8i + j]    (j = 0..7)
     <name>.qzeros   int32 (G, N/8):  bits [4j, 4j+4) of qzeros[t, c]  = z'[n = 8c + j, group t]
     <name>.scales   fp16  (G, N):    scales[t, n] = s[n, t]
-    <name>.g_idx    int32 (K,):      g_idx[k] = k // g   (no act-order permutation: desc_act false)
+    <name>.g_idx    int32 (K,):      g_idx[k] = k // g   (no act-order permutation: desc_act false;
+                                     G = ceil(K / g): a ragged last group is its own, as in the base)
     <name>.bias     fp16  (N,)       where the layer has one
 
     w[n, k] = (q[n, k] − z[n, g_idx[k]]) · s[n, g_idx[k]]
@@ -65,9 +66,8 @@ def gptq_tensors(base, checkpoint_format: str) -> dict[str, Tensor]:
     n, k = base.shape
     if base.bits != 4:
         raise ValueError(f"GPTQ export writes 4-bit bases; this one has {base.bits} bits")
-    if n % PACK or k % PACK or k % base.group_size:
-        raise ValueError(f"GPTQ packing needs out and in features divisible by {PACK} and whole groups; "
-                         f"got {tuple(base.shape)} with groups of {base.group_size}")
+    if n % PACK or k % PACK:
+        raise ValueError(f"GPTQ packing needs out and in features divisible by {PACK}; got {tuple(base.shape)}")
     zeros = base.zeros.to(torch.int64)  # (N, G) integers in [0, 15]
     if checkpoint_format == "gptq":
         if bool((zeros == 0).any()):

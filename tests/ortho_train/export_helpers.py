@@ -30,9 +30,10 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
                                    eos_token="</s>")
 
 
-def tiny_llama(vocab_size: int, tied: bool, seed: int = 0) -> LlamaForCausalLM:
-    """hidden 128, 4 heads of 32, 2 key/value heads, SwiGLU 256, 2 blocks (every K a multiple of 128)."""
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+def tiny_llama(vocab_size: int, tied: bool, seed: int = 0, intermediate: int = 256) -> LlamaForCausalLM:
+    """hidden 128, 4 heads of 32, 2 key/value heads, SwiGLU `intermediate` (256: every K a multiple of
+    128; 136: down_proj has a ragged group of 8 and no whole 32-blocks), 2 blocks."""
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1, bos_token_id=None)
     with torch.random.fork_rng():
@@ -41,10 +42,10 @@ def tiny_llama(vocab_size: int, tied: bool, seed: int = 0) -> LlamaForCausalLM:
 
 
 def save_tiny_sieved(directory: Path, method: str, group_size: int, tokenizer=None, tied: bool = True,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, intermediate: int = 256) -> Path:
     """Sieve a tiny Llama post hoc (ρ = 5%, base `method`) and save it with `tokenizer` (BPE by default)."""
     tokenizer = tokenizer or bpe_tokenizer()
-    model = tiny_llama(len(tokenizer), tied, seed)
+    model = tiny_llama(len(tokenizer), tied, seed, intermediate)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         batches = [{"input_ids": torch.randint(3, len(tokenizer), (4, 32))} for _ in range(2)]

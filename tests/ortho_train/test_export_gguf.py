@@ -124,6 +124,16 @@ def test_alpha_zero_never_reads_the_ortho_stream(sieved, tmp_path):
     assert names and not any("ortho" in n for n in names)
 
 
+def test_rows_without_whole_blocks_fall_back_to_f32_exactly(tmp_path):
+    path = save_tiny_sieved(tmp_path / "ragged", "gptq", 128, intermediate=136)  # ffn_down rows of 136
+    source = read_sieved(path, alpha=0)
+    report = export(source, "gguf-q4_0", tmp_path / "m.gguf")
+    assert report.tensors["blk.0.ffn_down.weight"] == {"type": "F32", "exact": True, "max_abs_error": 0.0}
+    tensors = _read(tmp_path / "m.gguf")
+    assert np.array_equal(tensors["blk.1.ffn_down.weight"], source.weight("model.layers.1.mlp.down_proj").numpy())
+    assert report.tensors["blk.0.ffn_up.weight"]["type"] == "Q4_0"
+
+
 def _strings(reader: GGUFReader, key: str) -> list[str]:
     field = reader.fields[key]
     return [bytes(field.parts[i]).decode("utf-8") for i in field.data]

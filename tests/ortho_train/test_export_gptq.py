@@ -56,6 +56,18 @@ def test_unpacked_checkpoint_is_the_alpha_zero_weights_exactly(sieved, tmp_path,
     assert not (tmp_path / "out" / "ortho.safetensors").exists()
 
 
+def test_a_ragged_last_group_is_exact_too(tmp_path):
+    path = save_tiny_sieved(tmp_path / "ragged", "gptq", 128, intermediate=136)  # down_proj: K = 128 + 8
+    source = read_sieved(path, alpha=0)
+    export(source, "gptq", tmp_path / "out", checkpoint_format="gptq_v2")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.0.mlp.down_proj"
+    assert tuple(state[f"{name}.scales"].shape) == (2, 128) and tuple(state[f"{name}.qweight"].shape) == (17, 128)
+    for name in source.bases:
+        assert torch.equal(reference_dequantise(state, name, "gptq_v2"), source.weight(name)), name
+
+
 def test_zero_point_zero_needs_the_v2_format():
     codes = torch.randint(0, 16, (8, 16), dtype=torch.uint8)
     zeros = torch.tensor([[0.0], [1.0], [8.0], [15.0], [3.0], [4.0], [5.0], [6.0]], dtype=torch.float16)
