@@ -8,7 +8,8 @@ The dense weight of a sieved linear is the one `OrthoLinear.effective_weight` co
 
     W(α) = (q − z) · s  (group-wise, `ortho_kernels.group_dequantise`)  +  α · W_ortho
 
-with W_ortho the sparse ortho stream scattered into (N, K) (flat index i·K + j). An α = 0 source
+with W_ortho the sparse ortho stream scattered into (N, K) (flat index i·K + j); α = 1 means 1 in
+every layer (the per-layer α saved in `sieve_config.json` is not applied). An α = 0 source
 reads the base file alone, so nothing an exporter writes from it can hold ortho data. Every
 other tensor of the model (embeddings, norms, an unsieved head) comes from the base file as saved.
 Files are checked as `load_sieved` checks them (format, checksums, pair id).

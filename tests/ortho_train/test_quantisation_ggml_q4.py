@@ -6,9 +6,11 @@ from gguf import GGMLQuantizationType as QType
 from gguf import quants
 
 from ortho_train.export.gguf_blocks import exact_blocks
+from ortho_train.models import TinyLlamaConfig, build_tiny_llama
 from ortho_train.quantisation import FORMATS, QuantConfig, quantise_weight
 from ortho_train.quantisation.ggml_q4 import q4_0_quantise, q4_1_quantise
 from ortho_train.sieve import SieveConfig, sieve_posthoc
+from ortho_train.sieve.isolation import IsolationConfig, build_isolation
 
 
 def _weight(seed=0, n=16, k=128):
@@ -69,3 +71,17 @@ def test_registered_as_base_quantisers_usable_by_the_sieve():
         quantise_weight(torch.randn(4, 40), QuantConfig("q4_0", 4, 32))
     with pytest.raises(ValueError, match="bits must be one of"):
         QuantConfig("q4_0", 8, 32)
+
+
+@pytest.mark.parametrize("method", ["q4_0", "q4_1"])
+def test_isolation_builds_its_bases_on_the_ggml_grid(method):
+    model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), 40, 0, 1)
+    batch = {"input_ids": torch.randint(2, 40, (2, 16))}
+    batch |= {"attention_mask": torch.ones_like(batch["input_ids"]), "labels": batch["input_ids"]}
+    config = IsolationConfig(support="impact", rho=0.05, quant=QuantConfig(method, 4, 32), calibration_batches=1)
+    iso = build_isolation(model, config, lambda: [batch], lambda: [], lambda m, b: m(**b).loss)
+    for name, base in iso.bases.items():
+        assert base.group_size == 32
+        w = model.get_submodule(name).weight.detach()
+        codes, scales, zeros = (q4_0_quantise if method == "q4_0" else q4_1_quantise)(w)
+        assert torch.equal(base.codes(), codes) and torch.equal(base.scales, scales), name
