@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m ortho_train.export",
         description="Export a sieved model (save_sieved's directory) for llama.cpp (GGUF) or GPTQ loaders. "
                     "α = 0 writes the public base stream only: the ortho file is never read.")
-    p.add_argument("sieved", type=Path, help="directory written by save_sieved (sieve_config.json, base.safetensors…)")
+    p.add_argument("sieved", type=Path,
+                   help="directory written by save_sieved (sieve_config.json, base.safetensors…)")
     p.add_argument("--format", required=True, choices=sorted(EXPORTERS),
                    help="gguf-q4_0/q4_1: α = 0, exact from a q4_0/q4_1 base; gguf-q8_0/f16: α = 0 or 1 merged; "
                         "gptq: α = 0 GPTQ checkpoint directory, exact from any 4-bit base (docs/deploy.md)")

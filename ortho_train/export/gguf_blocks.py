@@ -18,8 +18,8 @@ quantiser (`gguf.quants.quantize`). This is lossy: a 128-group INT4 value (q −
 not on any 32-block Q4 grid of the same weight. Per weight, with A = the block's largest |w|:
 Q4_0 (d = A/8) errs by ≤ d/2 on the side of the largest |w| and by ≤ d on the other, where its
 codes stop at 7·d (clipping): ≤ d·(1 + 2⁻⁸) with the fp16 rounding of d; Q4_1 (d = (max − min)/15,
-m = min) by ≤ d/2 + 2⁻¹¹·(15·d + |m|); Q8_0 (d = A/127) by ≤ d·(1/2 + 127·2⁻¹¹); F16 by ≤ 2⁻¹¹·|w|
-(relative rounding; subnormals absolute 2⁻²⁵). Every export measures
+m = min) by ≤ d/2 + 2⁻¹¹·(15·d + |m|); Q8_0 (d = A/127) by ≤ d·(1/2 + 127·2⁻¹¹); F16 by
+≤ 2⁻¹¹·|w| (relative rounding; subnormals absolute 2⁻²⁵). Every export measures
 the actual max |dequantise(blocks) − W| per tensor and reports it.
 """
 from __future__ import annotations
