@@ -2,25 +2,26 @@
 
 GGUF v3 as the `gguf` package's `GGUFWriter` writes it: key/value metadata, then tensor infos and
 32-byte-aligned tensor data. What this exporter puts in it, following llama.cpp's converter
-(`convert_hf_to_gguf.py`, class LlamaModel) for the Llama architecture:
+(`convert_hf_to_gguf.py`, classes LlamaModel and Qwen2Model) for Llama and Qwen2:
 
-- metadata `general.architecture = llama`, `llama.context_length`, `embedding_length`,
+- metadata `general.architecture` (`llama` / `qwen2`), `<arch>.context_length`, `embedding_length`,
   `block_count`, `feed_forward_length`, `attention.head_count(_kv)`,
   `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `rope.dimension_count`, `vocab_size`,
   `general.file_type`; `ortho_train.alpha` and `ortho_train.source_format` record the provenance;
 - the tokenizer (`gguf_vocab`);
 - tensors under the converter's names (`gguf.get_tensor_name_map`: `token_embd`, `blk.N.attn_q`,
-  …, `output_norm`, `output`; no `output` when the head is tied to the embedding). Rows of
-  `attn_q` / `attn_k` (weights and biases) are permuted as the converter permutes them for
-  llama.cpp's RoPE: per head, (2, d_head/2) → (d_head/2, 2). A row permutation leaves each row's
-  32-weight blocks unchanged, so it is exact.
+  …, `output_norm`, `output`; no `output` when the head is tied to the embedding; Qwen2's q/k/v
+  biases as `blk.N.attn_q.bias`, …). For Llama, rows of `attn_q` / `attn_k` (weights and biases)
+  are permuted as the converter permutes them for llama.cpp's RoPE: per head, (2, d_head/2) →
+  (d_head/2, 2) (Qwen2 is stored unpermuted). A row permutation leaves each row's 32-weight blocks
+  unchanged, so it is exact.
 
 Tensor types: the sieved linears get the target type (`gguf_blocks.encode`: code for code from a
 base on llama.cpp's grid, llama.cpp's rounding otherwise), except those whose rows are not whole
 32-weight blocks (the tiny 688-wide MLP): F32 beside Q4 (exact), F16 beside Q8_0 (as llama.cpp's
 converter falls back); 1-D tensors (norms, biases) are F32;
 other 2-D tensors (embedding, an unsieved head) keep their saved dtype in a Q4 export (exact) and
-take the target type in a Q8_0 / F16 export. Gemma3, Qwen2 and other architectures are refused.
+take the target type in a Q8_0 / F16 export. Gemma3 and other architectures are refused.
 A GPTQ / RTN base with groups of 128 written as Q4_0 / Q4_1 is *lossy* (re-rounded to 32-blocks;
 bounds in `gguf_blocks`; measured on the tests' tiny Llama: max |error| 7.9e-3 (Q4_0) and 4.5e-3
 (Q4_1) for weights up to 0.089, docs/deploy.md); a q4_0 / q4_1 base is written exactly.
@@ -44,7 +45,8 @@ from ortho_train.sieve.artifacts import FORMAT
 
 FILE_TYPES = {QType.Q4_0: LlamaFileType.MOSTLY_Q4_0, QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
               QType.Q8_0: LlamaFileType.MOSTLY_Q8_0, QType.F16: LlamaFileType.MOSTLY_F16}
-ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA}
+# model_type → (GGUF architecture, q/k rows permuted as llama.cpp's converter does for it)
+ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
 ROTARY_ROWS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
 
@@ -66,7 +68,7 @@ def _rope_theta(config: dict) -> float:
 
 
 def _write_metadata(writer: gguf.GGUFWriter, source: SievedSource, qtype: QType) -> None:
-    """The Llama hyper-parameters llama.cpp reads (module docstring)."""
+    """The Llama / Qwen2 hyper-parameters llama.cpp reads (module docstring)."""
     c = source.model_config
     heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // heads
@@ -115,16 +117,17 @@ def _state_keys(source: SievedSource) -> list[str]:
 
 def _add_tensors(writer: gguf.GGUFWriter, source: SievedSource, qtype: QType, report: ExportReport) -> None:
     c = source.model_config
-    names = gguf.get_tensor_name_map(ARCHITECTURES[c["model_type"]], c["num_hidden_layers"])
+    arch, permute = ARCHITECTURES[c["model_type"]]
+    names = gguf.get_tensor_name_map(arch, c["num_hidden_layers"])
     for key in _state_keys(source):
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise ValueError(f"{key}: no GGUF name for this tensor in llama.cpp's Llama layout")
+            raise ValueError(f"{key}: no GGUF name for this tensor in llama.cpp's {arch.name.lower()} layout")
         encoded = _encode_tensor(source, key, qtype)
         report.add(target, encoded.qtype.name, encoded.exact, encoded.max_abs_error)
         data = encoded.data
         projection = key.rsplit(".", 2)[-2]
-        if projection in ROTARY_ROWS:
+        if permute and projection in ROTARY_ROWS:
             n_head = c.get(ROTARY_ROWS[projection]) or c["num_attention_heads"]
             data = data[rotary_permutation(data.shape[0], n_head)]  # rows permuted, blocks intact
         writer.add_tensor(target, np.ascontiguousarray(data), raw_dtype=encoded.raw_dtype)
@@ -135,12 +138,12 @@ def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str) 
     model_type = source.model_config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports the architectures {sorted(ARCHITECTURES)}; {source.directory} "
-                         f"holds a {model_type!r} model (Gemma3, Qwen2 and others are not implemented yet)")
+                         f"holds a {model_type!r} model (Gemma3 and others are not implemented yet)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = ExportReport(out, format_name, source.alpha)
     with atomic_artifacts(out.parent, [out.name]) as (staged,):
-        writer = gguf.GGUFWriter(str(staged), gguf.MODEL_ARCH_NAMES[ARCHITECTURES[model_type]])
+        writer = gguf.GGUFWriter(str(staged), gguf.MODEL_ARCH_NAMES[ARCHITECTURES[model_type][0]])
         try:
             _write_metadata(writer, source, qtype)
             write_vocab(writer, source.directory, source.model_config["vocab_size"])

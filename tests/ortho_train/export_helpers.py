@@ -1,4 +1,4 @@
-"""Tiny sieved Llamas saved with a tokenizer, for the export tests (GQA, tied or sieved head)."""
+"""Tiny sieved Llamas (and a Qwen2) saved with a tokenizer, for the export tests (GQA, tied or sieved head)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
@@ -41,11 +41,26 @@ def tiny_llama(vocab_size: int, tied: bool, seed: int = 0, intermediate: int = 2
         return LlamaForCausalLM(config).eval()
 
 
+def tiny_qwen2(vocab_size: int, tied: bool, seed: int = 0, intermediate: int = 256) -> Qwen2ForCausalLM:
+    """The same sizes as `tiny_llama` as a Qwen2 (q/k/v biases, drawn non-zero so they are exercised)."""
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=tied, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.02)
+    return model
+
+
 def save_tiny_sieved(directory: Path, method: str, group_size: int, tokenizer=None, tied: bool = True,
-                     seed: int = 0, intermediate: int = 256) -> Path:
+                     seed: int = 0, intermediate: int = 256, model_type: str = "llama") -> Path:
     """Sieve a tiny Llama post hoc (ρ = 5%, base `method`) and save it with `tokenizer` (BPE by default)."""
     tokenizer = tokenizer or bpe_tokenizer()
-    model = tiny_llama(len(tokenizer), tied, seed, intermediate)
+    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[model_type]
+    model = build(len(tokenizer), tied, seed, intermediate)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         batches = [{"input_ids": torch.randint(3, len(tokenizer), (4, 32))} for _ in range(2)]

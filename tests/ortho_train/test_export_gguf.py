@@ -73,6 +73,22 @@ def test_alpha_zero_logits_through_transformers_gguf_loader_match_the_kill_switc
     assert tokenizer(text).input_ids == original(text).input_ids
 
 
+def test_qwen2_with_biases_round_trips_through_transformers_gguf_loader(tmp_path):
+    path = save_tiny_sieved(tmp_path / "qwen2", "q4_1", 32, model_type="qwen2")
+    source = read_sieved(path, alpha=0)
+    report = export(source, "gguf-q4_1", tmp_path / "m.gguf")
+    assert report.max_abs_error == 0.0 and "blk.0.attn_q.bias" in report.tensors
+    tensors = {t.name: quants.dequantize(t.data, t.tensor_type) for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    name = "model.layers.1.self_attn.q_proj"
+    assert np.array_equal(tensors["blk.1.attn_q.weight"], source.weight(name).numpy())  # Qwen2: not permuted
+    assert np.array_equal(tensors["blk.1.attn_q.bias"], source.biases[name].numpy())
+    deployed = load_gguf_causal_lm(tmp_path / "m.gguf")
+    reference = load_sieved(path, with_ortho=False, backend="reference")
+    assert type(deployed).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(deployed(IDS).logits, reference(IDS).logits, rtol=0, atol=1e-5)
+
+
 def test_gptq_g128_base_to_q4_is_lossy_within_the_documented_bound(sieved, tmp_path):
     source = read_sieved(sieved["gptq"], alpha=0)
     for fmt, qtype in (("gguf-q4_0", QType.Q4_0), ("gguf-q4_1", QType.Q4_1)):
@@ -156,10 +172,10 @@ def test_byte_tokenizer_is_written_as_byte_level_bpe(tmp_path):
 def test_refusals_name_the_problem(sieved, tmp_path):
     with pytest.raises(ValueError, match="gguf-q4_0 exports α ∈ \\['0'\\]"):
         export(read_sieved(sieved["q4_0"], alpha=1), "gguf-q4_0", tmp_path / "m.gguf")
-    other = tmp_path / "qwen"
+    other = tmp_path / "gemma"
     shutil.copytree(sieved["q4_0"], other)
-    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "qwen2"')
+    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "gemma3_text"')
     (other / "sieve_config.json").write_text(config)
-    with pytest.raises(ValueError, match="holds a 'qwen2' model"):
+    with pytest.raises(ValueError, match="holds a 'gemma3_text' model"):
         export(read_sieved(other, alpha=0), "gguf-q4_0", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
