@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from ortho_train.quantisation.bnb4 import BnB4
 from ortho_train.quantisation.format import WeightFormat
+from ortho_train.quantisation.ggml_q4 import GGMLQ4
 from ortho_train.quantisation.gptq import GPTQ
 from ortho_train.quantisation.int_rtn import RTN, IntRTNDeployment
 
 FORMATS: dict[str, WeightFormat] = {
     "rtn": RTN(),                  # base quantiser: INT-k round to nearest, group-wise
     "gptq": GPTQ(),                # base quantiser: INT-k GPTQ (calibration Hessian)
+    "q4_0": GGMLQ4("q4_0"),        # base quantiser: llama.cpp Q4_0 grid (blocks of 32, symmetric)
+    "q4_1": GGMLQ4("q4_1"),        # base quantiser: llama.cpp Q4_1 grid (blocks of 32, fp16 min)
     "nf4": BnB4("nf4"),            # deployment: bitsandbytes NormalFloat-4, block absmax
     "fp4": BnB4("fp4"),            # deployment: bitsandbytes 4-bit minifloat, block absmax
     "int4_rtn": IntRTNDeployment(4),   # deployment: INT4 RTN copies (PTQConfig.group_size)

@@ -61,10 +61,10 @@ def _model():
 
 
 def test_roles_of_the_registered_formats():
-    assert base_quantisers() == ("rtn", "gptq") and deployment_formats() == ("nf4", "fp4", "int4_rtn")
+    assert base_quantisers() == ("rtn", "gptq", "q4_0", "q4_1") and deployment_formats() == ("nf4", "fp4", "int4_rtn")
     assert FORMATS["gptq"].needs_hessian and FORMATS["gptq"].outlier_aware and not FORMATS["rtn"].needs_hessian
     assert FORMATS["nf4"].blockwise and not FORMATS["int4_rtn"].blockwise
-    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq'\), got 'sign1'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'gptq', 'q4_0', 'q4_1'\), got 'sign1'"):
         QuantConfig("sign1")
     with pytest.raises(ValueError, match="unknown quantisation format 'sign1'"):
         quantised_copy(_model(), "sign1", PTQConfig())

@@ -1,0 +1,115 @@
+"""The saved tokenizer as GGUF metadata (`tokenizer.ggml.*`), the way llama.cpp's converter writes it.
+
+Two tokenizers are supported, both as llama.cpp's byte-level BPE (`tokenizer.ggml.model = "gpt2"`,
+pre-tokenizer `"default"`, GPT-2's regex):
+
+- a byte-level BPE `tokenizer.json` (GPT-2 / Llama-3 style): `tokens` by id from the vocabulary,
+  `token_type` NORMAL, CONTROL for special added tokens, USER_DEFINED for other added tokens,
+  UNUSED `[PAD{i}]` up to the model's vocab_size; `merges` and the bos/eos/unk/pad ids from the
+  tokenizer files (`gguf.SpecialVocab`, as the converter does). Byte-level BPE has no scores.
+- the toolkit's byte tokenizer (ByT5: 0 `<pad>`, 1 `</s>`, 2 `<unk>`, 3 + b the byte b): the byte
+  tokens are written as GPT-2's printable stand-ins of the bytes (`bytes_to_unicode`), so
+  llama.cpp's byte-level BPE maps every input byte to its own token. llama.cpp requires a merges
+  list (the `gguf` writer cannot store an empty one), so one merge that can never apply
+  (`"<pad> </s>"`: control tokens are never merge candidates) is written. transformers' GGUF
+  tokenizer reader refuses such a merge (its BPE wants every merge result in the vocabulary):
+  it still reads the weights of such a file, the tokenizer comes from the sieved directory.
+
+A SentencePiece / Unigram / WordPiece tokenizer is refused by name (llama.cpp's `"llama"` model
+needs the SentencePiece scores, which this exporter does not read yet).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+from gguf import TokenType
+
+BYTE_OFFSET = 3  # ByT5: ids 0..2 are pad/eos/unk, bytes follow
+UNUSED_MERGE = "<pad> </s>"
+
+
+class TokenizerExportError(ValueError):
+    """The saved tokenizer cannot be written as GGUF metadata."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character table (what byte-level BPE vocabularies are written in)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _declared_class(directory: Path) -> str | None:
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("tokenizer_class")
+
+
+def _bpe_tokens(directory: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id and their types from a byte-level BPE tokenizer.json (module docstring)."""
+    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise TokenizerExportError(
+            f"{directory / 'tokenizer.json'}: a {model.get('type')} tokenizer without a ByteLevel pre-tokenizer; "
+            "GGUF export supports byte-level BPE tokenizers and the toolkit's byte tokenizer only")
+    by_id = {int(i): (text, TokenType.NORMAL) for text, i in model["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        by_id[int(added["id"])] = (added["content"],
+                                   TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    if by_id and max(by_id) >= vocab_size:
+        raise TokenizerExportError(f"the tokenizer in {directory} has token id {max(by_id)} but the model's "
+                                   f"vocab_size is {vocab_size}")
+    tokens = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(vocab_size)]
+    return [t for t, _ in tokens], [int(kind) for _, kind in tokens]
+
+
+def _write_byte_vocab(writer: gguf.GGUFWriter, vocab_size: int) -> None:
+    """The toolkit's ByT5 byte tokenizer as GGUF byte-level BPE (module docstring)."""
+    if vocab_size < BYTE_OFFSET + 256:
+        raise TokenizerExportError(f"a byte tokenizer needs vocab_size ≥ {BYTE_OFFSET + 256}, got {vocab_size}")
+    table = bytes_to_unicode()
+    tokens = ["<pad>", "</s>", "<unk>"] + [table[b] for b in range(256)]
+    types = [TokenType.CONTROL] * 3 + [TokenType.NORMAL] * 256
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [TokenType.UNUSED] * (vocab_size - len(types))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges([UNUSED_MERGE])
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(2)
+    writer.add_add_bos_token(False)
+
+
+def write_vocab(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> str:
+    """Write the tokenizer saved in `directory`; returns which kind it was ('bpe' or 'byte')."""
+    if _declared_class(directory) == "ByT5Tokenizer":
+        _write_byte_vocab(writer, vocab_size)
+        return "byte"
+    if not (directory / "tokenizer.json").is_file():
+        raise TokenizerExportError(
+            f"{directory} holds no tokenizer.json (nor the toolkit's byte tokenizer): GGUF needs the vocabulary; "
+            "save the model with save_sieved(..., tokenizer=tokenizer)")
+    tokens, types = _bpe_tokens(directory, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise TokenizerExportError(f"{directory / 'tokenizer.json'} has no BPE merges")
+    special.add_to_gguf(writer, quiet=True)
+    return "bpe"
