@@ -23,7 +23,7 @@ from ortho_train.metrics.logprobs import (
     token_distribution_stats,
     token_logprobs,
 )
-from ortho_train.metrics.mia import (mia_report, mia_scores, roc_auc, roc_auc_standard_error, roc_curve,
+from ortho_train.metrics.mia import (mia_report, mia_scores, mia_scores_from_stats, roc_auc, roc_auc_standard_error, roc_curve,
                                      tpr_at_fpr, zlib_bits)
 from ortho_train.metrics.muse import (
     greedy_rouge_l_f1,
@@ -34,6 +34,7 @@ from ortho_train.metrics.muse import (
     verbmem,
 )
 from ortho_train.metrics.perplexity import bits_per_token, nll_sum_and_count, perplexity
+from ortho_train.metrics.scoring import label_distribution_stats, label_logprobs, position_logprobs
 
 __all__ = [
     "IGNORE_INDEX",
@@ -50,11 +51,15 @@ __all__ = [
     "greedy_continuation",
     "greedy_rouge_l_f1",
     "knowmem",
+    "label_distribution_stats",
+    "label_logprobs",
     "lcs_length",
     "mia_report",
     "mia_scores",
+    "mia_scores_from_stats",
     "nll_sum_and_count",
     "perplexity",
+    "position_logprobs",
     "privleak",
     "roc_auc",
     "roc_auc_standard_error",
