@@ -94,7 +94,8 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     cache.batch_repeat_interleave(u)
     # One pass over the heads scores s_2..s_h within each head (position j predicts s_{j+2}) and
     # s_{h+1} of every row at its head's last position; positions index the flat (u·h) grid.
-    within = (torch.arange(u, device=rows.device)[:, None] * h + torch.arange(h - 1, device=rows.device)).reshape(-1)
+    within = (torch.arange(u, device=rows.device)[:, None] * h
+              + torch.arange(h - 1, device=rows.device)).reshape(-1)  # (u, h-1) -> (u·(h-1),)
     after = head_of_row * h + (h - 1)  # (b,)
     targets = torch.cat([heads[:, 1:].reshape(-1), rows[:, h]])  # (u·(h-1) + b,)
     scored, cache = position_logprobs(model, heads, torch.cat([within, after]), targets, cache)
@@ -117,7 +118,7 @@ def _chunk_logprob_uncached(model: nn.Module, prefix: Tensor, first_logp: Tensor
     position = (torch.arange(b, device=ids.device)[:, None] * width
                 + torch.arange(start, width, device=ids.device)).reshape(-1)  # (b·(S-1),) secret positions
     scored, _ = position_logprobs(model, ids, position, rows[:, 1:].reshape(-1))  # (b·(S-1),)
-    return logp + scored.view(b, secret_len - 1).sum(-1)
+    return logp + scored.view(b, secret_len - 1).sum(-1)  # (b·(S-1),) -> (b, S-1) -> (b,)
 
 
 @torch.no_grad()
