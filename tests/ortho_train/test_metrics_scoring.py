@@ -15,6 +15,7 @@ from ortho_train.metrics.logprobs import token_distribution_stats, token_logprob
 from ortho_train.metrics.perplexity import nll_sum_and_count
 from tests.ortho_train.metric_helpers import one_thread, tiny_llama  # noqa: F401
 
+pytestmark = pytest.mark.numerics  # fp32 tolerances: CI reruns them on the default kernels too
 VOCAB = 64  # tiny_llama's
 
 
