@@ -41,7 +41,8 @@ from ortho_train.curvature import collect_hessians  # noqa: E402
 from ortho_train.metrics import perplexity  # noqa: E402
 from ortho_train.models import linear_layers, load_causal_lm  # noqa: E402
 from ortho_train.quantisation import PTQConfig, QuantConfig, quantise_weight, quantised_copy  # noqa: E402
-from ortho_train.tokenization import encode_text, load_tokenizer  # noqa: E402
+from ortho_train.token_datasets import PublicWindows  # noqa: E402
+from ortho_train.tokenization import encode_text, leading_bos_id, load_tokenizer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,13 @@ class Row:
     bnb: str | None = None
 
 
-def windows(ids: torch.Tensor, seq_len: int, count: int) -> list[dict[str, torch.Tensor]]:
-    """`count` consecutive non-overlapping windows (1, seq_len) of a 1-D token stream, as batches."""
-    usable = min(count, len(ids) // seq_len)
+def windows(ids: torch.Tensor, seq_len: int, count: int, bos_id: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`count` consecutive non-overlapping windows (1, seq_len) of a 1-D token stream, as batches; with
+    `bos_id`, each is that token and the next seq_len − 1 tokens (`ortho_train.token_datasets.PublicWindows`)."""
+    usable = len(PublicWindows(ids, seq_len, count, bos_id=bos_id))
     if usable < count:
         raise ValueError(f"the text holds {len(ids)} tokens: {usable} windows of {seq_len}, {count} asked for")
-    rows = ids[: usable * seq_len].view(usable, seq_len)  # (count, seq_len)
+    rows = PublicWindows(ids, seq_len, count, bos_id=bos_id).windows  # (count, seq_len)
     return [{"input_ids": row[None], "attention_mask": torch.ones(1, seq_len, dtype=torch.long),
              "labels": row[None]} for row in rows]
 
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--add-bos", choices=["auto", "always", "never"], default="auto",
+                        help="lead every window with the BOS token (auto: where the tokenizer's own encoding does)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -109,8 +113,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     corpus = load_corpus(args.corpus)
     largest = max(args.calibration_segments)
     calibration_text = corpus.train[: 8 * args.seq_len * largest]  # ≥ 1 token per 8 characters
-    calibration = windows(encode_text(tokenizer, calibration_text), args.seq_len, largest)
-    evaluation = windows(encode_text(tokenizer, corpus.val), args.seq_len, args.eval_windows)
+    bos_id = leading_bos_id(tokenizer, args.add_bos)  # as the toolkit's data module: Gemma's <bos> first
+    calibration = windows(encode_text(tokenizer, calibration_text), args.seq_len, largest, bos_id)
+    evaluation = windows(encode_text(tokenizer, corpus.val), args.seq_len, args.eval_windows, bos_id)
     print(f"loaded in {time.perf_counter() - start:.0f} s: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters; calibration up to {largest} × {args.seq_len} tokens, evaluation {args.eval_windows} × "
           f"{args.seq_len}", flush=True)

@@ -6,6 +6,8 @@
 - The rich progress bar says `Epoch 0/-2` for a run bounded by `trainer.max_steps` (it prints
   `max_epochs - 1`, and `max_epochs` is -1 there). `StepProgressBar` prints `Epoch N` alone when
   the run has no epoch bound, and is added by `train.py` where the config names no progress bar.
+  Where the output is not a terminal it draws nothing, so it prints a line every half minute
+  instead (`ortho_train.progress_lines`: step, seconds per step, loss, peak memory).
 
 Warnings that matter (an unresolved TPR at 1% FPR, a tied head left dense, …) are untouched.
 bitsandbytes' hub-kernel warning is handled where bitsandbytes is imported
@@ -18,6 +20,8 @@ import warnings
 
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+
+from ortho_train.progress_lines import TrainingLines, is_terminal
 
 LIGHTNING_LOGGER = "lightning.pytorch.utilities.rank_zero"
 TIP_PREFIX = "💡 Tip:"
@@ -46,6 +50,13 @@ class StepProgressBar(RichProgressBar):
         bounded = self.trainer.max_epochs is not None and self.trainer.max_epochs > 0
         description = f"Epoch {current_epoch}/{self.trainer.max_epochs - 1}" if bounded else f"Epoch {current_epoch}"
         return f"{description:{len(self.validation_description)}}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not is_terminal() and trainer.is_global_zero:
+            if not hasattr(self, "_lines"):
+                self._lines = TrainingLines()
+            self._lines.update(trainer.global_step, trainer.max_steps, trainer.progress_bar_metrics)
 
 
 def add_step_progress_bar(trainer_config) -> None:

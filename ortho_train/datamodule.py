@@ -7,8 +7,9 @@ during the public-only warm-up), so the mixing ratio is exact and seeded.
 
 Splits: train (public windows + member canaries), val (held-out public windows), and the
 `MemorisationProbe` (members, holdout canaries never trained, reference secrets) that every
-evaluation in ortho-train shares. The probe's types live here too: `TokenisedCanaries`
-(`subset_canaries` picks some), and `pad_collate`, which batches token sequences.
+evaluation in ortho-train shares. Its types and the collate functions live in
+`ortho_train.token_datasets`; with a tokenizer whose model expects a BOS token first, every window
+and canary starts with it (`add_bos`).
 
 Unlearning (`train_split="unlearn"`): the forget set F is the member canaries listed in
 `forget_members` (all members by default), labelled on their answer tokens only (`forget_target`:
@@ -20,22 +21,24 @@ from __future__ import annotations
 
 import warnings
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ortho_train.canaries import CanarySet, CanaryConfig, make_canaries
 from ortho_train.canary_key import load_or_create_key
-from ortho_train.corpus import CorpusError, load_corpus
+from ortho_train.corpus import load_corpus
 from ortho_train.provenance import canary_record
 from ortho_train.resumable_loader import ResumableLoader
 from ortho_train.run_paths import resolve_latest
 from ortho_train.settings import SettingError, check_settings
-from ortho_train.tokenization import encode_text, load_tokenizer
+from ortho_train.token_datasets import (MemorisationProbe, PublicWindows, SequenceList, TokenisedCanaries,
+                                        answer_collate, pad_collate, subset_canaries)
+from ortho_train.tokenization import BosPolicy, encode_text, leading_bos_id, load_tokenizer
 
 
 FORGET_TARGETS = ("secret", "secret_suffix", "full")
@@ -78,115 +81,6 @@ def _check_positive(**settings: int) -> None:
     check_settings("data", [(name, value, value >= 1, "must be ≥ 1") for name, value in settings.items()])
 
 
-def answer_collate(items, pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad `(ids, answer_start, answer_end)` items; labels are −100 outside [start, end)."""
-    longest = max(len(ids) for ids, _, _ in items) if length is None else length
-    input_ids = torch.full((len(items), longest), pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for row, (ids, start, end) in enumerate(items):
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        labels[row, start:end] = ids[start:end]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def pad_collate(sequences: Sequence[torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad 1-D token sequences into a causal-LM batch; padded labels are −100."""
-    longest = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, : len(seq)] = seq
-        attention_mask[row, : len(seq)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-@dataclass
-class TokenisedCanaries:
-    """Canaries as token ids; `full_ids[i] = cat(prefix_ids[i], secret_ids[i], suffix_ids[i])`."""
-
-    prefix_ids: list[torch.Tensor]
-    secret_ids: list[torch.Tensor]
-    full_ids: list[torch.Tensor]
-    texts: list[str]  # full canary texts, for the zlib score only — never logged
-    secret_texts: list[str]  # the secrets alone, for the zlib score of the secret span — never logged
-
-    @classmethod
-    def from_canaries(cls, canaries, encode: Callable[[str], torch.Tensor]) -> "TokenisedCanaries":
-        prefix, secret, full, texts, secret_texts = [], [], [], [], []
-        for canary in canaries:
-            p, s, x = encode(canary.prefix), encode(canary.secret), encode(canary.suffix)
-            prefix.append(p)
-            secret.append(s)
-            full.append(torch.cat([p, s, x]))
-            texts.append(canary.text)
-            secret_texts.append(canary.secret)
-        return cls(prefix, secret, full, texts, secret_texts)
-
-    def __len__(self) -> int:
-        return len(self.full_ids)
-
-
-def subset_canaries(canaries: TokenisedCanaries, indices: Sequence[int]) -> TokenisedCanaries:
-    """The canaries at `indices`, in that order."""
-    return TokenisedCanaries([canaries.prefix_ids[i] for i in indices], [canaries.secret_ids[i] for i in indices],
-                             [canaries.full_ids[i] for i in indices], [canaries.texts[i] for i in indices],
-                             [canaries.secret_texts[i] for i in indices])
-
-
-@dataclass
-class MemorisationProbe:
-    """Members, holdout canaries, reference secrets and public validation windows."""
-
-    members: TokenisedCanaries
-    holdout: TokenisedCanaries
-    reference_secret_ids: list[torch.Tensor]
-    public_val: Dataset
-    randomness_space_size: int
-    pad_token_id: int
-
-    def public_val_batches(self, batch_size: int = 32) -> Iterable[dict[str, torch.Tensor]]:
-        return DataLoader(self.public_val, batch_size=batch_size, shuffle=False)
-
-
-class PublicWindows(Dataset):
-    """Non-overlapping windows of `seq_len` tokens over a token stream (labels = inputs)."""
-
-    def __init__(self, tokens: torch.Tensor, seq_len: int, limit: int | None = None, split: str = "train"):
-        count = len(tokens) // seq_len
-        if limit is not None:
-            count = min(count, limit)
-        if count < 1:
-            fix = "lower data.seq_len or use a larger corpus"
-            if split == "val":
-                fix += " (or raise data.val_fraction)"
-            raise CorpusError(f"the corpus's {split} split has {len(tokens)} tokens, fewer than one window of "
-                              f"data.seq_len={seq_len}: {fix}")
-        self.windows = tokens[: count * seq_len].view(count, seq_len)  # (num_windows, seq_len)
-
-    def __len__(self) -> int:
-        return self.windows.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = self.windows[index]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-class SequenceList(Dataset):
-    """A list of token sequences (e.g. canaries), padded by `pad_collate` at batch time."""
-
-    def __init__(self, sequences: list[torch.Tensor]):
-        self.sequences = sequences
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.sequences[index]
-
-
 class CanaryDataModule(L.LightningDataModule):
     """Public corpus + secret canaries for canary SFT, and the memorisation probe.
 
@@ -197,6 +91,8 @@ class CanaryDataModule(L.LightningDataModule):
         corpus_hf_config: HF dataset configuration name (e.g. 'wikitext-2-raw-v1').
         val_fraction: tail share of the corpus held out for validation.
         tokenizer: 'byte' (models built from a config) or a local model directory.
+        add_bos: 'auto' (default: start every window and canary with the tokenizer's BOS token when
+            its own encoding does, as Llama and Gemma were pretrained), 'always' or 'never'.
         seq_len: tokens per public training window.
         batch_size: public windows per step.
         canary_batch_size: member canaries per step once the canary phase starts.
@@ -229,6 +125,7 @@ class CanaryDataModule(L.LightningDataModule):
         corpus_hf_config: str | None = None,
         val_fraction: float = 0.05,
         tokenizer: str = "byte",
+        add_bos: BosPolicy = "auto",
         seq_len: int = 128,
         batch_size: int = 16,
         canary_batch_size: int = 4,
@@ -271,6 +168,7 @@ class CanaryDataModule(L.LightningDataModule):
             raise ValueError(f"forget_target must be one of {FORGET_TARGETS}, got {forget_target!r}")
         self.forget_indices = _forget_indices(forget_members, num_member_canaries)
         self.tokenizer = load_tokenizer(tokenizer)
+        self.bos_id = leading_bos_id(self.tokenizer, add_bos)
         self._train_public: PublicWindows | None = None
         self._val_public: PublicWindows | None = None
         self._member_sequences: list[torch.Tensor] = []
@@ -321,16 +219,18 @@ class CanaryDataModule(L.LightningDataModule):
                             collate=collate, drop_last=True, resume_as="retain_canary" if resumable else None)
 
     def _tokenise_canaries(self, canaries) -> TokenisedCanaries:
-        return TokenisedCanaries.from_canaries(canaries, lambda text: encode_text(self.tokenizer, text))
+        return TokenisedCanaries.from_canaries(canaries, lambda text: encode_text(self.tokenizer, text),
+                                             self.bos_id)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train_public is not None:
             return
         hp = self.hparams
         split = load_corpus(hp.corpus, hp.val_fraction, hp.corpus_text_field, hp.corpus_hf_config)
-        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len, split="train")
+        self._train_public = PublicWindows(encode_text(self.tokenizer, split.train), hp.seq_len, split="train",
+                                           bos_id=self.bos_id)
         self._val_public = PublicWindows(encode_text(self.tokenizer, split.val), hp.seq_len, hp.val_windows,
-                                         split="val")
+                                         split="val", bos_id=self.bos_id)
         windows = len(self._train_public)
         check_settings("data", [("batch_size", hp.batch_size, hp.batch_size <= windows,
                                  f"larger than the {windows} windows of data.seq_len={hp.seq_len} tokens the "

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ortho_train import metrics
-from ortho_train.datamodule import MemorisationProbe, TokenisedCanaries, pad_collate
+from ortho_train.token_datasets import MemorisationProbe, TokenisedCanaries, pad_collate
 from ortho_train.models import eval_mode
 
 
@@ -173,6 +173,9 @@ def sequence_mia_scores(
     canary, id and template included (kept to show the id confound it carries)."""
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    longest = max((len(ids) for ids in canaries.full_ids), default=1)
+    # unchunked: logits, log-softmax and the Min-K%++ moments, ~5 float32 (T, V) tensors per canary
+    batch_size = metrics.batch_within_budget(model, batch_size, longest, copies=5)
     for start in range(0, len(canaries), batch_size):
         chunk = slice(start, start + batch_size)
         rows = range(len(canaries))[chunk]

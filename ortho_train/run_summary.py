@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.evaluation import (SCORED_TOKENS, canary_scores, evaluate_memorisation, exposure_histogram,
                                     exposure_reference_histogram, mia_roc_curves)
+from ortho_train.progress_lines import phase
 
 HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES = 5, 1000  # the exposure histogram: first 5 members × 1,000 references
 SUMMARY_KEYS = (
@@ -35,12 +36,12 @@ def write_run_summary(module) -> dict:
     `module` is a `CanarySFTModule` at the end of fit (its trainer, datamodule, loggers and
     private-update controller attached). Returns the evaluated metrics.
     """
-    rank_zero_info("final memorisation evaluation (all reference secrets)…")
     model, probe, trainer = module.model, module.probe, module.trainer
-    scores = canary_scores(model, probe) if len(probe.holdout) else None  # MIA numbers and ROC curves
     fits: list = []  # (Px(member), Px(first 1,000 references)) per member: the histogram's contexts
-    found = evaluate_memorisation(model, probe, progress=True, scores=scores, fit_scores=fits,
-                                  skewnorm_references=HISTOGRAM_REFERENCES)
+    with phase("final memorisation evaluation (all reference secrets)"):
+        scores = canary_scores(model, probe) if len(probe.holdout) else None  # MIA numbers and ROC curves
+        found = evaluate_memorisation(model, probe, progress=True, scores=scores, fit_scores=fits,
+                                      skewnorm_references=HISTOGRAM_REFERENCES)
     found["public_ppl_before_canaries"] = module.public_ppl_before_canaries
     found["scored_tokens"] = SCORED_TOKENS
     found["canary_steps"] = trainer.max_steps - module.hparams.public_steps

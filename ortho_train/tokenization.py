@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
@@ -61,6 +62,32 @@ def load_tokenizer(source: str | Path | None) -> PreTrainedTokenizerBase:
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, **LOCAL_FILES_ONLY)
     return with_pad_token(tokenizer)
+
+
+BosPolicy = Literal["auto", "always", "never"]
+_BOS_PROBE = "The secret code"
+
+
+def leading_bos_id(tokenizer: PreTrainedTokenizerBase, policy: BosPolicy = "auto") -> int | None:
+    """The token id every sequence ortho-train builds starts with, or None for no leading token.
+
+    'auto': the tokenizer's bos id when its own encoding with special tokens starts with it (the
+    model was pretrained with a BOS first: Llama, Gemma, Mistral), else None (GPT-2, Qwen2 and the
+    byte tokenizer add none); 'always': its bos id (an error if it has none); 'never': None.
+    """
+    if policy == "never":
+        return None
+    bos = tokenizer.bos_token_id
+    if policy == "always":
+        if bos is None:
+            raise ValueError("data.add_bos=always: this tokenizer has no bos token; use 'auto' or 'never'")
+        return int(bos)
+    if policy != "auto":
+        raise ValueError(f"data.add_bos={policy!r}: choose 'auto', 'always' or 'never'")
+    if bos is None:
+        return None
+    ids = tokenizer(_BOS_PROBE, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
 
 
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -55,3 +55,31 @@ def test_large_vocab_scoring_side_by_side(tmp_path):
     assert 0 <= rows["bf16"]["mean_abs_nll_diff_vs_new"] <= rows["bf16"]["max_abs_nll_diff_vs_new"] < 0.5
     assert all(r["seconds"] > 0 and r["peak_rss_gib"] > 0 for r in rows.values())
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
+
+
+def test_real_runs_rows_read_what_the_runs_wrote(tmp_path, capsys):
+    run = tmp_path / "real_isolated" / "version_0"
+    run.mkdir(parents=True)
+    rows = [{"variant": "pre_sft", "alpha": None, "extraction_rate": 0.0, "exposure_mean": 1.0, "mia_auc_loss": 0.5,
+             "mia_auc_loss_se": 0.08, "public_ppl": 100.0, "bits_per_weight": 32.0, "seconds": 70.0},
+            {"variant": "isolated", "alpha": 0.0, "extraction_rate": 0.0, "exposure_mean": 0.7, "mia_auc_loss": 0.51,
+             "mia_auc_loss_se": 0.07, "public_ppl": 104.0, "bits_per_weight": 4.25, "seconds": 2.0}]
+    (run / "sieve_table.json").write_text(json.dumps(rows))
+    (run / "summary.json").write_text(json.dumps({"extraction_rate": 1.0, "public_ppl": 99.0}))
+    (run / "run_info.json").write_text(json.dumps({"wall_seconds": 600.0, "peak_rss_gib": 9.5}))
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "summary.json").write_text(json.dumps({"public_ppl": 80.0}))
+    lines = load_script("real_runs").main([str(run), "--dense", str(dense)])
+    assert lines[1] == (f"| {run} | isolated α=0 | 0.00 | 0.70 | 0.51 ± 0.07 | 104.0 | 1.040 | 1.300 | 4.25 | 2 s |")
+    assert lines[2].endswith("| 10.0 min · 9.5 GiB |")
+
+    unlearn = tmp_path / "unlearn"
+    unlearn.mkdir()
+    (unlearn / "ptq_gap.json").write_text(json.dumps({
+        "variants": ["nf4"], "forget_extraction_fp": 0.0, "forget_extraction_fp_before": 1.0,
+        "forget_extraction_nf4": 0.05, "forget_extraction_nf4_before": 0.9, "public_ppl_fp": 105.0,
+        "public_ppl_fp_before": 100.0, "forget_privleak_fp": -3.5}))
+    fp, nf4 = load_script("real_runs").main([str(unlearn), "--kind", "unlearn"])
+    assert fp == f"| {unlearn} | fp | 1.00 → 0.00 | – | -3.5 | 105.0 (1.050×) | – min · – GiB |"
+    assert nf4.startswith(f"| {unlearn} | nf4 | 0.90 → 0.05 |")

@@ -2,6 +2,7 @@
 hub-kernel warning (ortho_train/console.py, ortho_kernels/bitsandbytes_offline.py)."""
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 from jsonargparse import Namespace
 
 from ortho_train.console import DropTips, StepProgressBar, add_step_progress_bar
+from ortho_train.progress_lines import TrainingLines, phase
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +56,22 @@ def test_a_tiny_run_prints_progress_and_paths_and_no_chatter(tmp_path):
         assert chatter not in console, chatter
     assert "Epoch 0" in console and "summary written to" in console and "report written to" in console
     assert "TPR at FPR=0.01" in console  # a warning that matters stays
+    # not a terminal (a log file): training progress and the final evaluation as lines with peak memory
+    assert re.search(r"\[train\] step \d+/\d+ · [\d.]+ s/step · loss [\d.e+-]+ · peak RSS [\d.]+ GiB", console)
+    assert re.search(r"\[final memorisation evaluation .*\] done in \d+ s · peak RSS", console)
+
+
+def test_training_lines_print_at_most_every_interval_and_at_the_last_step(capsys):
+    lines = TrainingLines(every_s=1e9)
+    for step in range(1, 11):
+        lines.update(step, 10, {"train/loss": 2.5})
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" · ")[0] for line in printed] == ["[train] step 1/10", "[train] step 10/10"]
+    assert "loss 2.5" in printed[-1] and "peak RSS" in printed[-1]
+
+
+def test_a_phase_prints_its_seconds_and_peak_memory(capsys):
+    with phase("tables"):
+        pass
+    start, end = capsys.readouterr().out.splitlines()
+    assert start == "[tables] …" and re.fullmatch(r"\[tables\] done in \d+ s · peak RSS \d+\.\d GiB", end)

@@ -10,7 +10,7 @@ from tests.secret_scan import holds_secret
 from train import OrthoTrainCLI, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))  # configs/real/ too
 
 
 class ParseOnlyCLI(OrthoTrainCLI):
@@ -23,12 +23,12 @@ class ParseOnlyCLI(OrthoTrainCLI):
         pass
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
 def test_every_shipped_config_parses(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs' relative paths (runs/…) resolve under the test's directory
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("#"), f"{config.name} must start with a comment giving its launch command"
-    assert f"configs/{config.name}" in config.read_text().split("\n\n")[0]
+    assert f"{config.relative_to(REPO)}" in config.read_text().split("\n\n")[0]
     from ortho_train.datamodule import CanaryDataModule
 
     ParseOnlyCLI(model_class=None, datamodule_class=CanaryDataModule, subclass_mode_model=True,

@@ -1,8 +1,7 @@
 """`ReportCallback`: write the run's HTML report (`report.html`) into its directory at fit end.
 
 Records `run_info.json` first (library versions, start/end time, wall seconds from `setup` to
-the end of fit, last step),
-then builds the report from everything the run directory holds (`ortho_train.report`): the
+the end of fit, last step, the process's peak RSS and the load average at the end), then builds the report from everything the run directory holds (`ortho_train.report`): the
 other callbacks and the module have written their artifacts by then (`on_train_end`), so put
 this callback last in the list. A run that fails with an exception (e.g. `PTQGapError`) still
 gets its report, from `on_exception`. With a TensorBoard logger it also writes a
@@ -11,6 +10,7 @@ final headline numbers as `hparams` metrics at the end. Runs on rank zero.
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ortho_train.artifacts import write_json_atomic
+from ortho_train.progress_lines import peak_rss_gib
 from ortho_train.report import build_report, load_run
 from ortho_train.report.comparison import headline
 from ortho_train.report.tensorboard import add_layout, log_final_metrics
@@ -86,6 +87,7 @@ class ReportCallback(L.Callback):
         write_json_atomic(self._run_dir / "run_info.json", {
             "started": _utc(self._started), "ended": _utc(ended),
             "wall_seconds": round(ended - self._started, 1), "global_step": trainer.global_step,
+            "peak_rss_gib": round(peak_rss_gib(), 2), "load_average": list(os.getloadavg()),
             "versions": package_versions(),
         })
         self.path = build_report([self._run_dir], self._run_dir / self.filename)

@@ -17,11 +17,14 @@ from ortho_train.metrics.exposure import (
 from ortho_train.metrics.extraction import extraction_rate, greedy_continuation
 from ortho_train.metrics.logprobs import (
     IGNORE_INDEX,
+    LOGIT_BUDGET_BYTES,
     TokenDistributionStats,
+    batch_within_logit_budget,
     sequence_logprob,
     sequence_nll_mean,
     token_distribution_stats,
     token_logprobs,
+    vocab_size_of,
 )
 from ortho_train.metrics.mia import (mia_report, mia_scores, mia_scores_from_stats, roc_auc, roc_auc_standard_error, roc_curve,
                                      tpr_at_fpr, zlib_bits)
@@ -34,11 +37,13 @@ from ortho_train.metrics.muse import (
     verbmem,
 )
 from ortho_train.metrics.perplexity import bits_per_token, nll_sum_and_count, perplexity
-from ortho_train.metrics.scoring import label_distribution_stats, label_logprobs, position_logprobs
+from ortho_train.metrics.scoring import (batch_within_budget, label_distribution_stats, label_logprobs,
+                                         position_logprobs)
 
 __all__ = [
     "IGNORE_INDEX",
     "TokenDistributionStats",
+    "batch_within_budget",
     "bits_per_token",
     "count_references_below",
     "exposure_from_count",
@@ -71,6 +76,9 @@ __all__ = [
     "skewnorm_logcdf",
     "token_distribution_stats",
     "token_logprobs",
+    "vocab_size_of",
+    "batch_within_logit_budget",
+    "LOGIT_BUDGET_BYTES",
     "tpr_at_fpr",
     "verbmem",
     "zlib_bits",

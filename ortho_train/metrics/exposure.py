@@ -31,7 +31,7 @@ from scipy import integrate, special, stats
 from torch import Tensor, nn
 
 from ortho_train.metrics.kv_cache import last_position_kwargs, returned_cache
-from ortho_train.metrics.scoring import position_logprobs
+from ortho_train.metrics.scoring import batch_within_budget, position_logprobs
 from ortho_train.models import eval_mode
 
 _LN2 = math.log(2.0)
@@ -146,7 +146,9 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
         prefix_ids: (P,) or (1, P) prefix token ids, P ≥ 1.
         candidate_ids: (R, S) candidate secrets (e.g. the canary and the references).
         batch_size: candidates per forward pass; 1024 suits a few-million-parameter model on
-            CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache).
+            CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache); capped
+            so that the batch's logits fit `LOGIT_BUDGET_BYTES` where the head cannot be
+            chunked (`metrics.scoring.batch_within_budget`).
         reuse_prefix_cache: see above.
 
     Returns:
@@ -162,6 +164,7 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     prefix = prefix.to(device)
     # Sorted unique rows: shared heads become contiguous, duplicates are scored once.
     unique, inverse = torch.unique(candidate_ids.to(device), dim=0, return_inverse=True)  # (U, S)
+    batch_size = batch_within_budget(model, batch_size, candidate_ids.shape[1])
 
     with eval_mode(model):
         out = model(prefix, use_cache=reuse_prefix_cache, **last_position_kwargs(model))  # logits (1, 1, V)

@@ -19,6 +19,26 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+LOGIT_BUDGET_BYTES = 512 * 2**20
+
+
+def batch_within_logit_budget(batch_size: int, positions: int, vocab_size: int | None, copies: int = 2) -> int:
+    """At most `batch_size` sequences, and few enough that `copies` float32 (positions, V) tensors
+    per sequence (logits, log-softmax, …) stay within `LOGIT_BUDGET_BYTES`: a 262k-token vocabulary
+    holds 1 MiB per token position, so 1,024 six-token candidates would take 12 GiB."""
+    if not vocab_size:
+        return batch_size
+    per_candidate = max(positions, 1) * vocab_size * 4 * copies  # float32
+    return max(1, min(batch_size, LOGIT_BUDGET_BYTES // per_candidate))
+
+
+def vocab_size_of(model) -> int | None:
+    """The output vocabulary of a Hugging Face model (its text config's `vocab_size`), or None."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
 def shifted_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX,
                    attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Next-token targets and scored mask: ``target[b, t] = labels[b, t + 1]`` (B, T-1), with

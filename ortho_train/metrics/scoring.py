@@ -20,8 +20,8 @@ from ortho_train.metrics.chunked_head import (DEFAULT_LOGIT_BYTES, head_distribu
                                               rows_per_chunk)
 from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
 from ortho_train.metrics.lm_head import SplitCausalLM, split_causal_lm
-from ortho_train.metrics.logprobs import (IGNORE_INDEX, TokenDistributionStats, shifted_labels,
-                                          token_distribution_stats, token_logprobs)
+from ortho_train.metrics.logprobs import (IGNORE_INDEX, TokenDistributionStats, batch_within_logit_budget,
+                                          shifted_labels, token_distribution_stats, token_logprobs, vocab_size_of)
 
 STATS_COPIES = 5  # (n, V) float32 tensors `distribution_stats` holds at once
 
@@ -34,6 +34,16 @@ def chunked_split(model: nn.Module, positions: int, logit_bytes: int | None = No
     if split is None or positions * split.vocab_size * 4 <= budget or split.head_has_hooks():
         return None
     return split
+
+
+def batch_within_budget(model: nn.Module, batch_size: int, positions: int, copies: int = 2) -> int:
+    """Sequences of `positions` tokens to score together: `batch_size` where the head can be
+    chunked (its logits never exceed `DEFAULT_LOGIT_BYTES` per chunk, whatever the batch), else
+    `logprobs.batch_within_logit_budget` (`copies` float32 (positions, V) tensors per sequence)."""
+    split = split_causal_lm(model)
+    if split is not None and not split.head_has_hooks():
+        return batch_size
+    return batch_within_logit_budget(batch_size, positions, vocab_size_of(model), copies)
 
 
 def label_logprobs(model: nn.Module, input_ids: Tensor, labels: Tensor, attention_mask: Tensor | None = None,

@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from ortho_train import metrics
-from ortho_train.datamodule import pad_collate
+from ortho_train.token_datasets import pad_collate
 from ortho_train.private_update.controller import TrainingLoss, register
 from ortho_train.private_update.isolation import IsolationController
 from ortho_train.private_update.streams import SupportStreams

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-from ortho_train.datamodule import pad_collate
+from ortho_train.token_datasets import pad_collate
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
 from ortho_train.private_update.streams import SupportStreams
+from ortho_train.progress_lines import phase
 from ortho_train.sieve import public_updates
 from ortho_train.sieve.isolation import IsolatedSupport, IsolationConfig, apply_isolation, build_isolation
 from ortho_train.sieve.support import support_choice
@@ -64,7 +65,8 @@ class IsolationController(PrivateUpdateController):
     def enter_canary_phase(self) -> None:
         """Fix S, quantise the public weights, freeze the rest (same on every rank)."""
         host, cfg = self.host, self.config
-        with torch.random.fork_rng():  # drawing calibration batches must not shift training RNG
+        with torch.random.fork_rng(), phase("isolation set-up: curvature, INT4 base, support"):
+            # drawing calibration batches must not shift training RNG
             support = build_isolation(host.model, cfg, self._public_batches,
                                       self._canary_batches, self._batch_nll)
         self.support = broadcast_from_zero(host.trainer.strategy, support)

@@ -105,7 +105,7 @@ def test_every_shipped_config_builds_its_callbacks():
 
     import yaml
 
-    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
     built = 0
     for path in configs:
         for block in yaml.safe_load(path.read_text())["trainer"].get("callbacks") or []:

@@ -37,6 +37,7 @@ def test_tiny_fit_writes_run_info_report_and_tensorboard_summaries(tiny_run):
     _, run_dir = tiny_run
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["global_step"] == 24 and info["wall_seconds"] > 0
+    assert info["peak_rss_gib"] > 0.1 and len(info["load_average"]) == 3
     assert {"python", "torch", "lightning", "matplotlib"} <= info["versions"].keys()
     page = (run_dir / "report.html").read_text()
     assert "<td>torch version</td>" in page and "lr-AdamW" in page  # versions and the learning rate

@@ -149,3 +149,13 @@ def test_bounded_skewnorm_exposure_refuses_too_few_references_and_failed_fits(sk
         bounded_skewnorm_exposure([90.0], skewed_references[:16], 33.2)
     with pytest.raises(ExposureEstimateError, match="refused"):
         bounded_skewnorm_exposure([90.0], np.full(500, 7.0), 33.2)  # no spread: no fit
+
+
+def test_candidate_batches_shrink_to_the_logit_budget_for_a_large_vocabulary():
+    from ortho_train.metrics import LOGIT_BUDGET_BYTES, batch_within_logit_budget
+
+    assert batch_within_logit_budget(1024, 6, 259) == 1024  # the byte model: no cap
+    gemma = batch_within_logit_budget(1024, 6, 262_144)
+    assert gemma * 6 * 262_144 * 8 <= LOGIT_BUDGET_BYTES < (gemma + 1) * 6 * 262_144 * 8
+    assert batch_within_logit_budget(1024, 6, None) == 1024
+    assert batch_within_logit_budget(1024, 10_000, 10**7) == 1  # never zero
