@@ -71,7 +71,7 @@ def label_distribution_stats(model: nn.Module, input_ids: Tensor, labels: Tensor
     """`metrics.token_distribution_stats` of the model's logits on input_ids (B, T), and the
     argmax token of every scored position ((B, T-1) long: position t predicts t + 1; −1 where
     unscored). For scoring only (run it under `torch.no_grad`)."""
-    split = chunked_split(model, input_ids.numel(), logit_bytes)
+    split = chunked_split(model, input_ids.numel() * STATS_COPIES, logit_bytes)  # all copies within budget
     if split is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, T, V)
         stats = token_distribution_stats(logits, labels, ignore_index, attention_mask)
