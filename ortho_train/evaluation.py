@@ -131,14 +131,15 @@ def _fit_log_perplexities(model, prefix, reference_secret_ids, fit_groups, batch
     ])
 
 
-def _secret_is_argmax(logits: torch.Tensor, canaries: TokenisedCanaries, rows: range) -> torch.Tensor:
+def _secret_is_argmax(predicted: torch.Tensor, canaries: TokenisedCanaries, rows: range) -> torch.Tensor:
     """Per canary: is every secret token the argmax after the true tokens before it? (bool (b,))
 
+    `predicted` (b, T-1): the argmax token at each position (position t predicts token t + 1).
     Greedy decoding returns the secret exactly when this holds (by induction over the secret's
     tokens: each greedy step sees the true tokens so far), so one teacher-forced pass gives the
     exact-match extraction of greedy decoding without decoding.
     """
-    predicted = logits.argmax(dim=-1).cpu()  # (b, T): position t predicts token t + 1
+    predicted = predicted.cpu()
     hits = []
     for row, index in enumerate(rows):
         start, length = len(canaries.prefix_ids[index]), len(canaries.secret_ids[index])
@@ -173,19 +174,18 @@ def sequence_mia_scores(
     device = next(model.parameters()).device
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     longest = max((len(ids) for ids in canaries.full_ids), default=1)
-    # logits, log-softmax and the Min-K%++ moments: ~5 float32 (T, V) tensors per canary
-    batch_size = metrics.batch_within_logit_budget(batch_size, longest, metrics.vocab_size_of(model), copies=5)
+    # unchunked: logits, log-softmax and the Min-K%++ moments, ~5 float32 (T, V) tensors per canary
+    batch_size = metrics.batch_within_budget(model, batch_size, longest, copies=5)
     for start in range(0, len(canaries), batch_size):
         chunk = slice(start, start + batch_size)
         rows = range(len(canaries))[chunk]
         batch = pad_collate(canaries.full_ids[chunk], pad_token_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits.float()  # (b, T, V)
         labels = span_labels(batch["labels"], canaries, rows) if span == "secret" else batch["labels"]
         texts = canaries.secret_texts[chunk] if span == "secret" else canaries.texts[chunk]
-        scores = metrics.mia_scores(logits, labels.to(device), texts=texts)
-        scores["secret_is_argmax"] = _secret_is_argmax(logits, canaries, rows)
+        stats, predicted = metrics.label_distribution_stats(  # (b, T-1) each; no (b, T, V) at a large V
+            model, batch["input_ids"].to(device), labels.to(device), batch["attention_mask"].to(device))
+        scores = metrics.mia_scores_from_stats(stats, texts=texts)
+        scores["secret_is_argmax"] = _secret_is_argmax(predicted, canaries, rows)
         for name, value in scores.items():
             parts[name].append(value.cpu())
     return {name: torch.cat(values) for name, values in parts.items()}

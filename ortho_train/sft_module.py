@@ -265,9 +265,13 @@ class CanarySFTModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def nll_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed NLL, number of label tokens) of a batch already on the model's device."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logp, mask = metrics.token_logprobs(logits, batch["labels"])
+        """(summed NLL, number of label tokens) of a batch already on the model's device.
+
+        ``NLL = −Σ_{b,t} mask · log p(labels[b, t+1] | ids[b, ≤t])``; at a large vocabulary the LM
+        head runs a chunk of positions at a time, recomputed in the backward, so neither the
+        (B, T, V) logits nor their gradient is held whole (`metrics.scoring.label_logprobs`).
+        """
+        logp, mask = metrics.label_logprobs(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
         return -(logp * mask).sum(), mask.sum()
 
     def batch_nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

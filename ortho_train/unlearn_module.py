@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
-from ortho_train.metrics import perplexity
+from ortho_train.metrics import label_logprobs, perplexity
 from ortho_train.models import DtypeName, count_parameters, eval_mode, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.quantisation import effective_linear_weights
@@ -223,12 +223,17 @@ class UnlearnModule(L.LightningModule):
 
     @torch.no_grad()
     def _forget_nll(self) -> torch.Tensor:
-        """Sequence NLL (nats, float64, CPU) of every forget canary, in eval mode."""
+        """Sequence NLL ``−Σ_t mask_t log p_t`` (nats, float64, CPU) of every forget canary, in eval mode."""
         batches = self.trainer.datamodule.forget_dataloader(shuffle=False)
+        nlls = []  # `label_logprobs`: a large vocabulary's logits are never held whole
         with eval_mode(self.model):
-            return torch.cat([sequence_nll(self.model(input_ids=b["input_ids"].to(self.device),
-                                                      attention_mask=b["attention_mask"].to(self.device)).logits,
-                                           b["labels"].to(self.device)).double().cpu() for b in batches])
+            for b in batches:
+                ids, labels, mask = (b[k].to(self.device) for k in ("input_ids", "labels", "attention_mask"))
+                logp, scored = label_logprobs(self.model, ids, labels, mask)  # (B, T-1) each
+                if not scored.any():
+                    raise ValueError("forget NLL: no answer token is labelled (every label is -100)")
+                nlls.append(-logp.double().sum(dim=-1).cpu())
+        return torch.cat(nlls)
 
     def _attribution_data(self):
         """All forget batches; enough public batches for the attribution (and the MANSU retain

@@ -41,6 +41,20 @@ def test_ptq_formats_table(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
 
 
+def test_large_vocab_scoring_side_by_side(tmp_path):
+    """benchmarks/large_vocab_scoring.py on a tiny random Llama, the head chunked 3 rows at a time:
+    every mode scores the same batch, old and new agree, and bf16 reports its drift."""
+    vocab = 512
+    rows = load_script("large_vocab_scoring").main(
+        ["--tiny", "--vocab", str(vocab), "--batch", "4", "--seq-len", "8", "--repeats", "1", "--threads", "1",
+         "--logit-bytes", str(3 * vocab * 4), "--bf16", "--json", str(tmp_path / "s.json")])
+    assert set(rows) == {"old", "new", "bf16"}
+    assert rows["new"]["max_abs_nll_diff_vs_old"] < 1e-4 and rows["old"]["max_abs_nll_diff_vs_old"] == 0
+    assert 0 <= rows["bf16"]["mean_abs_nll_diff_vs_new"] <= rows["bf16"]["max_abs_nll_diff_vs_new"] < 0.5
+    assert all(r["seconds"] > 0 and r["peak_rss_gib"] > 0 for r in rows.values())
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
+
+
 def test_real_runs_rows_read_what_the_runs_wrote(tmp_path, capsys):
     run = tmp_path / "real_isolated" / "version_0"
     run.mkdir(parents=True)

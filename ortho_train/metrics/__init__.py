@@ -26,7 +26,7 @@ from ortho_train.metrics.logprobs import (
     token_logprobs,
     vocab_size_of,
 )
-from ortho_train.metrics.mia import (mia_report, mia_scores, roc_auc, roc_auc_standard_error, roc_curve,
+from ortho_train.metrics.mia import (mia_report, mia_scores, mia_scores_from_stats, roc_auc, roc_auc_standard_error, roc_curve,
                                      tpr_at_fpr, zlib_bits)
 from ortho_train.metrics.muse import (
     greedy_rouge_l_f1,
@@ -37,10 +37,13 @@ from ortho_train.metrics.muse import (
     verbmem,
 )
 from ortho_train.metrics.perplexity import bits_per_token, nll_sum_and_count, perplexity
+from ortho_train.metrics.scoring import (batch_within_budget, label_distribution_stats, label_logprobs,
+                                         position_logprobs)
 
 __all__ = [
     "IGNORE_INDEX",
     "TokenDistributionStats",
+    "batch_within_budget",
     "bits_per_token",
     "count_references_below",
     "exposure_from_count",
@@ -53,11 +56,15 @@ __all__ = [
     "greedy_continuation",
     "greedy_rouge_l_f1",
     "knowmem",
+    "label_distribution_stats",
+    "label_logprobs",
     "lcs_length",
     "mia_report",
     "mia_scores",
+    "mia_scores_from_stats",
     "nll_sum_and_count",
     "perplexity",
+    "position_logprobs",
     "privleak",
     "roc_auc",
     "roc_auc_standard_error",

@@ -30,8 +30,8 @@ import torch
 from scipy import integrate, special, stats
 from torch import Tensor, nn
 
-from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
-from ortho_train.metrics.logprobs import batch_within_logit_budget, vocab_size_of
+from ortho_train.metrics.kv_cache import last_position_kwargs, returned_cache
+from ortho_train.metrics.scoring import batch_within_budget, position_logprobs
 from ortho_train.models import eval_mode
 
 _LN2 = math.log(2.0)
@@ -48,11 +48,16 @@ def _as_1d_float64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).reshape(-1)
 
 
-def _candidate_logprob_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Σ_t log p(targets_t) from logits (b, n, V) predicting targets (b, n); float32 (b,)."""
-    logits = logits.float()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, n)
-    return (picked - torch.logsumexp(logits, dim=-1)).sum(dim=-1)
+def _row_logprob_sums(model: nn.Module, ids: Tensor, targets: Tensor, cache=None) -> Tensor:
+    """Σ_t log p(targets_t) where ids (b, n) position t predicts targets (b, n); float32 (b,).
+
+    After the KV `cache` if given (extended in place); through `metrics.scoring`, so a large
+    vocabulary never holds the (b, n, V) logits.
+    """
+    b, n = ids.shape
+    position = torch.arange(b * n, device=ids.device)  # every position of the (b, n) grid
+    logp, _ = position_logprobs(model, ids, position, targets.reshape(-1), cache)  # (b·n,)
+    return logp.view(b, n).sum(dim=-1)  # (b·n,) -> (b, n) -> (b,)
 
 
 def _shared_head_length(rows: Tensor) -> int:
@@ -82,21 +87,23 @@ def _chunk_logprob_cached(model: nn.Module, prefix_cache, first_logp: Tensor,
     cache = copy.deepcopy(prefix_cache)  # forward passes append to it in place
     if h == 0:
         cache.batch_repeat_interleave(b)
-        logits = model(rows[:, :-1], use_cache=True, **cache_kwargs(model, cache)).logits  # (b, S-1, V)
-        return logp + _candidate_logprob_sum(logits, rows[:, 1:])
+        return logp + _row_logprob_sums(model, rows[:, :-1], rows[:, 1:], cache)
     # (u, h) distinct heads and, for each of the b rows, the index of its head
     heads, head_of_row = torch.unique_consecutive(rows[:, :h], dim=0, return_inverse=True)
-    cache.batch_repeat_interleave(heads.shape[0])
-    head_logits = model(heads, use_cache=True, **cache_kwargs(model, cache)).logits  # (u, h, V)
-    head_logp = torch.log_softmax(head_logits.float(), dim=-1)  # position j predicts s_{j+2}
-    within_head = head_logp[:, :-1].gather(-1, heads[:, 1:].unsqueeze(-1)).squeeze(-1)  # (u, h-1)
-    within_head = within_head.sum(-1)  # (u,) s_2..s_h
-    after_head = head_logp[:, -1][head_of_row, rows[:, h]]  # (b,) s_{h+1}, without a (b, V) copy
-    logp = logp + within_head[head_of_row] + after_head
+    u = heads.shape[0]
+    cache.batch_repeat_interleave(u)
+    # One pass over the heads scores s_2..s_h within each head (position j predicts s_{j+2}) and
+    # s_{h+1} of every row at its head's last position; positions index the flat (u·h) grid.
+    within = (torch.arange(u, device=rows.device)[:, None] * h
+              + torch.arange(h - 1, device=rows.device)).reshape(-1)  # (u, h-1) -> (u·(h-1),)
+    after = head_of_row * h + (h - 1)  # (b,)
+    targets = torch.cat([heads[:, 1:].reshape(-1), rows[:, h]])  # (u·(h-1) + b,)
+    scored, cache = position_logprobs(model, heads, torch.cat([within, after]), targets, cache)
+    within_head = scored[:within.numel()].view(u, h - 1).sum(-1)  # (u·(h-1),) -> (u, h-1) -> (u,)
+    logp = logp + within_head[head_of_row] + scored[within.numel():]
     if h < secret_len - 1:
         cache.batch_select_indices(head_of_row)  # (u, ...) -> (b, ...)
-        logits = model(rows[:, h:-1], use_cache=True, **cache_kwargs(model, cache)).logits  # (b, S-1-h, V)
-        logp = logp + _candidate_logprob_sum(logits, rows[:, h + 1:])
+        logp = logp + _row_logprob_sums(model, rows[:, h:-1], rows[:, h + 1:], cache)
     return logp
 
 
@@ -107,8 +114,11 @@ def _chunk_logprob_uncached(model: nn.Module, prefix: Tensor, first_logp: Tensor
     if secret_len == 1:
         return logp
     ids = torch.cat([prefix.expand(b, -1), rows[:, :-1]], dim=1)  # (b, P+S-1)
-    logits = model(ids, use_cache=False).logits[:, prefix.shape[1]:]  # (b, S-1, V)
-    return logp + _candidate_logprob_sum(logits, rows[:, 1:])
+    width, start = ids.shape[1], prefix.shape[1]
+    position = (torch.arange(b, device=ids.device)[:, None] * width
+                + torch.arange(start, width, device=ids.device)).reshape(-1)  # (b·(S-1),) secret positions
+    scored, _ = position_logprobs(model, ids, position, rows[:, 1:].reshape(-1))  # (b·(S-1),)
+    return logp + scored.view(b, secret_len - 1).sum(-1)  # (b·(S-1),) -> (b, S-1) -> (b,)
 
 
 @torch.no_grad()
@@ -137,7 +147,8 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
         candidate_ids: (R, S) candidate secrets (e.g. the canary and the references).
         batch_size: candidates per forward pass; 1024 suits a few-million-parameter model on
             CPU (memory ≈ batch · layers · 2 · (P+S) · hidden · 4 bytes for the KV cache); capped
-            so that the batch's logits fit `LOGIT_BUDGET_BYTES` (`batch_within_logit_budget`).
+            so that the batch's logits fit `LOGIT_BUDGET_BYTES` where the head cannot be
+            chunked (`metrics.scoring.batch_within_budget`).
         reuse_prefix_cache: see above.
 
     Returns:
@@ -153,10 +164,10 @@ def secret_log_perplexity(model: nn.Module, prefix_ids: Tensor, candidate_ids: T
     prefix = prefix.to(device)
     # Sorted unique rows: shared heads become contiguous, duplicates are scored once.
     unique, inverse = torch.unique(candidate_ids.to(device), dim=0, return_inverse=True)  # (U, S)
-    batch_size = batch_within_logit_budget(batch_size, candidate_ids.shape[1], vocab_size_of(model))
+    batch_size = batch_within_budget(model, batch_size, candidate_ids.shape[1])
 
     with eval_mode(model):
-        out = model(prefix, use_cache=reuse_prefix_cache)
+        out = model(prefix, use_cache=reuse_prefix_cache, **last_position_kwargs(model))  # logits (1, 1, V)
         first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,) for s_1
         prefix_cache = returned_cache(out) if reuse_prefix_cache else None
         del out

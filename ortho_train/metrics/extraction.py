@@ -7,14 +7,16 @@ reproduces it exactly.
 Greedy decoding is a plain argmax loop over the KV cache rather than ``model.generate``:
 ``generate`` stops at EOS, and ``min_new_tokens`` would avoid that only by banning EOS, which
 changes the argmax. Here every step takes the unconstrained argmax, for exactly ``n_tokens``
-steps.
+steps. Only the last position's logits are asked for (`logits_to_keep=1` where the model takes
+it): the prompt's other positions are never projected onto the vocabulary, so a step holds
+(b, V) logits, not (b, P, V).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ortho_train.metrics.kv_cache import cache_kwargs, returned_cache
+from ortho_train.metrics.kv_cache import cache_kwargs, last_position_kwargs, returned_cache
 from ortho_train.models import eval_mode
 
 
@@ -46,12 +48,13 @@ def greedy_continuation(model: nn.Module, prefix_ids: Tensor, n_tokens: int,
         chunks = []
         for start in range(0, n_prefixes, batch_size):
             ids = prefix_ids[start:start + batch_size].to(device)  # (b, P)
-            out = model(ids, use_cache=True)
+            out = model(ids, use_cache=True, **last_position_kwargs(model))  # logits (b, 1, V)
             cache = returned_cache(out)
             step = out.logits[:, -1, :].argmax(dim=-1)  # (b,)
             generated = [step]
             for _ in range(n_tokens - 1):
-                out = model(step.unsqueeze(-1), use_cache=True, **cache_kwargs(model, cache))
+                out = model(step.unsqueeze(-1), use_cache=True, **cache_kwargs(model, cache),
+                            **last_position_kwargs(model))
                 cache = returned_cache(out)
                 step = out.logits[:, -1, :].argmax(dim=-1)
                 generated.append(step)

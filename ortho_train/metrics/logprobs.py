@@ -39,19 +39,36 @@ def vocab_size_of(model) -> int | None:
     return getattr(config, "vocab_size", None)
 
 
-def _shift(logits: Tensor, labels: Tensor, ignore_index: int, attention_mask: Tensor | None):
-    """Align logits with the next label and build the boolean mask of scored positions."""
-    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
-    logits = logits[:, :-1, :].float()  # (B, T-1, V)
+def shifted_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX,
+                   attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Next-token targets and scored mask: ``target[b, t] = labels[b, t + 1]`` (B, T-1), with
+    ignored positions set to 0 (a valid id for gather), and ``mask`` (B, T-1) bool."""
     target = labels[:, 1:]  # (B, T-1)
     mask = target != ignore_index
     if attention_mask is not None:
         # Belt and braces for callers that pass labels = input_ids with padding left in.
         mask = mask & attention_mask[:, 1:].bool()
     safe_target = torch.where(mask, target, torch.zeros_like(target))  # gather needs valid ids
-    return logits, safe_target, mask
+    return safe_target, mask
+
+
+def _shift(logits: Tensor, labels: Tensor, ignore_index: int, attention_mask: Tensor | None):
+    """Align logits with the next label and build the boolean mask of scored positions."""
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    safe_target, mask = shifted_labels(labels, ignore_index, attention_mask)
+    return logits[:, :-1, :].float(), safe_target, mask  # logits (B, T-1, V)
+
+
+def label_logprob(logits: Tensor, target: Tensor) -> Tensor:
+    """``log p(target) = logits[target] − logsumexp(logits)`` over the last axis, in float32.
+
+    logits (..., V) any float dtype, target (...) ids; returns (...) float32.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (...)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX,
@@ -72,8 +89,7 @@ def token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
         ``mask`` (B, T-1) bool, True where a token was scored.
     """
     logits, target, mask = _shift(logits, labels, ignore_index, attention_mask)
-    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    logp = picked - torch.logsumexp(logits, dim=-1)  # (B, T-1)
+    logp = label_logprob(logits, target)  # (B, T-1)
     return logp.masked_fill(~mask, 0.0), mask
 
 
@@ -129,20 +145,27 @@ def token_distribution_stats(logits: Tensor, labels: Tensor, ignore_index: int =
         positions hold logp = mu = 0 and sigma = 1.
     """
     logits, target, mask = _shift(logits, labels, ignore_index, attention_mask)
-    log_p = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    p = log_p.exp()
-    # p == 0 (log p = −inf, or underflow) contributes nothing to either sum; zeroing log p
-    # first (rather than masking p·log p afterwards) keeps NaN out of the backward pass too.
-    finite = p > 0
-    log_p_safe = torch.where(finite, log_p, 0.0)  # (B, T-1, V)
-    mu = (p * log_p_safe).sum(-1)  # (B, T-1)
-    centred = torch.where(finite, log_p_safe - mu.unsqueeze(-1), 0.0)  # (B, T-1, V)
-    var = (p * centred.square()).sum(-1)  # (B, T-1)
-    sigma = var.clamp(min=sigma_min**2).sqrt()  # clamp first: sqrt'(0) = inf would NaN the grads
-    logp = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    logp, mu, sigma = distribution_stats(logits, target, sigma_min)  # (B, T-1) each
     return TokenDistributionStats(
         logp=logp.masked_fill(~mask, 0.0),
         mu=mu.masked_fill(~mask, 0.0),
         sigma=sigma.masked_fill(~mask, 1.0),
         mask=mask,
     )
+
+
+def distribution_stats(logits: Tensor, target: Tensor, sigma_min: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log p(target), μ, σ)`` over the last axis of logits (..., V): the maths of
+    :func:`token_distribution_stats` at every position, unmasked; each (...) float32."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    p = log_p.exp()
+    # p == 0 (log p = −inf, or underflow) contributes nothing to either sum; zeroing log p
+    # first (rather than masking p·log p afterwards) keeps NaN out of the backward pass too.
+    finite = p > 0
+    log_p_safe = torch.where(finite, log_p, 0.0)  # (..., V)
+    mu = (p * log_p_safe).sum(-1)  # (...)
+    centred = torch.where(finite, log_p_safe - mu.unsqueeze(-1), 0.0)  # (..., V)
+    var = (p * centred.square()).sum(-1)  # (...)
+    sigma = var.clamp(min=sigma_min**2).sqrt()  # clamp first: sqrt'(0) = inf would NaN the grads
+    logp = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (...)
+    return logp, mu, sigma

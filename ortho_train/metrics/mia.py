@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
-from ortho_train.metrics.logprobs import IGNORE_INDEX, token_distribution_stats
+from ortho_train.metrics.logprobs import IGNORE_INDEX, TokenDistributionStats, token_distribution_stats
 
 
 def _lowest_k_mean(values: Tensor, mask: Tensor, k: float) -> Tensor:
@@ -73,13 +73,22 @@ def mia_scores(logits: Tensor, labels: Tensor, texts: Sequence[str | bytes] | No
         ``{"loss", "zlib"?, "mink_<K>"…, "minkpp_<K>"…}`` → (B,) float64 CPU tensors.
     """
     stats = token_distribution_stats(logits, labels, ignore_index, attention_mask)
+    return mia_scores_from_stats(stats, texts, ks)
+
+
+@torch.no_grad()
+def mia_scores_from_stats(stats: TokenDistributionStats, texts: Sequence[str | bytes] | None = None,
+                          ks: Sequence[float] = (0.2, 0.4)) -> dict[str, Tensor]:
+    """:func:`mia_scores` from the per-token statistics of the scored positions (B, T-1)
+    (`metrics.token_distribution_stats`, or `metrics.scoring.label_distribution_stats`, which
+    never holds a large vocabulary's logits whole)."""
     mask = stats.mask
     n = mask.sum(dim=-1)  # (B,)
     loss = (stats.logp.double().sum(dim=-1) / n).masked_fill(n == 0, math.nan)  # −mean NLL
     scores = {"loss": loss}
     if texts is not None:
-        if len(texts) != logits.shape[0]:
-            raise ValueError(f"{len(texts)} texts for a batch of {logits.shape[0]}")
+        if len(texts) != mask.shape[0]:
+            raise ValueError(f"{len(texts)} texts for a batch of {mask.shape[0]}")
         bits = torch.tensor([zlib_bits(t) for t in texts], dtype=torch.float64,
                             device=loss.device)
         scores["zlib"] = loss / bits  # = −(mean NLL / zlib bits)

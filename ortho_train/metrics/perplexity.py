@@ -11,7 +11,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ortho_train.metrics.logprobs import IGNORE_INDEX, token_logprobs
+from ortho_train.metrics.logprobs import IGNORE_INDEX
+from ortho_train.metrics.scoring import label_logprobs
 from ortho_train.models import eval_mode
 
 
@@ -29,7 +30,8 @@ def nll_sum_and_count(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     Each batch is a mapping with ``input_ids`` (B, T), optionally ``attention_mask`` (B, T)
     and ``labels`` (B, T; ``ignore_index`` = not scored). Without ``labels`` every attended
     token after the first is scored. The model is put in eval mode and its previous mode is
-    restored afterwards.
+    restored afterwards. A large vocabulary is scored without its (B, T, V) logits
+    (`metrics.scoring.label_logprobs`).
     """
     device = torch.device(device) if device is not None else _model_device(model)
     total, count = 0.0, 0
@@ -40,8 +42,7 @@ def nll_sum_and_count(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
             attention_mask = attention_mask.to(device) if attention_mask is not None else None
             labels = batch.get("labels")
             labels = labels.to(device) if labels is not None else input_ids
-            logits = model(input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-            logp, mask = token_logprobs(logits, labels, ignore_index, attention_mask)
+            logp, mask = label_logprobs(model, input_ids, labels, attention_mask, ignore_index)  # (B, T-1)
             total -= logp.sum(dtype=torch.float64).item()
             count += int(mask.sum().item())
     return total, count

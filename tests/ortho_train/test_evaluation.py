@@ -145,15 +145,24 @@ def test_exposure_histogram_reuses_the_skewnorm_fit_scores(probe_and_model):
 
 
 def test_scores_do_not_depend_on_the_logit_budget(probe_and_model, monkeypatch):
-    """A large vocabulary shrinks the batches (`batch_within_logit_budget`); the numbers stay."""
+    """A large vocabulary shrinks the batches (`batch_within_logit_budget`) of a model whose head
+    cannot be chunked, and chunks the head of one that can (`metrics.scoring`); the numbers stay."""
     probe, model = probe_and_model
     prefix, secrets = probe.members.prefix_ids[0], torch.stack(probe.reference_secret_ids[:40])
     wide = canary_scores(model, probe)
     wide_lp = metrics.secret_log_perplexity(model, prefix, secrets)
     monkeypatch.setattr("ortho_train.metrics.logprobs.LOGIT_BUDGET_BYTES", 1)  # one sequence per batch
+    monkeypatch.setattr("ortho_train.metrics.scoring.split_causal_lm", lambda model: None)  # no chunking
     narrow = canary_scores(model, probe)
     narrow_lp = metrics.secret_log_perplexity(model, prefix, secrets)
     for group in ("members", "holdout"):
         for name, value in wide[group].items():
             assert torch.allclose(value.double(), narrow[group][name].double(), atol=1e-4), (group, name)
     assert torch.allclose(wide_lp, narrow_lp, atol=1e-4)
+    monkeypatch.undo()
+    monkeypatch.setattr("ortho_train.metrics.scoring.DEFAULT_LOGIT_BYTES", 1)  # the head one row at a time
+    chunked, chunked_lp = canary_scores(model, probe), metrics.secret_log_perplexity(model, prefix, secrets)
+    for group in ("members", "holdout"):
+        for name, value in wide[group].items():
+            assert torch.allclose(value.double(), chunked[group][name].double(), atol=1e-4), (group, name)
+    assert torch.allclose(wide_lp, chunked_lp, atol=1e-4)
