@@ -41,6 +41,7 @@ from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
 from ortho_train.metrics import privleak
 from ortho_train.model_support import is_peft_model, linear_weight
 from ortho_train.models import load_causal_lm
+from ortho_train.progress_lines import phase
 from ortho_train.quantisation import (
     PTQConfig,
     deployment_format,
@@ -174,12 +175,16 @@ class PTQGapCallback(L.Callback):
                                        exposure_references=exposure_references,
                                        skewnorm_references=self.skewnorm_references, include=include)
 
-        found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
-        for name, fmt, deployment in self.variants(module):
-            quantised = quantised_copy(module.model, fmt, self.settings, deployment)
+        variants = self.variants(module)
+        with phase(f"PTQ gap, step {module.global_step}: 1/{len(variants) + 1} full precision"):
+            found = {f"{k}_fp": v for k, v in evaluate(module.model).items()}
+        for index, (name, fmt, deployment) in enumerate(variants, start=2):
+            with phase(f"PTQ gap, step {module.global_step}: {index}/{len(variants) + 1} {name}"):
+                quantised = quantised_copy(module.model, fmt, self.settings, deployment)
+                measured = evaluate(quantised)
             if fallback := exact_fallback_layers(quantised):
                 self.exact_fallbacks[name] = fallback
-            for key, value in evaluate(quantised).items():
+            for key, value in measured.items():
                 found[f"{key}_{name}"] = value
                 if key in GAP_METRICS and f"{key}_fp" in found:
                     found[f"ptq_gap_{gap_name(key)}_{name}"] = value - found[f"{key}_fp"]
