@@ -87,7 +87,8 @@ class ReportCallback(L.Callback):
         write_json_atomic(self._run_dir / "run_info.json", {
             "started": _utc(self._started), "ended": _utc(ended),
             "wall_seconds": round(ended - self._started, 1), "global_step": trainer.global_step,
-            "peak_rss_gib": round(peak_rss_gib(), 2), "load_average": list(os.getloadavg()),
+            "peak_rss_gib": round(peak_rss_gib(), 2),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # not on Windows
             "versions": package_versions(),
         })
         self.path = build_report([self._run_dir], self._run_dir / self.filename)
