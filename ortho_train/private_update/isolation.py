@@ -125,17 +125,33 @@ class IsolationController(PrivateUpdateController):
         return public_updates.support_masks_by_param(self.host.model, self.support)
 
     # -------------------------------------------------------------- training
-    def collect_public_grads(self, public: dict[str, torch.Tensor]) -> None:
+    def collect_public_grads(self, public: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """With public base updates: ∇ of the public batch through the α = 0 model, kept for
-        `after_backward`."""
-        if self.public_base_updates:
-            self._public_grads = public_updates.alpha_zero_public_grads(
-                self.host.model, self.support, lambda: self.host.batch_nll(public))
+        `after_backward`; returns that batch's mean NLL (None without public updates)."""
+        if not self.public_base_updates:
+            return None
+        self._public_grads, public_nll = public_updates.alpha_zero_public_grads(
+            self.host.model, self.support, lambda: self.host.batch_nll(public))
+        return public_nll
 
     def training_loss(self, batch) -> TrainingLoss:
-        """With public base updates, first ∇ of the public batch through the α = 0 model."""
-        self.collect_public_grads(batch["public"])
-        return super().training_loss(batch)
+        """With public base updates, first ∇ of the public batch through the α = 0 model.
+
+        `support_objective: canaries`: backward runs on the canaries' mean NLL alone (the only
+        gradient S takes); `train/loss` then mixes it with the public NLL of the α = 0 pass
+        (or of a no-grad pass of the full model once the base is frozen), token-weighted.
+        """
+        public_nll = self.collect_public_grads(batch["public"])
+        if self.config.support_objective == "batch":
+            return super().training_loss(batch)
+        canary_nll, canary_tokens = self.host.nll_sum(batch["canary"])
+        canary_loss = canary_nll / canary_tokens
+        public_tokens = (batch["public"]["labels"][:, 1:] != -100).sum()  # the NLL's shifted labels
+        if public_nll is None:
+            with torch.no_grad():
+                public_nll = self.host.batch_nll(batch["public"])
+        logged = (public_nll * public_tokens + canary_nll.detach()) / (public_tokens + canary_tokens)
+        return TrainingLoss(canary_loss, logged, canary_loss.detach())
 
     def after_backward(self) -> None:
         """Public base updates: off S and unsieved parameters take the α = 0 public gradient,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -42,8 +42,10 @@ from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
 from ortho_train.sieve.dsm import DSMConfig
 from ortho_train.quantisation import QuantConfig, quantise_weight
-from ortho_train.settings import check_settings
+from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice
+
+SupportObjective = Literal["batch", "canaries"]
 
 
 @dataclass
@@ -71,6 +73,11 @@ class IsolationConfig:
         public_updates_fraction: share of the canary phase with public base updates; then
             the base is re-quantised and frozen and S alone trains against it for the rest
             (quantisation-aware: α = 1 is then exactly the trained model, as without updates).
+        support_objective: what the entries on S learn from. 'batch' (default): the whole
+            batch's token-mean NLL, public and canary tokens together; 'canaries': the member
+            canaries' token-mean NLL only, so the ortho stream (α = 1 − α = 0) is driven by the
+            private data alone and its large learning rate never acts on public-text gradients
+            (the public text is learnt off S, at `public_lr`, with `public_base_updates`).
         dsm: weights a1, a2, a3 of the DSM terms, Hutchinson probes and their seed
             (`ortho_train.privacy.DSMConfig`) of the dsm support (None: its defaults); only
             with support 'dsm'.
@@ -87,10 +94,12 @@ class IsolationConfig:
     public_base_updates: bool = False
     public_lr: float | None = None
     public_updates_fraction: float = 1.0
+    support_objective: SupportObjective = "batch"
     dsm: DSMConfig | None = None
 
     def __post_init__(self) -> None:
         support_choice(self.support)  # a registered one
+        check_choices("model.init_args.isolation", support_objective=(self.support_objective, SupportObjective))
         check_settings("model.init_args.isolation.quant", self.quant.rules())
         if self.dsm is not None and self.support != "dsm":
             raise ValueError(f"isolation dsm settings need support: dsm, got support {self.support!r} "

@@ -25,12 +25,15 @@ def support_masks_by_param(model: nn.Module, support: IsolatedSupport) -> dict[i
 
 
 def alpha_zero_public_grads(model: nn.Module, support: IsolatedSupport,
-                            public_loss: Callable[[], torch.Tensor]) -> dict[int, torch.Tensor | None]:
-    """id(param) -> ∇ public_loss() evaluated with S at its frozen public values (α = 0)."""
+                            public_loss: Callable[[], torch.Tensor]
+                            ) -> tuple[dict[int, torch.Tensor | None], torch.Tensor]:
+    """(id(param) -> ∇ public_loss(), the detached loss), evaluated with S at its frozen
+    public values (α = 0)."""
     params = [p for p in model.parameters() if p.requires_grad]
     with support.alpha_zero(model):
-        grads = torch.autograd.grad(public_loss(), params, allow_unused=True)
-    return {id(p): g for p, g in zip(params, grads)}
+        loss = public_loss()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p): g for p, g in zip(params, grads)}, loss.detach()
 
 
 def merge_public_grads_(model: nn.Module, public: dict[int, torch.Tensor | None],

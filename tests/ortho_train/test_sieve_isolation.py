@@ -117,14 +117,16 @@ def test_bad_isolation_settings():
         IsolationConfig(public_lr=1e-3)  # would silently do nothing
 
 
-def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0, support="impact", dsm=None):
+def _public_update_fit(tmp, canary_seed, public_lr=None, fraction=1.0, support="impact", dsm=None,
+                      support_objective="batch"):
     torch.manual_seed(0)
     module = CanarySFTModule(
         tiny_llama=TinyLlamaConfig(32, 2, 2, 64), public_steps=3, lr=1e-2, sft_lr=2e-2, warmup_steps=1,
         sft_warmup_steps=1, eval_during_validation=False, weight_decay=0.1,
         isolation=IsolationConfig(support=support, rho=0.05, quant=QuantConfig("gptq", 4, 32),
                                   calibration_batches=2, public_base_updates=True, public_lr=public_lr,
-                                  public_updates_fraction=fraction, dsm=dsm),
+                                  public_updates_fraction=fraction, dsm=dsm,
+                                  support_objective=support_objective),
     )
     trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                         limit_val_batches=0, default_root_dir=tmp, enable_progress_bar=False,
@@ -142,9 +144,10 @@ def _alpha_zero_state(module):
         return {k: v.clone() for k, v in module.model.state_dict().items()}
 
 
-def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
-    a = _public_update_fit(tmp_path / "a", canary_seed=1)
-    b = _public_update_fit(tmp_path / "b", canary_seed=2)  # other secrets, same public text
+@pytest.mark.parametrize("support_objective", ["batch", "canaries"])
+def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path, support_objective):
+    a = _public_update_fit(tmp_path / "a", canary_seed=1, support_objective=support_objective)
+    b = _public_update_fit(tmp_path / "b", canary_seed=2, support_objective=support_objective)
     assert a.probe.members.texts != b.probe.members.texts
     zero_a, zero_b = _alpha_zero_state(a), _alpha_zero_state(b)
     moved = 0
@@ -161,6 +164,36 @@ def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path):
     for name, base in streams.bases.items():  # re-quantised from the public-trained weights
         assert not torch.equal(base.qweight, a.private_update.support.bases[name].qweight), name
     assert a.final_metrics["isolation"]["public_base_updates"] is True
+
+
+def test_canaries_objective_trains_the_support_on_the_canary_loss_alone(tmp_path):
+    """support_objective 'canaries': backward runs on the canaries' mean NLL, S's gradient is
+    ∇ of that NLL on S (no public term), and train/loss is the token-weighted mix."""
+    module = _public_update_fit(tmp_path, canary_seed=1, support_objective="canaries", fraction=0.5)
+    controller, model = module.private_update, module.model
+    loaders = module.trainer.datamodule.train_dataloader()
+    batch = {"public": next(iter(loaders["public"])), "canary": next(iter(loaders["canary"]))}
+    parts = controller.training_loss(batch)
+    canary_nll, canary_tokens = module.nll_sum(batch["canary"])
+    public_nll, public_tokens = module.nll_sum(batch["public"])
+    assert torch.allclose(parts.loss, canary_nll / canary_tokens)
+    assert torch.allclose(parts.canary, canary_nll / canary_tokens)
+    mixed = (public_nll + canary_nll) / (public_tokens + canary_tokens)  # the base is frozen here
+    assert torch.allclose(parts.logged, mixed, rtol=1e-5)
+    params = dict(model.named_parameters())
+    support = controller.support
+    name = next(iter(support.masks))
+    weight = params[name + ".weight"]
+    (expected,) = torch.autograd.grad(canary_nll / canary_tokens, [weight])
+    model.zero_grad()
+    parts.loss.backward()
+    mask = support.masks[name]
+    assert torch.allclose(weight.grad[mask], expected[mask], rtol=1e-5, atol=1e-8)
+
+
+def test_bad_support_objective():
+    with pytest.raises(ValueError, match="support_objective"):
+        IsolationConfig(support_objective="public")
 
 
 def test_dsm_support_fit_keeps_alpha_zero_independent_of_the_secrets(tmp_path):
