@@ -95,5 +95,7 @@ def test_cli_refusals_name_the_path_or_option(models, tmp_path, capsys):
     assert main(["--benchmark", "tofu", "--data", str(data), "--model", str(tmp_path / "no_model"),
                  "--out", str(tmp_path / "out")]) == 2
     assert "--model=" in capsys.readouterr().err
+    assert main(["--benchmark", "tofu", "--data", str(data), "--threads", "0", *base]) == 2
+    assert "--threads=0" in capsys.readouterr().err
     with pytest.raises(SettingError, match="--mink"):
         MuseEvalConfig(mink=0.0)

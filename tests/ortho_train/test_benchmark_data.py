@@ -62,7 +62,8 @@ def test_muse_errors_name_the_file_and_field(tmp_path):
     with pytest.raises(BenchmarkDataError, match="knowmem/retain_qa_icl2.json|no split 'retain_qa_icl2'"):
         muse.load_knowmem("retain_qa_icl2", "news", tmp_path)
     (tmp_path / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": "p", "ground_truth": "g"}]))
-    with pytest.raises(BenchmarkDataError, match=r"verbmem/forget.json: row 0 has no field 'gt' \(it has: ground_truth"):
+    missing_gt = r"verbmem/forget.json: row 0 has no field 'gt' \(it has: ground_truth"
+    with pytest.raises(BenchmarkDataError, match=missing_gt):
         muse.load_verbmem("news", tmp_path)
     with pytest.raises(BenchmarkDataError, match="corpus 'blogs'"):
         muse.load_verbmem("blogs", tmp_path)
@@ -84,6 +85,7 @@ def test_hub_reading_goes_through_load_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     sets = tofu.load_tofu_eval_sets("forget01")
     assert sets["forget"][0].perturbed == ("x", "y")
-    assert calls[:2] == [("locuslab/TOFU", "forget01_perturbed", "train"), ("locuslab/TOFU", "retain_perturbed", "train")]
+    assert calls[:2] == [("locuslab/TOFU", "forget01_perturbed", "train"),
+                         ("locuslab/TOFU", "retain_perturbed", "train")]
     with pytest.raises(BenchmarkDataError, match=r"muse-bench/MUSE-Books.*'verbmem'.*ConnectionError: offline"):
         muse.load_verbmem("books")

@@ -106,7 +106,8 @@ def run_muse(args) -> tuple[dict, str]:
         results["retain_model"]["privleak"] = 0.0
     notes = ["VerbMem / KnowMem: mean ROUGE-L F1 in [0, 1] (MUSE's tables print ×100)",
              f"PrivLeak: (AUC − AUC_retain)/AUC_retain·100 with Min-{round(100 * cfg.mink)}% on privleak holdout vs "
-             "forget; negative = under-unlearning" + ("" if args.retain_model else " (no --retain-model: not computed)")]
+             "forget; negative = under-unlearning"
+             + ("" if args.retain_model else " (no --retain-model: not computed)")]
     notes += [LIMIT_NOTE.format(n=cfg.limit)] if cfg.limit else []
     record = {"benchmark": "muse", "corpus": cfg.corpus, "data": args.data, "models": models,
               "config": {k: getattr(cfg, k) for k in ("metrics", "verbmem_max_new_tokens", "knowmem_max_new_tokens",
