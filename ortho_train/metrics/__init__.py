@@ -2,6 +2,8 @@
 
 Log-prob helpers shared with the unlearning losses, perplexity, extraction, exposure,
 membership inference and MUSE-style VerbMem/KnowMem/PrivLeak. See docs/methods.md §2.
+ROUGE-L (`rouge`), TOFU's truth ratio, forget quality and model utility (`tofu`) and answer
+log-probabilities (`answer_scoring`) serve the benchmark evaluations (docs/benchmarks.md).
 """
 from ortho_train.metrics.exposure import (
     count_references_below,
@@ -31,11 +33,11 @@ from ortho_train.metrics.mia import (mia_report, mia_scores, mia_scores_from_sta
 from ortho_train.metrics.muse import (
     greedy_rouge_l_f1,
     knowmem,
-    lcs_length,
+    muse_privleak_auc,
     privleak,
-    rouge_l_f1,
     verbmem,
 )
+from ortho_train.metrics.rouge import lcs_length, rouge_l, rouge_l_f1, rouge_l_recall, rouge_tokens
 from ortho_train.metrics.perplexity import bits_per_token, nll_sum_and_count, perplexity
 from ortho_train.metrics.scoring import (batch_within_budget, label_distribution_stats, label_logprobs,
                                          position_logprobs)
@@ -62,6 +64,7 @@ __all__ = [
     "mia_report",
     "mia_scores",
     "mia_scores_from_stats",
+    "muse_privleak_auc",
     "nll_sum_and_count",
     "perplexity",
     "position_logprobs",
@@ -69,7 +72,10 @@ __all__ = [
     "roc_auc",
     "roc_auc_standard_error",
     "roc_curve",
+    "rouge_l",
     "rouge_l_f1",
+    "rouge_l_recall",
+    "rouge_tokens",
     "secret_log_perplexity",
     "sequence_logprob",
     "sequence_nll_mean",

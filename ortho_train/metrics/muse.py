@@ -1,10 +1,17 @@
 """MUSE-style unlearning metrics (Shi et al. 2024, "MUSE: Machine Unlearning Six-Way
 Evaluation for Language Models"): VerbMem, KnowMem and PrivLeak.
 
-Departure from MUSE: ROUGE-L is computed on token ids (or any token lists) rather than on
-words of decoded text, so no tokenizer or ``rouge-score`` dependency is needed; pass word
-lists to :func:`rouge_l_f1` for the word-level variant. Following the project design, the
-F1 of ROUGE-L is reported (MUSE's code reports recall for some tables).
+Departure from MUSE: :func:`verbmem` and :func:`knowmem` compute ROUGE-L on token ids rather
+than on words of decoded text, so they need no tokenizer; the F1 of ROUGE-L is reported, as
+MUSE's own code does (``mean_rougeL`` is rouge-score's F-measure). The word-level scores of the
+benchmark, from decoded text, are in ``ortho_train.measurement.benchmarks.muse_eval`` (ROUGE-L
+itself: ``ortho_train.metrics.rouge``).
+
+PrivLeak's AUC comes in two orientations. MUSE's code scores the holdout texts as the positive
+class against the forget texts (:func:`muse_privleak_auc`), so a model that still remembers its
+forget set has AUC near 0 and PrivLeak near −100 (the paper's sign: negative = under-unlearning).
+The toolkit's MIA tables report the usual orientation (forget = members), AUC' = 1 − AUC, for
+which :func:`privleak` gives the opposite sign. The formula is the same; say which AUC you pass.
 """
 from __future__ import annotations
 
@@ -15,39 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.metrics.extraction import greedy_continuation
-
-
-def _as_list(tokens) -> list:
-    return tokens.tolist() if isinstance(tokens, Tensor) else list(tokens)
-
-
-def lcs_length(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common subsequence (O(|a|·|b|) time, O(|b|) memory)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l_f1(prediction_tokens, reference_tokens) -> float:
-    """ROUGE-L F1 (Lin 2004): with L = LCS(pred, ref), P = L/|pred|, R = L/|ref|,
-    ``F1 = 2PR/(P+R)``. Identical → 1, disjoint → 0; an empty side gives 0 (as ``rouge-score``).
-
-    Accepts token lists or 1-D tensors (ids, words, characters…).
-    """
-    pred, ref = _as_list(prediction_tokens), _as_list(reference_tokens)
-    if not pred or not ref:
-        return 0.0
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+from ortho_train.metrics.mia import roc_auc
+from ortho_train.metrics.rouge import lcs_length, rouge_l_f1  # noqa: F401  (re-exported)
 
 
 def _as_sequences(ids) -> list[Tensor]:
@@ -113,13 +89,23 @@ def knowmem(model: nn.Module, question_ids, answer_ids, batch_size: int = 64,
     return sum(scores) / len(scores)
 
 
+def muse_privleak_auc(forget_scores, holdout_scores) -> float:
+    """The AUC MUSE's PrivLeak uses: ROC-AUC of the membership scores (higher = more member-like,
+    e.g. Min-40%) with the *holdout* texts as the positive class and the forget texts as the
+    negative one, i.e. ``P(score(holdout) > score(forget))`` (ties count one half). A model that
+    memorised its forget set scores near 0; one that never saw it near 0.5."""
+    return roc_auc(holdout_scores, forget_scores)
+
+
 def privleak(auc_unlearned: float, auc_reference: float | None) -> float:
     """PrivLeak (MUSE §3): ``(AUC_unl − AUC_ref) / AUC_ref · 100``.
 
     Both AUCs come from the same MIA (MUSE: Min-40% on forget vs holdout); ``AUC_ref`` from a
-    reference (retrained) model that never saw the forget set. ≈ 0 is ideal; positive means
-    the forget set still looks member-like (under-unlearning), negative means it looks less
-    member-like than a never-trained model would make it (over-unlearning). Raises
+    reference (retrained) model that never saw the forget set. ≈ 0 is ideal. With AUCs in the
+    usual orientation (forget = members) positive means the forget set still looks member-like
+    (under-unlearning), negative means it looks less member-like than a never-trained model
+    would make it (over-unlearning); with MUSE's orientation (:func:`muse_privleak_auc`) the
+    signs swap, as in the paper's tables. Raises
     ``ValueError`` without a real reference: substituting 0.5 would silently report a number
     that measures nothing.
     """
