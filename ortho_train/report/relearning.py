@@ -5,13 +5,16 @@ unlearning) for a few steps on public text or on a held-out part of the forget s
 measures the rest of the forget set in full precision and in each 4-bit deployment. Its file
 holds rows — a list, or a dict with a `rows` list — read tolerantly:
 
-- `condition`: what the copy relearned on (`public`, `forget_heldout`, …);
+- `condition`: what the copy relearned on (`public`, `forget` — the relearn part of the forget
+  set —, …);
 - `steps`: relearning steps (0: the model itself);
 - `deployment`: `fp` or a quantised deployment (default `fp`);
 - `model`: `unlearned` or `start` (default `unlearned`);
 - `extraction`: extraction rate of the measured forget secrets (also read as `extraction_rate`
   or `forget_extraction`);
-- `nll`: their mean NLL (also `mean_nll` or `forget_nll`).
+- `nll`: their mean NLL (also `nll_mean`, `mean_nll` or `forget_nll`).
+
+A dict's `notes` (a list of strings) are shown under the table.
 
 A row without condition, steps or any of the two metrics is left out, and counted in a note.
 """
@@ -23,7 +26,7 @@ from ortho_train.report.load import RunArtifacts
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 ALIASES = {"extraction": ("extraction", "extraction_rate", "forget_extraction"),
-           "nll": ("nll", "mean_nll", "forget_nll")}
+           "nll": ("nll", "nll_mean", "mean_nll", "forget_nll")}
 METRICS = (("extraction", "extraction of the measured forget secrets"), ("nll", "their mean NLL (nats)"))
 STYLES = {"unlearned": "-", "start": "--"}
 
@@ -112,4 +115,6 @@ def relearning_section(run: RunArtifacts) -> Section:
     section.tables.append(relearning_table(rows))
     if dropped:
         section.notes.append(f"{dropped} row(s) of relearning.json had no condition, steps or metric: left out")
+    if isinstance(run.relearning, dict):
+        section.notes += [n for n in run.relearning.get("notes") or [] if isinstance(n, str)]
     return section

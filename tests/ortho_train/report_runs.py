@@ -45,10 +45,10 @@ def _write(config: dict, path: Path) -> Path:
 
 
 def dense_config(root: Path) -> Path:
-    """configs/tiny.yaml on the wide toy: 12 public steps, 48 canary steps."""
-    config = _config("tiny", root, 60)
-    config["model"]["init_args"].update(tiny_llama=WIDE, public_steps=12, sft_lr=1e-2, val_exposure_references=20)
-    config["trainer"].update(val_check_interval=30)
+    """configs/tiny.yaml on the wide toy: 20 public steps, 180 canary steps (enough to memorise)."""
+    config = _config("tiny", root, 200)
+    config["model"]["init_args"].update(tiny_llama=WIDE, public_steps=20, sft_lr=1e-2, val_exposure_references=20)
+    config["trainer"].update(val_check_interval=100)
     return _write(config, root / "dense.yaml")
 
 
@@ -66,8 +66,8 @@ def dp_config(root: Path, public_model: Path) -> Path:
 
 
 def ogd_config(root: Path, public_model: Path) -> Path:
-    """configs/ogd_sft.yaml, 30 steps, small kill-switch and separation tables."""
-    config = _config("ogd_sft", root, 30)
+    """configs/ogd_sft.yaml, 80 steps, small kill-switch and separation tables."""
+    config = _config("ogd_sft", root, 80)
     _callback(config, "SieveCallback")["init_args"]["table"].update(alphas=[0.0, 0.5, 1.0], **EXPOSURE)
     _callback(config, "SieveCallback")["init_args"]["calibration_batches"] = 2
     _callback(config, "SeparationTableCallback")["init_args"]["table"].update(barrier_batches=2, **EXPOSURE)
@@ -85,7 +85,8 @@ def unlearn_config(root: Path, memorised_model: Path) -> Path:
     ptq.update(every_n_steps=4, exposure_references=50, final_exposure_references=50, skewnorm_references=50,
                fail_on_gap=False)
     init = config["model"]["init_args"]
-    init.update(model_path=str(memorised_model), lr=1e-2, guard_every_n_steps=4, guard_windows=4)
+    init.update(model_path=str(memorised_model), lr=5e-3, guard_every_n_steps=4, guard_windows=4,
+                max_retain_ppl_factor=3.0)
     init["lora"].update(rank=4, alpha=8)
     return _write(config, root / "unlearn.yaml")
 
