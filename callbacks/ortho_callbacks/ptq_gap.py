@@ -190,7 +190,8 @@ class PTQGapCallback(L.Callback):
                     found[f"ptq_gap_{gap_name(key)}_{name}"] = value - found[f"{key}_fp"]
             del quantised
         if self._auc_reference is not None:
-            for key in [k for k in found if k.startswith(PRIVLEAK_AUC)]:
+            # the AUCs, not their standard errors (`<auc>_se_<variant>`)
+            for key in [k for k in found if k.startswith(PRIVLEAK_AUC) and not k.startswith(PRIVLEAK_AUC + "se_")]:
                 variant = key.removeprefix(PRIVLEAK_AUC)
                 found[f"forget_privleak_{variant}"] = privleak(found[key], self._auc_reference)
         return found

@@ -15,6 +15,9 @@ mia_auc_loss, public_ppl, bits_per_weight, ortho_density` plus a few extras:
   rebuilt from its fp16 eigen-coefficients); its bits count the fp32 public path, and for
   α > 0 the coefficients plus the fp16 eigenbases they need; ortho_density is the share of
   eigen-directions off S_gen (the stored coefficients).
+Every row whose MIA was measured here also holds `mia_roc_loss`, the LOSS attack's ROC rates
+`{fpr, tpr}` (members vs holdout; no score, no text), which the report draws per row; a row
+whose MIA came from `known` has none (the run's own `roc.json` holds that model's curves).
 bits_per_weight counts the sieved linears only (packed codes + fp16 scales/zeros + 48-bit COO
 entries); embeddings, norms and the LM head (unless sieved) are fp32 in every row. An α = 0
 row counts the base stream only (the base file alone is that model); α > 0 rows count both.
@@ -33,7 +36,8 @@ import torch
 from torch import nn
 
 from ortho_kernels import OrthoStream, QuantisedBase
-from ortho_train.evaluation import METRIC_GROUP_KEYS, evaluate_memorisation, groups_known
+from ortho_train import metrics
+from ortho_train.evaluation import METRIC_GROUP_KEYS, canary_scores, evaluate_memorisation, groups_known
 from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
 from ortho_train.measurement.kill_switch_config import (EXTRA_KEYS, MEASURED_KEYS, MIA_EXTRA_KEYS, ROW_KEYS,
                                                        SIEVED_VARIANTS, VARIANTS, TableConfig, int_reference)
@@ -134,11 +138,15 @@ class KillSwitchTable:
             c, known = self.config, self.known.get(key, {})
             reused = groups_known(known, c.metrics)
             found = {k: known[k] for g in reused for k in METRIC_GROUP_KEYS[g]}
+            include = tuple(m for m in c.metrics if m not in reused)
+            scores = canary_scores(model, self.probe) if "mia" in include and len(self.probe.holdout) else None
             self._measured[key] = found | evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
-                exposure_references=c.exposure_references, include=tuple(m for m in c.metrics if m not in reused),
+                exposure_references=c.exposure_references, include=include,
                 skewnorm_references=0,  # the table shows the exact rank only
-                decode_holdout=False)  # holdout exact match by teacher forcing
+                decode_holdout=False, scores=scores)  # holdout exact match by teacher forcing
+            if scores is not None:  # the report draws each row's ROC: rates only, no score
+                self._measured[key]["mia_roc_loss"] = roc_rates(scores, "loss")
         return self._measured[key]
 
     def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
@@ -152,7 +160,8 @@ class KillSwitchTable:
                "bits_per_weight": bits, "ortho_density": density,
                "holdout_extraction_rate": found.get("holdout_extraction_rate"),
                "symbol_accuracy": found.get("symbol_accuracy"),
-               **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base}
+               **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base,
+               "mia_roc_loss": found.get("mia_roc_loss")}
         self.rows.append(self.meter.record(row))
         self.log(format_row(row))
         return row
@@ -269,6 +278,12 @@ class KillSwitchTable:
         for variant in self.config.variants:
             self.variant(variant)
         return self.rows
+
+
+def roc_rates(scores: dict, score: str) -> dict[str, list[float]]:
+    """The ROC of one MIA score, members vs holdout (`canary_scores`), as rounded rates only."""
+    fpr, tpr = metrics.roc_curve(scores["members"][score], scores["holdout"][score])
+    return {"fpr": [round(v, 5) for v in fpr], "tpr": [round(v, 5) for v in tpr]}
 
 
 def _empty(base: QuantisedBase) -> OrthoStream:

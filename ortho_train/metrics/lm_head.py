@@ -94,6 +94,7 @@ def split_causal_lm(model: nn.Module) -> SplitCausalLM | None:
     if head is None:
         return None
     softcap = getattr(base.config, "final_logit_softcapping", None) if audited[forward] else None
-    return SplitCausalLM(body=base.model, lm_head=head, softcap=softcap,
-                         vocab_size=int(head.weight.shape[0]))
+    # a sieved head (`OrthoLinear`: packed streams, no `.weight`) names its size as nn.Linear does
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    return SplitCausalLM(body=base.model, lm_head=head, softcap=softcap, vocab_size=int(vocab))
 

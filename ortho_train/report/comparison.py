@@ -1,9 +1,8 @@
 """The comparison section: the headline numbers of several runs side by side."""
 from __future__ import annotations
 
-import numpy as np
-
 from ortho_train.report.load import RunArtifacts
+from ortho_train.report.plots import grouped_bars
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 RATES = ("extraction", "MIA AUC (loss)", "extraction α=0", "extraction α=1", "forget extraction fp",
@@ -39,15 +38,12 @@ def comparison_figure(names: list[str], numbers: list[dict[str, float]]):
     metrics = [m for m in RATES if any(m in n for n in numbers)]
     if not metrics:
         return None
-    fig, (ax,) = new_figure(1)
-    fig.set_figwidth(max(6.0, 1.2 * len(metrics) * max(1, len(names) / 2)))
-    width = 0.8 / len(names)
-    x = np.arange(len(metrics))
-    for i, (name, found) in enumerate(zip(names, numbers)):
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, [found.get(m, np.nan) for m in metrics], width, label=name)
-    ax.set_xticks(x, metrics, fontsize=7)
-    ax.set(ylim=(0, 1.05), ylabel="rate / AUC", title="headline numbers per run")
-    ax.legend(fontsize=7)
+    fig, (ax,) = new_figure(1, legend_space=2.2, label_space=0.5)
+    fig.set_figwidth(max(6.0, 1.2 * len(metrics) * max(1, len(names) / 2)) + 2.2)
+    grouped_bars(ax, metrics, {name: [found.get(m) for m in metrics] for name, found in zip(names, numbers)},
+                 labels=len(metrics) * len(names) <= 24)
+    ax.set(ylim=(0, 1.12), ylabel="rate / AUC", title="headline numbers per run")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return fig
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ortho_train.report.load import RunArtifacts
+from ortho_train.report.plots import spread_annotations
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 METRICS = (("extraction_rate", "member extraction"), ("exposure_mean", "exposure (bits)"),
@@ -69,13 +70,12 @@ def tradeoff_figure(rows: list[dict]):
     coloured = all(c is not None for c in colours)
     scatter = ax.scatter([p[0] for p in points], [p[1] for p in points], c=colours if coloured else None,
                          cmap="viridis", s=40)
-    for x, y, _, label in points:
-        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if coloured:
         fig.colorbar(scatter, ax=ax, label="public perplexity")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="bits per weight (sieved linears)", ylabel="member extraction",
            title="size vs leakage vs perplexity", ylim=(-0.05, 1.1))
+    spread_annotations(ax, [(p[0], p[1]) for p in points], [p[3] for p in points])
     return fig
 
 

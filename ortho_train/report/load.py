@@ -21,11 +21,17 @@ JSON_FILES = {
     "summary": ("summary.json", dict), "sieve_table": ("sieve_table.json", list),
     "ptq_gap": ("ptq_gap.json", dict), "metrics_card": ("metrics_card.json", dict),
     "roc": ("roc.json", dict), "exposure_refs": ("exposure_refs.json", dict),
-    "run_info": ("run_info.json", dict),
+    "run_info": ("run_info.json", dict), "dp_table": ("dp_table.json", list),
+    "separation": ("separation_table.json", dict), "hop_report": ("hop_report.json", dict),
+    "relearning": ("relearning.json", (list, dict)),
 }
+UNSCRUBBED = ("roc", "hop_report")  # lists of rates / per-column errors, checked where drawn
 _PERIODIC = re.compile(r"sieve_table_step(\d+)\.json")
 # A key holding one of these words is a measurement: a number, or null where it was not measured.
 _MEASURED = re.compile(r"rate|exposure|auc|ppl|bits|density|tpr|privleak|accuracy|verbmem|epsilon|seconds")
+# Keys that name a measurement word but hold a record: PrivLeak's reference model (path and its
+# AUC) or the reason PrivLeak was refused.
+_RECORDS = ("privleak_reference", "privleak_refused")
 _PERIODIC_PTQ = re.compile(r"ptq_gap_step(\d+)\.json")
 STREAMS_DIR = "sieved_isolated"
 
@@ -48,6 +54,10 @@ class RunArtifacts:
     roc: dict | None = None
     exposure_refs: dict | None = None
     run_info: dict | None = None
+    dp_table: list | None = None  # DPTableCallback's rows
+    separation: dict | None = None  # SeparationTableCallback's {step, rows, notes, eta}
+    hop_report: dict | None = None  # SieveCallback(hop_report=true)'s per-column report
+    relearning: list | dict | None = None  # the relearning table (rows, or a dict holding them)
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metrics.csv columns
     streams: dict | None = None  # sizes of the saved base/ortho streams
 
@@ -65,7 +75,7 @@ class RunArtifacts:
         return f"this run has no {filename}"
 
 
-def _read_json(path: Path, kind: type, problems: dict[str, str]):
+def _read_json(path: Path, kind: type | tuple[type, ...], problems: dict[str, str]):
     if not path.is_file():
         return None
     try:
@@ -74,14 +84,18 @@ def _read_json(path: Path, kind: type, problems: dict[str, str]):
         problems[path.name] = f"{path.name} could not be read ({err}); its plots are left out"
         return None
     if not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         problems[path.name] = (f"{path.name} holds a JSON {type(value).__name__}, not the expected "
-                               f"{kind.__name__}; its plots are left out")
+                               f"{expected}; its plots are left out")
         return None
     return value
 
 
 def _is_bad_measurement(key, item) -> bool:
-    """A measurement key (`_MEASURED`) holding neither a number nor null."""
+    """A measurement key (`_MEASURED`) holding neither a number nor null (nor an ε of "none": the
+    privacy table's word for a model without a DP guarantee)."""
+    if key in _RECORDS or (key == "epsilon" and item == "none"):
+        return False
     return bool(_MEASURED.search(str(key))) and item is not None and (
         isinstance(item, bool) or not isinstance(item, (int, float)))
 
@@ -89,6 +103,8 @@ def _is_bad_measurement(key, item) -> bool:
 def _drop_non_numbers(value, filename: str, problems: dict[str, str]):
     """Null every measurement of `value` (a dict, or a list of row dicts) that is not a number,
     and say so in one line naming the file and the first few values."""
+    if isinstance(value, dict) and isinstance(value.get("rows"), list):  # a table with its notes
+        _drop_non_numbers(value["rows"], filename, problems)
     rows = value if isinstance(value, list) else [value]
     bad = []
     for index, row in enumerate(rows):
@@ -145,7 +161,7 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     run = RunArtifacts(path=path, name=name)
     for attribute, (filename, kind) in JSON_FILES.items():
         value = _read_json(path / filename, kind, run.problems)
-        if value is not None and attribute != "roc":  # roc.json: lists of rates, checked where drawn
+        if value is not None and attribute not in UNSCRUBBED:
             value = _drop_non_numbers(value, filename, run.problems)
         setattr(run, attribute, value)
     for table in sorted(path.glob("sieve_table_step*.json")):

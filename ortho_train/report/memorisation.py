@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from ortho_train.report.load import RunArtifacts
+from ortho_train.report.roc import draw_roc, finish_roc_axes, fpr_floor
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 SUMMARY_ROWS = (
@@ -30,21 +31,16 @@ def skewnorm_pdf(x: np.ndarray, a: float, loc: float, scale: float) -> np.ndarra
 
 
 def roc_figure(roc: dict):
-    """ROC of each MIA score on log-scale FPR, AUC and TPR at the low-FPR level in the legend."""
+    """ROC of each MIA score of the final model, one panel per score (side by side, not on top of
+    each other), log-scale FPR; AUC and TPR at the low-FPR level in each title."""
     level = roc.get("fpr_level", 0.01)
-    fig, (ax,) = new_figure(1)
-    floor = 1.0 / max(2 * roc.get("holdout", 100), 2)  # where FPR = 0 is drawn on a log axis
-    for name, curve in roc["curves"].items():
-        fpr = np.clip(np.asarray(curve["fpr"], dtype=float), floor, 1.0)
-        ax.step(fpr, curve["tpr"], where="post",
-                label=f"{name}: AUC {curve['auc']:.3f}, TPR@{100 * level:g}%FPR {curve['tpr_at_fpr']:.2f}")
-    ax.plot([floor, 1], [floor, 1], color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.axvline(level, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set(xlim=(floor, 1), ylim=(0, 1.02), xlabel="false-positive rate (holdout)",
-           ylabel="true-positive rate (members)",
-           title=f"MIA: {roc.get('members')} members vs {roc.get('holdout')} holdout")
-    ax.legend(fontsize=7, loc="lower right")
+    floor = fpr_floor(roc.get("holdout"))
+    curves = list(roc["curves"].items())
+    fig, axes = new_figure(len(curves), columns=min(3, len(curves)))
+    for i, (ax, (name, curve)) in enumerate(zip(axes, curves)):
+        draw_roc(ax, curve["fpr"], curve["tpr"], floor, color=f"C{i}", linewidth=1.6)
+        finish_roc_axes(ax, floor, level)
+        ax.set_title(f"{name}: AUC {curve['auc']:.3f}, TPR@{100 * level:g}% {curve['tpr_at_fpr']:.2f}", fontsize=9)
     return fig
 
 
@@ -78,7 +74,8 @@ def memorisation_section(run: RunArtifacts) -> Section:
     """Final memorisation metrics of an SFT run (`summary.json`, `roc.json`, `exposure_refs.json`)."""
     section = Section("memorisation", "Memorisation")
     if run.roc is not None and run.roc.get("curves"):
-        section.figures.append(("MIA ROC curves, members vs holdout (log-scale FPR)", roc_figure(run.roc)))
+        section.figures.append((f"MIA ROC curves of the final model, one panel per score: {run.roc.get('members')} "
+                                f"members vs {run.roc.get('holdout')} holdout (log-scale FPR)", roc_figure(run.roc)))
     else:
         section.notes.append(f"ROC curves: {run.absent('roc.json')}")
     if run.exposure_refs is not None and run.exposure_refs.get("counts"):

@@ -36,20 +36,23 @@ class Section:
     skipped: str | None = None
 
 
-def new_figure(panels: int, columns: int | None = None, legend_space: float = 0.0) -> tuple[Figure, list]:
-    """A figure with `panels` subplots in a grid of at most `columns` (default: all in a row) and
-    `legend_space` inches on the right for a legend outside the axes.
+def new_figure(panels: int, columns: int | None = None, legend_space: float = 0.0,
+               label_space: float = 0.0) -> tuple[Figure, list]:
+    """A figure with `panels` subplots in a grid of at most `columns` (default: all in a row),
+    `legend_space` inches on the right for a legend outside the axes and `label_space` inches
+    more under each row for long (wrapped, rotated) category labels.
 
     Margins are fixed in inches rather than computed by a layout engine: a layout engine draws
     every figure twice, which doubles the report's build time.
     """
     columns = min(panels, columns or panels)
     rows = math.ceil(panels / columns)
-    width, height = PANEL_SIZE[0] * columns + legend_space, PANEL_SIZE[1] * rows
+    width, height = PANEL_SIZE[0] * columns + legend_space, (PANEL_SIZE[1] + label_space) * rows
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.85 / width, right=1 - (0.2 + legend_space) / width, bottom=0.6 / height,
-                        top=1 - 0.4 / height, wspace=0.32, hspace=0.45)
+    fig.subplots_adjust(left=0.85 / width, right=1 - (0.2 + legend_space) / width,
+                        bottom=(0.6 + label_space) / height, top=1 - 0.4 / height, wspace=0.32,
+                        hspace=0.45 + label_space / PANEL_SIZE[1])
     axes = fig.subplots(rows, columns, squeeze=False).ravel().tolist()
     for extra in axes[panels:]:
         extra.set_visible(False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ortho_train.report.load import RunArtifacts
+from ortho_train.report.plots import category_ticks, grouped_bars, headroom, labelled_bars
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
 RATE_METRICS = ("forget_extraction", "forget_mia_auc_loss", "forget_verbmem", "retain_extraction",
@@ -21,49 +22,42 @@ def deployments(results: dict) -> list[str]:
     return ["fp"] + [v for v in results.get("variants", []) if isinstance(v, str)]
 
 
-def _bars(ax, groups: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
-    width = 0.8 / max(len(series), 1)
-    x = np.arange(len(groups))
-    for i, (name, values) in enumerate(series.items()):
-        heights = [v if v is not None else np.nan for v in values]
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=name)
-    ax.set_xticks(x, groups, rotation=20, fontsize=7)
-    ax.set(ylabel=ylabel, title=title)
-
-
 def ptq_gap_figures(results: dict) -> list[tuple[str, object]]:
-    """Grouped bars (metric × deployment), exposure and perplexity per deployment, bin crossing."""
+    """Grouped bars (metric × deployment), exposure and perplexity per deployment, bin crossing;
+    every zero bar marked on the axis (a forget extraction of 0 is the result, not a gap)."""
     names = deployments(results)
-    fig, axes = new_figure(3)
+    fig, axes = new_figure(3, label_space=0.6)
     rates = [m for m in RATE_METRICS if f"{m}_fp" in results]
-    _bars(axes[0], rates, {d: [number(results.get(f"{m}_{d}")) for m in rates] for d in names},
-          "rate / AUC / ROUGE-L", "forget and retain metrics per deployment")
-    axes[0].set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7)
+    grouped_bars(axes[0], rates, {d: [number(results.get(f"{m}_{d}")) for m in rates] for d in names},
+                 labels=len(rates) * len(names) <= 16)
+    axes[0].set(ylabel="rate / AUC / ROUGE-L", title="forget and retain metrics per deployment", ylim=(0, 1.05))
+    axes[0].legend(fontsize=6, ncol=2)
     for ax, metric, label in ((axes[1], "forget_exposure", "forget exposure (bits)"),
                               (axes[2], "public_ppl", "public perplexity")):
         values = [number(results.get(f"{metric}_{d}")) for d in names]
         before = number(results.get(f"{metric}_fp_before"))
-        ax.bar(names, [v if v is not None else np.nan for v in values], color="C0")
+        labelled_bars(ax, np.arange(len(names)), values, 0.7, digits=3, color="C0")
+        category_ticks(ax, names)
+        title = label
         if before is not None:
-            ax.axhline(before, color="C3", linestyle="--", linewidth=1, label="before unlearning (fp)")
-            ax.legend(fontsize=7)
-        ax.tick_params(axis="x", rotation=20, labelsize=7)
-        ax.set(ylabel=label, title=label)
+            ax.axhline(before, color="C3", linestyle="--", linewidth=1)
+            title += f" (dashed: before, {before:.3g})"
+        ax.set(ylabel=label, title=title)
         shown = [v for v in values + [before] if v is not None]
         if metric == "public_ppl" and shown:  # perplexities differ by percents: zoom in
-            ax.set_ylim(0.97 * min(shown), 1.02 * max(shown))
+            ax.set_ylim(0.97 * min(shown), 1.03 * max(shown))
+        else:
+            headroom(ax)
     figures = [("PTQ gap: every deployment after unlearning (dashed: before)", fig)]
     formats = sorted({k.removeprefix("bin_crossing_fraction_") for k in results
                       if k.startswith("bin_crossing_fraction_")})
     if formats:
         fig2, (ax,) = new_figure(1)
-        _bars(ax, formats, {"|ΔW| > half a bin": [number(results.get(f"bin_crossing_fraction_{f}")) for f in formats],
-                            "quantised value changed": [number(results.get(f"dequantised_change_fraction_{f}"))
-                                                        for f in formats]},
-              "fraction of updated weights", "bin crossing per format")
-        ax.set_ylim(0, 1.05)
-        ax.legend(fontsize=7)
+        grouped_bars(ax, formats, {
+            "|ΔW| > half a bin": [number(results.get(f"bin_crossing_fraction_{f}")) for f in formats],
+            "quantised value changed": [number(results.get(f"dequantised_change_fraction_{f}")) for f in formats]})
+        ax.set(ylabel="fraction of updated weights", title="bin crossing per format", ylim=(0, 1.3))
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
         figures.append(("share of updated weights that cross half a quantisation bin", fig2))
     return figures
 

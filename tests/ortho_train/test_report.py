@@ -19,7 +19,8 @@ from ortho_train.report.memorisation import skewnorm_pdf
 from tests.ortho_train.unlearn_helpers import single_thread  # noqa: F401
 from tests.secret_scan import holds_secret
 
-SECTIONS = ("run", "training", "memorisation", "kill_switch", "unlearning", "over_training", "comparison")
+SECTIONS = ("run", "training", "memorisation", "deployments_roc", "kill_switch", "privacy", "separation",
+            "unlearning", "privleak", "relearning", "over_training", "comparison", "seeds")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,6 +130,8 @@ def test_tiny_sft_run_writes_plot_data_and_its_report(runs):
     assert status["kill_switch"] == "skipped: this run has no sieve_table.json"
     assert status["unlearning"] == "skipped: this run has no ptq_gap.json"
     assert status["comparison"].startswith("skipped: one run only")
+    assert status["privacy"] == "skipped: this run has no dp_table.json"
+    assert status["relearning"] == "skipped: this run has no relearning.json"
 
 
 def test_every_section_present_when_its_data_is(combined):
@@ -140,7 +143,9 @@ def test_every_section_present_when_its_data_is(combined):
     assert sieve["training"] == "skipped: this run has no metrics.csv"
     assert {k for k, v in unlearn.items() if v == "present"} == {"run", "training", "unlearning", "over_training"}
     assert unlearn["memorisation"].startswith("skipped: no memorisation data")
-    assert together == {"comparison": "present"}
+    assert together == {"comparison": "present", "seeds": "skipped: no two runs share a configuration (apart "
+                        "from seeds): pass several seeds of one config to see intervals"}
+    assert unlearn["privleak"] == "skipped: ptq_gap.json has no forget_privleak_* values"
     # the numbers under the plots: the dense α grid, the PTQ deployments, the headline table
     assert "<td>isolated</td><td>0.25</td>" in per_run[1] and "<th>nf4_adapter</th>" in per_run[2]
     assert "CAD (circuit attribution divergence, before vs after): 0.3100" in per_run[2]
