@@ -78,6 +78,9 @@ class IsolationConfig:
             canaries' token-mean NLL only, so the ortho stream (α = 1 − α = 0) is driven by the
             private data alone and its large learning rate never acts on public-text gradients
             (the public text is learnt off S, at `public_lr`, with `public_base_updates`).
+            Measured on Gemma 3 270M (docs/results.md, "Two changes tried for α = 1"):
+            'canaries' memorised every secret but left α = 1 unusable (public perplexity
+            ~1e15): without a public term the support overwrites what public text needs.
         dsm: weights a1, a2, a3 of the DSM terms, Hutchinson probes and their seed
             (`ortho_train.privacy.DSMConfig`) of the dsm support (None: its defaults); only
             with support 'dsm'.
