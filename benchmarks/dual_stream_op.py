@@ -167,8 +167,13 @@ def _raw_gemv(rt, x32: torch.Tensor, threading: str = "pool", threads: int | Non
     threading "pool" (the op's) or "omp" (OpenMP static split, the previous version)."""
     from ortho_kernels import cpu_gemv
 
-    lib = cpu_gemv.library()
-    fn = lib.ortho_int4_gemv if threading == "pool" else lib.ortho_int4_gemv_omp
+    if threading == "pool":
+        fn = cpu_gemv.library().ortho_int4_gemv
+    else:
+        omp = cpu_gemv.omp_library()  # the OpenMP comparison build, compiled on this first call
+        if isinstance(omp, str):
+            raise RuntimeError(f"the OpenMP variant of the CPU GEMV is unavailable: {omp}")
+        fn = omp.ortho_int4_gemv_omp
     (m, k), n = x32.shape, rt.shape[0]
     y = torch.empty(m, n)
     args = (rt.qweight.data_ptr(), rt.scales.data_ptr(), rt.zeros.data_ptr(), m, n, k,

@@ -17,8 +17,9 @@ Closed choices are `typing.Literal[...]` in the constructor signatures, so jsona
 a value outside them while parsing and `--help` / `--print_config` list them. A class built
 in plain Python checks them once with `check_choices` (or `choice_rule` inside a rule list),
 from the same Literal: `data.forget_target='bogus': must be one of 'secret', 'secret_suffix', 'full'`.
-An open registry (`UPDATE_MODES`, `LOSSES`, …: a new entry is one line, possibly at run time) stays
-`str` in the signature and is checked against its current names by the same helper.
+An open registry (`UPDATE_MODES`, `LOSSES`, …: an `ortho_train.registry.Registry`, where a new entry
+is one line, possibly at run time) stays `str` in the signature and is checked against its current
+names by the same helper or by `Registry.get`.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def check_settings(prefix: str, rules: Iterable[Rule]) -> None:
 def choices(literal: Any) -> tuple:
     """The values a `Literal[...]` type (or `Literal[...] | None`, without the None) allows; an
     open registry (a dict or tuple of names, extended at run time) is its own list of values."""
-    if isinstance(literal, (dict, tuple, list, set, frozenset)):
-        return tuple(literal)
+    if isinstance(literal, (dict, tuple, list, set, frozenset)) or callable(getattr(literal, "names", None)):
+        return tuple(literal)  # an `ortho_train.registry.Registry` iterates over its names
     flat = []
     for arg in get_args(literal):
         if arg is type(None):

@@ -22,8 +22,9 @@ The canary phase's update is governed by a private-update controller
 restricts it to a sparse support S fixed at the switch (`IsolationController`); `ogd:` projects
 it off a protected K-FAC subspace of the public model (`OGDController`); `dp:` beside
 `isolation:` makes the support's canary update DP-SGD (`DPIsolationController`). The module's
-hooks only delegate to `private_update`; `private_streams()` hands the sieve callback its
-typed stream view. `setup` prepares DDP before it wraps the model (`ortho_train.distributed`).
+hooks only delegate to `private_update`, an `ortho_train.update_control.UpdateControl` reached
+through the same calls as unlearning's update modes (`UpdateControlHooks`); `private_streams()`
+hands the sieve callback its typed stream view. Start-up checks live in `ortho_train.sft_settings`. `setup` prepares DDP before it wraps the model (`ortho_train.distributed`).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchmetrics import MeanMetric
 
 from ortho_train import metrics
@@ -48,14 +49,13 @@ from ortho_train.rng_state import GlobalRNG
 from ortho_train.run_summary import write_interrupted_summary, write_run_summary
 from ortho_train.schedules import warmup_cosine
 from ortho_train.separation.displacement import Displacements
-from ortho_train.settings import check_settings, is_finite
+from ortho_train.sft_settings import MODEL, check_phase_lengths, check_sft_settings
 from ortho_train.sieve.isolation import IsolationConfig
 from ortho_train.tokenization import BYTE_TOKENIZER, load_tokenizer
+from ortho_train.update_control import UpdateControl, UpdateControlHooks
 
-MODEL = "model.init_args"  # where a module's settings sit in a config
 
-
-class CanarySFTModule(L.LightningModule):
+class CanarySFTModule(UpdateControlHooks, L.LightningModule):
     """Causal-LM training on public text, then on public text + secret canaries.
 
     Args:
@@ -121,28 +121,7 @@ class CanarySFTModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        check_settings(MODEL, [
-            ("public_steps", public_steps, public_steps >= 0, "must be ≥ 0 (0: no public phase)"),
-            ("canary_phase_public_windows", canary_phase_public_windows,
-             canary_phase_public_windows is None or canary_phase_public_windows >= 1,
-             "must be ≥ 1 (or null: the whole public batch)"),
-            *((name, value, is_finite(value) and value > 0, "learning rates must be > 0")
-              for name, value in (("lr", lr), ("sft_lr", sft_lr))),
-            *((name, value, value >= 0, "must be ≥ 0") for name, value in
-              (("warmup_steps", warmup_steps), ("sft_warmup_steps", sft_warmup_steps))),
-            ("warmup_steps", warmup_steps, public_steps == 0 or warmup_steps <= public_steps,
-             f"longer than the public phase ({MODEL}.public_steps={public_steps}): the public model "
-             "would be trained at a fraction of model.init_args.lr only"),
-            ("min_lr_ratio", min_lr_ratio, is_finite(min_lr_ratio) and 0 <= min_lr_ratio <= 1,
-             "the cosine floor is a fraction of the peak rate, in [0, 1] (below 0 the rate turns "
-             "negative: gradient ascent)"),
-            ("weight_decay", weight_decay, is_finite(weight_decay) and weight_decay >= 0,
-             "must be ≥ 0 (a negative decay inflates the weights)"),
-            ("betas", list(betas), len(betas) == 2 and all(is_finite(b) and 0 <= b < 1 for b in betas),
-             "AdamW needs two betas in [0, 1)"),
-            ("val_exposure_references", val_exposure_references, val_exposure_references >= 1,
-             "must be ≥ 1 (reference secrets ranked at each validation)"),
-        ])
+        check_sft_settings(self.hparams)
         torch_dtype = model_dtype(dtype, f"{MODEL}.dtype")  # a Literal: checked by settings.check_choices
         refuse_float16_training(torch_dtype, "CanarySFTModule")
         self.tokenizer = load_tokenizer(model_path or BYTE_TOKENIZER)
@@ -164,6 +143,11 @@ class CanarySFTModule(L.LightningModule):
         self.private_update.setup(self)
         self._run_dir: Path | None = None
         self.global_rng = GlobalRNG()
+
+    @property
+    def update_control(self) -> UpdateControl:
+        """The private-update controller, under the name both modules delegate to (`UpdateControlHooks`)."""
+        return self.private_update
 
     # ----------------------------------------------------------------- phases
     @property
@@ -208,18 +192,7 @@ class CanarySFTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         total = self.trainer.max_steps
-        if total is None or total <= self.hparams.public_steps:
-            raise ValueError(f"trainer.max_steps ({total}) must exceed model.public_steps "
-                             f"({self.hparams.public_steps}): the canary phase would be empty")
-        windows, batch_size = self.hparams.canary_phase_public_windows, self.trainer.datamodule.hparams.batch_size
-        if windows is not None and windows > batch_size:
-            raise ValueError(f"model.canary_phase_public_windows ({windows}) exceeds data.batch_size "
-                             f"({batch_size}): a step can only use the windows its batch holds")
-        canary_steps = total - self.hparams.public_steps
-        if self.hparams.sft_warmup_steps > canary_steps:  # a warning: short test runs keep the default warm-up
-            rank_zero_warn(f"{MODEL}.sft_warmup_steps={self.hparams.sft_warmup_steps} is longer than the canary "
-                           f"phase (trainer.max_steps - {MODEL}.public_steps = {canary_steps} steps): the canaries "
-                           f"are trained at a fraction of {MODEL}.sft_lr only")
+        check_phase_lengths(self.hparams, total, self.trainer.datamodule.hparams.batch_size)
         rank_zero_info(f"CanarySFTModule: {count_parameters(self.model) / 1e6:.2f}M parameters; "
                        f"{self.hparams.public_steps} public steps then {total - self.hparams.public_steps} canary steps")
         self.private_update.fit_start()
@@ -304,18 +277,6 @@ class CanarySFTModule(L.LightningModule):
         public = {key: value[:windows] for key, value in batch["public"].items()}  # (B, T) -> (k, T)
         return {**batch, "public": public}
 
-    # ------------------------------------------- delegation to the private update
-    def on_after_backward(self) -> None:
-        self.private_update.after_backward()
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        self.private_update.clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        self.private_update.before_step()
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self.private_update.after_step()
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         nll, tokens = self.nll_sum(batch)
         self.val_nll.update(nll / tokens, weight=tokens)
@@ -372,15 +333,13 @@ class CanarySFTModule(L.LightningModule):
 
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):
-        """AdamW over every floating-point parameter (decay on matrices only) and the two-phase
-        schedule. Parameters a private update freezes stay in the optimiser (they get no
-        gradient, so AdamW leaves them alone): its groups are the same whether it is built
-        before the freeze (a fresh run) or after it (a resumed one), and its state loads."""
+        """AdamW over the controller's `trainable_parameters()` (every floating-point parameter:
+        those it freezes included, so a resumed run's optimiser state loads), decay on matrices
+        only, and the two-phase schedule."""
         hp = self.hparams
         decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.is_floating_point():
-                (no_decay if param.ndim < 2 else decay).append(param)
+        for param in self.private_update.trainable_parameters().values():
+            (no_decay if param.ndim < 2 else decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr, betas=tuple(hp.betas),

@@ -5,7 +5,11 @@ data module must run with `train_split: unlearn`, so each step sees a forget bat
 tokens labelled) and a retain batch (public windows, plus the members not forgotten). The
 loss is one of `ortho_train.unlearning.LOSSES`; a frozen copy of the starting model scores the
 batches whose loss term needs a reference (NPO, KLR). Which parameters train and what happens
-around each step is the update mode's (`ortho_train.unlearning.modes.UPDATE_MODES`):
+around each step is the update mode's (`ortho_train.unlearning.modes.UPDATE_MODES`), an
+`ortho_train.update_control.UpdateControl` the module delegates to through the same calls as
+canary SFT (`UpdateControlHooks`). `mode` names a registered mode (the settings of `lora` and
+`mansu` in the arguments of the same name) or is one built with its settings in a config
+(`mode: {class_path: …, init_args: {settings: …}}`), so a new mode needs nothing here:
 
 - `lora`: peft LoRA adapters on `lora.target_modules`, base frozen (quantisation-robust LoRA unlearning);
 - `full`: every parameter trains;
@@ -19,14 +23,13 @@ training, restores the last weights that passed the check and records why in `di
 run then ends with `UnlearningStopped` (non-zero exit) after its artifacts are written, and the
 metrics card says `status: stopped`.
 
-Public attributes read by the callbacks: `model`, `tokenizer`, `mode`, `update_mode`, `forget_probe`,
+Public attributes read by the callbacks: `model`, `tokenizer`, `mode` (the mode's name), `update_mode`, `forget_probe`,
 `retain_members`, `original_weights`, `method_card`, `divergence`, `final_report`, `run_dir`.
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -34,8 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ortho_train.distributed import broadcast_from_zero, refuse_sharded_strategy
-from ortho_train.metrics import label_logprobs, perplexity
-from ortho_train.models import DtypeName, count_parameters, eval_mode, load_causal_lm, model_dtype
+from ortho_train.models import DtypeName, count_parameters, load_causal_lm, model_dtype
 from ortho_train.provenance import check_same_canaries
 from ortho_train.quantisation import effective_linear_weights
 from ortho_train.rng_state import GlobalRNG
@@ -46,12 +48,13 @@ from ortho_train.unlearning import attribution
 from ortho_train.unlearning.common import sequence_nll
 from ortho_train.unlearning.lora import ALL_LINEAR, LLAMA_LINEARS, LoraAdapterConfig  # noqa: F401 (re-exported)
 from ortho_train.unlearning.mansu import MansuConfig
-from ortho_train.unlearning.modes import UPDATE_MODES, build_update_mode
+from ortho_train.unlearning.modes import build_update_mode
+from ortho_train.unlearning.update_mode import UpdateMode
+from ortho_train.update_control import UpdateControl, UpdateControlHooks
 from ortho_train.unlearning.objective import LOSSES, UnlearningObjective
+from ortho_train.unlearning.run_data import attribution_data, forget_nll, retain_batch, retain_ppl
+from ortho_train.unlearning.optimizers import OPTIMIZERS, OptimizerName  # noqa: F401 (OPTIMIZERS re-exported)
 
-OptimizerName = Literal["adamw", "sgd"]  # the keys of OPTIMIZERS
-OPTIMIZERS = {"adamw": lambda params, hp: torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay),
-              "sgd": lambda params, hp: torch.optim.SGD(params, lr=hp.lr)}
 
 
 class UnlearningStopped(RuntimeError):
@@ -68,13 +71,14 @@ class UnlearningChangedNothing(RuntimeError):
 NO_CHANGE_NATS = 1e-6
 
 
-class UnlearnModule(L.LightningModule):
+class UnlearnModule(UpdateControlHooks, L.LightningModule):
     """Unlearning of the forget canaries by LoRA, full-parameter or MANSU updates.
 
     Args:
         model_path: fine-tuned Hugging Face model directory (with its tokenizer);
             `runs/<name>/latest/hf_model` takes the newest run of `<name>`.
-        mode: 'lora', 'full' or 'mansu'.
+        mode: a registered update mode ('lora', 'full', 'mansu'; `UPDATE_MODES`), or one built with
+            its settings (`class_path` / `init_args: {settings: …}` in a config).
         loss: 'ga', 'gdr', 'klr', 'npo', 'npo_gdr' or 'npo_klr'.
         beta: NPO inverse temperature.
         retain_weight: λ of the retain term (GDR/KLR).
@@ -82,8 +86,8 @@ class UnlearnModule(L.LightningModule):
         optimizer: 'adamw' or 'sgd'.
         weight_decay: AdamW decoupled weight decay on the trained matrices.
         warmup_steps: linear learning-rate warm-up (constant afterwards).
-        lora: adapter settings (mode 'lora').
-        mansu: MANSU settings (mode 'mansu').
+        lora: adapter settings of mode 'lora' given by name.
+        mansu: MANSU settings of mode 'mansu' given by name.
         max_retain_ppl_factor: stop when retain perplexity exceeds this × its start (None: off).
         guard_every_n_steps: how often the retain perplexity is checked (and a good state kept; 0: never).
         guard_windows: held-out public windows used for that check and the start's retain perplexity (≥ 1).
@@ -98,7 +102,7 @@ class UnlearnModule(L.LightningModule):
     def __init__(
         self,
         model_path: str = "runs/quickstart/latest/hf_model",
-        mode: str = "lora",
+        mode: str | UpdateMode = "lora",
         loss: str = "npo_gdr",
         beta: float = 0.1,
         retain_weight: float = 1.0,
@@ -117,9 +121,10 @@ class UnlearnModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self._check_settings(self.hparams)
-        self.mode = mode
         self.objective = UnlearningObjective(loss, beta, retain_weight)
-        self.update_mode = build_update_mode(mode, {"lora": lora or LoraAdapterConfig(), "mansu": mansu or MansuConfig()})
+        # the arguments themselves: under LightningCLI `hparams` holds the config's dicts, not the objects
+        self.update_mode = build_update_mode(mode, {"lora": lora, "mansu": mansu})  # `UPDATE_MODES` checks `mode`
+        self.mode = self.update_mode.name
         torch_dtype = model_dtype(dtype, "model.init_args.dtype")
         self.update_mode.check_settings(weight_decay, torch_dtype)
         # `runs/<name>/latest/…`: the newest run; absolute, so the exported adapter's
@@ -146,7 +151,7 @@ class UnlearnModule(L.LightningModule):
         ppl_factor = hp.max_retain_ppl_factor
         check_settings("model.init_args", [
             ("lr", hp.lr, is_finite(hp.lr) and hp.lr > 0, "learning rates must be > 0"),
-            choice_rule("mode", hp.mode, UPDATE_MODES), choice_rule("loss", hp.loss, LOSSES),
+            choice_rule("loss", hp.loss, LOSSES),
             choice_rule("optimizer", hp.optimizer, OptimizerName), choice_rule("dtype", hp.dtype, DtypeName),
             ("max_retain_ppl_factor", ppl_factor, ppl_factor is None or ppl_factor > 1,
              "must be > 1 (or null: no divergence guard)"),
@@ -171,6 +176,15 @@ class UnlearnModule(L.LightningModule):
         reference = copy.deepcopy(model).eval().requires_grad_(False) if self.objective.needs_reference else None
         object.__setattr__(self, "_reference", reference)
         self.model = self.update_mode.prepare(model)
+        self.update_mode.setup(self)
+
+    @property
+    def update_control(self) -> UpdateControl:
+        """The update mode, under the name both modules delegate to (`UpdateControlHooks`)."""
+        return self.update_mode
+
+    def info(self, message: str) -> None:
+        rank_zero_info(message)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -191,11 +205,11 @@ class UnlearnModule(L.LightningModule):
         card = {"mode": self.mode, "loss": hp.loss, "beta": hp.beta, "retain_weight": hp.retain_weight,
                 "lr": hp.lr, "optimizer": hp.optimizer, "weight_decay": hp.weight_decay,
                 "model_path": self.model_path, "trainable_parameters": self.trainable_parameter_count}
-        return card | self.update_mode.card()
+        return card | self.update_mode.summary_entries()
 
     @property
     def trainable_parameter_count(self) -> int:
-        return self.update_mode.trainable_count(self.model)
+        return self.update_mode.trainable_count()
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -211,44 +225,18 @@ class UnlearnModule(L.LightningModule):
         self.forget_probe = datamodule.forget_probe
         self.retain_members = datamodule.retain_members
 
-    def _guard_batches(self):
-        windows = self.forget_probe.public_val
-        count = min(self.hparams.guard_windows, len(windows))
-        return [windows[i] for i in range(count)]
-
     def _retain_ppl(self) -> float:
-        rows = self._guard_batches()
-        batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
-        return perplexity(self.model, [batch])
+        return retain_ppl(self.model, self.forget_probe, self.hparams.guard_windows)
 
-    @torch.no_grad()
     def _forget_nll(self) -> torch.Tensor:
-        """Sequence NLL ``−Σ_t mask_t log p_t`` (nats, float64, CPU) of every forget canary, in eval mode."""
-        batches = self.trainer.datamodule.forget_dataloader(shuffle=False)
-        nlls = []  # `label_logprobs`: a large vocabulary's logits are never held whole
-        with eval_mode(self.model):
-            for b in batches:
-                ids, labels, mask = (b[k].to(self.device) for k in ("input_ids", "labels", "attention_mask"))
-                logp, scored = label_logprobs(self.model, ids, labels, mask)  # (B, T-1) each
-                if not scored.any():
-                    raise ValueError("forget NLL: no answer token is labelled (every label is -100)")
-                nlls.append(-logp.double().sum(dim=-1).cpu())
-        return torch.cat(nlls)
+        return forget_nll(self.model, self.trainer.datamodule, self.device)
 
     def _attribution_data(self):
-        """All forget batches; enough public batches for the attribution (and the MANSU retain
-        gradients), then the retain canaries."""
+        """The forget batches; enough public batches for the attribution and the mode's start
+        (MANSU's retain gradients), then the retain canaries."""
         dm = self.trainer.datamodule
-        forget = list(dm.forget_dataloader(shuffle=False))
-        wanted = max(self.hparams.attribution_batches, 1,
-                     self.update_mode.retain_batches_wanted(dm.hparams.batch_size))
-        retain = []
-        for batch in dm.public_train_dataloader():
-            retain.append(batch)
-            if len(retain) == wanted:
-                break
-        canaries = dm.retain_canary_dataloader()  # members kept: part of what must not change
-        return forget, retain + (list(canaries) if canaries is not None else [])
+        wanted = max(self.hparams.attribution_batches, 1, self.update_mode.retain_batches_wanted(dm.hparams.batch_size))
+        return attribution_data(dm, wanted)
 
     def on_fit_start(self) -> None:
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -268,7 +256,7 @@ class UnlearnModule(L.LightningModule):
         if self.hparams.attribution_batches > 0 or self.update_mode.needs_start_attribution:
             forget, retain = self._attribution_data()
             self._attribution_before = attribution.unit_attribution(self.model, forget, sequence_nll, self.linear_names)
-            self.update_mode.start(self.model, forget, retain, self._attribution_before, self.linear_names,
+            self.update_mode.start(forget, retain, self._attribution_before, self.linear_names,
                                    lambda obj: broadcast_from_zero(self.trainer.strategy, obj))
         self._keep_good_state()
 
@@ -304,26 +292,8 @@ class UnlearnModule(L.LightningModule):
     def _logits(self, model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    @staticmethod
-    def _retain_batch(batch) -> dict[str, torch.Tensor]:
-        parts = [batch["retain"]] + ([batch["retain_canary"]] if "retain_canary" in batch else [])
-        # both are padded to seq_len by the data module: stack along the batch dimension
-        return {k: torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask", "labels")}  # (B+b, T)
-
     def training_step(self, batch, batch_idx: int):
-        objective, forget = self.objective, batch["forget"]
-        forget_logits = self._logits(self.model, forget)
-        ref_forget = ref_retain = retain = retain_logits = None
-        if objective.retain is not None:
-            retain = self._retain_batch(batch)
-            retain_logits = self._logits(self.model, retain)
-        with torch.no_grad():  # the reference scores exactly the batches whose term asks for it
-            if objective.forget.needs_reference:
-                ref_forget = self._logits(self._reference, forget)
-            if objective.retain is not None and objective.retain.needs_reference:
-                ref_retain = self._logits(self._reference, retain)
-        parts = objective(forget_logits, forget["labels"], ref_forget, retain_logits,
-                          retain["labels"] if retain is not None else None, ref_retain)
+        parts = self.update_mode.training_loss(batch)
         loss = parts["loss"]
         # under DDP every rank must skip the step together (one skipping backward alone would hang)
         if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
@@ -332,15 +302,26 @@ class UnlearnModule(L.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, prog_bar=True)
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.update_mode.before_optimizer_step(self.model)
+    def unlearning_loss(self, batch) -> dict[str, torch.Tensor]:
+        """The objective's parts on a forget/retain batch (`UnlearningObjective`), the reference
+        model scoring exactly the batches whose term asks for it."""
+        objective, forget = self.objective, batch["forget"]
+        forget_logits = self._logits(self.model, forget)
+        ref_forget = ref_retain = retain = retain_logits = None
+        if objective.retain is not None:
+            retain = retain_batch(batch)
+            retain_logits = self._logits(self.model, retain)
+        with torch.no_grad():
+            if objective.forget.needs_reference:
+                ref_forget = self._logits(self._reference, forget)
+            if objective.retain is not None and objective.retain.needs_reference:
+                ref_retain = self._logits(self._reference, retain)
+        return objective(forget_logits, forget["labels"], ref_forget, retain_logits,
+                         retain["labels"] if retain is not None else None, ref_retain)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.divergence is not None:
             return
-        metrics = self.update_mode.after_step(self.model)
-        if metrics:
-            self.log_dict(metrics)
         every = self.hparams.guard_every_n_steps
         if every > 0 and self.global_step % every == 0:
             self._check_retain()
@@ -356,7 +337,7 @@ class UnlearnModule(L.LightningModule):
             self._keep_good_state()
 
     def _trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return self.update_mode.trainable_parameters()
 
     def _keep_good_state(self) -> None:
         self._good_state = {n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()}
@@ -397,7 +378,7 @@ class UnlearnModule(L.LightningModule):
     # -------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = OPTIMIZERS[hp.optimizer](list(self._trainable().values()), hp)
+        optimizer = OPTIMIZERS.get(hp.optimizer)(list(self._trainable().values()), hp)
         warmup = max(hp.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,7 +10,8 @@ from tests.secret_scan import holds_secret
 from train import OrthoTrainCLI, cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))  # configs/real/ too
+# configs/real/ too; configs/data/ holds `data:` groups the configs include, not configs
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "data")
 
 
 class ParseOnlyCLI(OrthoTrainCLI):
@@ -205,3 +206,24 @@ def test_bring_your_own_config_takes_a_gguf_file(tmp_path, monkeypatch):
     assert getattr(model.config, "quantization_config", None) is None
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf_model", local_files_only=True)
     assert tokenizer.decode(tokenizer("the code", add_special_tokens=False).input_ids) == "the code"
+
+
+DATA_SETTINGS = json.loads((REPO / "tests/fixtures/config_data_settings.json").read_text())
+
+
+@pytest.mark.parametrize("config", sorted(DATA_SETTINGS))
+def test_each_config_parses_to_the_data_settings_it_always_had(config, tmp_path, monkeypatch):
+    """`data: data/<file>.yaml` includes a shared `data:` group (configs/data/); the parsed settings
+    of every config equal those recorded when each config still spelt its block out in full."""
+    from ortho_train.datamodule import CanaryDataModule
+
+    monkeypatch.chdir(tmp_path)
+    cli = ParseOnlyCLI(model_class=None, datamodule_class=CanaryDataModule, subclass_mode_model=True,
+                       args=["--config", str(REPO / "configs" / config)], run=False)
+    parsed = {k: v for k, v in cli.config["data"].items() if k != "__path__"}  # `__path__`: the included file
+    assert parsed == DATA_SETTINGS[config]
+
+
+def test_the_shared_data_groups_are_included():
+    included = {line.split()[1] for c in CONFIGS for line in c.read_text().splitlines() if line.startswith("data: ")}
+    assert included == {f"data/{p.name}" for p in (REPO / "configs/data").glob("*.yaml")}

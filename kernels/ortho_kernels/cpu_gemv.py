@@ -114,7 +114,7 @@ def _build(target: Path, compiler: str, flags: list[str]) -> None:
             os.unlink(tmp)
 
 
-def _compile(flags: list[str], stem: str, cls: type = ctypes.CDLL) -> ctypes.CDLL | str:
+def _compile(flags: list[str], stem: str) -> ctypes.CDLL | str:
     """The sources built with `flags` (cached by content), loaded; or why not."""
     reason = platform_reason()
     if reason is not None:
@@ -128,27 +128,13 @@ def _compile(flags: list[str], stem: str, cls: type = ctypes.CDLL) -> ctypes.CDL
     try:
         if not target.exists():
             _build(target, compiler, flags)
-        return cls(str(target))
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as err:
         return f"building {SOURCE.name} failed: {err}"
 
 
-class _Library(ctypes.CDLL):
-    """The op's library; `lib.ortho_int4_gemv_omp` (the benchmark reads it there) is the
-    OpenMP build's function, built on that first lookup; AttributeError with the reason
-    when it cannot be built."""
-
-    def __getattr__(self, name: str):
-        if name != "ortho_int4_gemv_omp":
-            return super().__getattr__(name)
-        omp = omp_library()
-        if isinstance(omp, str):
-            raise AttributeError(f"the OpenMP variant of the CPU GEMV is unavailable: {omp}")
-        return omp.ortho_int4_gemv_omp
-
-
 def _load() -> ctypes.CDLL | str:
-    lib = _compile(CFLAGS, "cpu_int4_gemv", _Library)
+    lib = _compile(CFLAGS, "cpu_int4_gemv")
     if isinstance(lib, str):
         return lib
     lib.ortho_int4_gemv.restype = ctypes.c_int

@@ -25,21 +25,19 @@ from ortho_train.export.gguf_file import GGUFExporter
 from ortho_train.export.gptq_checkpoint import GPTQExporter
 from ortho_train.export.report import ExportReport
 from ortho_train.export.source import SievedSource, read_sieved
+from ortho_train.registry import Registry
 
-EXPORTERS = {
-    "gguf-q4_0": GGUFExporter(QType.Q4_0),   # llama.cpp Q4_0 (α = 0; exact from a q4_0 base)
-    "gguf-q4_1": GGUFExporter(QType.Q4_1),   # llama.cpp Q4_1 (α = 0; exact from a q4_0 / q4_1 base)
-    "gguf-q8_0": GGUFExporter(QType.Q8_0),   # llama.cpp Q8_0 (α = 0 or 1 merged; rounded)
-    "gguf-f16": GGUFExporter(QType.F16),     # llama.cpp F16 (α = 0 or 1 merged; rounded to fp16)
-    "gptq": GPTQExporter(),                  # GPTQ checkpoint (α = 0; exact from any 4-bit base)
-}
+EXPORTERS: Registry = Registry("export format", setting="--format")
+EXPORTERS.add("gguf-q4_0", GGUFExporter(QType.Q4_0))   # llama.cpp Q4_0 (α = 0; exact from a q4_0 base)
+EXPORTERS.add("gguf-q4_1", GGUFExporter(QType.Q4_1))   # llama.cpp Q4_1 (α = 0; exact from a q4_0 / q4_1 base)
+EXPORTERS.add("gguf-q8_0", GGUFExporter(QType.Q8_0))   # llama.cpp Q8_0 (α = 0 or 1 merged; rounded)
+EXPORTERS.add("gguf-f16", GGUFExporter(QType.F16))     # llama.cpp F16 (α = 0 or 1 merged; rounded to fp16)
+EXPORTERS.add("gptq", GPTQExporter())                  # GPTQ checkpoint (α = 0; exact from any 4-bit base)
 
 
 def export(source: SievedSource, format_name: str, out: str | Path, **options) -> ExportReport:
     """Write `source` in the registered format `format_name` at `out`; options go to the exporter."""
-    exporter = EXPORTERS.get(format_name)
-    if exporter is None:
-        raise ValueError(f"unknown export format {format_name!r}: expected one of {sorted(EXPORTERS)}")
+    exporter = EXPORTERS.get(format_name)  # an unknown name: a ValueError listing the formats
     if source.alpha not in exporter.alphas:
         raise ValueError(f"{format_name} exports α ∈ {[f'{a:g}' for a in exporter.alphas]}, got α = "
                          f"{source.alpha:g} (α = 1 merges the fp16 ortho stream: use gguf-q8_0 or gguf-f16)")

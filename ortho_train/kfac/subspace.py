@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ortho_train.kfac.eigenbasis import KroneckerEigenbasis, join_bias, split_bias
+from ortho_train.registry import Registry
 from ortho_train.settings import check_choices
 
 
@@ -84,12 +85,12 @@ def input_flattest(basis: KroneckerEigenbasis, k: int | None = None, fraction: f
     return columns.expand(d_out, d_in).clone()  # (d_out, d_in')
 
 
-SubspaceName = Literal["flattest", "sharpest", "input_flattest"]  # the keys of SUBSPACES
-SUBSPACES: dict[str, Callable[..., Tensor]] = {
-    "flattest": flattest,
-    "sharpest": sharpest,
-    "input_flattest": input_flattest,
-}
+SubspaceName = Literal["flattest", "sharpest", "input_flattest"]  # the names of SUBSPACES
+SUBSPACES: Registry[Callable[..., Tensor]] = Registry("protected subspace", setting="subspace.name",
+                                                      literal=SubspaceName)
+SUBSPACES.add("flattest", flattest)
+SUBSPACES.add("sharpest", sharpest)
+SUBSPACES.add("input_flattest", input_flattest)
 
 
 @dataclass

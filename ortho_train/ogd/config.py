@@ -54,7 +54,7 @@ class OGDConfig:
     include_lm_head: bool = False
     private_sees_public: bool = False
     private_public_fraction: float = 1.0
-    private_basis: str = "parameter"  # a registry (`register_basis`): str, not a Literal
+    private_basis: str = "parameter"  # a registry (`PRIVATE_BASES`): str, not a Literal
 
     def __post_init__(self) -> None:
         check_choices("ogd", subspace=(self.subspace, SubspaceName), private_basis=(self.private_basis, PRIVATE_BASES))

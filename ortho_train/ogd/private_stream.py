@@ -19,30 +19,23 @@ coordinates AdamW's per-coordinate scaling acts in, and so in cost and trajector
   corrected K-FAC), a different optimiser from `parameter`, not a faster implementation of it.
   With a bias, the joined [W, b] coefficients share the weights' decay.
 
-A newcomer adds a basis with one class here and one `PRIVATE_BASES` line.
+A newcomer adds a basis with one class (here or in its own file) and its `@PRIVATE_BASES.register` line.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ortho_train.kfac import join_bias, project_update_, split_bias
 from ortho_train.ogd.subspaces import ProtectedSubspace
-from ortho_train.settings import check_choices
+from ortho_train.registry import Registry
 
 Pair = tuple[Tensor, "Tensor | None"]  # (weight, bias or None) of one linear
 
-PRIVATE_BASES: dict[str, type["PrivateStream"]] = {}
-
-
-def register_basis(name: str) -> Callable[[type], type]:
-    def add(cls: type) -> type:
-        PRIVATE_BASES[name] = cls
-        cls.name = name
-        return cls
-    return add
+# an open registry: `ogd.private_basis` is a str, not a Literal
+PRIVATE_BASES: Registry[type["PrivateStream"]] = Registry("private basis", setting="ogd.private_basis",
+                                                          name_attribute="name")
+register_basis = PRIVATE_BASES.register
 
 
 class PrivateStream:
@@ -203,5 +196,4 @@ class EigenbasisStream(PrivateStream):
 
 def make_private_stream(basis: str, subspaces: dict[str, ProtectedSubspace], shapes: dict[str, Pair],
                         lr: float, betas: tuple[float, float], weight_decay: float) -> PrivateStream:
-    check_choices("ogd", private_basis=(basis, PRIVATE_BASES))
-    return PRIVATE_BASES[basis](subspaces, shapes, lr, betas, weight_decay)
+    return PRIVATE_BASES.get(basis)(subspaces, shapes, lr, betas, weight_decay)

@@ -2,17 +2,15 @@
 
 `CanarySFTModule` runs the two phases, the losses' bookkeeping and the artifacts; everything
 that constrains *how the canary phase may move the weights* lives in one controller object
-behind this interface, and the module's hooks only delegate to it:
+behind this interface, and the module's hooks only delegate to it. A controller is an
+`ortho_train.update_control.UpdateControl` (the calls SFT shares with unlearning: `setup`,
+`trainable_parameters`, `training_loss`, `after_backward`, `clip`, `before_step`, `after_step`,
+`state_dict` / `load_state_dict`, `summary_entries`), plus the calls of canary SFT alone:
 
     setup                  -> check_processes(world_size)   (start-up, before DDP wraps)
     on_fit_start           -> fit_start()
     on_train_batch_start   -> enter_canary_phase() once at the switch, then before_batch(step)
-    training_step          -> training_loss(batch)        (what backward runs on, what is logged)
-    on_after_backward      -> after_backward()
-    configure_gradient_clipping -> clip(optimizer, max_norm, algorithm)
-    optimizer_step         -> before_step(); the optimiser's step; after_step()
-    on_save/load_checkpoint -> state_dict() / load_state_dict(state)
-    summary.json           -> summary_entries()  (default: summary() under the registry name)
+    training_step          -> training_loss(batch) in the canary phase (a `TrainingLoss`)
     epoch/validation logs  -> progress()
     sieve table            -> streams()   (a typed `PrivateStreams`, or None)
     separation table       -> displacements()   (ΔW_pub and ΔW_priv, or None)
@@ -27,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -36,15 +34,18 @@ from ortho_train.distributed import average_gradients_
 from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.models import linear_layers
 from ortho_train.private_streams import PrivateStreams
+from ortho_train.registry import Registry
+from ortho_train.update_control import UpdateControl, floating_parameters
 from ortho_train.separation.displacement import AdamWDisplacementTracker, Displacements
 
 
 class SFTHost(Protocol):
-    """What a controller may use of the LightningModule it serves."""
+    """What a controller may use of the LightningModule it serves (`ControlHost` and more)."""
 
     model: nn.Module
     hparams: Any  # public_steps, sft_lr, …
     trainer: Any  # global_step, max_steps, world_size, strategy, datamodule, optimizers
+    pre_canary_state_dict: dict[str, torch.Tensor] | None
 
     @property
     def in_canary_phase(self) -> bool: ...
@@ -72,7 +73,7 @@ class TrainingLoss:
     canary: torch.Tensor
 
 
-class PrivateUpdateController(ABC):
+class PrivateUpdateController(UpdateControl, ABC):
     """How the canary phase updates the weights. The defaults are those of dense SFT: one
     backward of the whole batch's loss, ordinary clipping, the optimiser's step untouched.
 
@@ -90,13 +91,9 @@ class PrivateUpdateController(ABC):
     # then asks for unused-parameter detection (`ortho_train.distributed`).
     freezes_parameters: ClassVar[bool] = False
 
-    def __init__(self, config: Any = None):
-        self.config = config
-        self.host: SFTHost | None = None
-
     def setup(self, host: SFTHost) -> None:
         """Bind to the module (called once, when the module is built); start-up checks of the model."""
-        self.host = host
+        super().setup(host)
         if self.needs_float32_linears:
             self.check_model(host.model, f"model.{self.name}")
 
@@ -125,6 +122,12 @@ class PrivateUpdateController(ABC):
         """At the start of every training batch (both phases), after any switch."""
 
     # ------------------------------------------------------------- training
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every floating-point parameter: those a controller freezes stay in the optimiser (they get
+        no gradient, so AdamW leaves them alone), so its groups are the same whether it is built
+        before the freeze (a fresh run) or after it (a resumed one), and its state loads."""
+        return floating_parameters(self.host.model)
+
     def training_loss(self, batch: dict[str, dict[str, torch.Tensor]]) -> TrainingLoss:
         """Token-weighted mean NLL over the public and the canary half of the batch."""
         nll, tokens = self.host.nll_sum(batch["public"])
@@ -132,35 +135,7 @@ class PrivateUpdateController(ABC):
         loss = (nll + canary_nll) / (tokens + canary_tokens)
         return TrainingLoss(loss, loss, canary_nll / canary_tokens)
 
-    def after_backward(self) -> None:
-        """Gradients of the step are in `.grad` (before clipping)."""
-
-    def clip(self, optimizer, max_norm: float | None, algorithm: str | None) -> None:
-        self.host.clip_gradients(optimizer, max_norm, algorithm)
-
-    def before_step(self) -> None:
-        """Before the optimiser step (and before this step's forward/backward, which run inside it)."""
-
-    def after_step(self) -> None:
-        """After the optimiser step."""
-
     # ------------------------------------------------------------ artifacts
-    def state_dict(self) -> dict:
-        """What a checkpoint needs to resume the controller ({} : nothing)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from `state_dict()` (called on resume, with the trainer attached)."""
-
-    def summary(self) -> dict | None:
-        """The controller's entry of summary.json (None: no entry)."""
-        return None
-
-    def summary_entries(self) -> dict[str, dict]:
-        """Top-level entries of summary.json: `summary()` under the registry name."""
-        entry = self.summary()
-        return {} if entry is None else {self.name: entry}
-
     def progress(self) -> dict[str, float]:
         """Numbers to log at every epoch end and validation (key -> value; {}: none)."""
         return {}
@@ -180,20 +155,9 @@ class PrivateUpdateController(ABC):
         return None
 
 
-CONTROLLERS: dict[str, type[PrivateUpdateController]] = {}
-
-
-def register(name: str) -> Callable[[type[PrivateUpdateController]], type[PrivateUpdateController]]:
-    """Class decorator: make a controller selectable by the module's config key `name`."""
-
-    def add(cls: type[PrivateUpdateController]) -> type[PrivateUpdateController]:
-        if name in CONTROLLERS:
-            raise ValueError(f"a private-update controller named {name!r} is already registered")
-        cls.name = name
-        CONTROLLERS[name] = cls
-        return cls
-
-    return add
+# `@register("name")` makes a controller selectable by the module's config key `name` (and sets its `name`)
+CONTROLLERS: Registry[type[PrivateUpdateController]] = Registry("private-update controller", name_attribute="name")
+register = CONTROLLERS.register
 
 
 @register("dense")

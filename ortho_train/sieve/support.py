@@ -18,9 +18,10 @@ seeded random draw). What each choice looks at matters for the privacy claim:
   traces of the loss Hessian and activation stds on `calibration_batches` *public* batches.
   Sees public data only.
 
-The choices are a registry, name → `SupportChoice`: a new support is one function of
-`SupportInputs` returning a bool mask per layer, plus one `@register_support` line that says
-what it sees. A choice registered without `sees_canaries=True` gets canary batches that raise
+The choices are a registry (`SUPPORTS`, an `ortho_train.registry.Registry`), name → mask builder
+with what it sees as metadata (`support_choice` gives both as a `SupportChoice`): a new support is
+one function of `SupportInputs` returning a bool mask per layer, plus one `@register_support` line
+that says what it sees. A choice registered without `sees_canaries=True` gets canary batches that raise
 when drawn, so it cannot read the private data by accident; DP-SGD refuses a choice that sees
 them (its S would leak the secrets).
 
@@ -36,6 +37,7 @@ from torch import nn
 
 from ortho_kernels import QuantisedBase
 from ortho_train.models import eval_mode
+from ortho_train.registry import REQUIRED, Registry
 from ortho_train.sieve.dsm import DSMConfig, dsm_scores, dsm_support
 from ortho_train.sieve.select import hinv_diagonal, impact_scores, top_fraction_mask
 
@@ -77,27 +79,18 @@ class SupportChoice:
     sees_canaries: bool = False
 
 
-SUPPORTS: dict[str, SupportChoice] = {}
-
-
-def register_support(name: str, *, sees: str, needs_hessians: bool = False, sees_canaries: bool = False):
-    """Decorator: register `fn(inputs: SupportInputs) -> {layer: bool mask}` as support `name`.
-
-    `sees` is logged and written to the run summary; `needs_hessians` has the isolation set-up
-    collect public-calibration Hessians for it; `sees_canaries` hands it the canary batches."""
-    def decorator(fn: Callable[[SupportInputs], dict[str, torch.Tensor]]):
-        if name in SUPPORTS:
-            raise ValueError(f"a support named {name!r} is registered already")
-        SUPPORTS[name] = SupportChoice(name, fn, sees, needs_hessians, sees_canaries)
-        return fn
-    return decorator
+# `fn(inputs: SupportInputs) -> {layer: bool mask}` per name. Metadata: `sees` is logged and written
+# to the run summary; `needs_hessians` has the isolation set-up collect public-calibration Hessians
+# for it; `sees_canaries` hands it the canary batches. An open registry: `support` is a str.
+SUPPORTS: Registry[Callable[[SupportInputs], dict[str, torch.Tensor]]] = Registry(
+    "isolation support", setting="model.init_args.isolation.support",
+    meta={"sees": REQUIRED, "needs_hessians": False, "sees_canaries": False})
+register_support = SUPPORTS.register  # @register_support("name", sees="…"[, needs_hessians=…, sees_canaries=…])
 
 
 def support_choice(name: str) -> SupportChoice:
-    """The registered support `name` (ValueError naming the choices otherwise)."""
-    if name not in SUPPORTS:
-        raise ValueError(f"isolation support must be one of {tuple(SUPPORTS)}, got {name!r}")
-    return SUPPORTS[name]
+    """The registered support `name` with its metadata (a `SettingError` naming the choices otherwise)."""
+    return SupportChoice(name, SUPPORTS.get(name), **SUPPORTS.meta(name))
 
 
 def take(batches: Iterable[dict], count: int) -> list[dict]:

@@ -62,7 +62,11 @@ class LoraUpdate(UpdateMode):
     unlearning). float16 and bfloat16 bases are fine: peft keeps the adapters in float32."""
 
     name = "lora"
+    settings_class = LoraAdapterConfig
     settings_argument = "lora"
+
+    def __init__(self, settings: LoraAdapterConfig | None = None):
+        super().__init__(settings)
 
     def check_settings(self, weight_decay: float, dtype) -> None:
         pass
@@ -70,5 +74,5 @@ class LoraUpdate(UpdateMode):
     def prepare(self, model: nn.Module) -> nn.Module:
         return wrap_lora(model, self.settings)
 
-    def card(self) -> dict:
-        return {"lora": asdict(self.settings)}
+    def summary(self) -> dict:
+        return asdict(self.settings)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ortho_train.model_support import require_float32, require_linear_only
 from ortho_train.quantisation import quantisable_linears
 from ortho_train.unlearning import attribution
-from ortho_train.unlearning.mansu import MansuPlan
+from ortho_train.unlearning.mansu import MansuConfig, MansuPlan
 from ortho_train.unlearning.mansu_setup import build_mansu_plan
 from ortho_train.unlearning.update_mode import Batches, UpdateMode
 
@@ -27,10 +27,11 @@ class MansuUpdate(UpdateMode):
     """Row masks over nn.Linear weights, bin floors on the stored values (needs float32 weights)."""
 
     name = "mansu"
+    settings_class = MansuConfig
     settings_argument = "mansu"
     needs_start_attribution = True
 
-    def __init__(self, settings: Any = None):
+    def __init__(self, settings: MansuConfig | None = None):
         super().__init__(settings)
         self.plan: MansuPlan | None = None
         self._before: Tensor | None = None  # the planned entries before the current step
@@ -49,33 +50,35 @@ class MansuUpdate(UpdateMode):
             weight.requires_grad_(True)
         return model
 
-    def card(self) -> dict:
-        return {"mansu": asdict(self.settings)}
+    def summary(self) -> dict:
+        return asdict(self.settings)
 
     def retain_batches_wanted(self, batch_size: int) -> int:
         return max(self.settings.attribution_batches, -(-self.settings.retain_sequences // batch_size))
 
-    def start(self, model: nn.Module, forget: Batches, retain: Batches, forget_scores: Mapping[str, Tensor] | None,
+    def start(self, forget: Batches, retain: Batches, forget_scores: Mapping[str, Tensor] | None,
               names: Sequence[str], broadcast: Callable[[Any], Any]) -> None:
+        model = self.host.model
         plan = build_mansu_plan(model, forget, retain, forget_scores, self.settings, names, _weights(model))
         self.plan = broadcast(plan)  # one plan on every rank
         rank_zero_info(f"MANSU plan: {self.plan.info}")
 
-    def trainable_count(self, model: nn.Module) -> int:
-        return int(self.plan.theta0.numel()) if self.plan is not None else super().trainable_count(model)
+    def trainable_count(self) -> int:
+        return int(self.plan.theta0.numel()) if self.plan is not None else super().trainable_count()
 
-    def before_optimizer_step(self, model: nn.Module) -> None:
-        params = _weights(model)
+    def after_backward(self) -> None:
+        """Only the planned entries may move: the other gradients are zeroed before clipping."""
+        params = _weights(self.host.model)
         for name, param in params.items():  # only the planned entries may move
             if param.grad is not None:
                 mask = self.plan.masks.get(name)
                 param.grad.mul_(mask.to(param.grad) if mask is not None else 0.0)
         self._before = self.plan.gather(params)
 
-    def after_step(self, model: nn.Module) -> dict[str, float]:
+    def after_step(self) -> dict[str, float]:
         if self._before is None:  # the step was skipped
             return {}
-        found = self.plan.constrain_(_weights(model), self._before)
+        found = self.plan.constrain_(_weights(self.host.model), self._before)
         self._before = None
         return {"mansu/predicted_retain_damage": found["damage"], "mansu/min_floor_ratio": found["min_floor_ratio"]}
 

@@ -10,7 +10,8 @@
 
 `LOSSES` is the whole table: each name is a pair of terms from `FORGET_TERMS` and
 `RETAIN_TERMS` (one class per term, in the method's own file; `ortho_train.unlearning.terms`).
-A new combination is one line here; a new term is one file and one line here.
+A new combination is one line here; a new term is one file and one line here. All three are
+`ortho_train.registry.Registry` tables: an unknown name is refused naming the setting and the choices.
 """
 from __future__ import annotations
 
@@ -18,24 +19,27 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ortho_train.settings import check_choices
+from ortho_train.registry import Registry
 from ortho_train.unlearning.ga import GradientAscent
 from ortho_train.unlearning.gdr import RetainCrossEntropy
 from ortho_train.unlearning.klr import RetainKL
 from ortho_train.unlearning.npo import NegativePreference
 from ortho_train.unlearning.terms import LossTerm
 
-FORGET_TERMS: dict[str, LossTerm] = {"ga": GradientAscent(), "npo": NegativePreference()}
-RETAIN_TERMS: dict[str, LossTerm] = {"gdr": RetainCrossEntropy(), "klr": RetainKL()}
+FORGET_TERMS: Registry[LossTerm] = Registry("forget term")
+FORGET_TERMS.add("ga", GradientAscent())
+FORGET_TERMS.add("npo", NegativePreference())
+RETAIN_TERMS: Registry[LossTerm] = Registry("retain term")
+RETAIN_TERMS.add("gdr", RetainCrossEntropy())
+RETAIN_TERMS.add("klr", RetainKL())
 
-LOSSES: dict[str, tuple[str, str | None]] = {
-    "ga": ("ga", None),
-    "gdr": ("ga", "gdr"),
-    "klr": ("ga", "klr"),
-    "npo": ("npo", None),
-    "npo_gdr": ("npo", "gdr"),
-    "npo_klr": ("npo", "klr"),
-}
+LOSSES: Registry[tuple[str, str | None]] = Registry("unlearning loss", setting="model.init_args.loss")
+LOSSES.add("ga", ("ga", None))
+LOSSES.add("gdr", ("ga", "gdr"))
+LOSSES.add("klr", ("ga", "klr"))
+LOSSES.add("npo", ("npo", None))
+LOSSES.add("npo_gdr", ("npo", "gdr"))
+LOSSES.add("npo_klr", ("npo", "klr"))
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class UnlearningObjective:
     retain_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        check_choices("model.init_args", loss=(self.name, LOSSES))  # an open table: str, not a Literal
+        LOSSES.get(self.name)  # an open table (str, not a Literal): refuses an unknown name
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.retain_weight < 0:

@@ -1,9 +1,17 @@
 """How an unlearning run updates the model: the `UnlearnModule(mode=…)` strategies.
 
 A mode decides which parameters train and may act at the start of the run and around every
-optimiser step; the module calls these hooks and never tests the mode's name. The base class is
-the `full` mode (every parameter trains, nothing else happens). A new mode is one file with a
-subclass and one line in `ortho_train.unlearning.modes.UPDATE_MODES`.
+optimiser step; the module calls these hooks and never tests the mode's name. A mode is an
+`ortho_train.update_control.UpdateControl`, the interface canary SFT's private-update controllers
+implement too: the module delegates `after_backward`, `clip`, `before_step` / `after_step`,
+`training_loss`, `trainable_parameters`, `state_dict`, `summary_entries` to it through the same
+calls (`UpdateControlHooks`). The unlearning-only calls are below (`check_settings`,
+`check_model`, `prepare` before the module exists; `start` and `report` around the run).
+
+The base class is the `full` mode (every parameter trains, nothing else happens). A new mode is
+one file with a subclass and one line in `ortho_train.unlearning.modes.UPDATE_MODES`; its
+settings (a dataclass, `settings_class`) come with it: `mode: {class_path: <its class>,
+init_args: {settings: {...}}}` in a config, or its name alone for the default settings.
 """
 from __future__ import annotations
 
@@ -13,22 +21,28 @@ import torch
 from torch import Tensor, nn
 
 from ortho_train.model_support import refuse_float16_training
+from ortho_train.update_control import UpdateControl
 
 Batches = Sequence[Mapping[str, Tensor]]
 
 
-class UpdateMode:
+class UpdateMode(UpdateControl):
     """Full-parameter unlearning: every parameter of the model trains.
 
-    Subclasses override what they change. `settings_argument` names the `UnlearnModule`
-    argument that holds the mode's settings (None: the mode has none).
+    Subclasses override what they change. `settings_class` is the mode's settings dataclass
+    (None: the mode has none); `settings_argument` the older `UnlearnModule` argument that
+    may hold them (`lora`, `mansu`; None for a newer mode, whose settings come with it).
     """
 
     name: ClassVar[str] = "full"
+    settings_class: ClassVar[type | None] = None
     settings_argument: ClassVar[str | None] = None
     needs_start_attribution: ClassVar[bool] = False  # the start needs forget/retain attributions
 
     def __init__(self, settings: Any = None):
+        if settings is None and self.settings_class is not None:
+            settings = self.settings_class()
+        super().__init__(settings)
         self.settings = settings
 
     # ---------------------------------------------------------------- start-up
@@ -43,37 +57,28 @@ class UpdateMode:
         """The model to train (wrapped or with parameters frozen); the argument is the loaded model."""
         return model
 
-    def card(self) -> dict:
-        """The mode's settings for the metrics card."""
-        return {}
+    def summary(self) -> dict | None:
+        """The mode's settings for the metrics card (under its name; None: no entry)."""
+        return None
 
     def retain_batches_wanted(self, batch_size: int) -> int:
         """Public batches the start needs beyond CAD's attribution batches (0: none)."""
         return 0
 
-    def start(self, model: nn.Module, forget: Batches, retain: Batches, forget_scores: Mapping[str, Tensor] | None,
+    def start(self, forget: Batches, retain: Batches, forget_scores: Mapping[str, Tensor] | None,
               names: Sequence[str], broadcast: Callable[[Any], Any]) -> None:
         """Measure what the mode needs on the starting weights (not called on resume)."""
 
-    def trainable_count(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
 
     # ---------------------------------------------------------------- training
-    def before_optimizer_step(self, model: nn.Module) -> None:
-        """Adjust the gradients of the coming step."""
-
-    def after_step(self, model: nn.Module) -> dict[str, float]:
-        """Adjust the weights the step produced; returns metrics to log."""
-        return {}
+    def training_loss(self, batch: Mapping[str, Any]) -> dict[str, Tensor] | None:
+        """The unlearning objective's parts (`loss` first among them); None skips the step."""
+        return self.host.unlearning_loss(batch)
 
     def report(self, forget_scores_before: Mapping[str, Tensor] | None,
                forget_scores_after: Mapping[str, Tensor] | None) -> dict:
         """Entries of the final report."""
         return {}
 
-    # -------------------------------------------------------------- checkpoint
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `start` measured, from a checkpoint."""

@@ -89,9 +89,7 @@ def test_a_compiler_without_openmp_keeps_the_op_and_names_the_omp_failure(linux_
     lib = cpu_gemv._load()
     assert not isinstance(lib, str), lib
     assert "GOMP" not in Path(lib._name).read_bytes().decode("latin-1")  # no OpenMP runtime linked
-    assert cpu_gemv.omp_library().endswith("error: unsupported option -fopenmp")
-    with pytest.raises(AttributeError, match="OpenMP variant of the CPU GEMV is unavailable: .*-fopenmp"):
-        lib.ortho_int4_gemv_omp  # what the benchmark looks up
+    assert cpu_gemv.omp_library().endswith("error: unsupported option -fopenmp")  # the benchmark's row names it
 
 
 @pytest.mark.skipif(not AVAILABLE, reason="needs the compiled CPU GEMV")
@@ -100,4 +98,5 @@ def test_the_openmp_variant_is_built_only_when_asked(linux_avx2):
     if isinstance(omp, str):
         pytest.skip(f"OpenMP variant unavailable here: {omp}")
     assert Path(omp._name) != Path(cpu_gemv.library()._name)
-    assert cpu_gemv.library().ortho_int4_gemv_omp is not None  # the benchmark's lookup reaches it
+    assert omp.ortho_int4_gemv_omp is not None  # what the benchmark calls
+    assert not hasattr(cpu_gemv.library(), "ortho_int4_gemv_omp")  # the op's library holds the op only

@@ -26,7 +26,7 @@ def test_check_choices_names_every_bad_setting_and_its_values():
 def test_each_literal_matches_the_table_it_selects_from():
     from ortho_train.kfac.subspace import SUBSPACES, SubspaceName
     from ortho_train.models import DTYPES, DtypeName
-    from ortho_train.unlearn_module import OPTIMIZERS, OptimizerName
+    from ortho_train.unlearning.optimizers import OPTIMIZERS, OptimizerName
 
     for literal, table in ((SubspaceName, SUBSPACES), (DtypeName, DTYPES), (OptimizerName, OPTIMIZERS)):
         assert choices(literal) == tuple(table)

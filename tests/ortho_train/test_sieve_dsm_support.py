@@ -87,8 +87,8 @@ def test_dsm_settings_belong_to_the_dsm_support():
         IsolationConfig(support="impact", dsm=DSMConfig(probes=4))
     with pytest.raises(ValueError, match="probes"):
         IsolationConfig(support="dsm", dsm=DSMConfig(probes=0))
-    assert not supports.SUPPORTS["dsm"].sees_canaries
-    assert "public" in supports.SUPPORTS["dsm"].sees
+    assert not supports.support_choice("dsm").sees_canaries
+    assert "public" in supports.support_choice("dsm").sees
 
 
 def test_a_new_support_is_one_registered_function_and_draws_no_canary_unless_it_says_so():
@@ -106,5 +106,5 @@ def test_a_new_support_is_one_registered_function_and_draws_no_canary_unless_it_
             supports.register_support("random", sees="nothing")(first_columns)
     finally:
         del supports.SUPPORTS["first_columns_for_test"]
-    with pytest.raises(ValueError, match="isolation support must be one of"):
+    with pytest.raises(ValueError, match=r"isolation.support='first_columns_for_test': must be one of 'impact'"):
         IsolationConfig(support="first_columns_for_test")
