@@ -80,13 +80,13 @@ def blocked_product(x2d: torch.Tensor, runtime: CpuInt4Runtime, ortho: OrthoStre
     rows = block_rows(n, k, scratch_bytes)
     starts = list(range(0, n, rows))
     spans = _entry_spans(ortho, starts + [n], k) if ortho is not None else None
-    xt = x2d.float().T  # (K, M): the GEMM reads it transposed, no copy
-    yt = torch.empty(n, x2d.shape[0])  # (N, M): each block's rows are contiguous
+    x2d = x2d.float()
+    y = torch.empty(x2d.shape[0], n)  # (M, N)
     buffer = scratch(rows * k)
     for i, n0 in enumerate(starts):
         n1 = min(n, n0 + rows)
         w = buffer[: (n1 - n0) * k].view(n1 - n0, k)  # (R·K,) -> (R, K)
         span = None if spans is None else (spans[i], spans[i + 1])
         effective_rows(runtime, ortho, alpha, n0, n1, w, span)
-        torch.mm(w, xt, out=yt[n0:n1])  # (R, K) @ (K, M) -> (R, M)
-    return yt.T.contiguous()  # (N, M) -> (M, N)
+        torch.mm(x2d, w.T, out=y[:, n0:n1])  # (M, K) @ (K, R) -> (M, R), written in place (row stride N)
+    return y

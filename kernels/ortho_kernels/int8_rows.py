@@ -60,17 +60,17 @@ def int8_rows_product(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     if x.shape[-1] != d:
         raise ValueError(f"x must have shape (..., {d}) for a table of shape {tuple(q.shape)}, "
                          f"got {tuple(x.shape)}")
-    xt = x.reshape(-1, d).float().T  # (..., D) -> (M, D) -> (D, M)
-    yt = torch.empty(v, xt.shape[1])  # (V, M): each block's rows are contiguous
+    x2d = x.reshape(-1, d).float()  # (..., D) -> (M, D)
+    y = torch.empty(x2d.shape[0], v)  # (M, V)
     rows = block_rows(v, d, scratch_bytes)
     buffer = scratch(rows * d)
     for v0 in range(0, v, rows):
         v1 = min(v, v0 + rows)
         block = buffer[: (v1 - v0) * d].view(v1 - v0, d)  # (R·D,) -> (R, D)
         block.copy_(q[v0:v1])  # int8 -> fp32, exact
-        torch.mm(block, xt, out=yt[v0:v1])  # (R, D) @ (D, M) -> (R, M)
-        yt[v0:v1].mul_(s[v0:v1, None])  # row v times s_v
-    return yt.T.to(x.dtype).reshape(*x.shape[:-1], v)  # (V, M) -> (M, V) -> (..., V)
+        torch.mm(x2d, block.T, out=y[:, v0:v1])  # (M, D) @ (D, R) -> (M, R), in place (row stride V)
+        y[:, v0:v1].mul_(s[v0:v1])  # column v times s_v
+    return y.to(x.dtype).reshape(*x.shape[:-1], v)  # (M, V) -> (..., V)
 
 
 def weight_error_bound(s: torch.Tensor) -> torch.Tensor:
