@@ -22,7 +22,10 @@ the Triton kernel on CUDA; on CPU the path `ortho_kernels.dual_stream.cpu_path` 
 number M of rows of x: M ≤ 8 (decoding) ortho-train's own fused INT4 + sparse GEMV
 (`ortho_kernels.cpu_gemv`), 9 ≤ M ≤ 32 torch's INT4 op (`_weight_int4pack_mm_for_cpu`, bf16
 activations) plus a CSR product for the ortho stream, M ≥ 33 (prefill, evaluation batches)
-an fp32 matmul with a cached dense dequant(W_base) (+ α·W_ortho), bit for bit the reference.
+an fp32 matmul with dense dequant(W_base) (+ α·W_ortho): by default rebuilt per call in blocks
+of rows through a few-MiB scratch buffer (`ortho_kernels.blocked_prefill`: no per-layer copy,
+within the reference's error bound); with `weight_cache=True` (`set_weight_cache`) built once
+and kept, 4 bytes per weight (8 at α ≠ 0), bit for bit the reference.
 Where the GEMV cannot be built, small M take torch's op too; a base that op cannot take
 (bits ≠ 4, a group size it lacks) runs the reference. "reference" dequantises to fp32 and
 runs one matmul on every call (exact, slow), kept for tests. Whatever the backend, α = 0 and
@@ -63,7 +66,7 @@ class OrthoLinear(nn.Module):
     """Dual-stream linear layer; see the module docstring. Streams are frozen buffers."""
 
     def __init__(self, layout: StreamLayout, alpha: float = 1.0, backend: str = "auto",
-                 device=None):
+                 device=None, weight_cache: bool = False):
         super().__init__()
         n, k = layout.out_features, layout.in_features
         self.in_features, self.out_features = k, n
@@ -81,6 +84,7 @@ class OrthoLinear(nn.Module):
             self.bias = None
         self.alpha = float(alpha)
         self.backend = backend
+        self.weight_cache = bool(weight_cache)
 
     @classmethod
     def from_streams(cls, base: QuantisedBase, ortho: OrthoStream | None,
@@ -131,12 +135,13 @@ class OrthoLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ortho = self.ortho() if (self.alpha != 0 and self.nnz) else None  # α=0: never touched
-        return dual_stream_linear(x, self.base(), ortho, self.alpha, self.bias, self.backend)
+        return dual_stream_linear(x, self.base(), ortho, self.alpha, self.bias, self.backend,
+                                  weight_cache=self.weight_cache)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, nnz={self.nnz}, "
-                f"alpha={self.alpha}, backend={self.backend!r}")
+                f"alpha={self.alpha}, backend={self.backend!r}, weight_cache={self.weight_cache}")
 
 
 # ---------------------------------------------------------------------- model level
@@ -158,6 +163,16 @@ def set_backend(model: nn.Module, backend: str) -> None:
     """Set the `dual_stream_linear` backend of every `OrthoLinear` ("auto", "reference", …)."""
     for layer in ortho_layers(model).values():
         layer.backend = backend
+
+
+def set_weight_cache(model: nn.Module, enabled: bool) -> int:
+    """Keep (True) or rebuild per call (False, the default) the dense fp32 prefill weight of
+    every `OrthoLinear`; returns how many layers were set. Turning it off frees nothing already
+    cached: `ortho_kernels.dual_stream.clear_cpu_caches()` does."""
+    layers = ortho_layers(model)
+    for layer in layers.values():
+        layer.weight_cache = bool(enabled)
+    return len(layers)
 
 
 def swap_in_ortho_layers(model: nn.Module, layouts: dict[str, StreamLayout], alpha: float = 1.0,

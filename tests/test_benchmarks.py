@@ -88,3 +88,36 @@ def test_busy_load_processes_end_with_the_block():
     with busy_load(2, seconds=30) as procs:
         assert all(p.poll() is None for p in procs)
     assert all(p.poll() is not None for p in procs)
+
+
+def test_deploy_memory_table_ratios():
+    """The table's ratios from hand-made rows: RSS ÷ (files + runtime) and ÷ the fp32 model."""
+    bench = load_script("deploy_memory")
+    rows = [{"variant": "runtime", "rss_load": 400.0},
+            {"variant": "fp32", "file_mib": 400.0, "rss_load": 800.0, "rss_after": 840.0, "peak": 900.0},
+            {"variant": "a0 cache=off head=float", "file_mib": 100.0, "rss_load": 500.0, "rss_after": 600.0,
+             "peak": 610.0},
+            {"variant": "a0 cache=on head=float", "file_mib": 100.0, "rss_load": 500.0, "rss_after": 800.0,
+             "peak": 800.0}]
+    args = type("Args", (), {"prompt": 128})()
+    lines = bench.table(rows, {"fp32": {"wall": 1.0, "cpu": 0.5}, "a0 cache=off head=float": {"wall": 0.8, "cpu": 1.0}},
+                        args)
+    assert lines[3] == "| fp32 | 400 | 800 | 840 | 900 | 1.05 | 1.00 | yes |"  # 840 / (400 + 400)
+    assert lines[4] == "| a0 cache=off head=float | 100 | 500 | 600 | 610 | 1.20 | 0.71 | yes |"  # 600 / 500
+    assert lines[5].endswith("| 1.60 | 0.95 | no |")  # 800 / 500 > 1.5
+    assert lines[-1] == "| a0 cache=off head=float | 160 | 1.25 | 128 | 0.50 |"  # 0.8 s vs 1.0 s; CPU 1.0 vs 0.5
+
+
+@pytest.mark.slow
+def test_deploy_memory_end_to_end(tmp_path):
+    """deploy_memory.py on a tiny model: every asked variant in its own process, files read by each."""
+    result = load_script("deploy_memory").main(
+        ["--vocab", "512", "--hidden", "64", "--layers", "2", "--ffn", "128", "--prompt", "40", "--decode", "2",
+         "--rounds", "1", "--variants", "fp32", "a0 cache=off head=float", "a1 cache=off head=int8",
+         "--json", str(tmp_path / "d.json")])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"runtime", "fp32", "a0 cache=off head=float", "a1 cache=off head=int8"}
+    assert rows["a1 cache=off head=int8"]["file_mib"] < rows["fp32"]["file_mib"]
+    assert all(r["rss_after"] >= r["rss_load"] > 0 for v, r in rows.items() if v != "runtime")
+    assert set(result["prefill_seconds"]) == {"fp32", "a0 cache=off head=float", "a1 cache=off head=float"}
+    assert json.loads((tmp_path / "d.json").read_text())["rows"] == result["rows"]

@@ -268,7 +268,21 @@ static void dequant_chunk(void *ctx, int chunk) {
             const float sc = half_to_float(j->s[(size_t)n * j->G + g]);
             const float zs = half_to_float(j->z[(size_t)n * j->G + g]);
             int k1 = (g + 1) * j->group < j->K ? (g + 1) * j->group : j->K;
-            for (int k = g * j->group; k < k1; ++k)
+            int k = g * j->group;
+            if (!(k & 1)) { /* 16 codes (8 bytes) at a time: the same (q - z)·s, sub then mul */
+                const __m256 vs = _mm256_set1_ps(sc), vz = _mm256_set1_ps(zs);
+                const __m128i low4 = _mm_set1_epi8(0x0F);
+                for (; k + 16 <= k1; k += 16) {
+                    __m128i b = _mm_loadl_epi64((const __m128i *)(qrow + (k >> 1)));
+                    __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, low4),   /* codes k..k+15, */
+                                                  _mm_and_si128(_mm_srli_epi16(b, 4), low4)); /* in order */
+                    __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c));
+                    __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8)));
+                    _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_sub_ps(f0, vz), vs));
+                    _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(_mm256_sub_ps(f1, vz), vs));
+                }
+            }
+            for (; k < k1; ++k) /* an odd group start, or the tail of a group */
                 o[k] = ((float)((qrow[k >> 1] >> (4 * (k & 1))) & 0x0F) - zs) * sc;
         }
     }

@@ -19,8 +19,9 @@ Numerical Algorithms*, §3.1: a K-term fp32 sum of products is within
   B = (3·u_b + γ_K)·(1 + u_b)^3 · Σ_k m_k |x_k|  (activation, weight and output rounding
   each contribute u_b·Σ m|x|; the cube covers the products of the roundings);
   the ortho term is added in fp32 afterwards: + γ_K · α·Σ_k |o_k||x_k|.
-- ``dense`` (M >= DENSE_MIN_M) and ``reference``: X·W_eff^T in fp32 on the dequantised
-  weight (w_eff = (q - z)·s + α·o, two more fp32 roundings): B = γ_{K+2} · Σ_k |w_eff,k| |x_k|.
+- ``blocked`` and ``dense`` (M >= DENSE_MIN_M: W_eff rebuilt per block of rows, or cached) and
+  ``reference``: X·W_eff^T in fp32 on the dequantised weight (w_eff = (q - z)·s + α·o, two more
+  fp32 roundings): B = γ_{K+2} · Σ_k |w_eff,k| |x_k|.
 
 The last fp32 addition and a result returned in a narrower dtype add 2·u_out·|y|. The bound
 is for fp32 or narrower X against the exact fp64 product (`reference_product`); a caller
@@ -36,7 +37,7 @@ from ortho_kernels.streams import OrthoStream, QuantisedBase
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
-PATHS = ("gemv", "torch_int4", "dense", "reference")  # `ortho_kernels.dual_stream.resolved_path`
+PATHS = ("gemv", "torch_int4", "blocked", "dense", "reference")  # `ortho_kernels.dual_stream.resolved_path`
 GEMV_BLOCK = 64  # elements of X sharing one fixed-point scale (`_cpu_int4_gemv.c`)
 UNIT_ROUNDOFF = {torch.float32: FP32_UNIT_ROUNDOFF, torch.float16: 2.0 ** -11,
                  torch.bfloat16: BF16_UNIT_ROUNDOFF}
@@ -81,13 +82,15 @@ def _torch_int4_bound(x2d, q, s, z, o):
 
 
 def _fp32_product_bound(x2d, q, s, z, o):
-    """The dense and reference paths: X·W_eff^T in fp32 on the (cached or rebuilt) W_eff."""
+    """The blocked, dense and reference paths: X·W_eff^T in fp32 on the (blocked, cached or
+    rebuilt) W_eff; any order of the K-term sum has this bound."""
     w = ((q - z) * s).abs()  # (N, K)
     return gamma(q.shape[1] + 2) * (x2d.double().abs() @ (w if o is None else w + o).T)
 
 
 _BOUNDS: dict[str, Callable] = {"gemv": _gemv_bound, "torch_int4": _torch_int4_bound,
-                                "dense": _fp32_product_bound, "reference": _fp32_product_bound}
+                                "blocked": _fp32_product_bound, "dense": _fp32_product_bound,
+                                "reference": _fp32_product_bound}
 
 
 def path_error_bound(path: str, x2d: torch.Tensor, base: QuantisedBase,

@@ -81,6 +81,9 @@ def read_sieved(directory: str | Path, alpha: float = 0.0, verify: bool = True) 
     if not directory.is_dir():
         raise SieveArtifactError(f"{directory} is not a directory: expected a sieved model saved by save_sieved")
     config = _read_config(directory)
+    if config.get("embedding", {}).get("format", "float") != "float":
+        raise SieveArtifactError(f"{directory} was saved with embedding={config['embedding']['format']!r}: the "
+                                 f"exporters write float tables; save it again with save_sieved(..., embedding='float')")
     state = _read_stream(directory, config, "base", verify)
     stray = [key for key in state if key.rsplit(".", 1)[-1] in ORTHO_KEYS]
     if stray:

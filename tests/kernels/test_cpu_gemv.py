@@ -8,7 +8,7 @@ are exact int32, accumulation fp32: a tolerance 10x below the issue's 1e-3 for f
 import pytest
 import torch
 
-from ortho_kernels import cpu_gemv
+from ortho_kernels import cpu_gemv, cpu_runtime
 from ortho_kernels import dual_stream as ds
 from ortho_kernels.dual_stream import dual_stream_linear, effective_weight
 from ortho_kernels.streams import OrthoStream, QuantisedBase
@@ -69,6 +69,7 @@ def test_alpha_zero_never_reads_nan_ortho_in_the_gemv():
 def test_unavailable_gemv_falls_back_to_torch_op_with_the_reason(monkeypatch, assert_rel_close):
     monkeypatch.setattr(cpu_gemv, "_LIB", "no C compiler (gcc/cc) on PATH")
     monkeypatch.setattr(ds, "_WARNED", set())
+    monkeypatch.setattr(cpu_runtime, "WARNED", set())  # where the runtime records its warnings
     base, ortho = _streams(64, 256, 128, 0.05)  # a fresh base: not in the runtime cache
     with pytest.warns(UserWarning, match="no C compiler"):
         y = dual_stream_linear(torch.randn(1, 256), base, ortho, alpha=1.0, backend="cpu")

@@ -3,9 +3,11 @@
 Every output row of the GEMV is computed by the same code whichever thread takes its chunk,
 so 1, 2 or 3 threads (the non-spinning pool) and the OpenMP variant agree bit for bit — one
 computation order, split differently. The prefill path (M >= DENSE_MIN_M) multiplies by the
-dense weight built exactly as the reference builds it, so it equals the reference bit for
-bit at every α; the dense dequantisation in C equals `QuantisedBase.dequantise` exactly ((q - z)·s is
-exact in fp32).
+dense weight built exactly as the reference builds it: with `weight_cache=True` (the weight
+kept) it equals the reference bit for bit at every α; by default (the weight rebuilt in blocks
+of rows through a scratch buffer) every block equals the cached weight's rows bit for bit and
+the product stays within the fp32 bound. The dense dequantisation in C equals
+`QuantisedBase.dequantise` exactly ((q - z)·s is exact in fp32).
 """
 import ctypes
 
@@ -80,18 +82,18 @@ def test_dense_dequantisation_is_exact(k, group):
     assert torch.equal(out, base.dequantise()[40:70])
 
 
-def test_prefill_at_alpha_zero_is_the_reference_product():
+def test_cached_prefill_at_alpha_zero_is_the_reference_product():
     base, ortho = _streams(96, 320)
     x = torch.randn(2, ds.DENSE_MIN_M, 320)  # M = 2 * DENSE_MIN_M
-    y = dual_stream_linear(x, base, ortho, 0.0, backend="cpu")
+    y = dual_stream_linear(x, base, ortho, 0.0, backend="cpu", weight_cache=True)
     assert torch.equal(y, dual_stream_linear(x, base, ortho, 0.0, backend="reference"))
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_prefill_with_the_ortho_stream_is_the_reference_product(alpha):
+def test_cached_prefill_with_the_ortho_stream_is_the_reference_product(alpha):
     base, ortho = _streams(96, 320)
     x = torch.randn(ds.DENSE_MIN_M + 5, 320)
-    y = dual_stream_linear(x, base, ortho, alpha, backend="cpu")
+    y = dual_stream_linear(x, base, ortho, alpha, backend="cpu", weight_cache=True)
     assert torch.equal(y, dual_stream_linear(x, base, ortho, alpha, backend="reference"))
 
 
@@ -100,11 +102,11 @@ def test_prefill_cache_is_kept_across_alpha_and_freed_with_the_base():
 
     base, ortho = _streams(64, 256)
     x = torch.randn(ds.DENSE_MIN_M, 256)
-    dual_stream_linear(x, base, ortho, 1.0, backend="cpu")
+    dual_stream_linear(x, base, ortho, 1.0, backend="cpu", weight_cache=True)
     dense = ds.prepare_cpu(base).dense_weight()
-    y0 = dual_stream_linear(x, base, ortho, 0.0, backend="cpu")
+    y0 = dual_stream_linear(x, base, ortho, 0.0, backend="cpu", weight_cache=True)
     assert ds.prepare_cpu(base).dense_weight() is dense  # flipping α rebuilds nothing
-    assert torch.equal(y0, dual_stream_linear(x, base, None, backend="cpu"))
+    assert torch.equal(y0, dual_stream_linear(x, base, None, backend="cpu", weight_cache=True))
     own = {id(t) for t in (base.qweight, base.scales, base.zeros)}
     mine = [key for key, entry in ds._CPU_BASE_CACHE._entries.items() if key in own and entry[0]() is not None]
     assert mine  # the base's entry is cached ...

@@ -18,16 +18,17 @@ def _streams(n, k, group, density, seed=0):
 
 
 @pytest.mark.parametrize("group", [32, 64])  # 32: the GEMV cannot take it (torch's op at every M ≤ 32)
-@pytest.mark.parametrize("m", [1, cpu_gemv.MAX_M, cpu_gemv.MAX_M + 1, DENSE_MIN_M])
+@pytest.mark.parametrize("m, cache", [(1, False), (cpu_gemv.MAX_M, False), (cpu_gemv.MAX_M + 1, False),
+                                      (DENSE_MIN_M, False), (DENSE_MIN_M, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_every_cpu_path_within_its_bound(group, m, dtype, seed):
+def test_every_cpu_path_within_its_bound(group, m, cache, dtype, seed):
     base, ortho = _streams(72, 201, group, 0.05, seed)
     x = torch.randn(m, 201, generator=torch.Generator().manual_seed(seed + 10)).to(dtype)
-    path = resolved_path(base, m, "cpu")
-    assert path in ("gemv", "torch_int4", "dense")
+    path = resolved_path(base, m, "cpu", weight_cache=cache)
+    assert path in ("gemv", "torch_int4", "blocked", "dense")
     for alpha, stream in ((1.0, ortho), (0.0, None)):
-        y = dual_stream_linear(x, base, stream, alpha=alpha, backend="cpu").double()
+        y = dual_stream_linear(x, base, stream, alpha=alpha, backend="cpu", weight_cache=cache).double()
         exact = reference_product(x, base, stream, alpha)
         bound = path_error_bound(path, x, base, stream, alpha)
         excess = ((y - exact).abs() - bound).max().item()
@@ -39,7 +40,8 @@ def test_paths_follow_m_and_group():
     expected = "torch_int4" if isinstance(cpu_gemv.library(), str) else "gemv"  # no AVX2: torch's op
     assert resolved_path(base64, 1, "cpu") == expected
     assert resolved_path(base64, cpu_gemv.MAX_M + 1, "cpu") == "torch_int4"
-    assert resolved_path(base64, DENSE_MIN_M, "cpu") == "dense"
+    assert resolved_path(base64, DENSE_MIN_M, "cpu") == "blocked"  # no weight kept by default
+    assert resolved_path(base64, DENSE_MIN_M, "cpu", weight_cache=True) == "dense"
     base32, _ = _streams(64, 256, 32, 0.0)
     assert resolved_path(base32, 1, "cpu") == "torch_int4"  # the GEMV wants multiples of 64
     assert resolved_path(base32, 1, "reference") == "reference"
