@@ -63,7 +63,8 @@ from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.report.unlearning import ptq_gap_figures
 
 PRIVLEAK_AUC = "forget_mia_auc_mink_40_"  # MUSE's PrivLeak uses Min-40% (forget vs holdout)
-GAP_METRICS = ("forget_extraction", "forget_extraction_at_k", "forget_mia_auc_rmia", "forget_symbol_accuracy", "forget_exposure", "forget_mia_auc_loss",
+GAP_METRICS = ("forget_extraction", "forget_extraction_at_k", "forget_mia_auc_rmia", "forget_symbol_accuracy",
+               "forget_exposure", "forget_mia_auc_loss",
                "forget_mia_auc_mink", "forget_verbmem", "holdout_extraction", "retain_extraction", "public_ppl")
 
 
@@ -235,7 +236,8 @@ class PTQGapCallback(L.Callback):
     def suite(self, module) -> AttackSuite:
         """The attacks over the forget probe; the reference model is loaded (and scored) once."""
         if self._suite is None:
-            reference = load_causal_lm(str(self.reference_path(module))).eval() if "rmia" in self.attack_metrics else None
+            rmia = "rmia" in self.attack_metrics
+            reference = load_causal_lm(str(self.reference_path(module))).eval() if rmia else None
             self._suite = AttackSuite(module.forget_probe, self.attack_metrics, self.attacks, reference,
                                       "PTQGapCallback.attack_metrics")
         return self._suite

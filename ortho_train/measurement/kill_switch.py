@@ -47,8 +47,8 @@ from ortho_train.quantisation import PTQConfig, deployment_format, quantised_cop
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
-__all__ = ["ATTACK_KEYS", "EXTRA_KEYS", "KillSwitchTable", "MEASURED_KEYS", "MIA_EXTRA_KEYS", "ROW_KEYS", "SIEVED_VARIANTS",
-           "TableConfig", "VARIANTS", "format_row", "int_reference", "to_markdown"]  # the config's names too
+__all__ = ["ATTACK_KEYS", "EXTRA_KEYS", "KillSwitchTable", "MEASURED_KEYS", "MIA_EXTRA_KEYS", "ROW_KEYS",
+           "SIEVED_VARIANTS", "TableConfig", "VARIANTS", "format_row", "int_reference", "to_markdown"]  # the config's names too
 
 
 class KillSwitchTable:
