@@ -74,7 +74,13 @@ class AttackSuite:
 
     @property
     def active(self) -> bool:
-        return bool(self.groups) and (len(self.probe.holdout) > 0 or self.groups == ("extraction_at_k",))
+        """Any attack metric was asked for."""
+        return bool(self.groups)
+
+    @property
+    def needs_scores(self) -> bool:
+        """`measure` reads the model's `canary_scores` (rmia, audit; only with holdout canaries)."""
+        return bool(set(self.groups) & {"rmia", "audit"}) and len(self.probe.holdout) > 0
 
     def reference(self) -> ReferenceScores:
         if self._reference is None:
@@ -88,7 +94,7 @@ class AttackSuite:
         if "extraction_at_k" in self.groups:
             out["extraction_at_k"] = sampled_extraction_rate(model, self.probe.members,
                                                              self.settings.sampled_extraction)
-        if not len(self.probe.holdout) or not set(self.groups) & {"rmia", "audit"}:
+        if not self.needs_scores:
             return out
         scores = scores or canary_scores(model, self.probe)
         rmia = None

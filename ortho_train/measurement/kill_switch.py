@@ -142,7 +142,7 @@ class KillSwitchTable:
             reused = groups_known(known, c.metrics)
             found = {k: known[k] for g in reused for k in METRIC_GROUP_KEYS[g]}
             include = tuple(m for m in c.metrics if m not in reused and m not in ATTACK_METRICS)
-            scores = canary_scores(model, self.probe) if self.attacks.active and len(self.probe.holdout) else None
+            scores = canary_scores(model, self.probe) if self.attacks.needs_scores else None
             found |= evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
                 exposure_references=c.exposure_references, include=include,
