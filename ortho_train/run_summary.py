@@ -29,7 +29,7 @@ HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES = 5, 1000  # the exposure histogram: fi
 SUMMARY_KEYS = (
     "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
     "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_loss_se", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
-    "mia_auc_rmia", "mia_auc_rmia_se", "mia_tpr_at_1pct_fpr_rmia", "mia_tpr_at_0.1pct_fpr_rmia",
+    "mia_auc_rmia", "mia_auc_rmia_se",  # its TPRs follow among the other keys (null where unresolved)
 )
 
 
