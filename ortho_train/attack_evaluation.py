@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ortho_train import metrics
 from ortho_train.evaluation import canary_scores
-from ortho_train.metrics.reference_mia import RMIAConfig, reference_mia_report, rmia_scores
+from ortho_train.metrics.reference_mia import RMIAConfig, reference_mia_report, rmia_scores, tie_broken
 from ortho_train.metrics.sampled_extraction import SampledExtractionConfig, extraction_at_k
 from ortho_train.models import eval_mode
 from ortho_train.token_datasets import MemorisationProbe, TokenisedCanaries
@@ -72,12 +72,14 @@ class ReferenceScores:
 def rmia_evaluation(model, probe: MemorisationProbe, reference: ReferenceScores, config: RMIAConfig,
                     scores: dict | None = None) -> tuple[dict, dict[str, Tensor]]:
     """(`mia_auc_rmia`, its SE, `mia_tpr_at_<f>_fpr_rmia` or None, `mia_holdout_count`) and the RMIA
-    scores `{"members", "holdout"}` of `model`; `scores`: its `canary_scores`, if already computed."""
+    scores `{"members", "holdout"}` of `model` (ties broken by the ratio: `tie_broken`); `scores`:
+    its `canary_scores`, if already computed."""
     scores = scores or canary_scores(model, probe)
     population = population_log_probs(model, probe, config)
 
-    def score(target: Tensor, ref: Tensor) -> Tensor:
-        return rmia_scores(target, ref, population, reference.population, config.a, config.gamma)
+    def score(target: Tensor, ref: Tensor) -> Tensor:  # the RMIA fraction, ties ordered by the ratio
+        fraction = rmia_scores(target, ref, population, reference.population, config.a, config.gamma)
+        return tie_broken(fraction, target, ref, config.a, len(population))
 
     found = {"members": score(scores["members"]["loss"], reference.members),
              "holdout": score(scores["holdout"]["loss"], reference.holdout)}

@@ -18,7 +18,7 @@ would swamp it, while the per-token mean lies in (0, 1] like a class probability
 ``a`` with a second reference model (simulating the attack on it); with one reference model
 ``a`` is a setting (default 0.3, the value open implementations of the paper ship).
 
-The ROC summaries reuse `ortho_train.metrics.mia` (rank-based AUC, DeLong standard error, TPR at
+The ROC summaries (on the scores with ties broken by the ratio, `tie_broken`) reuse `ortho_train.metrics.mia` (rank-based AUC, DeLong standard error, TPR at
 a fixed FPR). A TPR at FPR f is reported only when the non-member count n resolves it: n·f ≥ 1
 (at least one false positive is possible at f); otherwise it is *unresolved* and returned as None.
 """
@@ -90,6 +90,21 @@ def rmia_scores(target_logp: Tensor, reference_logp: Tensor, population_target_l
     ratio_x = likelihood_ratio(target_logp, reference_logp, a).reshape(-1, 1)  # (N, 1)
     ratio_z = likelihood_ratio(population_target_logp, population_reference_logp, a).reshape(1, -1)  # (1, Z)
     return (ratio_x / ratio_z >= gamma).double().mean(dim=1)  # (N,)
+
+
+def tie_broken(scores: Tensor, target_logp: Tensor, reference_logp: Tensor, a: float, population: int) -> Tensor:
+    """`scores` (fractions of |Z| = `population`, spaced ≥ 1/|Z|) plus less than 1/(2|Z|) that
+    orders equal scores by the likelihood ratio Pr(x|θ)/Pr(x) itself:
+    ``s + (atan(log ratio)/π + ½) / (2|Z|)``.
+
+    Why: the score saturates at 1 for every x that beats all of Z. With |Z| = 1,000 and 2,000
+    non-members about two of them do so by chance and tie with the members there, so no threshold
+    reaches an FPR of 0.1% (measured on the quickstart: TPR 0.0 at AUC 0.999). For a fixed γ the
+    score is a non-decreasing function of the ratio, so the ratio's order is the order a larger
+    population would give; ``floor(s·|Z|)/|Z|`` recovers the fraction.
+    """
+    log_ratio = likelihood_ratio(target_logp, reference_logp, a).log()
+    return scores.double() + (torch.atan(log_ratio) / math.pi + 0.5) / (2 * population)
 
 
 def tpr_resolved(n_nonmember: int, fpr: float) -> bool:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ortho_train.metrics.reference_mia import (RMIAConfig, fpr_label, likelihood_ratio, reference_mia_report,
-                                               rmia_scores, tpr_resolved)
+                                               rmia_scores, tie_broken, tpr_resolved)
 from ortho_train.settings import SettingError
 
 log = math.log
@@ -42,6 +42,19 @@ def test_reference_calibration_beats_loss_when_difficulty_varies():
     loss = reference_mia_report(target_m, target_h, fprs=(0.01,), name="loss")
     assert rmia["mia_auc_rmia"] == pytest.approx(1.0) and loss["mia_auc_loss"] < 0.75
     assert rmia["mia_tpr_at_1pct_fpr_rmia"] == 1.0
+
+
+def test_ties_at_saturation_are_broken_by_the_ratio():
+    """Two targets beat every z (score 1, tied); the one with the larger ratio ranks first, and no
+    tie-break crosses a score level: x (0.8 / ref 0.4, a = 1: ratio 2) above y (0.6 / 0.4: 1.5)
+    above w (score 1/2)."""
+    target, ref = torch.tensor([log(0.8), log(0.6), log(0.5)]), torch.tensor([log(0.4), log(0.4), log(0.5)])
+    pop_t, pop_r = torch.tensor([log(0.3), log(0.6)]), torch.tensor([log(0.3), log(0.5)])  # ratios 1, 1.2
+    fraction = rmia_scores(target, ref, pop_t, pop_r, a=1.0)
+    assert fraction.tolist() == [1.0, 1.0, 0.5]
+    broken = tie_broken(fraction, target, ref, 1.0, 2)
+    assert broken[0] > broken[1] > broken[2] and broken[1] - 1.0 < 0.25  # < 1/(2|Z|)
+    assert broken[0].item() == pytest.approx(1 + (math.atan(math.log(2)) / math.pi + 0.5) / 4)
 
 
 def test_tpr_unresolved_below_one_false_positive():
