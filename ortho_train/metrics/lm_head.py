@@ -94,6 +94,7 @@ def split_causal_lm(model: nn.Module) -> SplitCausalLM | None:
     if head is None:
         return None
     softcap = getattr(base.config, "final_logit_softcapping", None) if audited[forward] else None
+    width = getattr(head, "out_features", None)  # a sieved head (`OrthoLinear`) holds no `weight`
     return SplitCausalLM(body=base.model, lm_head=head, softcap=softcap,
-                         vocab_size=int(head.weight.shape[0]))
+                         vocab_size=int(width if width is not None else head.weight.shape[0]))
 

@@ -79,3 +79,21 @@ def test_suite_refuses_reference_attacks_without_a_reference(probe_and_models):
     assert found["audit_canaries"] == 6 and 0 <= found["audit_epsilon_lb"] < math.inf
     assert set(AttackSuite(probe, ["rmia", "audit"], AttackSettings(), pre).measure(model)) >= {
         "mia_auc_rmia", "audit_epsilon_lb", "audit_delta"}
+
+
+def test_scoring_a_dual_stream_model_with_a_sieved_lm_head(probe_and_models):
+    """Exposure and the RMIA population score the kill-switch rows' models: with the LM head
+    sieved (the quickstart's `include_lm_head: true`) the head is an `OrthoLinear`, which holds no
+    `weight`; scoring must read its width elsewhere."""
+    from ortho_train.evaluation import exposure_metrics
+    from ortho_train.quantisation import QuantConfig
+    from ortho_train.sieve.core import SieveConfig
+    from ortho_train.sieve.model import build_dual_stream_model, quantised_layers
+
+    probe, model, _ = probe_and_models
+    layers = quantised_layers(model, SieveConfig(QuantConfig("rtn", 4, 32), include_lm_head=True), None)
+    dual = build_dual_stream_model(model, layers)
+    config = RMIAConfig(population=6, population_prefixes=2)
+    assert population_log_probs(dual, probe, config).shape == (6,)
+    found = exposure_metrics(dual, probe.members, probe.reference_secret_ids[:10], 1, skewnorm_references=0)
+    assert 0.0 <= found["exposure_mean"] <= math.log2(10) + 1e-9
