@@ -103,7 +103,8 @@ class TableCallback(L.Callback):
     def needs_reference(self) -> bool:
         """The table's metrics need the pre-canary model as a reference (rmia, an RMIA audit)."""
         config = getattr(self, "config", None)
-        return config is not None and needs_reference(config.metrics, config.attacks)
+        attacks = getattr(config, "attacks", None)  # the separation table has none
+        return attacks is not None and needs_reference(config.metrics, attacks)
 
     @staticmethod
     def pre_canary_model(pl_module):
