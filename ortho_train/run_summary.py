@@ -2,7 +2,8 @@
 
 `write_run_summary(module)` evaluates the trained model once with every reference secret
 (`ortho_train.evaluation.evaluate_memorisation`) and writes, in the run directory:
-- `summary.json`: the headline keys first (`SUMMARY_KEYS`), then every other metric, the
+- `summary.json`: the headline keys first (`SUMMARY_KEYS`), then every other metric (with the
+  offline RMIA against the pre-canary model, `ortho_train.attack_evaluation.rmia_summary`), the
   canary-phase settings, the private-update controller's entry and the canary record (a
   fingerprint, no secret);
 - `roc.json`: the MIA ROC rates (no scores, no texts), from the same forward passes as the
@@ -19,6 +20,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic
+from ortho_train.attack_evaluation import rmia_summary
 from ortho_train.evaluation import (SCORED_TOKENS, canary_scores, evaluate_memorisation, exposure_histogram,
                                     exposure_reference_histogram, mia_roc_curves)
 from ortho_train.progress_lines import phase
@@ -27,6 +29,7 @@ HISTOGRAM_CONTEXTS, HISTOGRAM_REFERENCES = 5, 1000  # the exposure histogram: fi
 SUMMARY_KEYS = (
     "extraction_rate", "holdout_extraction_rate", "exposure_mean", "public_ppl",
     "public_ppl_before_canaries", "mia_auc_loss", "mia_auc_loss_se", "mia_auc_mink", "mia_auc_minkpp", "mia_auc_zlib",
+    "mia_auc_rmia", "mia_auc_rmia_se",  # its TPRs follow among the other keys (null where unresolved)
 )
 
 
@@ -42,6 +45,8 @@ def write_run_summary(module) -> dict:
         scores = canary_scores(model, probe) if len(probe.holdout) else None  # MIA numbers and ROC curves
         found = evaluate_memorisation(model, probe, progress=True, scores=scores, fit_scores=fits,
                                       skewnorm_references=HISTOGRAM_REFERENCES)
+    with phase("final reference-model MIA (offline RMIA against the pre-canary model)"):
+        found |= rmia_summary(model, getattr(module, "pre_canary_state_dict", None), probe, scores)
     found["public_ppl_before_canaries"] = module.public_ppl_before_canaries
     found["scored_tokens"] = SCORED_TOKENS
     found["canary_steps"] = trainer.max_steps - module.hparams.public_steps

@@ -18,6 +18,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_callbacks.table_callback import TableCallback
+from ortho_train.measurement.attacks import attack_notes
 from ortho_train.measurement.privacy import PrivacyTable, PrivacyTableConfig, to_markdown
 from ortho_train.measurement.progress import RowMeter
 from ortho_train.report.tensorboard import log_table_rows
@@ -42,10 +43,11 @@ class DPTableCallback(TableCallback):
         self.config = table if table is not None else PrivacyTableConfig()
 
     def build(self, trainer, pl_module, model, meter: RowMeter) -> PrivacyTable:
-        epsilon = ((pl_module.final_metrics or {}).get("dp") or {}).get("epsilon")
+        dp = (pl_module.final_metrics or {}).get("dp") or {}
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
         return PrivacyTable(model, trainer.datamodule.probe, self.config, lambda m: self.calibration(trainer, m),
-                            streams, epsilon, rank_zero_info, meter=meter)
+                            streams, dp.get("epsilon"), rank_zero_info, meter=meter, delta=dp.get("delta"),
+                            pre_model=self.pre_canary_model(pl_module) if self.needs_reference() else None)
 
     def to_markdown(self, rows: list[dict], notes: list[str]) -> str:
         return to_markdown(rows, notes)
@@ -65,6 +67,7 @@ class DPTableCallback(TableCallback):
                   "stochastic quantisation have no sensitivity bound",
                   f"exposure ranked against {self.config.exposure_references or 'all'} reference secrets; "
                   f"MIA members vs holdout canaries"]
+        notes += attack_notes(self.config.metrics, self.config.attacks, dp.get("delta") if dp else None)
         return notes
 
     @staticmethod

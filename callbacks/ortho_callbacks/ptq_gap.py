@@ -23,7 +23,12 @@ figures (`ptq_final/figures/<i>`). With `fail_on_gap`, a forget extraction gap a
 `max_extraction_gap` in any deployment fails the run: `PTQGapError` is raised from `on_fit_end`
 once it is written.
 
-Reads the module's public attributes: `model`, `forget_probe`, `retain_members`,
+With `attack_metrics`, the measurements before and at the end add, per deployment, the forget
+canaries' extraction@k (`forget_extraction_at_k`) and offline RMIA forget vs holdout
+(`forget_mia_auc_rmia`, its SE, `forget_mia_tpr_at_<f>_fpr_rmia`: `ortho_train.measurement.attacks`)
+against `rmia_reference`.
+
+Reads the module's public attributes: `model`, `model_path`, `forget_probe`, `retain_members`,
 `original_weights`, `run_dir`.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.distributed import broadcast_from_zero
 from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
+from ortho_train.measurement.attacks import AttackSettings, AttackSuite
 from ortho_train.metrics import privleak
 from ortho_train.model_support import is_peft_model, linear_weight
 from ortho_train.models import load_causal_lm
@@ -57,7 +63,8 @@ from ortho_train.report.tensorboard import log_figures, log_table_rows
 from ortho_train.report.unlearning import ptq_gap_figures
 
 PRIVLEAK_AUC = "forget_mia_auc_mink_40_"  # MUSE's PrivLeak uses Min-40% (forget vs holdout)
-GAP_METRICS = ("forget_extraction", "forget_symbol_accuracy", "forget_exposure", "forget_mia_auc_loss",
+GAP_METRICS = ("forget_extraction", "forget_extraction_at_k", "forget_mia_auc_rmia", "forget_symbol_accuracy",
+               "forget_exposure", "forget_mia_auc_loss",
                "forget_mia_auc_mink", "forget_verbmem", "holdout_extraction", "retain_extraction", "public_ppl")
 
 
@@ -105,6 +112,14 @@ class PTQGapCallback(L.Callback):
             `model_path` (the public model of its canary SFT run); None: no PrivLeak. Without a
             real reference the `forget_privleak_*` keys are absent and `privleak_refused` says
             why — never a silent 0.5.
+        attack_metrics: a subset of extraction_at_k, rmia (measured before and at the end only).
+        attacks: their settings (`AttackSettings`: extraction@k's k, temperature, top-k, seed; RMIA's
+            a, γ, population).
+        rmia_reference: RMIA's reference model: 'pre_canary' (the `hf_model_pre_canary` beside
+            `model_path`: it never saw the forget canaries, so AUC 0.5 means "as if never trained"),
+            'start' (the model unlearning starts from: it saw them, so the score measures what
+            unlearning changed, and forgotten canaries score *below* holdouts) or a model directory.
+            A missing directory is refused at start-up.
     """
 
     def __init__(
@@ -121,6 +136,9 @@ class PTQGapCallback(L.Callback):
         max_extraction_gap: float = 0.05,
         fail_on_gap: bool = False,
         privleak_reference: str | None = "auto",
+        attack_metrics: list[str] | None = None,
+        attacks: AttackSettings | None = None,
+        rmia_reference: str = "pre_canary",
     ):
         _check_counts(every_n_steps=(every_n_steps, 0), exposure_references=(exposure_references, 1),
                       final_exposure_references=(final_exposure_references, 1),
@@ -149,6 +167,13 @@ class PTQGapCallback(L.Callback):
         self.max_extraction_gap = max_extraction_gap
         self.fail_on_gap = fail_on_gap
         self.privleak_reference = privleak_reference
+        self.attack_metrics = list(attack_metrics or [])
+        if set(self.attack_metrics) - {"extraction_at_k", "rmia"}:
+            raise ValueError(f"PTQGapCallback attack_metrics must be a subset of ['extraction_at_k', 'rmia'], "
+                             f"got {self.attack_metrics}")
+        self.attacks = attacks if attacks is not None else AttackSettings()
+        self.rmia_reference = rmia_reference
+        self._suite: AttackSuite | None = None
         self._auc_reference: float | None = None
         self._privleak_note: dict = {}
         self.exact_fallbacks: dict[str, list[str]] = {}  # variant -> layers run by exact fake quantisation
@@ -168,12 +193,15 @@ class PTQGapCallback(L.Callback):
         return out
 
     def measure(self, module, exposure_references: int | None,
-                include: tuple[str, ...] = UNLEARNING_METRICS) -> dict[str, float]:
+                include: tuple[str, ...] = UNLEARNING_METRICS, attacks: bool = True) -> dict[str, float]:
         """`{metric}_{variant}` for variant fp and each quantised copy, and `ptq_gap_*`."""
+        suite = self.suite(module) if attacks and self.attack_metrics else None
+
         def evaluate(model):
-            return evaluate_unlearning(model, module.forget_probe, module.retain_members,
-                                       exposure_references=exposure_references,
-                                       skewnorm_references=self.skewnorm_references, include=include)
+            found = evaluate_unlearning(model, module.forget_probe, module.retain_members,
+                                        exposure_references=exposure_references,
+                                        skewnorm_references=self.skewnorm_references, include=include)
+            return found | ({f"forget_{k}": v for k, v in suite.measure(model).items()} if suite else {})
 
         variants = self.variants(module)
         with phase(f"PTQ gap, step {module.global_step}: 1/{len(variants) + 1} full precision"):
@@ -195,6 +223,25 @@ class PTQGapCallback(L.Callback):
                 variant = key.removeprefix(PRIVLEAK_AUC)
                 found[f"forget_privleak_{variant}"] = privleak(found[key], self._auc_reference)
         return found
+
+    def reference_path(self, module) -> Path:
+        """RMIA's reference model directory (`rmia_reference`); refused when it is missing."""
+        start = Path(getattr(module, "model_path", None) or module.hparams.model_path)
+        path = {"start": start, "pre_canary": start.parent / "hf_model_pre_canary"}.get(self.rmia_reference)
+        path = Path(self.rmia_reference) if path is None else path
+        if not path.is_dir():
+            raise ValueError(f"PTQGapCallback rmia_reference={self.rmia_reference!r}: no model directory at {path} "
+                             "(rmia needs a reference model: 'pre_canary', 'start' or a directory)")
+        return path
+
+    def suite(self, module) -> AttackSuite:
+        """The attacks over the forget probe; the reference model is loaded (and scored) once."""
+        if self._suite is None:
+            rmia = "rmia" in self.attack_metrics
+            reference = load_causal_lm(str(self.reference_path(module))).eval() if rmia else None
+            self._suite = AttackSuite(module.forget_probe, self.attack_metrics, self.attacks, reference,
+                                      "PTQGapCallback.attack_metrics")
+        return self._suite
 
     def reference_auc(self, module) -> None:
         """AUC_ref of the PrivLeak reference model (once), or the reason there is none."""
@@ -256,7 +303,10 @@ class PTQGapCallback(L.Callback):
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuse, before any training, a bitsandbytes block wider than a quantised layer's rows."""
+        """Refuse, before any training, a missing RMIA reference model and a bitsandbytes block wider
+        than a quantised layer's rows."""
+        if "rmia" in self.attack_metrics:
+            self.reference_path(pl_module)
         if not any(deployment_format(fmt).blockwise for fmt in self.formats):
             return
         widths = {name: linear_weight(linear).shape[1] for name, linear in  # d_in of (d_out, d_in)
@@ -295,7 +345,7 @@ class PTQGapCallback(L.Callback):
         step = trainer.global_step
         final = 0 <= trainer.max_steps <= step  # the final measurement follows at fit end
         if self.every_n_steps > 0 and step % self.every_n_steps == 0 and not final:
-            values = self.measure(pl_module, self.exposure_references, self.periodic_metrics)
+            values = self.measure(pl_module, self.exposure_references, self.periodic_metrics, attacks=False)
             write_json_atomic(pl_module.run_dir / f"ptq_gap_step{step}.json", values)
             self._log(trainer, pl_module, values)
 

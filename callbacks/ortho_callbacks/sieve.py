@@ -29,12 +29,11 @@ Reads only public attributes of the module: `model`, `pre_canary_state_dict`,
 """
 from __future__ import annotations
 
-import copy
-
 from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_callbacks.table_callback import TableCallback, periodic_table_due
 from ortho_train.artifacts import write_json_atomic
+from ortho_train.measurement.attacks import attack_notes
 from ortho_train.measurement.kill_switch import SIEVED_VARIANTS, KillSwitchTable, TableConfig, to_markdown
 from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
@@ -73,11 +72,7 @@ class SieveCallback(TableCallback):
         self.save_isolated = save_isolated
 
     def build(self, trainer, pl_module, model, meter: RowMeter) -> KillSwitchTable:
-        pre_model = None
-        if pl_module.pre_canary_state_dict is not None:
-            pre_model = copy.deepcopy(pl_module.model)
-            pre_model.load_state_dict(pl_module.pre_canary_state_dict)
-            pre_model.float().eval()
+        pre_model = self.pre_canary_model(pl_module)
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
         return KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
                                lambda m: self.calibration(trainer, m), streams, rank_zero_info,
@@ -135,6 +130,7 @@ class SieveCallback(TableCallback):
             notes.append(f"posthoc_dqc/delta_dqc: the posthoc/delta sieve's base and ortho positions, ortho "
                          f"values DQC-compensated (γ={c.spec.dqc_gamma:g}): the regular part's error folded "
                          f"into S by the H-metric projection")
+        notes += attack_notes(c.metrics, c.attacks)
         if c.hop_report:
             notes.append(f"HOP per-column report (β={c.spec.hop_beta:g}) of every sieve: hop_report.json")
         ogd = getattr(pl_module, "ogd", None)

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
 from ortho_train.curvature import collect_hessians
+from ortho_train.measurement.attacks import needs_reference
 from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_support import require_linear_only
 from ortho_train.models import linear_layers
@@ -99,10 +100,31 @@ class TableCallback(L.Callback):
         """A row's name in the cost note."""
         return str(row.get("variant") or row.get("kind"))
 
+    def needs_reference(self) -> bool:
+        """The table's metrics need the pre-canary model as a reference (rmia, an RMIA audit)."""
+        config = getattr(self, "config", None)
+        attacks = getattr(config, "attacks", None)  # the separation table has none
+        return attacks is not None and needs_reference(config.metrics, attacks)
+
+    @staticmethod
+    def pre_canary_model(pl_module):
+        """A float32 copy of the module's model holding its pre-canary weights (None before the canary phase)."""
+        state = getattr(pl_module, "pre_canary_state_dict", None)
+        if state is None:
+            return None
+        pre_model = copy.deepcopy(pl_module.model)
+        pre_model.load_state_dict(state)
+        return pre_model.float().eval()
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Refuse, before any training, a model whose projections the table would skip (Conv1D)."""
+        """Refuse, before any training, a model whose projections the table would skip (Conv1D), and
+        reference attacks on a module that keeps no pre-canary model."""
         require_linear_only(pl_module.model, f"{type(self).__module__}.{type(self).__name__}")
+        if self.needs_reference() and not hasattr(pl_module, "pre_canary_state_dict"):
+            raise ValueError(f"{type(self).__name__}: table.metrics={self.config.metrics} asks for rmia (or an "
+                             f"RMIA audit), which needs the pre-canary model; {type(pl_module).__name__} keeps "
+                             "none: remove rmia/audit or set table.attacks.audit.score='loss'")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if periodic_table_due(trainer, pl_module, self.every_n_steps):

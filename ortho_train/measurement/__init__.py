@@ -7,6 +7,8 @@
   beside fp32 / INT-k / NF4 / pre-fine-tuning references;
 - `privacy`: the run beside post-hoc noise, GPTQ (+ noise) and stochastic quantisation;
 - `separation`: SVD split, pruning, η and LMC barriers of a fine-tune;
+- `attacks`: what the tables add to a row where asked: offline RMIA against a reference model,
+  extraction@k and the one-run ε audit;
 - `progress` (each row's seconds, peak RSS and progress line) and `formatting` (markdown cells).
 
 This package sits on top of the maths: it imports the sieve, privacy, separation, quantisation

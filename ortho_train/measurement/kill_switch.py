@@ -38,9 +38,11 @@ from torch import nn
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train import metrics
 from ortho_train.evaluation import METRIC_GROUP_KEYS, canary_scores, evaluate_memorisation, groups_known
-from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
-from ortho_train.measurement.kill_switch_config import (EXTRA_KEYS, MEASURED_KEYS, MIA_EXTRA_KEYS, ROW_KEYS,
-                                                       SIEVED_VARIANTS, VARIANTS, TableConfig, int_reference)
+from ortho_train.measurement.attacks import ATTACK_METRICS, AttackSuite
+from ortho_train.measurement.formatting import attack_cells, attack_head, format_auc, format_value, markdown_table
+from ortho_train.measurement.kill_switch_config import (ATTACK_KEYS, EXTRA_KEYS, MEASURED_KEYS, MIA_EXTRA_KEYS,
+                                                       ROW_KEYS, SIEVED_VARIANTS, VARIANTS, TableConfig,
+                                                       int_reference)
 from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
@@ -49,8 +51,8 @@ from ortho_train.quantisation import PTQConfig, deployment_format, quantised_cop
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
-__all__ = ["EXTRA_KEYS", "KillSwitchTable", "MEASURED_KEYS", "MIA_EXTRA_KEYS", "ROW_KEYS", "SIEVED_VARIANTS",
-           "TableConfig", "VARIANTS", "format_row", "int_reference", "to_markdown"]  # the config's names too
+__all__ = ["ATTACK_KEYS", "EXTRA_KEYS", "KillSwitchTable", "MEASURED_KEYS", "MIA_EXTRA_KEYS", "ROW_KEYS",
+           "SIEVED_VARIANTS", "TableConfig", "VARIANTS", "format_row", "int_reference", "to_markdown"]  # the config's names too
 
 
 class KillSwitchTable:
@@ -72,14 +74,19 @@ class KillSwitchTable:
             (e.g. the run's final evaluation of the fine-tuned model, the public model's
             perplexity): a row of such a model measures only the groups they do not cover
             (`evaluation.groups_known`; exposure always, at the table's own settings).
+        audit_delta: δ of the one-run audit (a DP run's own; None: `config.attacks.audit.delta`).
+
+    The `rmia`, `extraction_at_k` and `audit` metrics (`ortho_train.measurement.attacks`) use
+    `pre_model` as the reference model; asked for without one, the table refuses at construction.
     """
 
     def __init__(self, model: nn.Module, pre_model: nn.Module | None, probe, config: TableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None,
                  log: Callable[[str], None] = print, known: dict[str, dict] | None = None,
-                 meter: RowMeter | None = None):
+                 meter: RowMeter | None = None, audit_delta: float | None = None):
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
+        self.attacks = AttackSuite(probe, config.metrics, config.attacks, pre_model, "table.metrics", audit_delta)
         self.hessians_of, self.log = hessians_of, log
         self.isolated = streams if isinstance(streams, SupportStreams) else None
         self.ogd = streams if isinstance(streams, SubspaceStreams) else None
@@ -138,15 +145,17 @@ class KillSwitchTable:
             c, known = self.config, self.known.get(key, {})
             reused = groups_known(known, c.metrics)
             found = {k: known[k] for g in reused for k in METRIC_GROUP_KEYS[g]}
-            include = tuple(m for m in c.metrics if m not in reused)
-            scores = canary_scores(model, self.probe) if "mia" in include and len(self.probe.holdout) else None
-            self._measured[key] = found | evaluate_memorisation(
+            include = tuple(m for m in c.metrics if m not in reused and m not in ATTACK_METRICS)
+            wants_roc = "mia" in include and len(self.probe.holdout) > 0
+            scores = canary_scores(model, self.probe) if self.attacks.needs_scores or wants_roc else None
+            found |= evaluate_memorisation(
                 model, self.probe, exposure_canaries=c.exposure_canaries,
                 exposure_references=c.exposure_references, include=include,
                 skewnorm_references=0,  # the table shows the exact rank only
                 decode_holdout=False, scores=scores)  # holdout exact match by teacher forcing
-            if scores is not None:  # the report draws each row's ROC: rates only, no score
-                self._measured[key]["mia_roc_loss"] = roc_rates(scores, "loss")
+            if wants_roc:  # the report draws each row's ROC: rates only, no score
+                found["mia_roc_loss"] = roc_rates(scores, "loss")
+            self._measured[key] = found | (self.attacks.measure(model, scores) if self.attacks.active else {})
         return self._measured[key]
 
     def measure(self, variant: str, model: nn.Module, alpha, rho, bits: float, density: float,
@@ -161,7 +170,8 @@ class KillSwitchTable:
                "holdout_extraction_rate": found.get("holdout_extraction_rate"),
                "symbol_accuracy": found.get("symbol_accuracy"),
                **{k: found.get(k) for k in MIA_EXTRA_KEYS}, "base": base,
-               "mia_roc_loss": found.get("mia_roc_loss")}
+               "mia_roc_loss": found.get("mia_roc_loss"),
+               **{k: v for k, v in found.items() if k in ATTACK_KEYS or _is_rmia_tpr(k)}}
         self.rows.append(self.meter.record(row))
         self.log(format_row(row))
         return row
@@ -286,24 +296,34 @@ def roc_rates(scores: dict, score: str) -> dict[str, list[float]]:
     return {"fpr": [round(v, 5) for v in fpr], "tpr": [round(v, 5) for v in tpr]}
 
 
+def _is_rmia_tpr(key: str) -> bool:
+    return key.startswith("mia_tpr_at_") and key.endswith("_fpr_rmia")
+
+
 def _empty(base: QuantisedBase) -> OrthoStream:
     return OrthoStream.empty(base.shape, base.device)
 
 
 def format_row(row: dict) -> str:
+    at_k = f" (@k {format_value(row['extraction_at_k'], 2)})" if "extraction_at_k" in row else ""
+    rmia = f", RMIA AUC {format_auc(row, 'mia_auc_rmia')}" if "mia_auc_rmia" in row else ""
+    audit = f", audit ε ≥ {format_value(row['audit_epsilon_lb'], 2)}" if "audit_epsilon_lb" in row else ""
     return (f"{row['variant']:>13} α={format_value(row['alpha'], 2)} ρ={format_value(row['rho'], 3)}: "
-            f"extraction {format_value(row['extraction_rate'], 2)}, exposure {format_value(row['exposure_mean'], 2)}, "
-            f"MIA AUC {format_auc(row)}, PPL {format_value(row['public_ppl'])}, "
+            f"extraction {format_value(row['extraction_rate'], 2)}{at_k}, "
+            f"exposure {format_value(row['exposure_mean'], 2)}, MIA AUC {format_auc(row)}{rmia}{audit}, "
+            f"PPL {format_value(row['public_ppl'])}, "
             f"{format_value(row['bits_per_weight'], 2)} bits/w, density {format_value(row['ortho_density'], 4)} "
             f"({row['seconds']} s)")
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
-    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) ± SE | public PPL "
-            "| bits/weight | ortho density | base |")
+    """The table; the attack columns (extraction@k, RMIA, audit) appear where the rows have them."""
+    head = ("| variant | α | ρ | extraction | holdout extr. | exposure | MIA AUC (loss) ± SE"
+            + attack_head(rows) + " | public PPL | bits/weight | ortho density | base |")
     cells = [[r["variant"], format_value(r["alpha"], 2), format_value(r["rho"], 3),
               format_value(r["extraction_rate"], 2), format_value(r.get("holdout_extraction_rate"), 2),
-              format_value(r["exposure_mean"], 2), format_auc(r), format_value(r["public_ppl"]),
-              format_value(r["bits_per_weight"], 2), format_value(r["ortho_density"], 4), r.get("base") or ""]
+              format_value(r["exposure_mean"], 2), format_auc(r), *attack_cells(r, rows),
+              format_value(r["public_ppl"]), format_value(r["bits_per_weight"], 2),
+              format_value(r["ortho_density"], 4), r.get("base") or ""]
              for r in rows]
     return markdown_table(head, cells, notes)

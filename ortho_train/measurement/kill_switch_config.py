@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ortho_kernels.packing import SUPPORTED_BITS
+from ortho_train.measurement.attacks import ATTACK_METRICS, AttackSettings
 from ortho_train.quantisation import base_quantisers, canonical_format, deployment_formats, int_formats
 from ortho_train.settings import check_settings
 from ortho_train.sieve.core import SieveConfig
@@ -17,7 +18,11 @@ from ortho_train.sieve.core import SieveConfig
 MEASURED_KEYS = ("extraction_rate", "exposure_mean", "mia_auc_loss", "public_ppl")  # evaluate_memorisation's
 ROW_KEYS = ("variant", "alpha", "rho", *MEASURED_KEYS, "bits_per_weight", "ortho_density")
 MIA_EXTRA_KEYS = ("mia_auc_loss_se", "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp")
+ATTACK_KEYS = ("extraction_at_k", "mia_auc_rmia", "mia_auc_rmia_se", "mia_tpr_at_1pct_fpr_rmia",  # AttackSuite's
+               "mia_tpr_at_0.1pct_fpr_rmia", "mia_holdout_count", "audit_epsilon_lb", "audit_canaries",
+               "audit_guesses", "audit_correct", "audit_delta")
 EXTRA_KEYS = ("holdout_extraction_rate", "symbol_accuracy", *MIA_EXTRA_KEYS, "base", "seconds", "peak_rss_mib")
+METRICS = ("extraction", "exposure", "mia", "ppl") + ATTACK_METRICS
 PRE_SFT_REFERENCES = {f"int{k}_pre_sft": k for k in SUPPORTED_BITS}  # Q(W_pre) at k bits
 SIEVED_VARIANTS = ("posthoc", "delta", "isolated", "posthoc_dqc", "delta_dqc")  # rows over α with a ρ
 VARIANTS = SIEVED_VARIANTS + ("ogd",)
@@ -44,7 +49,10 @@ class TableConfig:
         rhos: ortho fractions of the posthoc and delta sieves (isolated: its training ρ).
         spec: the posthoc/delta sieve (base quantiser, bits, group size, selection, DQC γ, HOP β,
             LM head); the int references use its quantiser settings too.
-        metrics: subset of extraction, exposure, mia, ppl.
+        metrics: subset of extraction, exposure, mia, ppl, rmia (offline RMIA against the
+            pre-fine-tuning model), extraction_at_k (sampled extraction), audit (the one-run lower
+            bound on ε, `ortho_train.measurement.attacks`).
+        attacks: settings of rmia, extraction_at_k and audit (`AttackSettings`).
         exposure_references: reference secrets for exposure (fewer = faster; None: all).
         exposure_canaries: members whose exposure is measured (None: all).
         dqc: add a posthoc_dqc / delta_dqc row right after every posthoc / delta row.
@@ -65,6 +73,7 @@ class TableConfig:
     exposure_canaries: int | None = None
     dqc: bool = False
     hop_report: bool = False
+    attacks: AttackSettings = field(default_factory=AttackSettings)
 
     def __post_init__(self) -> None:
         self.alphas, self.rhos = [float(a) for a in self.alphas], [float(r) for r in self.rhos]
@@ -96,10 +105,9 @@ class TableConfig:
         bad_rhos = [r for r in self.rhos if not 0.0 < r < 1.0]
         if bad_rhos:
             raise ValueError(f"rhos (ortho fractions) must lie in (0, 1), got {bad_rhos}")
-        unknown = sorted(set(self.metrics) - {"extraction", "exposure", "mia", "ppl"})
+        unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown or not self.metrics:
-            raise ValueError(f"metrics must be a non-empty subset of extraction, exposure, mia, ppl; "
-                             f"got {self.metrics}")
+            raise ValueError(f"metrics must be a non-empty subset of {', '.join(METRICS)}; got {self.metrics}")
         for name in ("exposure_references", "exposure_canaries"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -20,7 +20,10 @@ model at `rho` picks the ortho entries. Columns: ε (the run's ε for every row 
 DP-SGD model, since post-processing keeps it; 0 for α = 0 of a support; "none" otherwise),
 `noise` (the post-hoc σ or the lattice σ: a noise scale, never an ε — weight noise has no
 sensitivity bound), extraction, exposure, MIA AUC (LOSS, Min-K%++), TPR at 1% FPR, public
-PPL, bits per weight. Evaluation and row bookkeeping are the kill-switch table's
+PPL, bits per weight. With `audit` in the metrics, `audit ε ≥` stands next to ε: the lower bound of
+"Privacy Auditing with One (1) Training Run" at the run's δ (`ortho_train.privacy.audit`), which an
+honest accountant's ε can never fall below (beyond the audit's 5% chance of error); with `rmia` and
+`extraction_at_k`, the RMIA and extraction@k columns (`ortho_train.measurement.attacks`). Evaluation and row bookkeeping are the kill-switch table's
 (`ortho_train.measurement.kill_switch.KillSwitchTable.measure`, which also times and sizes each row).
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ortho_train.measurement.formatting import format_auc, format_value, markdown_table
+from ortho_train.measurement.attacks import ATTACK_METRICS, AttackSettings
+from ortho_train.measurement.formatting import attack_cells, attack_head, format_auc, format_value, markdown_table
 from ortho_train.measurement.kill_switch import KillSwitchTable, TableConfig
 from ortho_train.measurement.progress import RowMeter
 from ortho_train.ortho_linear import set_alpha
@@ -47,7 +51,7 @@ from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, s
 COLUMNS = ("kind", "alpha", "epsilon", "noise", "extraction_rate", "exposure_mean", "mia_auc_loss", "mia_auc_loss_se",
            "mia_auc_minkpp", "mia_tpr_at_1pct_fpr_loss", "mia_tpr_at_1pct_fpr_minkpp", "public_ppl",
            "bits_per_weight")
-METRICS = ("extraction", "exposure", "mia", "ppl")
+METRICS = ("extraction", "exposure", "mia", "ppl") + ATTACK_METRICS
 
 
 @dataclass
@@ -61,9 +65,12 @@ class PrivacyTableConfig:
         bits / group_size: INT-k lattice of GPTQ and stochastic quantisation.
         rho: ortho fraction of the post-hoc sieve when the run has no support of its own.
         include_lm_head: the LM head is among the sieved/quantised/noised linears.
-        metrics: subset of extraction, exposure, mia, ppl.
+        metrics: subset of extraction, exposure, mia, ppl, rmia, extraction_at_k, audit (the last
+            three: `ortho_train.measurement.attacks`; rmia and an RMIA audit need the pre-canary model).
         exposure_references / exposure_canaries: exposure cost (None: all).
         seed: seed of the post-hoc noise and the stochastic codes.
+        attacks: settings of rmia, extraction_at_k and audit (the audit's δ is the run's own when it
+            ran DP-SGD, else `attacks.audit.delta`).
     """
 
     alphas: list[float] = field(default_factory=lambda: [0.0, 1.0])
@@ -77,6 +84,7 @@ class PrivacyTableConfig:
     exposure_references: int | None = 1000
     exposure_canaries: int | None = None
     seed: int = 0
+    attacks: AttackSettings = field(default_factory=AttackSettings)
 
     def __post_init__(self) -> None:
         self.alphas = [float(a) for a in self.alphas]
@@ -100,7 +108,7 @@ class PrivacyTableConfig:
         return TableConfig(variants=["isolated"], references=[f"int{self.bits}_gptq"], alphas=self.alphas,
                            rhos=[self.rho], spec=spec, metrics=self.metrics,
                            exposure_references=self.exposure_references,
-                           exposure_canaries=self.exposure_canaries)
+                           exposure_canaries=self.exposure_canaries, attacks=self.attacks)
 
 
 def dense_model(model: nn.Module, layers: dict[str, SievedLayer]) -> nn.Module:
@@ -135,6 +143,9 @@ class PrivacyTable:
         hessians_of: callable(model) -> {layer: H} over public calibration text.
         streams: the run's private streams (a `SupportStreams` gives the support rows).
         epsilon: ε of the run's DP-SGD (None: not private).
+        delta: δ of the run's DP-SGD (the audit's δ; None: `config.attacks.audit.delta`).
+        pre_model: the pre-canary model, the reference of rmia and of an RMIA audit (None: refused
+            when those are asked for).
         log: callable(str) for each finished row's one-line summary.
         meter: times and sizes the rows and prints what each is computing (default: a
             `RowMeter` titled "privacy table").
@@ -143,13 +154,14 @@ class PrivacyTable:
     def __init__(self, model: nn.Module, probe, config: PrivacyTableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None, epsilon: float | None = None,
-                 log: Callable[[str], None] = print, meter: RowMeter | None = None):
+                 log: Callable[[str], None] = print, meter: RowMeter | None = None,
+                 delta: float | None = None, pre_model: nn.Module | None = None):
         self.model, self.config, self.epsilon, self.log = model, config, epsilon, log
         self.support = streams if isinstance(streams, SupportStreams) else None
         self.meter = meter if meter is not None else RowMeter("privacy table")
         self.meter.total = self.meter.total or self.expected_rows()
-        self.sieve = KillSwitchTable(model, None, probe, config.table_config(), hessians_of, self.support, log,
-                                     meter=self.meter)
+        self.sieve = KillSwitchTable(model, pre_model, probe, config.table_config(), hessians_of, self.support, log,
+                                     meter=self.meter, audit_delta=delta)
         self.rows: list[dict] = []
 
     def expected_rows(self) -> int:
@@ -237,13 +249,18 @@ class PrivacyTable:
 
 
 def to_markdown(rows: list[dict], notes: list[str] = ()) -> str:
-    head = ("| kind | α | ε | noise σ | extraction | exposure | MIA AUC (LOSS) ± SE | MIA AUC (Min-K%++) "
-            "| TPR@1%FPR (LOSS) | TPR@1%FPR (Min-K%++) | public PPL | bits/weight |")
+    """The table; `audit ε ≥` (next to ε), extraction@k and RMIA columns where the rows have them."""
+    audit = any("audit_epsilon_lb" in r for r in rows)
+    others = [{k: v for k, v in r.items() if k != "audit_epsilon_lb"} for r in rows]  # the audit sits by ε
+    head = ("| kind | α | ε" + (" | audit ε ≥" if audit else "") + " | noise σ | extraction | exposure "
+            "| MIA AUC (LOSS) ± SE | MIA AUC (Min-K%++) | TPR@1%FPR (LOSS) | TPR@1%FPR (Min-K%++)"
+            + attack_head(others) + " | public PPL | bits/weight |")
     cells = [[r["kind"], format_value(r["alpha"], 2),
               r["epsilon"] if isinstance(r["epsilon"], str) else format_value(float(r["epsilon"]), 2),
+              *([format_value(r.get("audit_epsilon_lb"), 2)] if audit else []),
               format_value(r["noise"], 3), format_value(r["extraction_rate"], 2), format_value(r["exposure_mean"], 2),
               format_auc(r), format_value(r.get("mia_auc_minkpp")), format_value(r.get("mia_tpr_at_1pct_fpr_loss")),
-              format_value(r.get("mia_tpr_at_1pct_fpr_minkpp")), format_value(r["public_ppl"]),
-              format_value(r["bits_per_weight"], 2)]
-             for r in rows]
+              format_value(r.get("mia_tpr_at_1pct_fpr_minkpp")), *attack_cells(o, others),
+              format_value(r["public_ppl"]), format_value(r["bits_per_weight"], 2)]
+             for r, o in zip(rows, others)]
     return markdown_table(head, cells, notes)

@@ -13,7 +13,8 @@ KINDS = ["run", "run", "posthoc_global", "posthoc_dual", "int4_gptq", "int4_gptq
 
 @pytest.fixture(scope="module")
 def table_run(tmp_path_factory):
-    table = PrivacyTableConfig(posthoc_sigmas=[0.1], stochastic_sigmas=[1.0], group_size=32, exposure_references=10)
+    table = PrivacyTableConfig(posthoc_sigmas=[0.1], stochastic_sigmas=[1.0], group_size=32, exposure_references=10,
+                               metrics=["extraction", "exposure", "mia", "ppl", "rmia", "audit"])
     callback = DPTableCallback(table=table, calibration_batches=2)
     module = dp_fit(tmp_path_factory.mktemp("dp_table"), callbacks=[callback])
     return module, callback
@@ -31,6 +32,12 @@ def test_rows_columns_epsilon_and_no_secret_in_the_files(table_run):
     assert all(r["epsilon"] == pytest.approx(epsilon) for r in rows[2:])  # post-processing keeps ε
     assert [r["noise"] for r in rows[2:]] == [0.1, 0.1, None, 0.1, 1.0]
     assert rows[2]["bits_per_weight"] == 32.0 and rows[3]["bits_per_weight"] < 32.0
+    # the one-run audit, at the run's δ, never claims more than the accountant's ε
+    delta = module.final_metrics["dp"]["delta"]
+    for row in rows:
+        assert row["audit_delta"] == delta and 0.0 <= row["audit_epsilon_lb"] <= epsilon, row["kind"]
+        assert 0.0 <= row["mia_auc_rmia"] <= 1.0
+    assert "| kind | α | ε | audit ε ≥ | noise σ |" in (module.run_dir / "dp_table.md").read_text()
     markdown = (module.run_dir / "dp_table.md").read_text()
     assert sum(line.startswith("| ") for line in markdown.splitlines()) == len(rows) + 1
     assert "not a privacy guarantee" in markdown

@@ -181,6 +181,42 @@ def test_privleak_against_a_real_reference_and_refused_without_one(model_dir, tm
     assert not any(key.startswith("forget_privleak") for key in auto.results)
 
 
+def test_extraction_at_k_and_rmia_in_every_deployment(model_dir, tmp_path):
+    """Before and at the end, each deployment gets extraction@k (≥ its greedy extraction) and RMIA
+    forget vs holdout against the reference directory, equal to the suite measured by hand."""
+    from ortho_train.measurement.attacks import AttackSettings, AttackSuite
+    from ortho_train.metrics.sampled_extraction import SampledExtractionConfig
+    from ortho_train.models import build_tiny_llama, load_causal_lm
+    from tests.ortho_train.unlearn_helpers import TINY
+
+    build_tiny_llama(TINY, 259, 0, 1, seed=5).save_pretrained(tmp_path / "reference")
+    attacks = AttackSettings(sampled_extraction=SampledExtractionConfig(k=4))
+    callback = PTQGapCallback(formats=["nf4"], exposure_references=20, final_exposure_references=20,
+                              skewnorm_references=20, privleak_reference=None, attack_metrics=["extraction_at_k", "rmia"],
+                              attacks=attacks, rmia_reference=str(tmp_path / "reference"))
+    module = UnlearnModule(str(model_dir), mode="full", loss="ga", lr=1e-4, guard_every_n_steps=0)
+    _trainer(tmp_path / "run", 1, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
+    results = callback.results
+    for variant in ("fp", "nf4"):
+        for when in ("", "_before"):
+            at_k, greedy = results[f"forget_extraction_at_k_{variant}{when}"], results[f"forget_extraction_{variant}{when}"]
+            assert at_k >= greedy, (variant, when)
+            assert 0.0 <= results[f"forget_mia_auc_rmia_{variant}{when}"] <= 1.0
+    assert results["ptq_gap_extraction_at_k_nf4"] == pytest.approx(
+        results["forget_extraction_at_k_nf4"] - results["forget_extraction_at_k_fp"])
+    suite = AttackSuite(module.forget_probe, ["rmia"], attacks, load_causal_lm(tmp_path / "reference"))
+    assert results["forget_mia_auc_rmia_fp"] == pytest.approx(suite.measure(module.model)["mia_auc_rmia"])
+
+
+def test_rmia_without_its_reference_model_is_refused_at_start_up(model_dir, tmp_path):
+    callback = PTQGapCallback(formats=["nf4"], attack_metrics=["rmia"], rmia_reference="pre_canary")
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo", guard_every_n_steps=0)
+    with pytest.raises(ValueError, match="rmia_reference='pre_canary': no model directory"):
+        _trainer(tmp_path, 1, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
+    with pytest.raises(ValueError, match="attack_metrics"):
+        PTQGapCallback(attack_metrics=["audit"])
+
+
 def test_every_ddp_rank_fails_with_rank_zeros_gap(monkeypatch):
     """Only rank 0 measures; a rank > 0 learns the failure by broadcast and raises too (a rank
     that exited 0 would let a launcher report success)."""

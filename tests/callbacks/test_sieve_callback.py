@@ -32,7 +32,8 @@ def run(tmp_path_factory):
                                   calibration_batches=2),
     )
     table = TableConfig(references=REFERENCES, alphas=[0.0, 1.0], rhos=[0.05], spec=SieveConfig(QuantConfig("rtn", 4, 32)),
-                        metrics=["extraction", "exposure", "mia", "ppl"], exposure_references=10)
+                        metrics=["extraction", "exposure", "mia", "ppl", "rmia", "extraction_at_k", "audit"],
+                        exposure_references=10)
     callback = SieveCallback(table=table, calibration_batches=2)
     logger = CSVLogger(tmp, name="cb")
     trainer = L.Trainer(max_steps=7, accelerator="cpu", logger=logger, enable_checkpointing=False,
@@ -196,6 +197,38 @@ def test_bad_settings_are_clear_errors():
         TableConfig(alphas=[-3, 0.5, 7])
     with pytest.raises(ValueError, match=r"rhos .* \(0, 1\), got \[2\.0\]"):
         TableConfig(rhos=[2.0])
+
+
+def test_attack_columns_on_every_row(run):
+    """extraction@k ≥ greedy on every row; RMIA against the pre-canary model with its TPRs unresolved
+    at 4 holdouts; the audit's bound; the α = 0 isolated model is the int4_pre_sft model: same numbers."""
+    module, _, run_dir = run
+    rows = json.loads((run_dir / "sieve_table.json").read_text())
+    for row in rows:
+        assert row["extraction_at_k"] >= row["extraction_rate"], row["variant"]
+        assert 0.0 <= row["mia_auc_rmia"] <= 1.0 and row["mia_auc_rmia_se"] >= 0.0
+        assert row["mia_tpr_at_1pct_fpr_rmia"] is None and row["mia_holdout_count"] == 4
+        assert row["audit_epsilon_lb"] >= 0.0 and row["audit_canaries"] == 6 and row["audit_delta"] == 1e-5
+    by = {(r["variant"], r["alpha"]): r for r in rows}
+    for key in ("extraction_at_k", "mia_auc_rmia", "audit_epsilon_lb"):
+        assert by[("isolated", 0.0)][key] == by[("int4_pre_sft", None)][key], key
+    md = (run_dir / "sieve_table.md").read_text()
+    assert "| extraction@k | RMIA AUC ± SE | RMIA TPR@1%FPR | RMIA TPR@0.1%FPR | audit ε ≥ |" in md
+    assert "unresolved (n=4)" in md and "Privacy Auditing with One (1) Training Run" in md
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mia_auc_rmia"] == pytest.approx(by[("fp32", None)]["mia_auc_rmia"])
+    assert summary["mia_tpr_at_0.1pct_fpr_rmia"] is None and summary["rmia_settings"]["a"] == 0.3
+
+
+def test_reference_attacks_refused_at_set_up_without_a_pre_canary_model():
+    class NoPreCanary:  # a module that keeps no pre-canary model (an unlearning run's, say)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+    table = TableConfig(references=["fp32"], variants=[], metrics=["rmia"])
+    with pytest.raises(ValueError, match="table.metrics=.*rmia.*pre-canary model"):
+        SieveCallback(table=table).setup(None, NoPreCanary(), "fit")
+    SieveCallback(table=TableConfig(references=["fp32"], variants=[], metrics=["extraction_at_k"])).setup(
+        None, NoPreCanary(), "fit")  # extraction@k needs no reference
 
 
 def test_empty_lists_mean_empty_and_no_table_means_default():

@@ -200,6 +200,15 @@ def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path,
 
     from ortho_callbacks.ptq_gap import PTQGapError
 
+    import shutil
+
+    from ortho_train.models import build_tiny_llama
+    from tests.ortho_train.unlearn_helpers import TINY
+
+    # the shipped config's RMIA reads the hf_model_pre_canary beside the model: a model that never
+    # saw the canaries stands in for the public model of the tiny fine-tune
+    model_dir = shutil.copytree(model_dir, tmp_path / "sft" / "hf_model")
+    build_tiny_llama(TINY, 259, 0, 1, seed=5).save_pretrained(tmp_path / "sft" / "hf_model_pre_canary")
     monkeypatch.chdir(tmp_path)
     data = [f"--data.{k}={v}" for k, v in DATA.items()]
     # Two steps of unlearning 4 canaries sit at the edge of the config's gap check (fail_on_gap):
@@ -220,6 +229,8 @@ def test_cli_runs_the_shipped_lora_config_on_the_tiny_model(model_dir, tmp_path,
                 "public_ppl_nf4", "bin_crossing_fraction"):
         assert isinstance(results[key], float), key
     assert results["forget_extraction_fp_before"] == 1.0  # the tiny model's canaries were memorised
+    assert results["forget_extraction_at_k_fp"] >= results["forget_extraction_fp"]
+    assert 0.0 <= results["forget_mia_auc_rmia_nf4_adapter"] <= 1.0
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "metrics_card.md").is_file()
     report = (run / "report.html").read_text()  # the shipped config ends with the ReportCallback
     assert '<h3 id="unlearning">Unlearning and the PTQ gap</h3>\n<figure>' in report
