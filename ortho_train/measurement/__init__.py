@@ -7,6 +7,7 @@
   beside fp32 / INT-k / NF4 / pre-fine-tuning references;
 - `privacy`: the run beside post-hoc noise, GPTQ (+ noise) and stochastic quantisation;
 - `separation`: SVD split, pruning, η and LMC barriers of a fine-tune;
+- `relearning` (+ `relearning_config`): the relearning attack on an unlearned model, in fp and 4 bits;
 - `progress` (each row's seconds, peak RSS and progress line) and `formatting` (markdown cells).
 
 This package sits on top of the maths: it imports the sieve, privacy, separation, quantisation
