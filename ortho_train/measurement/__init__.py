@@ -9,6 +9,7 @@
 - `separation`: SVD split, pruning, η and LMC barriers of a fine-tune;
 - `attacks`: what the tables add to a row where asked: offline RMIA against a reference model,
   extraction@k and the one-run ε audit;
+- `relearning` (+ `relearning_config`): the relearning attack on an unlearned model, in fp and 4 bits;
 - `progress` (each row's seconds, peak RSS and progress line) and `formatting` (markdown cells).
 
 This package sits on top of the maths: it imports the sieve, privacy, separation, quantisation
