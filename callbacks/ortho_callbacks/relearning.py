@@ -16,7 +16,9 @@ already undoes needs no relearning attack.
 
 Formats and their settings are the `PTQGapCallback`'s of the same trainer unless given here; a
 run with neither is refused at start-up, as are a forget set too small to split and a reference
-directory that does not exist. Reads the module's public attributes `model`, `model_path`,
+directory that does not exist; `pre_canary` where the start model has no `hf_model_pre_canary`
+beside it (a model not written by ortho-train's canary SFT) is skipped with a warning, and
+`relearning.json` says so (`skipped`). Reads the module's public attributes `model`, `model_path`,
 `forget_probe`, `run_dir`; public windows from the datamodule's `public_train_dataloader()`. Rank zero only.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ortho_callbacks.ptq_gap import PTQGapCallback
 from ortho_train.artifacts import write_json_atomic, write_text_atomic
@@ -61,6 +63,7 @@ class RelearningCallback(L.Callback):
         self.formats: list[str] = []
         self.settings = PTQConfig()
         self.references: dict[str, Path] = {}
+        self.skipped: dict[str, str] = {}  # reference -> why it was not relearnt
         self.rows: list[dict] | None = None
         self.markdown: str | None = None
 
@@ -74,18 +77,28 @@ class RelearningCallback(L.Callback):
         self.formats = list(self._formats if self._formats is not None else ptq.formats)
         self.settings = self._quant or (ptq.settings if ptq is not None else PTQConfig())
         split_forget(len(trainer.datamodule.forget_probe.members), self.config.relearn_fraction, self.config.seed)
-        self.references = {name: self.reference_path(pl_module, name) for name in self.config.references}
+        self.references, self.skipped = {}, {}
+        for name in self.config.references:
+            path = self.reference_path(pl_module, name)
+            if path is None:  # `pre_canary` of a model that no canary SFT of ortho-train wrote
+                self.skipped[name] = f"no hf_model_pre_canary beside {pl_module.model_path}"
+                rank_zero_warn(f"RelearningCallback: reference {name!r} skipped: {self.skipped[name]}")
+            else:
+                self.references[name] = path
 
     @staticmethod
-    def reference_path(pl_module, name: str) -> Path:
+    def reference_path(pl_module, name: str) -> Path | None:
         """The directory a reference names: `start` → `model_path`, `pre_canary` → the
-        `hf_model_pre_canary` beside it, anything else → itself; refused when it holds no model."""
+        `hf_model_pre_canary` beside it (None where there is none), anything else → itself;
+        refused when it holds no model."""
         model_path = Path(pl_module.model_path)
         path = {START: model_path, PRE_CANARY: model_path.parent / "hf_model_pre_canary"}.get(name, Path(name))
-        if not ((path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file())):
-            raise SettingError(f"RelearningCallback.relearning.references: {name!r} names {str(path)!r}, which holds "
-                               "no model (no config.json); drop it or give a model directory")
-        return path
+        if (path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file()):
+            return path
+        if name == PRE_CANARY:
+            return None
+        raise SettingError(f"RelearningCallback.relearning.references: {name!r} names {str(path)!r}, which holds "
+                           "no model (no config.json); drop it or give a model directory")
 
     # ---------------------------------------------------------------- work
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -105,8 +118,10 @@ class RelearningCallback(L.Callback):
         described = {"unlearned": "the run's model at the end of unlearning (LoRA merged), float32"}
         described |= {name: str(path) for name, path in self.references.items()}
         quantisation = {fmt: self.settings.describe(fmt) for fmt in self.formats}
-        markdown = to_markdown(rows, table.notes())
-        write_json_atomic(pl_module.run_dir / f"{self.name}.json", table.payload(described, quantisation))
+        notes = table.notes() + [f"reference {name!r} skipped: {why}" for name, why in self.skipped.items()]
+        markdown = to_markdown(rows, notes)
+        payload = table.payload(described, quantisation) | {"notes": notes, "skipped": self.skipped}
+        write_json_atomic(pl_module.run_dir / f"{self.name}.json", payload)
         write_text_atomic(pl_module.run_dir / f"{self.name}.md", markdown)
         self.rows, self.markdown = rows, markdown
         print(f"\nrelearning table ({self.name}.md):\n" + markdown, flush=True)

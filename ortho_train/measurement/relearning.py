@@ -40,7 +40,8 @@ row records `seconds` (quantising and measuring it) and `peak_rss_mib`.
                "extraction", "symbol_accuracy", "nll_mean",           # over the measured canaries
                "train_loss",                                           # last relearning step's L (None at 0)
                "seconds", "peak_rss_mib"}, ...],                       # model × condition × steps × deployment
-     "notes": [...], "seconds": <total>}
+     "notes": [...], "seconds": <total>,
+     "skipped": {"<reference>": "<why it was not relearnt>"}}               # added by RelearningCallback
 """
 from __future__ import annotations
 

@@ -88,8 +88,13 @@ def test_without_any_4bit_deployment_the_start_fails_naming_formats(model_dir):
 
 
 def test_a_missing_reference_or_a_forget_set_of_one_fails_at_start_up(model_dir, tmp_path):
-    with pytest.raises(SettingError, match=r"relearning\.references: 'pre_canary' names .*hf_model_pre_canary"):
-        _setup(RelearningCallback(RelearningConfig(references=["pre_canary"]), formats=["nf4"]), model_dir)
+    missing = tmp_path / "never_written"
+    with pytest.raises(SettingError, match=r"relearning\.references: '.*never_written' names .*which holds no model"):
+        _setup(RelearningCallback(RelearningConfig(references=[str(missing)]), formats=["nf4"]), model_dir)
+    callback = RelearningCallback(RelearningConfig(references=["start", "pre_canary"]), formats=["nf4"])
+    with pytest.warns(UserWarning, match="reference 'pre_canary' skipped: no hf_model_pre_canary"):
+        _setup(callback, model_dir)  # the tiny model was not written by a canary SFT: no pre-canary model
+    assert list(callback.references) == ["start"] and list(callback.skipped) == ["pre_canary"]
     with pytest.raises(SettingError, match="forget set has 1 canary"):
         _setup(RelearningCallback(RelearningConfig(references=[]), formats=["nf4"]), model_dir, forget_members=[0])
 
