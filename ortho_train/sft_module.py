@@ -256,6 +256,8 @@ class CanarySFTModule(UpdateControlHooks, L.LightningModule):
         if self.in_canary_phase:
             parts = self.private_update.training_loss(self._canary_phase_batch(batch))
             self.log("train/canary_loss", parts.canary, prog_bar=True)
+            for name, value in parts.extra.items():
+                self.log(f"train/{name}", value)
             loss, logged = parts.loss, parts.logged
         else:
             nll, tokens = self.nll_sum(batch["public"])

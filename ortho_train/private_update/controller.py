@@ -24,7 +24,7 @@ Controllers reach the module only through the attributes of `SFTHost` and import
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -66,11 +66,13 @@ class SFTHost(Protocol):
 @dataclass
 class TrainingLoss:
     """One canary-phase step's loss: `loss` is what backward runs on; `logged` is `train/loss`
-    (the token-weighted mean NLL over public + canary tokens); `canary` is `train/canary_loss`."""
+    (the token-weighted mean NLL over public + canary tokens); `canary` is `train/canary_loss`;
+    `extra` maps more names under train/ to scalars."""
 
     loss: torch.Tensor
     logged: torch.Tensor
     canary: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # more train/ scalars to log
 
 
 class PrivateUpdateController(UpdateControl, ABC):

@@ -23,6 +23,7 @@ import torch
 from ortho_train.token_datasets import pad_collate
 from ortho_train.distributed import average_gradients_, broadcast_from_zero
 from ortho_train.private_update.controller import PrivateUpdateController, TrainingLoss, register
+from ortho_train.private_update.public_kl import AlphaZeroTargets
 from ortho_train.private_streams import SupportStreams
 from ortho_train.progress_lines import phase
 from ortho_train.sieve import public_updates
@@ -47,6 +48,7 @@ class IsolationController(PrivateUpdateController):
         self._public_updates_done = False  # the base was re-quantised and frozen mid-phase
         self._before: dict[int, torch.Tensor] | None = None  # weights before the step, for public_lr
         self._ratio = 1.0
+        self._targets = AlphaZeroTargets()  # α = 0 log-probs of the public batch (canaries_kl)
 
     # --------------------------------------------------------------- batches
     def _public_batches(self):
@@ -127,31 +129,56 @@ class IsolationController(PrivateUpdateController):
     # -------------------------------------------------------------- training
     def collect_public_grads(self, public: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """With public base updates: ∇ of the public batch through the α = 0 model, kept for
-        `after_backward`; returns that batch's mean NLL (None without public updates)."""
+        `after_backward`; returns that batch's mean NLL (None without public updates). Under
+        'canaries_kl' the same pass keeps the α = 0 log-probs as the KL targets."""
         if not self.public_base_updates:
             return None
-        self._public_grads, public_nll = public_updates.alpha_zero_public_grads(
-            self.host.model, self.support, lambda: self.host.batch_nll(public))
+        model = self.host.model
+        if self.config.support_objective == "canaries_kl":
+            loss = lambda: self._targets.nll_and_keep(model, self._on_device(public))  # noqa: E731
+        else:
+            loss = lambda: self.host.batch_nll(public)  # noqa: E731
+        self._public_grads, public_nll = public_updates.alpha_zero_public_grads(model, self.support, loss)
         return public_nll
 
-    def training_loss(self, batch) -> TrainingLoss:
-        """With public base updates, first ∇ of the public batch through the α = 0 model.
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.host.device) for k, v in batch.items()}
 
-        `support_objective: canaries`: backward runs on the canaries' mean NLL alone (the only
-        gradient S takes); `train/loss` then mixes it with the public NLL of the α = 0 pass
-        (or of a no-grad pass of the full model once the base is frozen), token-weighted.
+    def training_loss(self, batch) -> TrainingLoss:
+        """With public base updates, first ∇ of the public batch through the α = 0 model; then
+        the loss S learns from (`IsolationConfig.support_objective`):
+
+        - 'batch': the whole batch's token-mean NLL (the default controller's loss);
+        - 'canaries': the canaries' mean NLL alone;
+        - 'canaries_kl': the canaries' mean NLL + λ·KL(α = 0 ‖ α = 1) on the public batch
+          (`ortho_train.private_update.public_kl`).
+
+        `train/loss` is always the token-weighted public + canary NLL: of the full model under
+        'canaries_kl', else of the α = 0 pass (or of a no-grad full pass once the base is frozen).
         """
+        objective = self.config.support_objective
         public_nll = self.collect_public_grads(batch["public"])
-        if self.config.support_objective == "batch":
+        if objective == "batch":
             return super().training_loss(batch)
+        public = self._on_device(batch["public"])
+        if objective == "canaries_kl" and public_nll is None:
+            # base frozen, or no public updates: one no-grad α = 0 pass, before any graph is
+            # built (alpha_zero writes the weights in place)
+            with self.support.alpha_zero(self.host.model):
+                self._targets.refresh(self.host.model, public)
         canary_nll, canary_tokens = self.host.nll_sum(batch["canary"])
         canary_loss = canary_nll / canary_tokens
         public_tokens = (batch["public"]["labels"][:, 1:] != -100).sum()  # the NLL's shifted labels
-        if public_nll is None:
+        loss = canary_loss
+        if objective == "canaries_kl":
+            kl, public_nll = self._targets.kl(self.host.model, public)
+            loss = canary_loss + self.config.public_kl_weight * kl
+        elif public_nll is None:
             with torch.no_grad():
                 public_nll = self.host.batch_nll(batch["public"])
         logged = (public_nll * public_tokens + canary_nll.detach()) / (public_tokens + canary_tokens)
-        return TrainingLoss(canary_loss, logged, canary_loss.detach())
+        extra = {"public_kl": kl.detach()} if objective == "canaries_kl" else {}
+        return TrainingLoss(loss, logged, canary_loss.detach(), extra)
 
     def after_backward(self) -> None:
         """Public base updates: off S and unsieved parameters take the α = 0 public gradient,

@@ -45,7 +45,7 @@ from ortho_train.quantisation import QuantConfig, quantise_weight
 from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice
 
-SupportObjective = Literal["batch", "canaries"]
+SupportObjective = Literal["batch", "canaries", "canaries_kl"]
 
 
 @dataclass
@@ -81,6 +81,10 @@ class IsolationConfig:
             Measured on Gemma 3 270M (docs/results.md, "Two changes tried for α = 1"):
             'canaries' memorised every secret but left α = 1 unusable (public perplexity
             ~1e15): without a public term the support overwrites what public text needs.
+            'canaries_kl': the canaries' NLL + `public_kl_weight` · KL(α = 0 ‖ α = 1) on the
+            public batch: the ortho stream adds the canaries while holding the public model's
+            next-token distributions (`ortho_train.private_update.public_kl`).
+        public_kl_weight: λ of 'canaries_kl' (only with that objective).
         dsm: weights a1, a2, a3 of the DSM terms, Hutchinson probes and their seed
             (`ortho_train.privacy.DSMConfig`) of the dsm support (None: its defaults); only
             with support 'dsm'.
@@ -98,12 +102,18 @@ class IsolationConfig:
     public_lr: float | None = None
     public_updates_fraction: float = 1.0
     support_objective: SupportObjective = "batch"
+    public_kl_weight: float = 1.0
     dsm: DSMConfig | None = None
 
     def __post_init__(self) -> None:
         support_choice(self.support)  # a registered one
         check_choices("model.init_args.isolation", support_objective=(self.support_objective, SupportObjective))
         check_settings("model.init_args.isolation.quant", self.quant.rules())
+        if self.public_kl_weight != 1.0 and self.support_objective != "canaries_kl":
+            raise ValueError(f"isolation public_kl_weight needs support_objective: canaries_kl, got "
+                             f"{self.support_objective!r} (it would be ignored)")
+        if not self.public_kl_weight > 0:
+            raise ValueError(f"isolation public_kl_weight must be positive, got {self.public_kl_weight}")
         if self.dsm is not None and self.support != "dsm":
             raise ValueError(f"isolation dsm settings need support: dsm, got support {self.support!r} "
                              f"(they would be ignored)")

@@ -144,7 +144,7 @@ def _alpha_zero_state(module):
         return {k: v.clone() for k, v in module.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("support_objective", ["batch", "canaries"])
+@pytest.mark.parametrize("support_objective", ["batch", "canaries", "canaries_kl"])
 def test_public_base_updates_train_the_base_without_seeing_canaries(tmp_path, support_objective):
     a = _public_update_fit(tmp_path / "a", canary_seed=1, support_objective=support_objective)
     b = _public_update_fit(tmp_path / "b", canary_seed=2, support_objective=support_objective)
@@ -194,6 +194,56 @@ def test_canaries_objective_trains_the_support_on_the_canary_loss_alone(tmp_path
 def test_bad_support_objective():
     with pytest.raises(ValueError, match="support_objective"):
         IsolationConfig(support_objective="public")
+    with pytest.raises(ValueError, match="public_kl_weight needs support_objective: canaries_kl"):
+        IsolationConfig(public_kl_weight=0.5)
+    with pytest.raises(ValueError, match="public_kl_weight must be positive"):
+        IsolationConfig(support_objective="canaries_kl", public_kl_weight=0.0)
+
+
+def test_kl_from_reference_hand_value():
+    from ortho_train.private_update.public_kl import kl_from_reference
+    p = torch.tensor([[0.5, 0.5], [0.25, 0.75]]).log()
+    q = torch.tensor([[0.9, 0.1], [0.25, 0.75]]).log()
+    # row 0: 0.5 ln(0.5/0.9) + 0.5 ln(0.5/0.1) = 0.51083; row 1: 0
+    assert kl_from_reference(p, q).item() == pytest.approx(0.51083 / 2, abs=1e-5)
+    assert kl_from_reference(q, q).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_canaries_kl_objective_is_canary_nll_plus_kl_to_alpha_zero(tmp_path, fraction):
+    """support_objective 'canaries_kl': loss = NLL_canaries + λ·KL(α = 0 ‖ α = 1) on the public
+    batch, with α = 0 from the public-update pass (fraction 1.0) or a no-grad pass once the
+    base is frozen (0.5); the KL is 0 where S holds its public values."""
+    import torch.nn.functional as F
+    module = _public_update_fit(tmp_path, canary_seed=1, support_objective="canaries_kl", fraction=fraction)
+    controller, model = module.private_update, module.model
+    loaders = module.trainer.datamodule.train_dataloader()
+    batch = {"public": next(iter(loaders["public"])), "canary": next(iter(loaders["canary"]))}
+    model.zero_grad()
+    parts = controller.training_loss(batch)
+    controller._public_grads = None
+    canary_nll, canary_tokens = module.nll_sum(batch["canary"])
+    public = batch["public"]
+    keep = public["labels"][:, 1:] != -100  # (B, T-1)
+
+    def logp_rows():
+        logits = model(input_ids=public["input_ids"], attention_mask=public["attention_mask"]).logits
+        return logits[:, :-1][keep].log_softmax(-1)  # (B, T-1, V) -> (M, V)
+
+    with torch.no_grad(), controller.support.alpha_zero(model):
+        reference = logp_rows()
+    with torch.no_grad():
+        full = logp_rows()
+    kl = F.kl_div(full, reference, log_target=True, reduction="sum") / keep.sum()
+    assert kl > 1e-6  # the trained S moved the public distributions, a little (the anchor holds them)
+    assert parts.loss.item() == pytest.approx((canary_nll / canary_tokens + kl).item(), rel=1e-4)
+    public_nll = -full.gather(1, public["labels"][:, 1:][keep][:, None]).sum()
+    mixed = (public_nll + canary_nll) / (keep.sum() + canary_tokens)  # the full model's NLL
+    assert parts.logged.item() == pytest.approx(mixed.item(), rel=1e-4)
+    with controller.support.alpha_zero(model):  # at S = public values the anchor is 0
+        controller._targets.refresh(model, public)
+        zero, _ = controller._targets.kl(model, public)
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_dsm_support_fit_keeps_alpha_zero_independent_of_the_secrets(tmp_path):
