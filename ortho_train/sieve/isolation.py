@@ -41,7 +41,7 @@ from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
 from ortho_train.sieve.dsm import DSMConfig
-from ortho_train.quantisation import QuantConfig, quantise_weight
+from ortho_train.quantisation import QuantConfig, quantise_layers
 from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice
 
@@ -195,10 +195,8 @@ class IsolatedSupport:
         with GPTQ Hessians of the α = 0 model on public calibration text."""
         with self.alpha_zero(model):
             modules = {name: model.get_submodule(name) for name in self.masks}
-            hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
-                        if config.quant.quantiser.needs_hessian else {})
-            return {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
-                    for name, m in modules.items()}
+            calibration = public_batches() if config.quant.quantiser.needs_hessian else None
+            return quantise_layers(model, modules, config.quant, calibration, max_batches=config.calibration_batches)
 
     @torch.no_grad()
     def freeze_base(self, model: nn.Module, bases: dict[str, QuantisedBase]) -> None:
@@ -243,8 +241,10 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
     need_h = config.quant.quantiser.needs_hessian or choice.needs_hessians
     hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
                 if need_h else {})
-    bases = {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
-             for name, m in modules.items()}
+    if config.quant.true_sequential:  # the support still scores with the float model's Hessians
+        bases = quantise_layers(model, modules, config.quant, public_batches(), max_batches=config.calibration_batches)
+    else:
+        bases = quantise_layers(model, modules, config.quant, hessians=hessians or None)
     masks = choice.build(SupportInputs(model, modules, config, bases, hessians, public_batches,
                                        canary_batches if choice.sees_canaries else _no_canaries(choice.name),
                                        loss_fn))
