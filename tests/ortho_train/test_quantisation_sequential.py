@@ -1,6 +1,8 @@
 """True-sequential GPTQ (`ortho_train.quantisation.sequential`): the walk replays each block on the
 inputs of the quantised blocks before it; one block of one group is the float path; a crafted 2-block
 model's Hessians match a hand-built expectation; the sieve, isolation and table entry points."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -181,3 +183,48 @@ def test_bad_combinations_are_refused_naming_the_setting():
     flat = nn.Sequential(nn.Embedding(11, 16), nn.Linear(16, 16))
     with pytest.raises(ValueError, match="list of blocks"):
         quantise_true_sequential(flat, _batches(), _recorder({}), {"1": flat[1]})
+
+
+def _logit_error(model, spec, batches, reference) -> float:
+    """Σ ‖logits(quantised) − logits(float)‖² over the calibration batches."""
+    modules = linear_layers(model)
+    bases = quantise_layers(model, modules, spec, batches)
+    saved = {n: m.weight.data for n, m in modules.items()}
+    try:
+        for name, base in bases.items():
+            modules[name].weight.data = base.dequantise()
+        with torch.no_grad():
+            return sum(float((model(**b).logits - r).square().sum()) for b, r in zip(batches, reference))
+    finally:
+        for name, weight in saved.items():
+            modules[name].weight.data = weight
+
+
+def test_true_sequential_lowers_the_output_error_on_calibration_data_over_seeds():
+    """Tiny 2-layer Llamas (model seeds 0–7, token seeds 100–107, 4 batches of 4 × 32 tokens), INT2 g16:
+    the error of the whole model's logits on the calibration data, true-sequential vs the float path.
+    Measured over 16 seeds: true-sequential lower on 16/16, mean log ratio −0.158 (s.e. 0.023); here
+    ≥ 7 of 8 (a sign test's p = 9/256 under 'no difference') and a mean log ratio below −0.05.
+    At INT3/INT4 the quantised inputs hardly differ from the float ones in such a model: 9/16 and 7/16
+    lower, mean log ratio +0.003 ± 0.015 and −0.006 ± 0.018: no difference to claim there."""
+    seq, flat = QuantConfig("gptq", 2, 16, true_sequential=True), QuantConfig("gptq", 2, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a toy model gains nothing from a second thread on a busy machine
+    try:
+        log_ratios = [_seed_log_ratio(seed, seq, flat) for seed in range(8)]
+    finally:
+        torch.set_num_threads(threads)
+    wins = sum(r <= 0 for r in log_ratios)
+    mean = sum(log_ratios) / len(log_ratios)
+    assert wins >= 7 and mean < -0.05, f"log(error ratio) per seed: {[round(r, 3) for r in log_ratios]}"
+
+
+def _seed_log_ratio(seed: int, seq: QuantConfig, flat: QuantConfig) -> float:
+    """log(error true-sequential / error float path) of the seeded model."""
+    model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), 64, 0, 1, seed=seed).eval()
+    g = torch.Generator().manual_seed(100 + seed)
+    batches = [{"input_ids": torch.randint(2, 64, (4, 32), generator=g)} for _ in range(4)]
+    with torch.no_grad():
+        reference = [model(**b).logits for b in batches]
+    ratio = _logit_error(model, seq, batches, reference) / _logit_error(model, flat, batches, reference)
+    return math.log(ratio)
