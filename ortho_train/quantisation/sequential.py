@@ -21,9 +21,12 @@ all Hessians from the float model in one pass) is what a model of one block whos
 read the block's input reduces to.
 
 Memory: the block inputs of the calibration batches (N tokens × d_model, the model's dtype) for
-one block at a time, the Hessians of one group, and the block's call arguments per batch (masks
-and position embeddings, computed once by the model and shared by every block). The model's
-weights are restored when the walk ends (also on an error): `quantise` records what it needs.
+one block at a time, the Hessians of one group, the float weights of one block beside their
+quantised replacements (a block's float weights are put back once its outputs are computed; with
+layers outside the blocks, every quantised weight stays until the end), and the blocks' call
+arguments per batch (masks and position embeddings, computed once by the model and shared by
+every block). The model's weights are restored when the walk ends (also on an error): `quantise`
+records what it needs.
 """
 from __future__ import annotations
 
@@ -194,6 +197,7 @@ def quantise_true_sequential(model: nn.Module, batches: Iterable[dict[str, torch
     if not batches:
         raise ValueError("no calibration batches: the calibration DataLoader is empty")
     prefix, blocks = decoder_blocks(model, modules)
+    outside = {n: m for n, m in modules.items() if not n.startswith(prefix + ".")}
     saved: dict[str, torch.Tensor] = {}
     try:
         with eval_mode(model):
@@ -207,8 +211,10 @@ def quantise_true_sequential(model: nn.Module, batches: Iterable[dict[str, torch
                             _replace(modules[name], name, quantise, hessians[name], saved)
                 for state in states:
                     state.hidden = _block_output(_run_block(block, state, index))
+                if not outside:  # the walk never runs this block again: one block's weights held twice
+                    for name in names:
+                        modules[name].weight.data = saved.pop(name)
             del states
-            outside = {n: m for n, m in modules.items() if not n.startswith(prefix + ".")}
             if outside:  # e.g. an untied LM head: from the fully quantised model
                 hessians = collect_hessians(model, batches, outside)
                 for name, layer in outside.items():
