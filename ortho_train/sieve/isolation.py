@@ -31,6 +31,7 @@ exactly Q(W_pre), the quantised public model.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -239,10 +240,10 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
         raise ValueError("the model has no nn.Linear layers to isolate")
     choice = support_choice(config.support)
     need_h = config.quant.quantiser.needs_hessian or choice.needs_hessians
-    hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
-                if need_h else {})
+    calibration = list(islice(public_batches(), config.calibration_batches)) if need_h else []  # drawn once
+    hessians = collect_hessians(model, calibration, modules) if need_h else {}
     if config.quant.true_sequential:  # the support still scores with the float model's Hessians
-        bases = quantise_layers(model, modules, config.quant, public_batches(), max_batches=config.calibration_batches)
+        bases = quantise_layers(model, modules, config.quant, calibration)
     else:
         bases = quantise_layers(model, modules, config.quant, hessians=hessians or None)
     masks = choice.build(SupportInputs(model, modules, config, bases, hessians, public_batches,

@@ -228,3 +228,22 @@ def _seed_log_ratio(seed: int, seq: QuantConfig, flat: QuantConfig) -> float:
         reference = [model(**b).logits for b in batches]
     ratio = _logit_error(model, seq, batches, reference) / _logit_error(model, flat, batches, reference)
     return math.log(ratio)
+
+
+def test_the_kill_switch_table_walks_its_calibration_batches():
+    from ortho_train.measurement.kill_switch import KillSwitchTable
+    from ortho_train.measurement.kill_switch_config import TableConfig
+
+    model = build_tiny_llama(TinyLlamaConfig(32, 1, 2, 64), 64, 0, 1, seed=2).eval()
+    batches = _batches(vocab=64)
+    config = TableConfig(variants=[], references=["int4_gptq"], spec=SieveConfig(quant=SEQ))
+    with pytest.raises(ValueError, match="table.spec.quant.true_sequential=True"):
+        KillSwitchTable(model, None, None, config, hessians_of=lambda m: {}, log=lambda line: None)
+    seen = []
+    table = KillSwitchTable(model, None, None, config, hessians_of=lambda m: pytest.fail("float Hessians asked for"),
+                            log=lambda line: None, calibration_of=lambda: batches)
+    table._evaluate = lambda m: seen.append(m) or {"extraction_rate": 0.0}
+    table.run()
+    expected = quantised_layers(model, SieveConfig(quant=SEQ), calibration=batches)
+    down = "model.layers.0.mlp.down_proj"
+    assert torch.equal(seen[0].get_submodule(down).base().qweight, expected[down].base.qweight)
