@@ -247,3 +247,39 @@ def test_the_kill_switch_table_walks_its_calibration_batches():
     expected = quantised_layers(model, SieveConfig(quant=SEQ), calibration=batches)
     down = "model.layers.0.mlp.down_proj"
     assert torch.equal(seen[0].get_submodule(down).base().qweight, expected[down].base.qweight)
+
+
+def _gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+                              pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "mistral", "phi"])
+def test_the_walk_replays_each_architectures_own_block_arguments(arch):
+    """Gemma 3 (a sliding-window and a global block: per-block masks and rotary tables), Mistral
+    (sliding window) and Phi (parallel attention and MLP): a walk that changes no weight sees every
+    linear's one-pass float Hessian, pads included."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.ortho_train.arch_models import _config
+
+    if arch == "gemma3":
+        model = _gemma3()
+    else:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(arch)).eval()
+    batches = _batches(vocab=64)
+    modules = linear_layers(model)
+    seen: dict = {}
+    quantise_true_sequential(model, batches, _recorder(seen, quantise=False), modules)
+    float_h = collect_hessians(model, batches, modules)
+    assert set(seen) == set(modules)
+    for name, h in float_h.items():
+        diff = (seen[name] - h).abs().max().item()
+        assert diff < 1e-5 * h.abs().max().item(), f"{arch} {name}: max |ΔH| = {diff:.2e}"
