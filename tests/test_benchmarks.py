@@ -26,7 +26,8 @@ def test_ptq_formats_table(tmp_path):
     threads = torch.get_num_threads()
     try:
         rows = load_script("ptq_formats").main(["--model", str(model), "--seq-len", "32", "--calibration-segments", "2",
-                                                "4", "--eval-windows", "2", "--threads", "1", "--json", str(tmp_path / "t.json")])
+                                                "4", "--eval-windows", "2", "--threads", "1", "--true-sequential",
+                                                "--sieve-rho", "0.05", "--json", str(tmp_path / "t.json")])
     finally:
         torch.set_num_threads(threads)
     by_name = {r["row"]: r for r in rows}
@@ -35,7 +36,15 @@ def test_ptq_formats_table(tmp_path):
     assert by_name["nf4 (bitsandbytes, block 64)"]["bits_per_weight"] == 4.5
     assert by_name["gptq g128, 2 segments"]["calibration_tokens"] == 64
     assert by_name["gptq g32 act-order, 4 segments"]["calibration_tokens"] == 128
-    assert len(rows) == 10 and all(r["ppl"] > 1 and r["ppl"] == r["ppl"] for r in rows)
+    assert len(rows) == 16 and all(r["ppl"] > 1 and r["ppl"] == r["ppl"] for r in rows)
+    for label in ("", " true-sequential"):  # α = 0: the base's stored bits (a 64-wide input is one group of 64:
+        # 4.5 bits, 128-wide 4.25); α = 1 adds ρ = 5% of 48-bit COO entries (≈ 2.4 bits, ρ per layer within a few %)
+        at = {a: by_name[f"sieve ρ=5.00% α={a} (gptq g128 act-order{label}, 4 segments)"] for a in (0, 1)}
+        assert 4.25 < at[0]["bits_per_weight"] < 4.5
+        assert 0.04 * 48 < at[1]["bits_per_weight"] - at[0]["bits_per_weight"] < 0.06 * 48
+        assert at[0]["ppl"] != at[1]["ppl"]
+    assert by_name["gptq g128 act-order true-sequential, 4 segments"]["ppl"] != \
+        by_name["gptq g128 act-order, 4 segments"]["ppl"]
     # every quantised model differs from the float one
     assert all(r["ppl"] != by_name["fp32"]["ppl"] for r in rows if r["row"] != "fp32")
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows

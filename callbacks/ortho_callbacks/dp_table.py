@@ -47,7 +47,8 @@ class DPTableCallback(TableCallback):
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
         return PrivacyTable(model, trainer.datamodule.probe, self.config, lambda m: self.calibration(trainer, m),
                             streams, dp.get("epsilon"), rank_zero_info, meter=meter, delta=dp.get("delta"),
-                            pre_model=self.pre_canary_model(pl_module) if self.needs_reference() else None)
+                            pre_model=self.pre_canary_model(pl_module) if self.needs_reference() else None,
+                            calibration_of=lambda: self.calibration_batch_list(trainer))
 
     def to_markdown(self, rows: list[dict], notes: list[str]) -> str:
         return to_markdown(rows, notes)

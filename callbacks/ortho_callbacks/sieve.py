@@ -76,7 +76,8 @@ class SieveCallback(TableCallback):
         streams = pl_module.private_streams() if hasattr(pl_module, "private_streams") else None
         return KillSwitchTable(model, pre_model, trainer.datamodule.probe, self.config,
                                lambda m: self.calibration(trainer, m), streams, rank_zero_info,
-                               known=self._known(pl_module, model, pre_model), meter=meter)
+                               known=self._known(pl_module, model, pre_model), meter=meter,
+                               calibration_of=lambda: self.calibration_batch_list(trainer))
 
     def to_markdown(self, rows: list[dict], notes: list[str]) -> str:
         return to_markdown(rows, notes)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import time
+from itertools import islice
 from typing import ClassVar
 
 import lightning as L
@@ -142,6 +143,12 @@ class TableCallback(L.Callback):
         with torch.random.fork_rng():  # drawing batches must not shift the training RNG
             return collect_hessians(model, trainer.datamodule.public_train_dataloader(), modules,
                                     self.calibration_batches)
+
+    def calibration_batch_list(self, trainer) -> list[dict]:
+        """The same `calibration_batches` public training batches themselves, for a true-sequential
+        walk (`ortho_train.quantisation.sequential`), drawn under `fork_rng` as the Hessians are."""
+        with torch.random.fork_rng():
+            return list(islice(trainer.datamodule.public_train_dataloader(), self.calibration_batches))
 
     def write_table(self, trainer, pl_module, suffix: str, final: bool = False) -> list[dict]:
         """Build the table, write `<name><suffix>.json` / `.md`, log its rows; returns the rows."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ from ortho_train.measurement.progress import RowMeter
 from ortho_train.model_fingerprint import model_fingerprint
 from ortho_train.ortho_linear import set_alpha
 from ortho_train.private_streams import PrivateStreams, SubspaceStreams, SupportStreams
-from ortho_train.quantisation import PTQConfig, deployment_format, quantised_copy
+from ortho_train.quantisation import PTQConfig, base_quantiser, deployment_format, quantised_copy
 from ortho_train.sieve.core import SievedLayer, SieveConfig
 from ortho_train.sieve.model import build_dual_stream_model, quantised_layers, sieve_model, stream_stats
 
@@ -75,6 +75,9 @@ class KillSwitchTable:
             perplexity): a row of such a model measures only the groups they do not cover
             (`evaluation.groups_known`; exposure always, at the table's own settings).
         audit_delta: δ of the one-run audit (a DP run's own; None: `config.attacks.audit.delta`).
+        calibration_of: callable() -> the public calibration batches themselves, which a
+            true-sequential spec (`spec.quant.true_sequential`) walks block by block instead of
+            taking Hessians of the float model; required with one.
 
     The `rmia`, `extraction_at_k` and `audit` metrics (`ortho_train.measurement.attacks`) use
     `pre_model` as the reference model; asked for without one, the table refuses at construction.
@@ -84,8 +87,13 @@ class KillSwitchTable:
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None,
                  log: Callable[[str], None] = print, known: dict[str, dict] | None = None,
-                 meter: RowMeter | None = None, audit_delta: float | None = None):
+                 meter: RowMeter | None = None, audit_delta: float | None = None,
+                 calibration_of: Callable[[], Iterable[dict]] | None = None):
+        if config.spec.quant.true_sequential and calibration_of is None:
+            raise ValueError("table.spec.quant.true_sequential=True walks the calibration batches block by block: "
+                             "this table was given Hessians only (calibration_of=None)")
         self.model, self.pre_model, self.probe, self.config = model, pre_model, probe, config
+        self.calibration_of = calibration_of
         self.attacks = AttackSuite(probe, config.metrics, config.attacks, pre_model, "table.metrics", audit_delta)
         self.hessians_of, self.log = hessians_of, log
         self.isolated = streams if isinstance(streams, SupportStreams) else None
@@ -114,11 +122,21 @@ class KillSwitchTable:
             self._hessians[id(model)] = self.hessians_of(model)
         return self._hessians[id(model)]
 
+    def calibration(self, model: nn.Module, spec: SieveConfig, needed: bool = True) -> dict:
+        """What a whole-model quantisation of `model` under `spec` is given: `calibration` batches when
+        true-sequential (each Hessian after the layers before it are quantised), else `hessians` of
+        the float model (None where not `needed`)."""
+        if spec.quant.true_sequential:
+            return {"calibration": self.calibration_of()}
+        return {"hessians": self.hessians(model) if needed else None}
+
     def spec_with(self, bits: int | None = None, method: str | None = None, rho: float | None = None,
                   dqc: bool | None = None) -> SieveConfig:
         """The table's sieve spec with the bits, quantiser, ρ or DQC replaced where given."""
         s = self.config.spec
-        quant = replace(s.quant, method=method or s.quant.method, bits=bits or s.quant.bits)
+        method = method or s.quant.method
+        quant = replace(s.quant, method=method, bits=bits or s.quant.bits,  # RTN rows: no Hessian to order
+                        true_sequential=s.quant.true_sequential and base_quantiser(method).needs_hessian)
         return replace(s, quant=quant, rho=s.rho if rho is None else rho, dqc=s.dqc if dqc is None else dqc)
 
     def _require_pre(self, what: str) -> nn.Module:
@@ -135,7 +153,7 @@ class KillSwitchTable:
                 return bases, "isolated SFT base"
         pre = self._require_pre("a pre-fine-tuning base")
         spec = self.spec_with(bits)
-        layers = quantised_layers(pre, spec, self.hessians(pre) if spec.quant.quantiser.needs_hessian else None)
+        layers = quantised_layers(pre, spec, **self.calibration(pre, spec, spec.quant.quantiser.needs_hessian))
         return {n: layer.base for n, layer in layers.items()}, spec.quant.name
 
     def _evaluate(self, model: nn.Module) -> dict:
@@ -210,8 +228,8 @@ class KillSwitchTable:
                 dual = build_dual_stream_model(self._require_pre(name), layers)
             else:
                 spec = self.spec_with(bits, kind)
-                hessians = self.hessians(self.model) if spec.quant.quantiser.needs_hessian else None
-                layers = quantised_layers(self.model, spec, hessians)
+                layers = quantised_layers(self.model, spec,
+                                          **self.calibration(self.model, spec, spec.quant.quantiser.needs_hessian))
                 dual, how = build_dual_stream_model(self.model, layers), spec.quant.name
             self.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, how)
 
@@ -268,7 +286,7 @@ class KillSwitchTable:
             self.meter.stage(f"{variant} ρ={rho:g} — sieving")
             spec = self.spec_with(rho=rho, dqc=dqc)
             if plain == "posthoc":
-                layers = sieve_model(self.model, "posthoc", spec, self.hessians(self.model), report=report)
+                layers = sieve_model(self.model, "posthoc", spec, report=report, **self.calibration(self.model, spec))
                 base, hessians = f"{spec.quant.name} of the fine-tuned weights", "fine-tuned model"
             else:
                 pre = self._require_pre("the delta sieve")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ class PrivacyTableConfig:
         posthoc_sigmas: post-hoc noise scales σ (noise std σ·RMS(W) per layer).
         stochastic_sigmas: discrete-Gaussian std of stochastic quantisation, in lattice steps.
         bits / group_size: INT-k lattice of GPTQ and stochastic quantisation.
+        true_sequential: the GPTQ row and a post-hoc sieve quantise block by block, each Hessian after
+            the layers before it (`QuantConfig.true_sequential`); the stochastic rows keep the float
+            model's Hessians.
         rho: ortho fraction of the post-hoc sieve when the run has no support of its own.
         include_lm_head: the LM head is among the sieved/quantised/noised linears.
         metrics: subset of extraction, exposure, mia, ppl, rmia, extraction_at_k, audit (the last
@@ -78,6 +81,7 @@ class PrivacyTableConfig:
     stochastic_sigmas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     bits: int = 4
     group_size: int = 128
+    true_sequential: bool = False
     rho: float = 0.05
     include_lm_head: bool = False
     metrics: list[str] = field(default_factory=lambda: ["extraction", "exposure", "mia", "ppl"])
@@ -103,8 +107,8 @@ class PrivacyTableConfig:
 
     def table_config(self) -> TableConfig:
         """The kill-switch table settings its measuring and GPTQ rows run with."""
-        spec = SieveConfig(QuantConfig("gptq", self.bits, self.group_size), rho=self.rho,
-                         include_lm_head=self.include_lm_head)
+        spec = SieveConfig(QuantConfig("gptq", self.bits, self.group_size, true_sequential=self.true_sequential),
+                           rho=self.rho, include_lm_head=self.include_lm_head)
         return TableConfig(variants=["isolated"], references=[f"int{self.bits}_gptq"], alphas=self.alphas,
                            rhos=[self.rho], spec=spec, metrics=self.metrics,
                            exposure_references=self.exposure_references,
@@ -149,19 +153,22 @@ class PrivacyTable:
         log: callable(str) for each finished row's one-line summary.
         meter: times and sizes the rows and prints what each is computing (default: a
             `RowMeter` titled "privacy table").
+        calibration_of: callable() -> the calibration batches a true-sequential spec walks
+            (`KillSwitchTable`); the noise rows keep the float model's Hessians.
     """
 
     def __init__(self, model: nn.Module, probe, config: PrivacyTableConfig,
                  hessians_of: Callable[[nn.Module], dict[str, torch.Tensor]],
                  streams: PrivateStreams | None = None, epsilon: float | None = None,
                  log: Callable[[str], None] = print, meter: RowMeter | None = None,
-                 delta: float | None = None, pre_model: nn.Module | None = None):
+                 delta: float | None = None, pre_model: nn.Module | None = None,
+                 calibration_of: Callable[[], Iterable[dict]] | None = None):
         self.model, self.config, self.epsilon, self.log = model, config, epsilon, log
         self.support = streams if isinstance(streams, SupportStreams) else None
         self.meter = meter if meter is not None else RowMeter("privacy table")
         self.meter.total = self.meter.total or self.expected_rows()
         self.sieve = KillSwitchTable(model, pre_model, probe, config.table_config(), hessians_of, self.support, log,
-                                     meter=self.meter, audit_delta=delta)
+                                     meter=self.meter, audit_delta=delta, calibration_of=calibration_of)
         self.rows: list[dict] = []
 
     def expected_rows(self) -> int:
@@ -181,7 +188,7 @@ class PrivacyTable:
         if self.support is not None:
             return sieve_model(self.model, "isolated", spec, supports=self.support.masks,
                                bases=self.support.bases)
-        return sieve_model(self.model, "posthoc", spec, self.sieve.hessians(self.model))
+        return sieve_model(self.model, "posthoc", spec, **self.sieve.calibration(self.model, spec))
 
     def run_rows(self, layers: dict[str, SievedLayer]) -> None:
         if self.support is None:
@@ -213,7 +220,7 @@ class PrivacyTable:
 
     def gptq_rows(self) -> None:
         spec = self.sieve.spec_with(self.config.bits, "gptq")
-        quantised = quantised_layers(self.model, spec, self.sieve.hessians(self.model))
+        quantised = quantised_layers(self.model, spec, **self.sieve.calibration(self.model, spec))
         dual = build_dual_stream_model(self.model, quantised)
         name = spec.quant.name  # int<k>_gptq
         row = self.sieve.measure(name, dual, None, 0.0, stream_stats(dual)["bits_per_weight"], 0.0, name)

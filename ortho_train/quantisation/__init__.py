@@ -13,6 +13,8 @@ Who owns what:
 - `gptq.py`: GPTQ (`gptq` base quantiser, outlier-aware sweep for the post-hoc sieve).
 - `bnb4.py`: bitsandbytes NF4/FP4 (`nf4`, `fp4`: fake quantisation, `Linear4bit` modules with
   the CPU-kernel choice, code books, block bin widths, bits per weight).
+- `sequential.py`: whole-model bases (`quantise_layers`), true-sequential GPTQ (each Hessian after the
+  layers before it are quantised) or from the float model's Hessians.
 - `spec.py`: `QuantConfig` (base stream settings), `quantise_weight`, `PTQConfig` (copies).
 - `copies.py`: `quantised_copy` and the one rule for which linears a copy quantises (LM head
   included), `effective_linear_weights`, `fake_quantise` / `bin_width` by format name.
@@ -51,6 +53,7 @@ from ortho_train.quantisation.registry import (
     deployment_formats,
     int_formats,
 )
+from ortho_train.quantisation.sequential import quantise_layers, quantise_true_sequential
 from ortho_train.quantisation.spec import PTQConfig, QuantConfig, quantise_weight
 
 __all__ = [
@@ -58,5 +61,5 @@ __all__ = [
     "base_from_codes", "base_quantiser", "base_quantisers", "bin_width", "bnb_bits_per_weight",
     "bnb_dequantise_4bit", "bnb_fake_quantise", "bnb_quantise_4bit", "deployment_format",
     "deployment_formats", "effective_linear_weights", "exact_fallback_layers", "fake_quantise", "gptq_quantise",
-    "quantisable_linears", "quantise_linears_", "quantise_weight", "quantised_copy", "run_gptq",
+    "quantisable_linears", "quantise_layers", "quantise_linears_", "quantise_true_sequential", "quantise_weight", "quantised_copy", "run_gptq",
 ]

@@ -31,6 +31,10 @@ class QuantConfig:
         block_size: GPTQ lazy block (rounded to whole groups).
         act_order: GPTQ in descending diag(H) order (implies static groups).
         static_groups: GPTQ group parameters from the original weights.
+        true_sequential: quantise a whole model block by block, each layer's Hessian from inputs
+            through the already-quantised layers ("GPTQ: Accurate Post-Training Quantization for
+            Generative Pre-trained Transformers", §5; `quantisation.sequential`); False: every
+            Hessian from the float model in one pass. Needs calibration batches, not Hessians.
     """
 
     method: str = "gptq"
@@ -40,10 +44,14 @@ class QuantConfig:
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    true_sequential: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in self.quantiser.bits:  # `quantiser` refuses an unknown method first
             raise ValueError(f"bits must be one of {self.quantiser.bits}, got {self.bits}")
+        if self.true_sequential and not self.quantiser.needs_hessian:
+            raise ValueError(f"true_sequential=True orders the calibration Hessians of a method that uses them "
+                             f"(gptq); method {self.method!r} quantises without: set true_sequential=False")
         if self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
 

@@ -31,6 +31,7 @@ exactly Q(W_pre), the quantised public model.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from itertools import islice
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
@@ -41,7 +42,7 @@ from ortho_kernels import QuantisedBase
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
 from ortho_train.sieve.dsm import DSMConfig
-from ortho_train.quantisation import QuantConfig, quantise_weight
+from ortho_train.quantisation import QuantConfig, quantise_layers
 from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.support import SupportInputs, support_choice
 
@@ -195,10 +196,8 @@ class IsolatedSupport:
         with GPTQ Hessians of the α = 0 model on public calibration text."""
         with self.alpha_zero(model):
             modules = {name: model.get_submodule(name) for name in self.masks}
-            hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
-                        if config.quant.quantiser.needs_hessian else {})
-            return {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
-                    for name, m in modules.items()}
+            calibration = public_batches() if config.quant.quantiser.needs_hessian else None
+            return quantise_layers(model, modules, config.quant, calibration, max_batches=config.calibration_batches)
 
     @torch.no_grad()
     def freeze_base(self, model: nn.Module, bases: dict[str, QuantisedBase]) -> None:
@@ -241,10 +240,12 @@ def build_isolation(model: nn.Module, config: IsolationConfig,
         raise ValueError("the model has no nn.Linear layers to isolate")
     choice = support_choice(config.support)
     need_h = config.quant.quantiser.needs_hessian or choice.needs_hessians
-    hessians = (collect_hessians(model, public_batches(), modules, config.calibration_batches)
-                if need_h else {})
-    bases = {name: quantise_weight(m.weight.detach().float(), config.quant, hessians.get(name))
-             for name, m in modules.items()}
+    calibration = list(islice(public_batches(), config.calibration_batches)) if need_h else []  # drawn once
+    hessians = collect_hessians(model, calibration, modules) if need_h else {}
+    if config.quant.true_sequential:  # the support still scores with the float model's Hessians
+        bases = quantise_layers(model, modules, config.quant, calibration)
+    else:
+        bases = quantise_layers(model, modules, config.quant, hessians=hessians or None)
     masks = choice.build(SupportInputs(model, modules, config, bases, hessians, public_batches,
                                        canary_batches if choice.sees_canaries else _no_canaries(choice.name),
                                        loss_fn))

@@ -18,7 +18,7 @@ from torch import nn
 from ortho_kernels import OrthoStream, QuantisedBase
 from ortho_train.models import linear_layers, set_submodule
 from ortho_train.ortho_linear import OrthoLinear, ortho_layers
-from ortho_train.quantisation import quantise_weight
+from ortho_train.quantisation import quantise_layers, quantise_true_sequential, quantise_weight
 from ortho_train.sieve.core import (
     VARIANTS,
     SievedLayer,
@@ -42,21 +42,46 @@ def _need(table: dict | None, name: str, what: str):
     return table[name]
 
 
+def _posthoc_true_sequential(model: nn.Module, layers: dict[str, nn.Module], spec: SieveConfig,
+                             calibration, report: bool) -> dict[str, SievedLayer]:
+    """The post-hoc sieve walked true-sequentially (`quantisation.sequential`): each layer sieved with
+    the Hessian of inputs through the sieved layers before it, which hold their α = 1 weight
+    dequant(base) + ortho (the model the outlier-aware sweep minimises the error of)."""
+    if calibration is None:
+        raise ValueError("spec.quant.true_sequential=True: the post-hoc sieve needs calibration batches "
+                         "(sieve_model(..., calibration=...)), not Hessians of the float model")
+    out: dict[str, SievedLayer] = {}
+
+    def sieve(name: str, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out[name] = sieve_posthoc(w, h, spec, report)
+        return out[name].base.dequantise() + out[name].ortho.to_dense()
+
+    quantise_true_sequential(model, calibration, sieve, layers)
+    return {name: out[name] for name in layers}
+
+
 def sieve_model(model: nn.Module, variant: str, spec: SieveConfig,
                 hessians: dict[str, torch.Tensor] | None = None,
                 pre_state: dict[str, torch.Tensor] | None = None,
                 supports: dict[str, torch.Tensor] | None = None,
                 bases: dict[str, QuantisedBase] | None = None,
-                report: bool = False) -> dict[str, SievedLayer]:
+                report: bool = False, calibration=None) -> dict[str, SievedLayer]:
     """Sieve every (non-head) linear of `model`; returns the streams per layer name.
 
-    posthoc: needs `hessians` (of the fine-tuned model). delta: `pre_state` (pre-fine-tuning
-    state dict) and `hessians` (of the pre-fine-tuning model) or precomputed `bases` of it.
-    isolated: `supports` (bool masks fixed before fine-tuning) and `bases`, or `pre_state`
-    (+ `hessians` for GPTQ) to quantise the pre-fine-tuning weights here.
+    posthoc: needs `hessians` (of the fine-tuned model), or with `spec.quant.true_sequential`
+    `calibration` batches (`{"input_ids", "attention_mask"}` dicts, walked block by block).
+    delta: `pre_state` (pre-fine-tuning state dict) and `hessians` (of the pre-fine-tuning model)
+    or precomputed `bases` of it. isolated: `supports` (bool masks fixed before fine-tuning) and
+    `bases`, or `pre_state` (+ `hessians` for GPTQ) to quantise the pre-fine-tuning weights here.
+    True-sequential bases of the pre-fine-tuning model are `quantised_layers(pre_model, spec,
+    calibration=...)`, passed as `bases`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if spec.quant.true_sequential and variant != "posthoc" and bases is None:
+        raise ValueError(f"spec.quant.true_sequential=True: the {variant} sieve quantises the pre-fine-tuning "
+                         "weights, which this model does not run; pass bases=quantised_layers(pre_model, spec, "
+                         "calibration=...) built true-sequentially on the pre-fine-tuning model")
     if variant == "isolated" and supports is not None:  # exactly the layers trained in isolation
         layers = {name: model.get_submodule(name) for name in supports}
     else:
@@ -66,6 +91,8 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveConfig,
     if variant in ("delta", "isolated") and pre_state is None and bases is None:
         raise ValueError(f"the {variant} sieve needs the pre-fine-tuning weights (pre_state) or "
                          f"their quantised bases")
+    if variant == "posthoc" and spec.quant.true_sequential:
+        return _posthoc_true_sequential(model, layers, spec, calibration, report)
     out: dict[str, SievedLayer] = {}
     for name, linear in layers.items():
         w = linear.weight.detach()
@@ -87,14 +114,14 @@ def sieve_model(model: nn.Module, variant: str, spec: SieveConfig,
 
 
 def quantised_layers(model: nn.Module, spec: SieveConfig,
-                     hessians: dict[str, torch.Tensor] | None = None) -> dict[str, SievedLayer]:
-    """The plain INT-k model as streams with empty ortho parts (ρ = 0)."""
-    out = {}
-    for name, linear in linear_layers(model, include_lm_head=spec.include_lm_head).items():
-        h = hessians.get(name) if hessians is not None else None
-        base = quantise_weight(linear.weight.detach().float(), spec.quant, h)
-        out[name] = SievedLayer(base, OrthoStream.empty(base.shape, base.device), {"density": 0.0, "nnz": 0})
-    return out
+                     hessians: dict[str, torch.Tensor] | None = None, calibration=None) -> dict[str, SievedLayer]:
+    """The plain INT-k model as streams with empty ortho parts (ρ = 0): from `hessians`, or with
+    `spec.quant.true_sequential` walked over `calibration` (`quantisation.quantise_layers`)."""
+    modules = linear_layers(model, include_lm_head=spec.include_lm_head)
+    bases = quantise_layers(model, modules, spec.quant, calibration if spec.quant.true_sequential else None,
+                            hessians)
+    return {name: SievedLayer(base, OrthoStream.empty(base.shape, base.device), {"density": 0.0, "nnz": 0})
+            for name, base in bases.items()}
 
 
 def build_dual_stream_model(model: nn.Module, layers: dict[str, SievedLayer], alpha: float = 1.0,

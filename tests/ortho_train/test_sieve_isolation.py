@@ -6,7 +6,7 @@ import torch
 from ortho_train.datamodule import CanaryDataModule, pad_collate
 from ortho_train.models import TinyLlamaConfig, build_tiny_llama, linear_layers
 from ortho_train.ortho_linear import set_alpha
-from ortho_train.quantisation import QuantConfig
+from ortho_train.quantisation import QuantConfig, quantise_layers
 from ortho_train.sft_module import CanarySFTModule
 from ortho_train.sieve import SieveConfig, build_dual_stream_model, sieve_model
 from ortho_train.sieve.core import SievedLayer
@@ -102,6 +102,24 @@ def test_every_support_choice_is_exact_top_rho_and_they_differ():
             overlap = (masks[a] & masks[b]).sum() / masks[a].sum()
             assert overlap < 0.9, f"{a} and {b} pick nearly the same support ({overlap:.2f})"
     assert set(iso.masks) == set(linear_layers(model))
+
+
+def test_true_sequential_isolation_bases_are_the_walk_over_the_public_batches():
+    torch.manual_seed(0)
+    dm = _datamodule()
+    model = build_tiny_llama(TinyLlamaConfig(32, 2, 2, 64), len(dm.tokenizer), 0, 1)
+    public = lambda: dm.public_train_dataloader()  # noqa: E731
+    spec = QuantConfig("gptq", 4, 32, true_sequential=True)
+    cfg = IsolationConfig(support="random", rho=0.05, quant=spec, calibration_batches=2)
+    with torch.random.fork_rng():  # the same two batches the isolation draws
+        batches = [b for _, b in zip(range(2), public())]
+    iso = build_isolation(model, cfg, public, lambda: [], lambda m, b: None)
+    expected = quantise_layers(model, linear_layers(model), spec, batches)
+    for name, base in iso.bases.items():
+        assert torch.equal(base.qweight, expected[name].qweight), name
+    flat = quantise_layers(model, linear_layers(model), QuantConfig("gptq", 4, 32), batches)
+    assert not torch.equal(iso.bases["model.layers.1.mlp.down_proj"].qweight,
+                           flat["model.layers.1.mlp.down_proj"].qweight)
 
 
 def test_bad_isolation_settings():
