@@ -2,7 +2,7 @@
 through the already-quantised layers before it.
 
 "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers" (Frantar
-et al.), §5 "Setup": the model is quantised block by block, each Transformer block on the
+et al.), its experimental setup: the model is quantised block by block, each Transformer block on the
 outputs of the blocks quantised before it; the paper's reference code (`--true-sequential`)
 also orders the linears inside a block, q/k/v → o → gate/up → down, each group's Hessian
 taken after the groups before it were quantised. This module does both:
