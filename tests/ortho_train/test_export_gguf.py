@@ -10,7 +10,7 @@ from gguf import GGUFReader, quants
 from transformers import AutoTokenizer
 
 from ortho_train.export import export, read_sieved
-from ortho_train.export.gguf_vocab import UNUSED_MERGE, bytes_to_unicode
+from ortho_train.export.gguf_vocab import UNUSED_MERGE, bpe_pre_tokenizer, bytes_to_unicode
 from ortho_train.gguf_checkpoint import load_gguf_causal_lm, load_gguf_tokenizer
 from ortho_train.sieve import load_sieved
 from ortho_train.tokenization import build_byte_tokenizer
@@ -169,13 +169,25 @@ def test_byte_tokenizer_is_written_as_byte_level_bpe(tmp_path):
     assert _strings(reader, "tokenizer.ggml.model") == ["gpt2"]
 
 
+def test_gpt2_regex_tokenizer_gets_llama_cpp_gpt2_pre_tokenizer(sieved, tmp_path):
+    export(read_sieved(sieved["q4_0"], alpha=0), "gguf-q4_0", tmp_path / "m.gguf")
+    assert _strings(GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == ["gpt-2"]  # ByteLevel, use_regex
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert bpe_pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
+    for other in ({"pre_tokenizer": byte_level | {"use_regex": False}},  # Llama 3 / Qwen2: a Split regex first
+                  {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"}, byte_level]}},
+                  {"pre_tokenizer": byte_level | {"add_prefix_space": True}},
+                  {"pre_tokenizer": byte_level, "normalizer": {"type": "NFC"}}):
+        assert bpe_pre_tokenizer(other) == "default", other
+
+
 def test_refusals_name_the_problem(sieved, tmp_path):
     with pytest.raises(ValueError, match="gguf-q4_0 exports α ∈ \\['0'\\]"):
         export(read_sieved(sieved["q4_0"], alpha=1), "gguf-q4_0", tmp_path / "m.gguf")
-    other = tmp_path / "gemma"
+    other = tmp_path / "phi3"
     shutil.copytree(sieved["q4_0"], other)
-    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "gemma3_text"')
+    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "phi3"')
     (other / "sieve_config.json").write_text(config)
-    with pytest.raises(ValueError, match="holds a 'gemma3_text' model"):
+    with pytest.raises(ValueError, match="holds a 'phi3' model"):
         export(read_sieved(other, alpha=0), "gguf-q4_0", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
