@@ -20,8 +20,10 @@
     the first byte that differs (reported with the text on both sides).
     Without the binary the step is skipped with a message (exit 0).
 
-Also printed: the text of the fp32 model before sieving and of the sieved model at α = 1, beside
-α = 0 and llama.cpp's (what a deployment shows). Exit status 1 when the sequences differ.
+Also printed (what a deployment shows): the greedy text of the fp32 model before sieving, of the
+sieved model at α = 1 and α = 0, of each GGUF export read back by transformers' GGUF loader
+(gguf-q4_0 / q4_1 / q8_0 / f16 at α = 0; q8_0 at α = 1), and llama.cpp's. Exit status 1 when
+llama.cpp's sequence differs from the toolkit's α = 0 one.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from ortho_train.curvature import collect_hessians  # noqa: E402
+from ortho_train.export import export, read_sieved  # noqa: E402
 from ortho_train.export.gguf_vocab import bytes_to_unicode  # noqa: E402
+from ortho_train.gguf_checkpoint import load_gguf_causal_lm  # noqa: E402
 from ortho_train.models import linear_layers  # noqa: E402
 from ortho_train.quantisation import QuantConfig  # noqa: E402
 from ortho_train.sieve import SieveConfig, build_dual_stream_model, load_sieved, save_sieved, sieve_model  # noqa: E402
@@ -126,6 +130,19 @@ def greedy(model, prompt_ids: list[int], new_tokens: int, eos: int) -> tuple[lis
     return ids[len(prompt_ids):], margin
 
 
+EXPORT_ROWS = (("gguf-q4_0", 0.0), ("gguf-q4_1", 0.0), ("gguf-q8_0", 0.0), ("gguf-f16", 0.0), ("gguf-q8_0", 1.0))
+
+
+def export_rows(directory: Path, root: Path, prompt_ids: list[int], new_tokens: int, eos: int) -> dict:
+    """Each GGUF export read back by transformers' GGUF loader, decoded greedily (row name → ids, margin)."""
+    rows = {}
+    for fmt, alpha in EXPORT_ROWS:
+        out = root / f"{fmt}-a{alpha:g}.gguf"
+        export(read_sieved(directory, alpha=alpha), fmt, out)
+        rows[f"{fmt} α = {alpha:g} (transformers)"] = greedy(load_gguf_causal_lm(out), prompt_ids, new_tokens, eos)
+    return rows
+
+
 def piece_bytes(tokenizer, token_id: int) -> bytes:
     """What llama.cpp prints for a token: the bytes behind its byte-level BPE string (specials as text)."""
     inverse = {c: b for b, c in bytes_to_unicode().items()}
@@ -169,8 +186,8 @@ def compare(args, tokenizer, prompt_ids, ours, gguf_path) -> bool:
     generated = printed[len(prompt_bytes):].removesuffix(b"\n")
     theirs, rest = recover_ids(generated, [(i, piece_bytes(tokenizer, i)) for i in ours])
     ours_bytes = b"".join(piece_bytes(tokenizer, i) for i in ours if i != tokenizer.eos_token_id)
-    print(f"llama.cpp ids     {theirs}{' + unmatched ' + repr(rest) if rest else ''}")
-    print(f"llama.cpp text    {generated.decode(errors='replace')!r}")
+    print(f"{"llama.cpp ids":34s} {theirs}{' + unmatched ' + repr(rest) if rest else ''}")
+    print(f"{"llama.cpp (llama-simple)":34s} {generated.decode(errors='replace')!r}")
     match = generated == ours_bytes and not rest
     first = next((i for i, (a, b) in enumerate(zip(generated, ours_bytes)) if a != b), min(len(generated), len(ours_bytes)))
     print("MATCH: llama.cpp's greedy tokens equal the toolkit's α = 0 tokens" if match else
@@ -201,11 +218,12 @@ def main(argv=None) -> int:
                 "sieved α = 1": greedy(load_sieved(directory, backend="reference"), prompt_ids, args.new_tokens, eos),
                 "sieved α = 0": greedy(load_sieved(directory, with_ortho=False, backend="reference"), prompt_ids,
                                        args.new_tokens, eos)}
+        rows |= export_rows(directory, root, prompt_ids, args.new_tokens, eos)
         print(f"prompt {args.prompt!r} → ids {prompt_ids}; {args.new_tokens} new tokens, greedy")
         for name, (ids, margin) in rows.items():
-            print(f"{name:22s} {tokenizer.decode(ids)!r} (min top-1 margin {margin:.3f})")
+            print(f"{name:34s} {tokenizer.decode(ids)!r} (min top-1 margin {margin:.3f})")
         ours = rows["sieved α = 0"][0]
-        print(f"toolkit α = 0 ids {ours}")
+        print(f"{"toolkit α = 0 ids":34s} {ours}")
         return 0 if compare(args, tokenizer, prompt_ids, ours, gguf_path) else 1
 
 
