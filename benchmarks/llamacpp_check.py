@@ -186,8 +186,8 @@ def compare(args, tokenizer, prompt_ids, ours, gguf_path) -> bool:
     generated = printed[len(prompt_bytes):].removesuffix(b"\n")
     theirs, rest = recover_ids(generated, [(i, piece_bytes(tokenizer, i)) for i in ours])
     ours_bytes = b"".join(piece_bytes(tokenizer, i) for i in ours if i != tokenizer.eos_token_id)
-    print(f"{"llama.cpp ids":34s} {theirs}{' + unmatched ' + repr(rest) if rest else ''}")
-    print(f"{"llama.cpp (llama-simple)":34s} {generated.decode(errors='replace')!r}")
+    print(f"{'llama.cpp ids':34s} {theirs}{' + unmatched ' + repr(rest) if rest else ''}")
+    print(f"{'llama.cpp (llama-simple)':34s} {generated.decode(errors='replace')!r}")
     match = generated == ours_bytes and not rest
     first = next((i for i, (a, b) in enumerate(zip(generated, ours_bytes)) if a != b), min(len(generated), len(ours_bytes)))
     print("MATCH: llama.cpp's greedy tokens equal the toolkit's α = 0 tokens" if match else
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
         for name, (ids, margin) in rows.items():
             print(f"{name:34s} {tokenizer.decode(ids)!r} (min top-1 margin {margin:.3f})")
         ours = rows["sieved α = 0"][0]
-        print(f"{"toolkit α = 0 ids":34s} {ours}")
+        print(f"{'toolkit α = 0 ids':34s} {ours}")
         return 0 if compare(args, tokenizer, prompt_ids, ours, gguf_path) else 1
 
 
