@@ -38,7 +38,7 @@ from gguf import LlamaFileType
 from ortho_train.artifacts import atomic_artifacts
 from ortho_train.export.gguf_architectures import GGUF_ARCHITECTURES, GGUFArchitecture
 from ortho_train.export.gguf_blocks import BLOCK, Q4_TYPES, Encoded, as_stored, encode
-from ortho_train.export.gguf_vocab import write_vocab
+from ortho_train.export.gguf_vocab import copy_vocab, write_vocab
 from ortho_train.export.report import ExportReport
 from ortho_train.export.source import SievedSource
 from ortho_train.sieve.artifacts import FORMAT
@@ -107,8 +107,10 @@ def _add_tensors(writer: gguf.GGUFWriter, source: SievedSource, spec: GGUFArchit
         writer.add_tensor(target, np.ascontiguousarray(data), raw_dtype=encoded.raw_dtype)
 
 
-def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str) -> ExportReport:
-    """Write `source` as a GGUF file at `out` (atomically: staged, then moved in)."""
+def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str,
+               vocab_from: Path | None = None) -> ExportReport:
+    """Write `source` as a GGUF file at `out` (atomically: staged, then moved in); the vocabulary from
+    the saved tokenizer, or copied from the GGUF file `vocab_from` (`gguf_vocab.copy_vocab`)."""
     model_type = source.model_config.get("model_type")
     if model_type not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF export supports the architectures {list(GGUF_ARCHITECTURES.names())}; "
@@ -121,7 +123,10 @@ def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str) 
         writer = gguf.GGUFWriter(str(staged), spec.name)
         try:
             _write_metadata(writer, source, spec, qtype)
-            write_vocab(writer, source.directory, source.model_config["vocab_size"])
+            if vocab_from is not None:
+                copy_vocab(writer, Path(vocab_from), source.model_config["vocab_size"])
+            else:
+                write_vocab(writer, source.directory, source.model_config["vocab_size"])
             _add_tensors(writer, source, spec, qtype, report)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -142,5 +147,6 @@ class GGUFExporter:
         """α = 1 merges fp16 ortho values into dense weights: only Q8_0 / F16 keep them."""
         return (0.0,) if self.qtype in Q4_TYPES else (0.0, 1.0)
 
-    def run(self, source: SievedSource, out: Path, format_name: str, **_options) -> ExportReport:
-        return write_gguf(source, out, self.qtype, format_name)
+    def run(self, source: SievedSource, out: Path, format_name: str, vocab_from: Path | None = None,
+            **_options) -> ExportReport:
+        return write_gguf(source, out, self.qtype, format_name, vocab_from)

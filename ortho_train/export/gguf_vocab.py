@@ -19,7 +19,11 @@ Two tokenizers are supported, both as llama.cpp's byte-level BPE (`tokenizer.ggm
   it still reads the weights of such a file, the tokenizer comes from the sieved directory.
 
 A SentencePiece / Unigram / WordPiece tokenizer is refused by name (llama.cpp's `"llama"` model
-needs the SentencePiece scores, which this exporter does not read yet).
+needs the SentencePiece scores, which this exporter does not read yet). Such a model's vocabulary
+can be taken from a GGUF file instead (`copy_vocab`, `--vocab-from`): every `tokenizer.ggml.*` key
+of that file is copied as stored (read with `gguf.GGUFReader`, memory-mapped; no tensor is read),
+e.g. from the Gemma 3 270M GGUF the model was loaded from; its token count must equal the model's
+vocab_size.
 """
 from __future__ import annotations
 
@@ -102,6 +106,21 @@ def _write_byte_vocab(writer: gguf.GGUFWriter, vocab_size: int) -> None:
     writer.add_eos_token_id(1)
     writer.add_unk_token_id(2)
     writer.add_add_bos_token(False)
+
+
+def copy_vocab(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> str:
+    """Copy every `tokenizer.ggml.*` key of the GGUF file `path` (module docstring); returns its model name."""
+    reader = gguf.GGUFReader(str(path))
+    fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.ggml.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise TokenizerExportError(f"--vocab-from {path}: the file holds no tokenizer.ggml.tokens")
+    count = len(fields["tokenizer.ggml.tokens"].data)
+    if count != vocab_size:
+        raise TokenizerExportError(f"--vocab-from {path}: {count} tokens, but the model's vocab_size is {vocab_size}")
+    for key, field in fields.items():
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    return str(fields["tokenizer.ggml.model"].contents()) if "tokenizer.ggml.model" in fields else "?"
 
 
 def write_vocab(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> str:
