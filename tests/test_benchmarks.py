@@ -130,3 +130,26 @@ def test_deploy_memory_end_to_end(tmp_path):
     assert all(r["rss_after"] >= r["rss_load"] > 0 for v, r in rows.items() if v != "runtime")
     assert set(result["prefill_seconds"]) == {"fp32", "a0 cache=off head=float", "a1 cache=off head=float"}
     assert json.loads((tmp_path / "d.json").read_text())["rows"] == result["rows"]
+
+
+def test_llamacpp_check_recovers_ids_along_the_toolkit_pieces():
+    check = load_script("llamacpp_check")
+    pieces = [(7, b"The"), (9, b" fox"), (4, b"."), (5, b" It")]
+    assert check.recover_ids(b"The fox. It", pieces) == ([7, 9, 4, 5], b"")
+    assert check.recover_ids(b"The dog. It", pieces) == ([7], b" dog. It")  # " dog" is not " fox": stops there
+    assert check.recover_ids(b"The foxes", pieces) == ([7, 9], b"es")  # a piece's bytes, not a word, are compared
+    bytes_of = check.piece_bytes(check.bpe_tokenizer(), check.bpe_tokenizer().convert_tokens_to_ids("Ġthe"))
+    assert bytes_of == b" the"  # GPT-2's Ġ is the space byte
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("LLAMA_SIMPLE"),
+                    reason="set LLAMA_SIMPLE to llama.cpp's llama-simple binary (docs/deploy.md) to run it")
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_llamacpp_greedy_tokens_equal_the_alpha_zero_tokens(arch):
+    import os
+
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "llamacpp_check.py"), "--arch", arch,
+                           "--llama-simple", os.environ["LLAMA_SIMPLE"], "--steps", "150"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "MATCH:" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]

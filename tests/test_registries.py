@@ -19,6 +19,7 @@ REGISTRIES = {
     "ortho_train.ogd.private_stream": ["PRIVATE_BASES"],
     "ortho_train.kfac.subspace": ["SUBSPACES"],
     "ortho_train.export": ["EXPORTERS"],
+    "ortho_train.export.gguf_architectures": ["GGUF_ARCHITECTURES"],
 }
 
 

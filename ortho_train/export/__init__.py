@@ -8,7 +8,9 @@ Who owns what (one format per file; a new format is one file plus one line in `E
 - `source.py`: reading a sieved directory at α = 0 / 1 (`SievedSource`, dense W(α)).
 - `gguf_blocks.py`: one weight as GGML blocks (exact from a base on llama.cpp's grid, or rounded).
 - `gguf_vocab.py`: the saved tokenizer as GGUF metadata.
-- `gguf_file.py`: the GGUF file (llama.cpp's Llama / Qwen2 layout, metadata, tensor names).
+- `gguf_architectures.py`: the model families in llama.cpp's layout (Llama, Qwen2, Gemma 3: hyper-parameters,
+  q/k permutation, Gemma's 1 + w norms), one `GGUF_ARCHITECTURES` entry each.
+- `gguf_file.py`: the GGUF file (metadata, tensor names and types, the write).
 - `gptq_checkpoint.py`: the GPTQ checkpoint directory (AutoGPTQ / gptqmodel / transformers).
 - `report.py`: what an export wrote, tensor by tensor (exact, or the max error of the rounding).
 - `__main__.py`: the command line.

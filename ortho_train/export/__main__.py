@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="the .gguf file, or the GPTQ directory")
     p.add_argument("--checkpoint-format", default="gptq", choices=CHECKPOINT_FORMATS,
                    help="gptq only: 'gptq' (AutoGPTQ v1, stored zeros minus one) or 'gptq_v2' (gptqmodel)")
+    p.add_argument("--vocab-from", type=Path,
+                   help="GGUF only: copy the tokenizer.ggml.* keys of this GGUF file (e.g. the Gemma 3 GGUF the "
+                        "model was loaded from) instead of writing the saved tokenizer (needed for SentencePiece)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the sieved files")
     p.add_argument("--report", type=Path, help="write the per-tensor report (type, exact, max |error|) as JSON")
     return p
@@ -40,9 +43,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.vocab_from is not None and not args.format.startswith("gguf"):
+        print(f"error: --vocab-from applies to the GGUF formats, not {args.format}", file=sys.stderr)
+        return 2
     try:
         source = read_sieved(args.sieved, alpha=args.alpha, verify=not args.no_verify)
-        report = export(source, args.format, args.output, checkpoint_format=args.checkpoint_format)
+        report = export(source, args.format, args.output, checkpoint_format=args.checkpoint_format,
+                        vocab_from=args.vocab_from)
     except (SieveArtifactError, TokenizerExportError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

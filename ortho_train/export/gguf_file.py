@@ -2,26 +2,25 @@
 
 GGUF v3 as the `gguf` package's `GGUFWriter` writes it: key/value metadata, then tensor infos and
 32-byte-aligned tensor data. What this exporter puts in it, following llama.cpp's converter
-(`convert_hf_to_gguf.py`, classes LlamaModel and Qwen2Model) for Llama and Qwen2:
+(`convert_hf_to_gguf.py`, classes LlamaModel, Qwen2Model and Gemma3Model):
 
-- metadata `general.architecture` (`llama` / `qwen2`), `<arch>.context_length`, `embedding_length`,
-  `block_count`, `feed_forward_length`, `attention.head_count(_kv)`,
-  `attention.layer_norm_rms_epsilon`, `rope.freq_base`, `rope.dimension_count`, `vocab_size`,
-  `general.file_type`; `ortho_train.alpha` and `ortho_train.source_format` record the provenance;
+- metadata `general.architecture` (`llama` / `qwen2` / `gemma3`) and the family's hyper-parameters
+  (`gguf_architectures`: context length, widths, heads, RMS epsilon, RoPE bases; Gemma 3's sliding
+  window), `general.file_type`; `ortho_train.alpha` and `ortho_train.source_format` record the provenance;
 - the tokenizer (`gguf_vocab`);
 - tensors under the converter's names (`gguf.get_tensor_name_map`: `token_embd`, `blk.N.attn_q`,
   …, `output_norm`, `output`; no `output` when the head is tied to the embedding; Qwen2's q/k/v
   biases as `blk.N.attn_q.bias`, …). For Llama, rows of `attn_q` / `attn_k` (weights and biases)
   are permuted as the converter permutes them for llama.cpp's RoPE: per head, (2, d_head/2) →
-  (d_head/2, 2) (Qwen2 is stored unpermuted). A row permutation leaves each row's 32-weight blocks
-  unchanged, so it is exact.
+  (d_head/2, 2) (Qwen2 and Gemma 3 are stored unpermuted). A row permutation leaves each row's 32-weight blocks
+  unchanged, so it is exact. Gemma 3's norm weights are stored as 1 + weight, as the converter does.
 
 Tensor types: the sieved linears get the target type (`gguf_blocks.encode`: code for code from a
 base on llama.cpp's grid, llama.cpp's rounding otherwise), except those whose rows are not whole
 32-weight blocks (the tiny 688-wide MLP): F32 beside Q4 (exact), F16 beside Q8_0 (as llama.cpp's
 converter falls back); 1-D tensors (norms, biases) are F32;
 other 2-D tensors (embedding, an unsieved head) keep their saved dtype in a Q4 export (exact) and
-take the target type in a Q8_0 / F16 export. Gemma3 and other architectures are refused.
+take the target type in a Q8_0 / F16 export. Other architectures are refused by name.
 A GPTQ / RTN base with groups of 128 written as Q4_0 / Q4_1 is *lossy* (re-rounded to 32-blocks;
 bounds in `gguf_blocks`; measured on the tests' tiny Llama: max |error| 7.9e-3 (Q4_0) and 4.5e-3
 (Q4_1) for weights up to 0.089, docs/deploy.md); a q4_0 / q4_1 base is written exactly.
@@ -37,16 +36,15 @@ from gguf import GGMLQuantizationType as QType
 from gguf import LlamaFileType
 
 from ortho_train.artifacts import atomic_artifacts
+from ortho_train.export.gguf_architectures import GGUF_ARCHITECTURES, GGUFArchitecture
 from ortho_train.export.gguf_blocks import BLOCK, Q4_TYPES, Encoded, as_stored, encode
-from ortho_train.export.gguf_vocab import write_vocab
+from ortho_train.export.gguf_vocab import copy_vocab, write_vocab
 from ortho_train.export.report import ExportReport
 from ortho_train.export.source import SievedSource
 from ortho_train.sieve.artifacts import FORMAT
 
 FILE_TYPES = {QType.Q4_0: LlamaFileType.MOSTLY_Q4_0, QType.Q4_1: LlamaFileType.MOSTLY_Q4_1,
               QType.Q8_0: LlamaFileType.MOSTLY_Q8_0, QType.F16: LlamaFileType.MOSTLY_F16}
-# model_type → (GGUF architecture, q/k rows permuted as llama.cpp's converter does for it)
-ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
 ROTARY_ROWS = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads"}
 
 
@@ -58,40 +56,16 @@ def rotary_permutation(rows: int, n_head: int) -> np.ndarray:
     return index.swapaxes(1, 2).reshape(rows)  # (heads, d_head/2, 2) → (N,)
 
 
-def _rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in (None, "default"):
-        raise ValueError(f"RoPE scaling {kind!r} is not exported yet (llama.cpp needs rope_freqs for it)")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def _write_metadata(writer: gguf.GGUFWriter, source: SievedSource, qtype: QType) -> None:
-    """The Llama / Qwen2 hyper-parameters llama.cpp reads (module docstring)."""
-    c = source.model_config
-    heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+def _write_metadata(writer: gguf.GGUFWriter, source: SievedSource, spec: GGUFArchitecture, qtype: QType) -> None:
+    """The family's hyper-parameters (`gguf_architectures`), the file type and the provenance keys."""
     writer.add_name(source.directory.name)
-    writer.add_context_length(c["max_position_embeddings"])
-    writer.add_embedding_length(c["hidden_size"])
-    writer.add_block_count(c["num_hidden_layers"])
-    writer.add_feed_forward_length(c["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
-    writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
-    writer.add_rope_freq_base(_rope_theta(c))
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != c["hidden_size"] // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_vocab_size(c["vocab_size"])
+    spec.write_metadata(writer, source.model_config)
     writer.add_file_type(FILE_TYPES[qtype])
     writer.add_float32("ortho_train.alpha", source.alpha)
     writer.add_string("ortho_train.source_format", FORMAT)
 
 
-def _encode_tensor(source: SievedSource, key: str, qtype: QType) -> Encoded:
+def _encode_tensor(source: SievedSource, spec: GGUFArchitecture, key: str, qtype: QType) -> Encoded:
     """The stored form of the state-dict tensor `key` (module docstring's type rule)."""
     module, kind = key.rsplit(".", 1)
     if module in source.bases and kind == "weight":
@@ -101,7 +75,7 @@ def _encode_tensor(source: SievedSource, key: str, qtype: QType) -> Encoded:
         return encode(w, qtype, source.bases[module] if source.alpha == 0 else None)
     tensor = source.biases[module] if module in source.bases else source.tensors[key]
     if tensor.dim() == 1:
-        return as_stored(tensor.float())
+        return as_stored(spec.stored(key, tensor.float()))
     if qtype in Q4_TYPES:
         return as_stored(tensor)
     return encode(tensor.float(), qtype)
@@ -115,39 +89,45 @@ def _state_keys(source: SievedSource) -> list[str]:
     return sorted(keys)
 
 
-def _add_tensors(writer: gguf.GGUFWriter, source: SievedSource, qtype: QType, report: ExportReport) -> None:
+def _add_tensors(writer: gguf.GGUFWriter, source: SievedSource, spec: GGUFArchitecture, qtype: QType,
+                 report: ExportReport) -> None:
     c = source.model_config
-    arch, permute = ARCHITECTURES[c["model_type"]]
-    names = gguf.get_tensor_name_map(arch, c["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(spec.arch, c["num_hidden_layers"])
     for key in _state_keys(source):
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise ValueError(f"{key}: no GGUF name for this tensor in llama.cpp's {arch.name.lower()} layout")
-        encoded = _encode_tensor(source, key, qtype)
+            raise ValueError(f"{key}: no GGUF name for this tensor in llama.cpp's {spec.name} layout")
+        encoded = _encode_tensor(source, spec, key, qtype)
         report.add(target, encoded.qtype.name, encoded.exact, encoded.max_abs_error)
         data = encoded.data
         projection = key.rsplit(".", 2)[-2]
-        if permute and projection in ROTARY_ROWS:
+        if spec.permute_qk and projection in ROTARY_ROWS:
             n_head = c.get(ROTARY_ROWS[projection]) or c["num_attention_heads"]
             data = data[rotary_permutation(data.shape[0], n_head)]  # rows permuted, blocks intact
         writer.add_tensor(target, np.ascontiguousarray(data), raw_dtype=encoded.raw_dtype)
 
 
-def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str) -> ExportReport:
-    """Write `source` as a GGUF file at `out` (atomically: staged, then moved in)."""
+def write_gguf(source: SievedSource, out: Path, qtype: QType, format_name: str,
+               vocab_from: Path | None = None) -> ExportReport:
+    """Write `source` as a GGUF file at `out` (atomically: staged, then moved in); the vocabulary from
+    the saved tokenizer, or copied from the GGUF file `vocab_from` (`gguf_vocab.copy_vocab`)."""
     model_type = source.model_config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"GGUF export supports the architectures {sorted(ARCHITECTURES)}; {source.directory} "
-                         f"holds a {model_type!r} model (Gemma3 and others are not implemented yet)")
+    if model_type not in GGUF_ARCHITECTURES:
+        raise ValueError(f"GGUF export supports the architectures {list(GGUF_ARCHITECTURES.names())}; "
+                         f"{source.directory} holds a {model_type!r} model (others are not implemented yet)")
+    spec = GGUF_ARCHITECTURES.get(model_type)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = ExportReport(out, format_name, source.alpha)
     with atomic_artifacts(out.parent, [out.name]) as (staged,):
-        writer = gguf.GGUFWriter(str(staged), gguf.MODEL_ARCH_NAMES[ARCHITECTURES[model_type][0]])
+        writer = gguf.GGUFWriter(str(staged), spec.name)
         try:
-            _write_metadata(writer, source, qtype)
-            write_vocab(writer, source.directory, source.model_config["vocab_size"])
-            _add_tensors(writer, source, qtype, report)
+            _write_metadata(writer, source, spec, qtype)
+            if vocab_from is not None:
+                copy_vocab(writer, Path(vocab_from), source.model_config["vocab_size"])
+            else:
+                write_vocab(writer, source.directory, source.model_config["vocab_size"])
+            _add_tensors(writer, source, spec, qtype, report)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -167,5 +147,6 @@ class GGUFExporter:
         """α = 1 merges fp16 ortho values into dense weights: only Q8_0 / F16 keep them."""
         return (0.0,) if self.qtype in Q4_TYPES else (0.0, 1.0)
 
-    def run(self, source: SievedSource, out: Path, format_name: str, **_options) -> ExportReport:
-        return write_gguf(source, out, self.qtype, format_name)
+    def run(self, source: SievedSource, out: Path, format_name: str, vocab_from: Path | None = None,
+            **_options) -> ExportReport:
+        return write_gguf(source, out, self.qtype, format_name, vocab_from)

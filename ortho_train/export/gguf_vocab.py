@@ -1,12 +1,15 @@
 """The saved tokenizer as GGUF metadata (`tokenizer.ggml.*`), the way llama.cpp's converter writes it.
 
-Two tokenizers are supported, both as llama.cpp's byte-level BPE (`tokenizer.ggml.model = "gpt2"`,
-pre-tokenizer `"default"`, GPT-2's regex):
+Two tokenizers are supported, both as llama.cpp's byte-level BPE (`tokenizer.ggml.model = "gpt2"`):
 
 - a byte-level BPE `tokenizer.json` (GPT-2 / Llama-3 style): `tokens` by id from the vocabulary,
   `token_type` NORMAL, CONTROL for special added tokens, USER_DEFINED for other added tokens,
   UNUSED `[PAD{i}]` up to the model's vocab_size; `merges` and the bos/eos/unk/pad ids from the
   tokenizer files (`gguf.SpecialVocab`, as the converter does). Byte-level BPE has no scores.
+  Pre-tokenizer (`tokenizer.ggml.pre`): `"gpt-2"` — llama.cpp splits with GPT-2's regex — when the
+  tokenizer splits exactly so (no normalizer, a lone `ByteLevel` with `use_regex` and no prefix
+  space); `"default"` otherwise (llama.cpp's default regex, which also splits punctuation runs and
+  digits: such a tokenizer may tokenise some text differently in llama.cpp).
 - the toolkit's byte tokenizer (ByT5: 0 `<pad>`, 1 `</s>`, 2 `<unk>`, 3 + b the byte b): the byte
   tokens are written as GPT-2's printable stand-ins of the bytes (`bytes_to_unicode`), so
   llama.cpp's byte-level BPE maps every input byte to its own token. llama.cpp requires a merges
@@ -16,7 +19,11 @@ pre-tokenizer `"default"`, GPT-2's regex):
   it still reads the weights of such a file, the tokenizer comes from the sieved directory.
 
 A SentencePiece / Unigram / WordPiece tokenizer is refused by name (llama.cpp's `"llama"` model
-needs the SentencePiece scores, which this exporter does not read yet).
+needs the SentencePiece scores, which this exporter does not read yet). Such a model's vocabulary
+can be taken from a GGUF file instead (`copy_vocab`, `--vocab-from`): every `tokenizer.ggml.*` key
+of that file is copied as stored (read with `gguf.GGUFReader`, memory-mapped; no tensor is read),
+e.g. from the Gemma 3 270M GGUF the model was loaded from; its token count must equal the model's
+vocab_size.
 """
 from __future__ import annotations
 
@@ -55,9 +62,8 @@ def _declared_class(directory: Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("tokenizer_class")
 
 
-def _bpe_tokens(directory: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+def _bpe_tokens(spec: dict, directory: Path, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens by id and their types from a byte-level BPE tokenizer.json (module docstring)."""
-    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
     model = spec.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise TokenizerExportError(
@@ -72,6 +78,14 @@ def _bpe_tokens(directory: Path, vocab_size: int) -> tuple[list[str], list[int]]
                                    f"vocab_size is {vocab_size}")
     tokens = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(vocab_size)]
     return [t for t, _ in tokens], [int(kind) for _, kind in tokens]
+
+
+def bpe_pre_tokenizer(spec: dict) -> str:
+    """`tokenizer.ggml.pre` for a byte-level BPE tokenizer.json (module docstring)."""
+    pre = spec.get("pre_tokenizer") or {}
+    gpt2 = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and not spec.get("normalizer"))
+    return "gpt-2" if gpt2 else "default"
 
 
 def _write_byte_vocab(writer: gguf.GGUFWriter, vocab_size: int) -> None:
@@ -94,6 +108,21 @@ def _write_byte_vocab(writer: gguf.GGUFWriter, vocab_size: int) -> None:
     writer.add_add_bos_token(False)
 
 
+def copy_vocab(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> str:
+    """Copy every `tokenizer.ggml.*` key of the GGUF file `path` (module docstring); returns its model name."""
+    reader = gguf.GGUFReader(str(path))
+    fields = {key: field for key, field in reader.fields.items() if key.startswith("tokenizer.ggml.")}
+    if "tokenizer.ggml.tokens" not in fields:
+        raise TokenizerExportError(f"--vocab-from {path}: the file holds no tokenizer.ggml.tokens")
+    count = len(fields["tokenizer.ggml.tokens"].data)
+    if count != vocab_size:
+        raise TokenizerExportError(f"--vocab-from {path}: {count} tokens, but the model's vocab_size is {vocab_size}")
+    for key, field in fields.items():
+        sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+    return str(fields["tokenizer.ggml.model"].contents()) if "tokenizer.ggml.model" in fields else "?"
+
+
 def write_vocab(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> str:
     """Write the tokenizer saved in `directory`; returns which kind it was ('bpe' or 'byte')."""
     if _declared_class(directory) == "ByT5Tokenizer":
@@ -103,9 +132,10 @@ def write_vocab(writer: gguf.GGUFWriter, directory: Path, vocab_size: int) -> st
         raise TokenizerExportError(
             f"{directory} holds no tokenizer.json (nor the toolkit's byte tokenizer): GGUF needs the vocabulary; "
             "save the model with save_sieved(..., tokenizer=tokenizer)")
-    tokens, types = _bpe_tokens(directory, vocab_size)
+    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    tokens, types = _bpe_tokens(spec, directory, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(bpe_pre_tokenizer(spec))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=vocab_size)

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from ortho_train.curvature import collect_hessians
 from ortho_train.models import linear_layers
@@ -55,11 +56,28 @@ def tiny_qwen2(vocab_size: int, tied: bool, seed: int = 0, intermediate: int = 2
     return model
 
 
+def tiny_gemma3(vocab_size: int, tied: bool = True, seed: int = 0, intermediate: int = 128) -> Gemma3ForCausalLM:
+    """Gemma 3's shape in small: hidden 64, 2 query heads and 1 key/value head of 256 (as the 270M model),
+    6 blocks (5 sliding, the 6th global), a sliding window of 4 tokens (so it matters on short inputs),
+    tanh-GELU; the norm weights (zero at init: RMSNorm's factor 1 + w) drawn non-zero so the +1 shift is exercised."""
+    config = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate,
+                              num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                              query_pre_attn_scalar=256, sliding_window=4, max_position_embeddings=128,
+                              tie_word_embeddings=tied, pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config).eval()
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                torch.nn.init.normal_(param, std=0.1)
+    return model
+
+
 def save_tiny_sieved(directory: Path, method: str, group_size: int, tokenizer=None, tied: bool = True,
                      seed: int = 0, intermediate: int = 256, model_type: str = "llama") -> Path:
     """Sieve a tiny Llama post hoc (ρ = 5%, base `method`) and save it with `tokenizer` (BPE by default)."""
     tokenizer = tokenizer or bpe_tokenizer()
-    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[model_type]
+    build = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gemma3_text": tiny_gemma3}[model_type]
     model = build(len(tokenizer), tied, seed, intermediate)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

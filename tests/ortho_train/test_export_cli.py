@@ -58,3 +58,11 @@ def test_missing_or_damaged_input_names_it(sieved, tmp_path, capsys):
         (no_tokenizer / name).unlink()
     _fails([str(no_tokenizer), *out], capsys, str(no_tokenizer), "tokenizer")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_vocab_from_is_refused_for_gptq_and_a_missing_file_is_named(sieved, tmp_path, capsys):
+    _fails([str(sieved), "--format", "gptq", "--vocab-from", str(tmp_path / "v.gguf"), "-o", str(tmp_path / "q")],
+           capsys, "--vocab-from applies to the GGUF formats, not gptq")
+    _fails([str(sieved), "--format", "gguf-q4_0", "--vocab-from", str(tmp_path / "v.gguf"), "-o",
+            str(tmp_path / "m.gguf")], capsys, str(tmp_path / "v.gguf"))
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "q").exists()

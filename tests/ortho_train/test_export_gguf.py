@@ -10,7 +10,7 @@ from gguf import GGUFReader, quants
 from transformers import AutoTokenizer
 
 from ortho_train.export import export, read_sieved
-from ortho_train.export.gguf_vocab import UNUSED_MERGE, bytes_to_unicode
+from ortho_train.export.gguf_vocab import UNUSED_MERGE, bpe_pre_tokenizer, bytes_to_unicode
 from ortho_train.gguf_checkpoint import load_gguf_causal_lm, load_gguf_tokenizer
 from ortho_train.sieve import load_sieved
 from ortho_train.tokenization import build_byte_tokenizer
@@ -169,13 +169,60 @@ def test_byte_tokenizer_is_written_as_byte_level_bpe(tmp_path):
     assert _strings(reader, "tokenizer.ggml.model") == ["gpt2"]
 
 
+def test_gpt2_regex_tokenizer_gets_llama_cpp_gpt2_pre_tokenizer(sieved, tmp_path):
+    export(read_sieved(sieved["q4_0"], alpha=0), "gguf-q4_0", tmp_path / "m.gguf")
+    assert _strings(GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.pre") == ["gpt-2"]  # ByteLevel, use_regex
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert bpe_pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
+    for other in ({"pre_tokenizer": byte_level | {"use_regex": False}},  # Llama 3 / Qwen2: a Split regex first
+                  {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"}, byte_level]}},
+                  {"pre_tokenizer": byte_level | {"add_prefix_space": True}},
+                  {"pre_tokenizer": byte_level, "normalizer": {"type": "NFC"}}):
+        assert bpe_pre_tokenizer(other) == "default", other
+
+
+def _spm_vocab_gguf(path, n_tokens: int) -> list[str]:
+    """A GGUF holding only a SentencePiece-style vocabulary (llama.cpp's "llama" model) of n_tokens."""
+    import gguf
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"▁piece{i}" for i in range(n_tokens - 4)]
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 4 + [-float(i) for i in range(n_tokens - 4)])
+    writer.add_token_types([3, 3, 3, 2] + [1] * (n_tokens - 4))
+    writer.add_bos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens
+
+
+def test_vocabulary_copied_from_another_gguf_file(sieved, tmp_path):
+    source = read_sieved(sieved["q4_0"], alpha=0)
+    vocab_size = source.model_config["vocab_size"]
+    tokens = _spm_vocab_gguf(tmp_path / "vocab.gguf", vocab_size)
+    export(source, "gguf-q4_0", tmp_path / "m.gguf", vocab_from=tmp_path / "vocab.gguf")
+    reader = GGUFReader(tmp_path / "m.gguf")
+    assert _strings(reader, "tokenizer.ggml.tokens") == tokens and _strings(reader, "tokenizer.ggml.model") == ["llama"]
+    assert reader.fields["tokenizer.ggml.scores"].contents()[4:7] == [0.0, -1.0, -2.0]
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == 2
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert "tokenizer.ggml.merges" not in reader.fields  # nothing of the saved BPE tokenizer is written
+    _spm_vocab_gguf(tmp_path / "small.gguf", vocab_size - 1)
+    with pytest.raises(ValueError, match=f"small.gguf: {vocab_size - 1} tokens, but the model's vocab_size is {vocab_size}"):
+        export(source, "gguf-q4_0", tmp_path / "n.gguf", vocab_from=tmp_path / "small.gguf")
+
+
 def test_refusals_name_the_problem(sieved, tmp_path):
     with pytest.raises(ValueError, match="gguf-q4_0 exports α ∈ \\['0'\\]"):
         export(read_sieved(sieved["q4_0"], alpha=1), "gguf-q4_0", tmp_path / "m.gguf")
-    other = tmp_path / "gemma"
+    other = tmp_path / "phi3"
     shutil.copytree(sieved["q4_0"], other)
-    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "gemma3_text"')
+    config = (other / "sieve_config.json").read_text().replace('"model_type": "llama"', '"model_type": "phi3"')
     (other / "sieve_config.json").write_text(config)
-    with pytest.raises(ValueError, match="holds a 'gemma3_text' model"):
+    with pytest.raises(ValueError, match="holds a 'phi3' model"):
         export(read_sieved(other, alpha=0), "gguf-q4_0", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
