@@ -43,7 +43,7 @@ def test_int8_gemv_within_its_bound(shape, group, m, density):
         assert err.max() > path_error_bound("gemv", x, base, ortho, 0.7).max() / 10
 
 
-@pytest.mark.skipif(not HAS_VNNI, reason="no avx512_vnni on this CPU")
+@pytest.mark.skipif(not HAS_VNNI, reason="int8_isa() is avx2: no avx512_vnni, or ATEN_CPU_CAPABILITY asks for <= AVX2")
 def test_vnni_and_avx2_dots_agree_bit_for_bit():
     base, ortho = _streams(96, 640, 128, 0.02)
     x = torch.randn(4, 640, generator=torch.Generator().manual_seed(2))
