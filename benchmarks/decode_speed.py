@@ -11,7 +11,9 @@ speed does not depend on what the weights learnt. Sieve: RTN INT4, group 128, th
 the largest 1% of the rounding residual (ρ = `--rho`), saved and loaded back with
 `load_sieved`. Rows run in interleaved shuffled rounds after a warm-up (which also compiles);
 the table gives the median tokens/s of `--new-tokens` greedy tokens after an 8-token prompt and
-each row's ratio to llama.cpp (when given) and to the sieved α = 0 row of its own path.
+each row's ratio to llama.cpp (when given) and to the sieved α = 0 row of its own path. Each row
+is timed in wall seconds and in CPU seconds of this process (`time.process_time`, one thread):
+on a shared machine the CPU rate leaves out the waits for a core.
 `--llama-cpp BIN`: BIN is llama.cpp's `llama-bench`; the α = 0 model is exported with
 `ortho_train.export` ("gguf-q4_0", rounded to Q4_0 blocks) and timed with `-t 1 -p 0 -n N`
 once per round. Without it the table says "llama.cpp: not given".
@@ -66,44 +68,51 @@ def sieve_rtn(model: torch.nn.Module, rho: float, directory: str) -> None:
     save_sieved(build_dual_stream_model(model, layers), directory)
 
 
-def hf_row(model, alpha: float | None, prompt, new: int) -> Callable[[], float]:
-    def run() -> float:
+def timed(new: int, call: Callable[[], object]) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU second of this process) of one call. With one
+    thread the CPU rate leaves out the time the process waited for a core while other jobs
+    held it; cache and memory-bandwidth contention still slow both."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    call()
+    return new / (time.perf_counter() - w0), new / (time.process_time() - c0)
+
+
+def hf_row(model, alpha: float | None, prompt, new: int) -> Callable[[], tuple[float, float]]:
+    def run() -> tuple[float, float]:
         if alpha is not None:
             set_alpha(model, alpha)
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)
-        return new / (time.perf_counter() - t0)
+        return timed(new, lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                                 do_sample=False, eos_token_id=None, pad_token_id=0))
     return run
 
 
-def fast_row(model, alpha: float, activations: str, prompt, new: int) -> Callable[[], float]:
+def fast_row(model, alpha: float, activations: str, prompt, new: int) -> Callable[[], tuple[float, float]]:
     set_alpha(model, alpha)
     decoder = FastDecoder(model, FastDecodeConfig(max_len=PROMPT + new + 1, activations=activations))
 
-    def run() -> float:
-        t0 = time.perf_counter()
-        decoder.generate(prompt, new)
-        return new / (time.perf_counter() - t0)
-    return run
+    return lambda: timed(new, lambda: decoder.generate(prompt, new))
 
 
-def llama_cpp_row(binary: str, directory: str, new: int) -> Callable[[], float]:
-    """llama-bench on the α = 0 model exported to Q4_0; tokens/s of its tg run."""
+def llama_cpp_row(binary: str, directory: str, new: int) -> Callable[[], tuple[float, float]]:
+    """llama-bench on the α = 0 model exported to Q4_0: tokens/s of its tg run (wall clock; its
+    CPU rate is not known, given as NaN)."""
     from ortho_train.export import export, read_sieved
 
     gguf = os.path.join(directory, "model-q4_0.gguf")
+    # GGUF needs a vocabulary: the toolkit's byte tokenizer, padded to the 32k rows (unused ids)
+    Path(directory, "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByT5Tokenizer"}))
     export(read_sieved(directory, alpha=0), "gguf-q4_0", gguf)
 
-    def run() -> float:
+    def run() -> tuple[float, float]:
         out = subprocess.run([binary, "-m", gguf, "-t", "1", "-p", "0", "-n", str(new), "-r", "1",
                               "-o", "json"], capture_output=True, text=True, check=True)
-        return float(json.loads(out.stdout)[0]["avg_ts"])
+        return float(json.loads(out.stdout)[0]["avg_ts"]), float("nan")
     return run
 
 
-def timed_rounds(rows: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median tokens/s per row over interleaved, shuffled rounds, after one warm-up call each."""
+def timed_rounds(rows: dict[str, Callable[[], tuple[float, float]]], rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) tokens/s per row over interleaved, shuffled rounds, after one warm-up
+    call each (which compiles the fast rows)."""
     for name, run in rows.items():
         t0 = time.perf_counter()
         run()
@@ -113,10 +122,13 @@ def timed_rounds(rows: dict[str, Callable[[], float]], rounds: int) -> dict[str,
     for _ in range(rounds):
         for name in order.sample(list(rows), len(rows)):
             samples[name].append(rows[name]())
-    return {name: statistics.median(v) for name, v in samples.items()}
+            print(f"# round {len(samples[name])}, {name}: {samples[name][-1][0]:.2f} tokens/s, "
+                  f"{samples[name][-1][1]:.2f} tokens/CPU-s", flush=True)
+    return {name: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+            for name, v in samples.items()}
 
 
-def build_rows(args, directory: str) -> dict[str, Callable[[], float]]:
+def build_rows(args, directory: str) -> dict[str, Callable[[], tuple[float, float]]]:
     fp32 = build_model(args.layers)
     print(f"# {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f}M parameters, {args.layers} layers, "
           f"vocabulary {VOCAB} (tied head)", flush=True)
@@ -135,14 +147,16 @@ def build_rows(args, directory: str) -> dict[str, Callable[[], float]]:
     return rows
 
 
-def print_table(rates: dict[str, float], llama_cpp: str | None) -> None:
-    ref = next((v for k, v in rates.items() if k.startswith("llama.cpp")), None)
-    print("| row | tokens/s | ÷ llama.cpp | ÷ α = 0 of its path |\n|---|---|---|---|")
-    for name, rate in rates.items():
+def print_table(rates: dict[str, tuple[float, float]], llama_cpp: str | None) -> None:
+    """Wall and CPU tokens/s; ratios of wall rates to llama.cpp, of CPU rates to α = 0."""
+    ref = next((w for k, (w, _) in rates.items() if k.startswith("llama.cpp")), None)
+    print("| row | tokens/s (wall) | tokens/CPU-s | wall ÷ llama.cpp | CPU rate ÷ α = 0 of its path |\n"
+          "|---|---|---|---|---|")
+    for name, (wall, cpu) in rates.items():
         base = name.replace("α = 1", "α = 0")
-        vs_cpp = f"{rate / ref:.2f}" if ref else "—"
-        vs_a0 = f"{rate / rates[base]:.2f}" if base in rates and base != name else "—"
-        print(f"| {name} | {rate:.1f} | {vs_cpp} | {vs_a0} |")
+        vs_cpp = f"{wall / ref:.2f}" if ref else "—"
+        vs_a0 = f"{cpu / rates[base][1]:.2f}" if base in rates and base != name else "—"
+        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {vs_cpp} | {vs_a0} |")
     if not llama_cpp:
         print("llama.cpp: not given")
 
