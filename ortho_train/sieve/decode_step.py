@@ -12,8 +12,10 @@ the same arithmetic as transformers' `LlamaForCausalLM` at batch 1 (its RMSNorm,
 RoPE from the model's own cos/sin tables, grouped-query attention). Each `OrthoLinear` becomes a
 `GemvLinear`: one call of the registered op `torch.ops.ortho_kernels.int4_gemv` (the fused INT4
 + sparse ortho GEMV, α and the CSR fixed when the step is built), which the compiler keeps as
-an opaque node; dense `nn.Linear` layers (the head) stay `F.linear`. The cache is
-(layers, kv_heads, max_len, head_dim) per K and V, written in place at `pos`; attention runs
+an opaque node; dense `nn.Linear` layers (the head) stay `F.linear`. The cache is one
+(kv_heads, max_len, head_dim) buffer per layer for K and one for V (separate tensors, not slices
+of one: a slice's offset is a constant in inductor's generated C++, so every layer's kernels were
+distinct code, each compiled separately), written in place at `pos`; attention runs
 over all max_len slots with the slots after `pos` masked out, so every step has the same
 shapes and the compiled graph is reused for every position.
 """
@@ -76,11 +78,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class LayerCache(nn.Module):
+    """One layer's keys and values, each (kv_heads, max_len, head_dim) fp32."""
+
+    def __init__(self, n_kv: int, max_len: int, head_dim: int):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(n_kv, max_len, head_dim), persistent=False)
+        self.register_buffer("values", torch.zeros(n_kv, max_len, head_dim), persistent=False)
+
+
 class DecodeStep(nn.Module):
     """logits (1, V) of the next token from one token id and its position (both (1,) int64).
 
     Reads the Hugging Face model's embeddings, norms and rotary tables (shared, not copied) and
-    owns the static cache `keys`/`values` (layers, kv_heads, max_len, head_dim)."""
+    owns the static cache `caches` (a `LayerCache` per layer)."""
 
     def __init__(self, model: nn.Module, max_len: int, mode: int):
         super().__init__()
@@ -101,39 +112,38 @@ class DecodeStep(nn.Module):
         cos, sin = inner.rotary_emb(self.final_norm.new_zeros(1), positions)  # (1, max_len, head_dim)
         self.register_buffer("cos", cos[0].float(), persistent=False)  # (max_len, head_dim)
         self.register_buffer("sin", sin[0].float(), persistent=False)
-        shape = (len(inner.layers), self.n_kv, max_len, self.head_dim)
-        self.register_buffer("keys", torch.zeros(shape), persistent=False)
-        self.register_buffer("values", torch.zeros(shape), persistent=False)
+        self.caches = nn.ModuleList(LayerCache(self.n_kv, max_len, self.head_dim) for _ in inner.layers)
         self.register_buffer("slots", torch.arange(max_len), persistent=False)
 
     @property
     def max_len(self) -> int:
-        return self.keys.shape[2]
+        return self.cos.shape[0]
 
     def fill(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy a prefill's (1, kv_heads, T, head_dim) keys and values into slots [0, T)."""
         t = keys.shape[2]
-        self.keys[layer, :, :t].copy_(keys[0])
-        self.values[layer, :, :t].copy_(values[0])
+        self.caches[layer].keys[:, :t].copy_(keys[0])
+        self.caches[layer].values[:, :t].copy_(values[0])
 
-    def _attention(self, i: int, block: nn.ModuleDict, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _attention(self, cache: LayerCache, block: nn.ModuleDict, x: torch.Tensor,
+                   pos: torch.Tensor) -> torch.Tensor:
         q = block["q_proj"](x).view(self.n_heads, 1, self.head_dim)  # (1, H·d) -> (H, 1, d)
         k = block["k_proj"](x).view(self.n_kv, 1, self.head_dim)  # (1, KV·d) -> (KV, 1, d)
         v = block["v_proj"](x).view(self.n_kv, 1, self.head_dim)
         cos, sin = self.cos[pos], self.sin[pos]  # (1, d)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        self.keys[i].index_copy_(1, pos, k)  # (KV, max_len, d) at slot pos
-        self.values[i].index_copy_(1, pos, v)
+        cache.keys.index_copy_(1, pos, k)  # (KV, max_len, d) at slot pos
+        cache.values.index_copy_(1, pos, v)
         mask = (self.slots <= pos).view(1, 1, 1, -1)  # (max_len,) -> (1, 1, 1, max_len)
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), self.keys[i].unsqueeze(0), self.values[i].unsqueeze(0),  # (1, ·, ·, d)
+            q.unsqueeze(0), cache.keys.unsqueeze(0), cache.values.unsqueeze(0),  # (1, ·, ·, d)
             attn_mask=mask, scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
         return block["o_proj"](out.reshape(1, self.n_heads * self.head_dim))  # (1, H, 1, d) -> (1, H·d)
 
     def forward(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         h = self.embed(token)  # (1, D)
-        for i, block in enumerate(self.blocks):
-            h = h + self._attention(i, block, rms_norm(h, self.norms[2 * i], self.eps), pos)
+        for i, (block, cache) in enumerate(zip(self.blocks, self.caches)):
+            h = h + self._attention(cache, block, rms_norm(h, self.norms[2 * i], self.eps), pos)
             x = rms_norm(h, self.norms[2 * i + 1], self.eps)
             h = h + block["down_proj"](F.silu(block["gate_proj"](x)) * block["up_proj"](x))
         return self.head(rms_norm(h, self.final_norm, self.eps))  # (1, V)
