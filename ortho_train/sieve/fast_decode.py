@@ -33,6 +33,7 @@ from ortho_train.settings import check_choices, check_settings
 from ortho_train.sieve.decode_step import DecodeStep
 
 Activations = Literal["int16", "int8"]
+Int8Dot = Literal["avx2", "vnni"]
 
 
 @dataclass
@@ -43,14 +44,19 @@ class FastDecodeConfig:
         max_len: prompt plus generated tokens the static KV cache holds.
         activations: the GEMV's rounding of X: "int16" (as `generate`) or "int8" (Q8 blocks).
         compile: run the step through `torch.compile` (inductor); False runs it eagerly.
+        int8_dot: the instructions of the int8 dot: "avx2" (vpmaddubsw, the default: on the
+            2-core Xeon of docs/results.md the VNNI loop measured 1.6x slower per GEMV) or
+            "vnni" (AVX-512 VNNI vpdpbusd, where the CPU has it); both give the same bits.
     """
 
     max_len: int = 512
     activations: Activations = "int16"
     compile: bool = True
+    int8_dot: Int8Dot = "avx2"
 
     def __post_init__(self) -> None:
-        check_choices("fast_decode", activations=(self.activations, Activations))
+        check_choices("fast_decode", activations=(self.activations, Activations),
+                      int8_dot=(self.int8_dot, Int8Dot))
         check_settings("fast_decode", [("max_len", self.max_len, self.max_len >= 2, "must be ≥ 2"),
                                        ("compile", self.compile, isinstance(self.compile, bool),
                                         "must be true or false")])
@@ -67,7 +73,11 @@ class FastDecoder:
         if not hasattr(model, "model") or not hasattr(model.model, "layers"):
             raise ValueError(f"fast decoding takes a Hugging Face Llama-family causal LM, got {type(model).__name__}")
         self.model = model.eval()
-        self.step = DecodeStep(model, self.config.max_len, cpu_gemv.gemv_mode(self.config.activations))
+        if self.config.int8_dot == "vnni" and cpu_gemv.int8_isa() != "vnni":
+            raise ValueError("fast_decode.int8_dot='vnni': this CPU lacks avx512_vnni/bw/vl (or "
+                             "ATEN_CPU_CAPABILITY asks for <= AVX2); use 'avx2'")
+        mode = cpu_gemv.gemv_mode(self.config.activations, self.config.int8_dot)
+        self.step = DecodeStep(model, self.config.max_len, mode)
         self._run = (torch.compile(self.step, fullgraph=True, dynamic=False) if self.config.compile
                      else self.step)
 

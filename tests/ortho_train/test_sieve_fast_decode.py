@@ -94,7 +94,7 @@ def test_cache_holds_the_models_keys(sieved):
 def test_int8_activations_route_to_the_int8_gemv(sieved):
     set_alpha(sieved, 0.0)
     decoder = FastDecoder(sieved, FastDecodeConfig(max_len=32, compile=False, activations="int8"))
-    assert decoder.step.blocks[0]["q_proj"].mode == cpu_gemv.gemv_mode("int8")
+    assert decoder.step.blocks[0]["q_proj"].mode == cpu_gemv.gemv_mode("int8", "avx2") == 1
     assert decoder.step.blocks[0]["q_proj"].crow is None  # α = 0: the ortho stream is not held
 
 
@@ -112,6 +112,8 @@ def test_registered_op_matches_the_gemv_and_passes_opcheck():
 def test_bad_settings_name_the_setting(sieved):
     with pytest.raises(SettingError, match="activations"):
         FastDecodeConfig(activations="int4")
+    with pytest.raises(SettingError, match="int8_dot"):
+        FastDecodeConfig(int8_dot="sse")
     with pytest.raises(SettingError, match="max_len"):
         FastDecodeConfig(max_len=1)
     decoder = FastDecoder(sieved, FastDecodeConfig(max_len=10, compile=False))
