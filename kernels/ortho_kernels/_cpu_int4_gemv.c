@@ -19,6 +19,8 @@
  * in-lane unpack order (see prepare_x), so the loop has no shuffles. K beyond the last whole
  * superblock and the sparse term use the exact fp32 X. The zero term uses sum X~ of the same
  * X~, so the result is exactly the product with X~ up to fp32 rounding.
+ * `ortho_int4_gemv_mode` with mode 1 or 2 rounds X to int8 instead (llama.cpp's Q8 activations,
+ * 2^-8 of the superblock's largest |x|, dotted by vpmaddubsw or AVX-512 VNNI: _cpu_q8_dot.c).
  * group must be a multiple of 64. Rows are split in small chunks over the non-spinning pool
  * of _cpu_pool.c, with the thread count the caller passes (torch.get_num_threads()).
  */
@@ -28,6 +30,7 @@
 #include <stdlib.h>
 
 #include "_cpu_pool.h"
+#include "_cpu_q8_dot.h"
 
 #define SB 64 /* weights per superblock */
 
@@ -144,6 +147,8 @@ typedef struct {
     int M, N, K, group, G, row_bytes, full, rows_per_chunk;
     const float *x, *sx, *xsum;
     const int16_t *x16;
+    const int8_t *x8;  /* mode 1, 2: X in int8 (same strides as x16) */
+    int mode;          /* 0 int16 X; 1 int8 X, AVX2; 2 int8 X, AVX-512 VNNI */
     float *y;
     const int32_t *crow, *col;
     const uint16_t *val;
@@ -164,6 +169,12 @@ static void gemv_rows(const gemv_job *j, int n0, int n1) {
         const uint8_t *qrow = j->q + (size_t)n * j->row_bytes;
         for (int m = 0; m < j->M; ++m) {
             const float *xm = j->x + (size_t)m * j->K;
+            if (j->mode) {
+                j->y[(size_t)m * j->N + n] = q8_row_dot(
+                    qrow, j->s + (size_t)n * j->G, j->z + (size_t)n * j->G, xm, j->x8 + m * xstride,
+                    j->sx + m * sstride, j->xsum + (size_t)m * j->G, j->K, j->group, j->G, j->mode == 2);
+                continue;
+            }
             j->y[(size_t)m * j->N + n] = row_dot(qrow, j->s + (size_t)n * j->G, j->z + (size_t)n * j->G, xm,
                                                  j->x16 + m * xstride, j->sx + m * sstride,
                                                  j->xsum + (size_t)m * j->G, j->K, j->group, j->G);
@@ -197,36 +208,53 @@ static int chunk_rows(int row_bytes, int M) {
  * workspace to free, or NULL when it could not be allocated. */
 static void *gemv_setup(gemv_job *j, const uint8_t *q, const uint16_t *s, const uint16_t *z,
                         int M, int N, int K, int group, const float *x, float *y,
-                        const int32_t *crow, const int32_t *col, const uint16_t *val, float alpha) {
+                        const int32_t *crow, const int32_t *col, const uint16_t *val, float alpha,
+                        int mode) {
     const int G = (K + group - 1) / group, full = K / SB;
-    const size_t x16_len = (size_t)M * SB * (full + 1);
-    size_t bytes = x16_len * sizeof(int16_t) + (size_t)M * (full + 1 + G) * sizeof(float);
+    const size_t x_len = (size_t)M * SB * (full + 1), x_bytes = x_len * (mode ? 1 : 2);
+    size_t bytes = (x_bytes + 63) / 64 * 64 + (size_t)M * (full + 1 + G) * sizeof(float);
     void *work = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!work) return NULL;
     int16_t *x16 = (int16_t *)work;
-    float *sx = (float *)(x16 + x16_len), *xsum = sx + (size_t)M * (full + 1);
-    for (int m = 0; m < M; ++m)
-        prepare_x(x + (size_t)m * K, K, group, G, x16 + (size_t)m * SB * (full + 1),
-                  sx + (size_t)m * (full + 1), xsum + (size_t)m * G);
-    *j = (gemv_job){q, s, z, M, N, K, group, G, (K + 1) / 2, full, 0, x, sx, xsum, x16, y,
-                    crow, col, val, alpha};
+    int8_t *x8 = (int8_t *)work;
+    float *sx = (float *)((char *)work + (x_bytes + 63) / 64 * 64), *xsum = sx + (size_t)M * (full + 1);
+    for (int m = 0; m < M; ++m) {
+        const float *xm = x + (size_t)m * K;
+        float *sxm = sx + (size_t)m * (full + 1), *xsm = xsum + (size_t)m * G;
+        if (mode)
+            q8_prepare_x(xm, K, group, G, x8 + (size_t)m * SB * (full + 1), sxm, xsm);
+        else
+            prepare_x(xm, K, group, G, x16 + (size_t)m * SB * (full + 1), sxm, xsm);
+    }
+    *j = (gemv_job){q, s, z, M, N, K, group, G, (K + 1) / 2, full, 0, x, sx, xsum, x16, x8, mode,
+                    y, crow, col, val, alpha};
     j->rows_per_chunk = chunk_rows(j->row_bytes, M);
     return work;
 }
 
-/* Returns 0 on success, 1 when the workspace could not be allocated. Rows are split over
- * up to n_threads threads of the non-spinning pool (_cpu_pool.c). */
+/* Returns 0 on success, 1 when the workspace could not be allocated, 2 for a bad mode. Rows
+ * are split over up to n_threads threads of the non-spinning pool (_cpu_pool.c). mode: 0 X in
+ * int16, 1 X in int8 with AVX2, 2 X in int8 with AVX-512 VNNI (the caller checked the CPU). */
+int ortho_int4_gemv_mode(const uint8_t *q, const uint16_t *s, const uint16_t *z,
+                         int M, int N, int K, int group,
+                         const float *x, float *y,
+                         const int32_t *crow, const int32_t *col, const uint16_t *val, float alpha,
+                         int n_threads, int mode) {
+    if (mode < 0 || mode > 2) return 2;
+    gemv_job j;
+    void *work = gemv_setup(&j, q, s, z, M, N, K, group, x, y, crow, col, val, alpha, mode);
+    if (!work) return 1;
+    pool_run((N + j.rows_per_chunk - 1) / j.rows_per_chunk, n_threads, gemv_chunk, &j);
+    free(work);
+    return 0;
+}
+
 int ortho_int4_gemv(const uint8_t *q, const uint16_t *s, const uint16_t *z,
                     int M, int N, int K, int group,
                     const float *x, float *y,
                     const int32_t *crow, const int32_t *col, const uint16_t *val, float alpha,
                     int n_threads) {
-    gemv_job j;
-    void *work = gemv_setup(&j, q, s, z, M, N, K, group, x, y, crow, col, val, alpha);
-    if (!work) return 1;
-    pool_run((N + j.rows_per_chunk - 1) / j.rows_per_chunk, n_threads, gemv_chunk, &j);
-    free(work);
-    return 0;
+    return ortho_int4_gemv_mode(q, s, z, M, N, K, group, x, y, crow, col, val, alpha, n_threads, 0);
 }
 
 #ifdef _OPENMP
@@ -239,7 +267,7 @@ int ortho_int4_gemv_omp(const uint8_t *q, const uint16_t *s, const uint16_t *z,
                         const int32_t *crow, const int32_t *col, const uint16_t *val, float alpha,
                         int n_threads) {
     gemv_job j;
-    void *work = gemv_setup(&j, q, s, z, M, N, K, group, x, y, crow, col, val, alpha);
+    void *work = gemv_setup(&j, q, s, z, M, N, K, group, x, y, crow, col, val, alpha, 0);
     if (!work) return 1;
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int n = 0; n < N; ++n) gemv_rows(&j, n, n + 1);

@@ -20,6 +20,10 @@ the C code sees a raw pointer. Numerics: X rounded to 16-bit
 fixed point per 64-element block (error <= 2^-16 of the block's largest |x|, 256x finer
 than the bf16 activations of torch's op), exact int32 products, fp16 scales and zeros widened
 exactly, fp32 accumulation; the ragged K tail and the sparse term use fp32 X.
+`gemv(..., activations="int8")` rounds X to int8 per 64-element block instead (llama.cpp's
+Q8 activations: error <= 2^-8 of the block's largest |x|, `error_bounds` "gemv_int8"), dotted
+with the codes by AVX-512 VNNI where the CPU has it (`int8_isa`), else AVX2 vpmaddubsw; the
+int16 path stays the default.
 """
 from __future__ import annotations
 
@@ -37,7 +41,11 @@ import torch
 from ortho_kernels.gemv_args import check_dequantise, check_gemv, check_gemv_inputs
 
 SOURCE = Path(__file__).with_name("_cpu_int4_gemv.c")
-SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_pool.h"))
+SOURCES = (SOURCE, SOURCE.with_name("_cpu_pool.c"), SOURCE.with_name("_cpu_q8_dot.c"),
+           SOURCE.with_name("_cpu_pool.h"), SOURCE.with_name("_cpu_q8_dot.h"))
+ACTIVATIONS = ("int16", "int8")  # X's rounding in the GEMV (module docstring)
+VNNI_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+NARROW_CAPABILITIES = ("default", "avx2")  # ATEN_CPU_CAPABILITY values that ask for <= AVX2 code
 # The op's library: no OpenMP runtime (its rows run on _cpu_pool.c), so it builds with any C
 # compiler and never loads a second OpenMP runtime beside torch's.
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-fPIC", "-shared"]
@@ -103,7 +111,8 @@ def _build(target: Path, compiler: str, flags: list[str]) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *flags, *(str(p) for p in SOURCES[:2]), "-o", tmp],
+        sources = [str(p) for p in SOURCES if p.suffix == ".c"]
+        proc = subprocess.run([compiler, *flags, *sources, "-o", tmp],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             tail = proc.stderr.strip()[-STDERR_TAIL:] or "(no output on stderr)"
@@ -139,6 +148,8 @@ def _load() -> ctypes.CDLL | str:
         return lib
     lib.ortho_int4_gemv.restype = ctypes.c_int
     lib.ortho_int4_gemv.argtypes = _GEMV_ARGTYPES
+    lib.ortho_int4_gemv_mode.restype = ctypes.c_int
+    lib.ortho_int4_gemv_mode.argtypes = [*_GEMV_ARGTYPES, ctypes.c_int]
     lib.ortho_int4_dequant.restype = None
     lib.ortho_int4_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [
         ctypes.c_void_p, ctypes.c_int]
@@ -170,6 +181,27 @@ def omp_library() -> ctypes.CDLL | str:
     return _OMP_LIB
 
 
+def int8_isa() -> str:
+    """The int8-activation dot's instructions: "vnni" (AVX-512 VNNI vpdpbusd) where the CPU has
+    avx512_vnni/bw/vl and ATEN_CPU_CAPABILITY does not ask for narrower code ("default",
+    "avx2"), else "avx2" (vpmaddubsw). Both give the same int32 sums, hence the same output."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in NARROW_CAPABILITIES:
+        return "avx2"
+    return "vnni" if VNNI_FLAGS <= (_cpu_flags() or set()) else "avx2"
+
+
+def gemv_mode(activations: str, isa: str | None = None) -> int:
+    """The C kernel's mode: 0 int16 X; int8 X with 1 AVX2 or 2 VNNI (`isa`, default `int8_isa()`)."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations == "int16":
+        return 0
+    isa = int8_isa() if isa is None else isa
+    if isa not in ("avx2", "vnni"):
+        raise ValueError(f"isa must be 'avx2' or 'vnni', got {isa!r}")
+    return 2 if isa == "vnni" else 1
+
+
 def unsupported(bits: int, group_size: int) -> str | None:
     """Why the GEMV cannot take a base with these parameters, or None."""
     if bits != 4:
@@ -189,7 +221,7 @@ def _ready_library() -> ctypes.CDLL:
 
 def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int,
          group_size: int, x2d: torch.Tensor, csr: tuple | None = None,
-         alpha: float = 0.0, base_checked: bool = False) -> torch.Tensor:
+         alpha: float = 0.0, base_checked: bool = False, mode: int = 0) -> torch.Tensor:
     """Y = X · dequant(base)ᵀ (+ α · X · orthoᵀ if `csr`) for X (M, K) -> fp32 (M, N).
 
     qweight uint8 (N, ceil(K/2)), scales/zeros fp16 (N, G) as `QuantisedBase` stores them,
@@ -198,6 +230,7 @@ def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: in
     (`gemv_args.check_gemv`: a ValueError/TypeError naming it) before a pointer reaches C.
     `base_checked=True`: the caller ran `gemv_args.check_gemv_base` on these very buffers when
     it took them (`dual_stream.CpuInt4Runtime`); X, the CSR and α are still checked per call.
+    `mode` (`gemv_mode`): 0 X rounded to int16 (the default), 1/2 to int8 (AVX2/VNNI).
     """
     lib = _ready_library()
     if base_checked:
@@ -214,9 +247,13 @@ def gemv(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: in
         crow = col = val = None
     else:
         crow, col, val = csr[0].data_ptr(), csr[1].data_ptr(), csr[2].data_ptr()
-    rc = lib.ortho_int4_gemv(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), m, n, k,
-                             group_size, x2d.data_ptr(), y.data_ptr(), crow, col, val, alpha,
-                             torch.get_num_threads())
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0, 1 or 2 (cpu_gemv.gemv_mode), got {mode!r}")
+    if mode == 2 and int8_isa() != "vnni":
+        raise ValueError("mode=2 (AVX-512 VNNI) on a CPU without avx512_vnni/bw/vl")
+    rc = lib.ortho_int4_gemv_mode(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), m, n,
+                                  k, group_size, x2d.data_ptr(), y.data_ptr(), crow, col, val,
+                                  alpha, torch.get_num_threads(), mode)
     if rc:
         raise MemoryError("ortho_int4_gemv: workspace allocation failed")
     return y

@@ -13,6 +13,17 @@ Numerical Algorithms*, §3.1: a K-term fp32 sum of products is within
   Σ (q - z)·s·x~ computed as s·(Σ q·x~ - z·Σ x~) in fp32, so its rounding is bounded through
   the magnitudes (|q| + |z|)·|s| rather than |w|:
   B = Σ_k |w_k| · δ_block(k) + γ_{K+8} · Σ_k (|q_k| + |z_k|)·|s_k|·|x_k|.
+- ``gemv_int8`` (`cpu_gemv.gemv(..., mode=1 or 2)`, the fast decoder's int8 activations): X
+  in int8 per 64-element block, x8 = round(x·127/m_b) with m_b = max_b|x| and x~ = x8·m_b/127.
+  Rounding to the nearest integer is off by <= 1/2; the fp32 factor 127/m_b, the product
+  x·(127/m_b) and x~ = x8·(m_b/127) add 4u relative (as the int16 path), and clamping x8 to
+  ±127 (x·127/m_b may round past 127 by an ulp) moves x~ by <= 2u·m_b = m_b/254 · 508u, so
+  δ8_block(k) = |x~_k - x_k| <= m_b / 254 · (1 + 512u).
+  The int32 products are exact (|Σ q·x8| <= 64·15·127 < 2^24, so their fp32 conversion is too)
+  and the rest of the arithmetic is the int16 path's, on x~ instead of x, with |x~_k| <=
+  |x_k| + δ8_block(k):
+  B = Σ_k |w_k| · δ8_block(k) + γ_{K+8} · Σ_k (|q_k| + |z_k|)·|s_k|·(|x_k| + δ8_block(k)).
+  The first term is 258x the int16 path's (65534 / 254): the int8 path is opt-in.
 - ``torch_int4`` (MAX_M < M < DENSE_MIN_M, `aten._weight_int4pack_mm_for_cpu`): X, the scale
   s and the offset zf = (8 - z)·s rounded to bf16 (u_b = 2^-8), the output rounded to bf16.
   With m_k = (|q_k - 8| + |8 - z_k|)·|s_k| >= |w_k| (the two bf16 operands of a weight):
@@ -39,6 +50,7 @@ FP32_UNIT_ROUNDOFF = 2.0 ** -24
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
 PATHS = ("gemv", "torch_int4", "blocked", "dense", "reference")  # `ortho_kernels.dual_stream.resolved_path`
 GEMV_BLOCK = 64  # elements of X sharing one fixed-point scale (`_cpu_int4_gemv.c`)
+INT16_STEPS, INT8_STEPS = 65534, 254  # 2·32767 and 2·127: the worst rounding is m_b / steps
 UNIT_ROUNDOFF = {torch.float32: FP32_UNIT_ROUNDOFF, torch.float16: 2.0 ** -11,
                  torch.bfloat16: BF16_UNIT_ROUNDOFF}
 
@@ -57,13 +69,14 @@ def _per_weight(base: QuantisedBase) -> tuple[torch.Tensor, torch.Tensor, torch.
     return q, s, z
 
 
-def _block_steps(x: torch.Tensor) -> torch.Tensor:
-    """Per element, the GEMV's worst fixed-point rounding of X: max|x| of its 64-block / 65534."""
+def _block_steps(x: torch.Tensor, steps: int = INT16_STEPS, slack: float = 4.0) -> torch.Tensor:
+    """Per element, the GEMV's worst fixed-point rounding of X: max|x| of its 64-block / steps,
+    times (1 + slack·u) for the fp32 scale arithmetic."""
     m, k = x.shape
     blocks = -(-k // GEMV_BLOCK)
     padded = torch.nn.functional.pad(x.abs(), (0, blocks * GEMV_BLOCK - k))  # (M, K')
     block_max = padded.view(m, blocks, GEMV_BLOCK).amax(dim=2)  # (M, K'/64, 64) -> (M, K'/64)
-    step = block_max / 65534 * (1 + 4 * FP32_UNIT_ROUNDOFF)
+    step = block_max / steps * (1 + slack * FP32_UNIT_ROUNDOFF)
     return step.repeat_interleave(GEMV_BLOCK, dim=1)[:, :k]  # (M, K'/64) -> (M, K)
 
 
@@ -71,6 +84,14 @@ def _gemv_bound(x2d, q, s, z, o):
     x, k = x2d.double().abs(), q.shape[1]  # (M, K)
     bound = _block_steps(x2d.double()) @ ((q - z) * s).abs().T
     bound += gamma(k + 8) * (x @ ((q.abs() + z.abs()) * s.abs()).T)
+    return bound if o is None else bound + gamma(k + 8) * (x @ o.T)
+
+
+def _gemv_int8_bound(x2d, q, s, z, o):
+    x, k = x2d.double().abs(), q.shape[1]  # (M, K)
+    step = _block_steps(x2d.double(), INT8_STEPS, slack=512.0)  # (M, K)
+    bound = step @ ((q - z) * s).abs().T
+    bound += gamma(k + 8) * ((x + step) @ ((q.abs() + z.abs()) * s.abs()).T)
     return bound if o is None else bound + gamma(k + 8) * (x @ o.T)
 
 
@@ -88,7 +109,8 @@ def _fp32_product_bound(x2d, q, s, z, o):
     return gamma(q.shape[1] + 2) * (x2d.double().abs() @ (w if o is None else w + o).T)
 
 
-_BOUNDS: dict[str, Callable] = {"gemv": _gemv_bound, "torch_int4": _torch_int4_bound,
+_BOUNDS: dict[str, Callable] = {"gemv": _gemv_bound, "gemv_int8": _gemv_int8_bound,
+                                "torch_int4": _torch_int4_bound,
                                 "blocked": _fp32_product_bound, "dense": _fp32_product_bound,
                                 "reference": _fp32_product_bound}
 
@@ -97,7 +119,7 @@ def path_error_bound(path: str, x2d: torch.Tensor, base: QuantisedBase,
                      ortho: OrthoStream | None, alpha: float) -> torch.Tensor:
     """B (M, N) fp64: |y_path - exact X·W_eff^T| <= B elementwise for the named CPU path."""
     if path not in _BOUNDS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        raise ValueError(f"path must be one of {tuple(_BOUNDS)}, got {path!r}")
     o = (alpha * ortho.to_dense(torch.float64)).abs() if ortho is not None and alpha else None
     bound = _BOUNDS[path](x2d.detach(), *_per_weight(base), o)
     # the last fp32 addition (ortho or bias term), then the result rounded to X's dtype
