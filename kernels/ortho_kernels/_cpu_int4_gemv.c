@@ -62,18 +62,8 @@ static void prepare_x(const float *x, int K, int group, int G, int16_t *x16, flo
     for (int g = 0; g < G; ++g) xsum[g] = 0.f;
     for (int b = 0; b < full; ++b) {
         const float *src = x + SB * b;
-        float amax = 0.f;
-        int finite = 1;
-        for (int i = 0; i < SB; ++i) {
-            float a = fabsf(src[i]);
-            finite &= a <= 3.4e38f;  /* false for NaN and Inf */
-            amax = a > amax ? a : amax;
-        }
-        float scale = amax > 0.f ? amax / 32767.f : 0.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-        if (!finite) {  /* NaN/Inf in X: every output of this row of X becomes NaN */
-            scale = NAN;
-            inv = 0.f;
-        }
+        float scale, inv;
+        block_scale(src, SB, 32767.f, &scale, &inv);
         int32_t total = 0;
         for (int i = 0; i < SB; ++i) {
             int16_t v = (int16_t)lrintf(src[i] * inv);

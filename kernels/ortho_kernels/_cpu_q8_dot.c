@@ -24,18 +24,8 @@ void q8_prepare_x(const float *x, int K, int group, int G, int8_t *x8, float *sx
     for (int g = 0; g < G; ++g) xsum[g] = 0.f;
     for (int b = 0; b < full; ++b) {
         const float *src = x + Q8_SB * b;
-        float amax = 0.f;
-        int finite = 1;
-        for (int i = 0; i < Q8_SB; ++i) {
-            float a = fabsf(src[i]);
-            finite &= a <= 3.4e38f; /* false for NaN and Inf */
-            amax = a > amax ? a : amax;
-        }
-        float scale = amax > 0.f ? amax / 127.f : 0.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        if (!finite) { /* NaN/Inf in X: every output of this row of X becomes NaN */
-            scale = NAN;
-            inv = 0.f;
-        }
+        float scale, inv;
+        block_scale(src, Q8_SB, 127.f, &scale, &inv);
         int32_t total = 0;
         for (int i = 0; i < Q8_SB; ++i) {
             int v = (int)lrintf(src[i] * inv);
