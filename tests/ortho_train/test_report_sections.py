@@ -61,6 +61,9 @@ def test_dp_run_shows_epsilon_against_utility_and_the_audit_bound(fixture_pages)
     assert "<td>run α=0</td><td>0.00</td><td>–</td>" in privacy
     assert "<td>run α=1</td><td>7.99</td><td>0.40</td>" in privacy
     assert "<td>posthoc_dual σ=0.1</td>" in privacy and "accountant = rdp" in privacy
+    # the attack columns (test_report_attacks checks every cell)
+    assert "<th>extraction@k</th><th>RMIA AUC ± SE</th><th>RMIA TPR@1%FPR</th><th>RMIA TPR@0.1%FPR</th>" in privacy
+    assert "<td>unresolved (n=200)</td>" in privacy
     assert figures_in(page, "deployments_roc") == 1
 
 
@@ -82,6 +85,7 @@ def test_ogd_run_shows_lmc_eta_and_the_split_rows(fixture_pages):
     # ROC per deployment: fp32 (from roc.json), pre_sft, ogd α=0 and α=1 — not the α = 0.5 row
     roc = section_html(page, "deployments_roc")
     assert figures_in(page, "deployments_roc") == 1 and "sieve_table.json" in roc
+    assert "<th>RMIA AUC ± SE</th>" in section_html(page, "kill_switch")
 
 
 def test_unlearning_run_shows_privleak_and_relearning(fixture_pages):
@@ -96,6 +100,11 @@ def test_unlearning_run_shows_privleak_and_relearning(fixture_pages):
     assert "<td>forget</td><td>start</td><td>nf4</td><td>0.50 (10.00)</td><td>1.00 (8.00)</td><td>1.00 (5.00)</td>" \
         in relearning
     assert "the table measures the other 6" in relearning
+    assert "<td>forget extraction@k</td><td>1.00</td><td>0.00</td><td>0.25</td><td>–</td>" in \
+        section_html(page, "unlearning")
+    # the forget canaries' ROC of fp, nf4, int4_rtn and the start model, side by side
+    assert status["deployments_roc"] == "present" and figures_in(page, "deployments_roc") == 1
+    assert "ptq_gap.json" in section_html(page, "deployments_roc")
 
 
 def test_privleak_refused_says_why(tmp_path):
