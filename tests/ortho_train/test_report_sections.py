@@ -143,7 +143,7 @@ def test_real_dp_ogd_and_unlearning_runs_show_their_sections(tmp_path):
 
     runs = toy_runs(tmp_path)
     expected = {"dp": {"privacy": 1, "deployments_roc": 1}, "ogd": {"separation": 3, "deployments_roc": 1},
-                "unlearn": {"unlearning": 2, "privleak": 1}}
+                "unlearn": {"unlearning": 2, "privleak": 1, "deployments_roc": 1}}
     for name, sections in expected.items():
         page_path = runs[name] / "report.html"
         page = page_path.read_text()
@@ -151,3 +151,10 @@ def test_real_dp_ogd_and_unlearning_runs_show_their_sections(tmp_path):
             assert section_status(page)[key] == "present", (name, key)
             assert figures_in(page, key) >= figures, (name, key)
         chromium_screenshot(page_path, tmp_path / f"{name}.png", height=6000)
+    # the configs' attacks reach the tables: RMIA and the audit beside ε (DP), the forget
+    # canaries' RMIA per deployment and the ROC of every deployment and the start model (unlearning)
+    privacy = html.unescape(section_html(runs["dp"].joinpath("report.html").read_text(), "privacy"))
+    assert "<th>audit ε ≥</th>" in privacy and "<th>RMIA AUC ± SE</th>" in privacy
+    unlearning = html.unescape(section_html(runs["unlearn"].joinpath("report.html").read_text(), "unlearning"))
+    assert "<td>forget RMIA AUC ± SE</td>" in unlearning and "<td>forget extraction@k</td>" in unlearning
+    assert "ptq_gap.json" in section_html(runs["unlearn"].joinpath("report.html").read_text(), "deployments_roc")
