@@ -97,7 +97,7 @@ def _muse_data(cfg: MuseEvalConfig, data_dir) -> muse_eval.MuseData:
 
 def run_muse(args) -> tuple[dict, str]:
     cfg = MuseEvalConfig(corpus=args.corpus, metrics=tuple(m for m in args.metrics.split(",") if m),
-                         batch_size=args.batch_size, limit=args.limit, rouge_stemmer=args.rouge_stemmer)
+                         batch_size=args.batch_size, limit=args.limit)
     data = _muse_data(cfg, None if args.data == "hub" else args.data)
     models = {"model": args.model, **({"retain_model": args.retain_model} if args.retain_model else {})}
     results = {role: muse_eval.evaluate(*_load(path, f"--{role.replace('_', '-')}"), data, cfg)
