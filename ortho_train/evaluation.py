@@ -343,6 +343,7 @@ def evaluate_unlearning(
     exposure_references: int | None = None,
     skewnorm_references: int = 200,
     include: Sequence[str] = UNLEARNING_METRICS,
+    scores: dict | None = None,
 ) -> dict[str, float]:
     """Forget and retain metrics of an unlearned model (docs/methods.md §2, MUSE), flat floats.
 
@@ -354,7 +355,8 @@ def evaluate_unlearning(
     (forget vs holdout); `forget_verbmem` (ROUGE-L F1 of the greedy continuation of each prefix
     against its secret + suffix); `public_ppl`. After unlearning the secrets are no longer
     likely, so exposure scores nearly every reference in full: its cost grows with the number
-    of references, which is why both counts are parameters here.
+    of references, which is why both counts are parameters here. `scores`: the model's
+    `canary_scores` over `forget_probe`, if already computed (the MIA reuses them).
     """
     members = forget_probe.members
     out: dict[str, float] = {}
@@ -374,7 +376,7 @@ def evaluate_unlearning(
             if found["exposure_skewnorm_mean"] is not None:  # else refused: the key is absent, not a guess
                 out["forget_exposure_skewnorm"] = found["exposure_skewnorm_mean"]
         if "mia" in include:
-            out.update({f"forget_{k}": v for k, v in mia_metrics(model, forget_probe).items() if k.startswith("mia_auc_")})
+            out.update({f"forget_{k}": v for k, v in mia_metrics(model, forget_probe, scores).items() if k.startswith("mia_auc_")})
         if "verbmem" in include:
             continuations = [full[len(prefix):] for prefix, full in zip(members.prefix_ids, members.full_ids)]
             out["forget_verbmem"] = metrics.verbmem(model, members.prefix_ids, continuations)

@@ -26,7 +26,9 @@ once it is written.
 With `attack_metrics`, the measurements before and at the end add, per deployment, the forget
 canaries' extraction@k (`forget_extraction_at_k`) and offline RMIA forget vs holdout
 (`forget_mia_auc_rmia`, its SE, `forget_mia_tpr_at_<f>_fpr_rmia`: `ortho_train.measurement.attacks`)
-against `rmia_reference`.
+against `rmia_reference`. Wherever the MIA is measured, each deployment also stores the LOSS
+attack's ROC rates forget vs holdout (`forget_mia_roc_loss_<deployment>`: `{fpr, tpr}`, rates only),
+which the report draws side by side with the start model's (`_fp_before`).
 
 Reads the module's public attributes: `model`, `model_path`, `forget_probe`, `retain_members`,
 `original_weights`, `run_dir`.
@@ -42,8 +44,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ortho_train.artifacts import write_json_atomic
 from ortho_train.distributed import broadcast_from_zero
-from ortho_train.evaluation import UNLEARNING_METRICS, evaluate_unlearning
+from ortho_train.evaluation import UNLEARNING_METRICS, canary_scores, evaluate_unlearning
 from ortho_train.measurement.attacks import AttackSettings, AttackSuite
+from ortho_train.measurement.kill_switch import roc_rates
 from ortho_train.metrics import privleak
 from ortho_train.model_support import is_peft_model, linear_weight
 from ortho_train.models import load_causal_lm
@@ -197,11 +200,15 @@ class PTQGapCallback(L.Callback):
         """`{metric}_{variant}` for variant fp and each quantised copy, and `ptq_gap_*`."""
         suite = self.suite(module) if attacks and self.attack_metrics else None
 
-        def evaluate(model):
+        wants_roc = "mia" in include and len(module.forget_probe.holdout) > 0
+
+        def evaluate(model):  # one scoring pass for the MIA, its ROC rates and the attacks
+            scores = canary_scores(model, module.forget_probe) if wants_roc else None
             found = evaluate_unlearning(model, module.forget_probe, module.retain_members,
                                         exposure_references=exposure_references,
-                                        skewnorm_references=self.skewnorm_references, include=include)
-            return found | ({f"forget_{k}": v for k, v in suite.measure(model).items()} if suite else {})
+                                        skewnorm_references=self.skewnorm_references, include=include, scores=scores)
+            found |= {"forget_mia_roc_loss": roc_rates(scores, "loss")} if scores else {}
+            return found | ({f"forget_{k}": v for k, v in suite.measure(model, scores).items()} if suite else {})
 
         variants = self.variants(module)
         with phase(f"PTQ gap, step {module.global_step}: 1/{len(variants) + 1} full precision"):

@@ -8,11 +8,12 @@ gives 0 for all three, as ``rouge-score`` does.
 Tokens can be anything comparable: token ids (the canary metrics), or words of a text.
 :func:`rouge_tokens` splits a text the way ``rouge-score``'s default tokenizer does
 (lower-case, every run of characters outside ``[a-z0-9]`` is a separator), so the word-level
-scores of the benchmark papers (MUSE, TOFU) can be reproduced from decoded text. Departure:
-``rouge-score``'s optional Porter stemmer (``use_stemmer=True``, which TOFU's own code sets) is not
-built in; pass ``stem=`` a word → stem callable (e.g. ``nltk``'s ``PorterStemmer().stem``) to
-apply one to the words longer than 3 characters, as ``rouge-score`` does. Without it, two words
-differing only by inflection ("killed", "kill") do not match.
+scores of the benchmark papers (MUSE, TOFU) can be reproduced from decoded text. ``rouge-score``'s
+optional Porter stemmer (``use_stemmer=True``, which TOFU's own code sets): pass ``stem=`` a word →
+stem callable, e.g. ``ortho_train.metrics.porter.porter_stem`` (the published algorithm; ``nltk``'s
+default mode, which ``rouge-score`` uses, departs from it on a few words), applied to the words
+longer than 3 characters as ``rouge-score`` does. Without it, two words differing only by
+inflection ("killed", "kill") do not match.
 """
 from __future__ import annotations
 

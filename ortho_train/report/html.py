@@ -19,8 +19,9 @@ h3 { margin-bottom: 0.3em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; }
 table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 2px 7px; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 2px 5px; text-align: right; }
 th { background: #eef1f7; } td:first-child, th:first-child { text-align: left; }
+td:not(:last-child) { white-space: nowrap; }  /* "0.581 ± 0.130", "unresolved (n=48)" on one line */
 caption { text-align: left; font-weight: bold; padding: 3px 0; }
 .skipped { color: #777; font-style: italic; }
 .problem { color: #a00; font-weight: bold; }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from ortho_train.report.attacks import attack_columns
 from ortho_train.report.load import RunArtifacts
 from ortho_train.report.plots import spread_annotations
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
@@ -90,12 +91,16 @@ def kill_switch_figures(rows: list[dict]) -> list[tuple[str, object]]:
 
 
 def table_rows(rows: list[dict]) -> Table:
-    """The kill-switch table itself, one line per row of `sieve_table.json`."""
+    """The kill-switch table itself, one line per row of `sieve_table.json`; extraction@k, RMIA and
+    the audit's ε lower bound before `base` where the rows hold them (`report.attacks`)."""
     digits = {"alpha": 2, "extraction_rate": 2, "holdout_extraction_rate": 2, "exposure_mean": 2,
               "bits_per_weight": 2, "ortho_density": 4}
-    body = [[fmt(r.get(c), digits.get(c, 3)) if c not in ("variant", "base") else str(r.get(c) or "")
-             for c in COLUMNS] for r in rows]
-    return Table("kill-switch table (sieve_table.json)", list(COLUMNS), body)
+    attacks = attack_columns(rows)
+    body = [[fmt(r.get(c), digits.get(c, 3)) for c in COLUMNS[1:-1]] for r in rows]
+    body = [[str(r.get("variant") or "")] + cells + [a.cell(r) for a in attacks] + [str(r.get("base") or "")]
+            for r, cells in zip(rows, body)]
+    header = list(COLUMNS[:-1]) + [a.header for a in attacks] + [COLUMNS[-1]]
+    return Table("kill-switch table (sieve_table.json)", header, body)
 
 
 def kill_switch_section(run: RunArtifacts) -> Section:

@@ -4,28 +4,32 @@ Each row of the `DPTableCallback`'s table is one model: the run at each α (α =
 canary: ε = 0), post-hoc global / dual noise, GPTQ with and without noise, stochastic
 quantisation. Its ε is the accountant's (post-processing keeps the run's ε) or "none" for a
 model without a DP guarantee, drawn right of every numeric ε. Where the table also holds an
-empirical lower bound on ε from a privacy audit (a key with "audit" and "eps" in its name,
-`audit_epsilon_lower` first), it is drawn beside the accountant's ε at the same utility: the
-true ε of the mechanism lies between the two.
+empirical lower bound on ε from a privacy audit (`audit_epsilon_lb`, as the table writes it, else
+`audit_epsilon_lower` or any key naming both an audit and ε), it is drawn beside the accountant's ε
+at the same utility: the true ε of the mechanism lies between the two. The table shows it next to
+ε, and extraction@k and RMIA (AUC ± SE, TPR at each FPR) where the rows hold them
+(`report.attacks`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ortho_train.report.attacks import attack_columns
 from ortho_train.report.load import RunArtifacts
 from ortho_train.report.plots import category_ticks, headroom, labelled_bars, spread_annotations
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
 
-AUDIT_KEY = "audit_epsilon_lower"
+AUDIT_KEYS = ("audit_epsilon_lb", "audit_epsilon_lower")
 PANELS = (("public_ppl", "public perplexity"), ("mia_auc_loss", "MIA AUC (LOSS)"))
 
 
 def audit_key(rows: list[dict]) -> str | None:
-    """The key of the audit's ε lower bound in `rows`: `audit_epsilon_lower`, else any key naming
-    both an audit and ε (a differently spelt column), else None."""
+    """The key of the audit's ε lower bound in `rows`: `audit_epsilon_lb`, `audit_epsilon_lower`, else
+    any key naming both an audit and ε (a differently spelt column), else None."""
     keys = {k for row in rows for k in row}
-    if AUDIT_KEY in keys:
-        return AUDIT_KEY
+    for key in AUDIT_KEYS:
+        if key in keys:
+            return key
     found = sorted(k for k in keys if "audit" in k and "eps" in k and not k.endswith("_se"))
     return found[0] if found else None
 
@@ -132,9 +136,12 @@ def audit_figure(rows: list[dict], audit: str):
 
 
 def privacy_table(rows: list[dict], audit: str | None) -> Table:
-    """The privacy table as the callback wrote it (the audit column when there is one)."""
+    """The privacy table as the callback wrote it (the audit column next to ε when there is one, the
+    other attack columns after the LOSS attack's)."""
+    attacks = attack_columns(rows, audit=False)
     header = ["row", "ε"] + (["audit ε ≥"] if audit else []) + [
-        "extraction", "exposure", "MIA AUC (LOSS)", "± SE", "TPR@1%FPR", "public PPL", "bits/weight"]
+        "extraction", "exposure", "MIA AUC (LOSS)", "± SE", "TPR@1%FPR"] + [a.header for a in attacks] + [
+        "public PPL", "bits/weight"]
     body = []
     for r in rows:
         epsilon = r.get("epsilon")
@@ -142,8 +149,8 @@ def privacy_table(rows: list[dict], audit: str | None) -> Table:
         cells += [fmt(number(r.get(audit)), 2)] if audit else []
         cells += [fmt(number(r.get("extraction_rate")), 2), fmt(number(r.get("exposure_mean")), 2),
                   fmt(number(r.get("mia_auc_loss"))), fmt(number(r.get("mia_auc_loss_se"))),
-                  fmt(number(r.get("mia_tpr_at_1pct_fpr_loss")), 2), fmt(number(r.get("public_ppl"))),
-                  fmt(number(r.get("bits_per_weight")), 2)]
+                  fmt(number(r.get("mia_tpr_at_1pct_fpr_loss")), 2)] + [a.cell(r) for a in attacks]
+        cells += [fmt(number(r.get("public_ppl"))), fmt(number(r.get("bits_per_weight")), 2)]
         body.append(cells)
     return Table("privacy table (dp_table.json)", header, body)
 

@@ -4,7 +4,10 @@ The kill-switch and privacy tables store, per row, the LOSS attack's ROC rates m
 holdout (`mia_roc_loss`: `{fpr, tpr}`). The models compared are the deployments of one
 fine-tune: full precision (`fp32`, or the run's own final model from `roc.json`), the
 pre-canary model, the quantised references (INT4, NF4, …) and each sieve or DP model at
-α = 0 and α = 1. FPR is on a log scale, where the low-FPR regime that matters for membership
+α = 0 and α = 1. An unlearning run's `ptq_gap.json` stores the same rates of the forget canaries
+against holdout per deployment (`forget_mia_roc_loss_<deployment>`): full precision `fp`, each
+quantised deployment, and the start model before unlearning (`fp_before`), drawn side by side in
+the same way. FPR is on a log scale, where the low-FPR regime that matters for membership
 inference is visible; FPR = 0 is drawn at half of 1/#holdout.
 """
 from __future__ import annotations
@@ -70,16 +73,34 @@ def deployment_curves(rows: list[dict], roc: dict | None) -> list[tuple[str, dic
     return out
 
 
-def deployments_figure(curves: list[tuple[str, dict, float | None]]):
-    """One panel per deployment, the full-precision curve (when there is one) faint in each; FPR = 0
-    drawn at half the smallest non-zero FPR (1/#holdout)."""
+START = "start (before unlearning)"
+
+
+def ptq_gap_curves(results: dict | None) -> list[tuple[str, dict, float | None]]:
+    """(label, {fpr, tpr}, AUC) of each deployment of `ptq_gap.json` that stored ROC rates: `fp`, the
+    quantised deployments (`variants`), then the start model (`fp_before`)."""
+    if not isinstance(results, dict):
+        return []
+    names = ["fp"] + [v for v in results.get("variants", []) if isinstance(v, str)] + ["fp_before"]
+    out = []
+    for name in names:
+        curve = results.get(f"forget_mia_roc_loss_{name}")
+        if _valid(curve):
+            out.append((START if name == "fp_before" else name, curve,
+                        number(results.get(f"forget_mia_auc_loss_{name}"))))
+    return out
+
+
+def deployments_figure(curves: list[tuple[str, dict, float | None]], reference_label: str = "fp32"):
+    """One panel per deployment, the full-precision curve (`reference_label`, when there is one)
+    faint in each; FPR = 0 drawn at half the smallest non-zero FPR (1/#holdout)."""
     floor = min((f for _, c, _ in curves for f in c["fpr"] if f > 0), default=0.01) / 2
-    reference = next((c for label, c, _ in curves if label == "fp32"), None)
+    reference = next((c for label, c, _ in curves if label == reference_label), None)
     fig, axes = new_figure(len(curves), columns=min(COLUMNS, len(curves)))
     for i, (ax, (label, curve, auc)) in enumerate(zip(axes, curves)):
         if reference is not None and curve is not reference:
             draw_roc(ax, reference["fpr"], reference["tpr"], floor, color="grey", alpha=0.5, linewidth=1,
-                     label="fp32")
+                     label=reference_label)
         draw_roc(ax, curve["fpr"], curve["tpr"], floor, color=f"C{i % 10}", linewidth=1.8, label=label)
         finish_roc_axes(ax, floor)
         ax.set_title(f"{label}" + ("" if auc is None else f"  (AUC {auc:.3f})"), fontsize=9)
@@ -97,8 +118,13 @@ def deployments_roc_section(run: RunArtifacts) -> Section:
         if curves:
             section.figures.append((f"LOSS-attack ROC of each model of {name}, members vs holdout, one panel each "
                                     "(grey: full precision)", deployments_figure(curves)))
+    curves = ptq_gap_curves(run.ptq_gap)
+    if curves:
+        section.figures.append(("LOSS-attack ROC of the forget canaries vs holdout in each deployment of "
+                                "ptq_gap.json, one panel each (grey: full precision after unlearning)",
+                                deployments_figure(curves, reference_label="fp")))
     if not section.figures:
         section.skipped = ("no table row holds ROC rates (mia_roc_loss): tables without MIA, or written by an "
-                           "older version" if run.sieve_table or run.dp_table else
-                           "this run has no sieve_table.json or dp_table.json")
+                           "older version" if run.sieve_table or run.dp_table or run.ptq_gap else
+                           "this run has no sieve_table.json, dp_table.json or ptq_gap.json")
     return section

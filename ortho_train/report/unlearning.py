@@ -2,12 +2,15 @@
 
 Each deployment measured by the `PTQGapCallback` (full precision `fp`, then every quantised
 copy: `nf4`, `fp4`, `int4_rtn` merged and `<fmt>_adapter` = quantised base + fp adapter) is one
-bar per metric; a positive forget-extraction gap means quantisation brought secrets back.
+bar per metric; a positive forget-extraction gap means quantisation brought secrets back. The
+table adds, where the callback measured them (`attack_metrics`), the forget canaries'
+extraction@k, RMIA AUC ± SE and RMIA TPR at each FPR per deployment (`report.attacks`).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ortho_train.report.attacks import attack_columns, deployment_row
 from ortho_train.report.load import RunArtifacts
 from ortho_train.report.plots import category_ticks, grouped_bars, headroom, labelled_bars
 from ortho_train.report.section import Section, Table, fmt, new_figure, number
@@ -70,6 +73,9 @@ def gap_table(results: dict) -> Table:
         if f"{metric}_fp" in results:
             rows.append([metric, fmt(number(results.get(f"{metric}_fp_before")))]
                         + [fmt(number(results.get(f"{metric}_{d}"))) for d in names])
+    measured = [deployment_row(results, d) for d in ["fp_before"] + names]
+    for column in attack_columns(measured):
+        rows.append([f"forget {column.header}"] + [column.cell(row) for row in measured])
     gaps = [number(results.get(f"ptq_gap_extraction_{d}")) for d in names[1:]]
     rows.append(["forget extraction gap (quantised − fp)", "", ""] + [fmt(g) for g in gaps])
     return Table("PTQ gap (ptq_gap.json)", ["metric", "fp before"] + names, rows)

@@ -239,3 +239,29 @@ def test_every_ddp_rank_fails_with_rank_zeros_gap(monkeypatch):
     with pytest.raises(PTQGapError, match="gap 0.40"):
         callback.on_fit_end(Rank1Trainer(), pl_module=None)
     assert sent == [None]  # rank 1 measured nothing itself
+
+
+def test_every_deployment_stores_its_roc_and_the_report_draws_them(model_dir, tmp_path):
+    """Each deployment (fp, nf4 merged, nf4 + fp adapter) and the start model store the LOSS attack's
+    ROC rates forget vs holdout; their area is the stored AUC; the report draws one panel each."""
+    import numpy as np
+
+    from ortho_train.report import build_report
+    from ortho_train.report.roc import START, ptq_gap_curves
+    from tests.ortho_train.test_report import section_status
+    from tests.ortho_train.test_report_sections import figures_in
+
+    callback = PTQGapCallback(formats=["nf4"], exposure_references=20, final_exposure_references=20,
+                              skewnorm_references=20, privleak_reference=None)
+    module = UnlearnModule(str(model_dir), mode="lora", loss="npo", guard_every_n_steps=0)
+    _trainer(tmp_path, 1, [callback]).fit(module, datamodule=tiny_datamodule(model_dir))
+    results = json.loads((module.run_dir / "ptq_gap.json").read_text())
+    for name in ("fp", "nf4", "nf4_adapter", "fp_before"):
+        curve = results[f"forget_mia_roc_loss_{name}"]
+        assert curve["fpr"][0] == curve["tpr"][0] == 0.0 and curve["fpr"][-1] == curve["tpr"][-1] == 1.0
+        # the area under the stored rates (ties drawn as diagonals) is the AUC of the same scores
+        area = float(np.trapezoid(curve["tpr"], curve["fpr"]))
+        assert area == pytest.approx(results[f"forget_mia_auc_loss_{name}"], abs=1e-4), name
+    assert [label for label, _, _ in ptq_gap_curves(results)] == ["fp", "nf4", "nf4_adapter", START]
+    page = build_report([module.run_dir], tmp_path / "report.html").read_text()
+    assert section_status(page)["deployments_roc"] == "present" and figures_in(page, "deployments_roc") == 1

@@ -1,7 +1,8 @@
 """Run directories written by hand in the exact schemas the callbacks write, for the report's tests.
 
 Keys follow the writers: `DPTableCallback` (`dp_table.json`: the kill-switch table's row keys plus
-`kind`, `epsilon`, `noise`, and the audit's `audit_epsilon_lower` where asked), the
+`kind`, `epsilon`, `noise`, and where asked the attacks' keys: `audit_epsilon_lb`, `extraction_at_k`,
+`mia_auc_rmia` with its SE and TPRs, `mia_holdout_count`), the
 `SeparationTableCallback` (`separation_table.json`: `{step, rows, notes, eta}`), the
 `PTQGapCallback` (`ptq_gap.json` with `forget_privleak_<deployment>` and `privleak_reference`),
 the relearning callback (`relearning.json`: `{schema, config, deployments, rows, notes}`), and
@@ -31,6 +32,14 @@ def table_row(variant: str, alpha, rho, extraction: float, auc: float, ppl: floa
             "base": "the run's support and base", "mia_roc_loss": ROC, "seconds": 0.5, "peak_rss_mib": 700.0}
 
 
+def attack_keys(extraction_at_k: float, auc: float, holdout: int = 200) -> dict:
+    """The attack keys of a row (`ortho_train.measurement.attacks`): TPR at 0.1% FPR unresolved by
+    200 holdouts (200 · 0.001 < 1), resolved by 2,000."""
+    return {"extraction_at_k": extraction_at_k, "mia_auc_rmia": auc, "mia_auc_rmia_se": 0.05,
+            "mia_tpr_at_1pct_fpr_rmia": 0.25, "mia_tpr_at_0.1pct_fpr_rmia": None if holdout < 1000 else 0.1,
+            "mia_holdout_count": holdout}
+
+
 def dp_rows(audit: bool) -> list[dict]:
     """The privacy table of a DP-SGD run on a support: run α = 0 / 1, post-hoc noise, GPTQ, SQ."""
     specs = [("run", "run", 0.0, 0.0, None, 0.0, 0.56, 28.6), ("run", "run", 1.0, 7.99, None, 0.0, 0.49, 28.9),
@@ -42,8 +51,9 @@ def dp_rows(audit: bool) -> list[dict]:
     for variant, kind, alpha, epsilon, noise, extraction, auc, ppl in specs:
         row = table_row(variant, alpha, 0.05, extraction, auc, ppl, 7.4) | {"kind": kind, "epsilon": epsilon,
                                                                                "noise": noise}
-        if audit:
-            row["audit_epsilon_lower"] = None if alpha == 0.0 else 0.4
+        if audit:  # the table's attacks, on every row but stochastic quantisation's (a missing value)
+            row["audit_epsilon_lb"] = None if alpha == 0.0 else 0.4
+            row |= attack_keys(0.5 * (alpha or 0.0), auc) if kind != "stochastic_quant" else {}
         rows.append(row)
     return rows
 
@@ -63,6 +73,9 @@ def write_ogd_run(root: Path) -> Path:
     sieve = [table_row("fp32", None, None, 0.5, 0.9, 15.6, 32.0) | {"mia_roc_loss": None},
              table_row("pre_sft", None, None, 0.0, 0.52, 56.3, 32.0)]
     sieve += [table_row("ogd", a, None, 0.5 * a, 0.5 + 0.4 * a, 15.0 + a, 32.0 + 45 * a) for a in (0.0, 0.5, 1.0)]
+    for row in sieve[1:]:  # the attacks on every row but fp32 (missing values); 2,000 holdouts on ogd α=1
+        row |= attack_keys(row["extraction_rate"], row["mia_auc_loss"], 2000 if row["alpha"] == 1.0 else 200)
+        row["audit_epsilon_lb"] = 1.82 * (row["alpha"] or 0.0)
     _write(run, "sieve_table.json", sieve)
     _write(run, "roc.json", {"fpr_level": 0.01, "members": 4, "holdout": 4, "curves": {
         "loss": ROC | {"auc": 0.9, "tpr_at_fpr": 0.5}}})
@@ -100,6 +113,12 @@ def write_unlearn_run(root: Path) -> Path:
                 f"forget_privleak_{name}": 0.0 if name == "nf4" else 30.6, f"forget_privleak_{name}_before": 47.4}
         if name != "fp":
             gap[f"ptq_gap_extraction_{name}"] = 0.0
+        # the forget canaries' attacks (`attack_metrics`), none measured on int4_rtn (missing values)
+        attacks = {} if name == "int4_rtn" else attack_keys(0.0 if name == "fp" else 0.25, 0.6)
+        gap |= {f"forget_{k}_{name}": v for k, v in attacks.items()}
+        gap |= {f"forget_{k}_{name}_before": v for k, v in attack_keys(1.0, 1.0).items()} if name == "fp" else {}
+        gap[f"forget_mia_roc_loss_{name}"] = ROC
+    gap["forget_mia_roc_loss_fp_before"] = {"fpr": [0.0, 0.0, 1.0], "tpr": [0.0, 1.0, 1.0]}
     _write(run, "ptq_gap.json", gap)
     rows = [{"model": model, "condition": condition, "steps": steps, "deployment": deployment,
              "extraction": min(1.0, steps / 20 + (0.5 if model == "start" else 0.0)), "symbol_accuracy": 0.5,

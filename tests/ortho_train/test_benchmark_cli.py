@@ -72,9 +72,11 @@ def test_tofu_cli_writes_json_and_table(models, tmp_path):
     data = write_tofu(tmp_path / "tofu", rows=3)
     out = tmp_path / "out"
     rc = main(["--benchmark", "tofu", "--data", str(data), "--model", str(models[0]), "--retain-model",
-               str(models[1]), "--out", str(out), "--max-new-tokens", "4", "--threads", "1"])
+               str(models[1]), "--out", str(out), "--max-new-tokens", "4", "--threads", "1",
+               "--rouge-stemmer", "porter"])
     assert rc == 0
     record = json.loads((out / "tofu_forget10.json").read_text())
+    assert record["config"]["rouge_stemmer"] == "porter"
     result = record["results"]["model"]
     assert 0 <= result["forget_quality"] <= 1 and len(result["forget_truth_ratios"]) == 3
     assert set(result["sets"]) == {"forget", "retain", "real_authors", "world_facts"}
@@ -97,5 +99,7 @@ def test_cli_refusals_name_the_path_or_option(models, tmp_path, capsys):
     assert "--model=" in capsys.readouterr().err
     assert main(["--benchmark", "tofu", "--data", str(data), "--threads", "0", *base]) == 2
     assert "--threads=0" in capsys.readouterr().err
+    assert main(["--benchmark", "tofu", "--data", str(data), "--rouge-stemmer", "snowball", *base]) == 2
+    assert "--rouge-stemmer='snowball'" in capsys.readouterr().err
     with pytest.raises(SettingError, match="--mink"):
         MuseEvalConfig(mink=0.0)

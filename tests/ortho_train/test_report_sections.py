@@ -61,6 +61,9 @@ def test_dp_run_shows_epsilon_against_utility_and_the_audit_bound(fixture_pages)
     assert "<td>run α=0</td><td>0.00</td><td>–</td>" in privacy
     assert "<td>run α=1</td><td>7.99</td><td>0.40</td>" in privacy
     assert "<td>posthoc_dual σ=0.1</td>" in privacy and "accountant = rdp" in privacy
+    # the attack columns (test_report_attacks checks every cell)
+    assert "<th>extraction@k</th><th>RMIA AUC ± SE</th><th>RMIA TPR@1%FPR</th><th>RMIA TPR@0.1%FPR</th>" in privacy
+    assert "<td>unresolved (n=200)</td>" in privacy
     assert figures_in(page, "deployments_roc") == 1
 
 
@@ -82,6 +85,7 @@ def test_ogd_run_shows_lmc_eta_and_the_split_rows(fixture_pages):
     # ROC per deployment: fp32 (from roc.json), pre_sft, ogd α=0 and α=1 — not the α = 0.5 row
     roc = section_html(page, "deployments_roc")
     assert figures_in(page, "deployments_roc") == 1 and "sieve_table.json" in roc
+    assert "<th>RMIA AUC ± SE</th>" in section_html(page, "kill_switch")
 
 
 def test_unlearning_run_shows_privleak_and_relearning(fixture_pages):
@@ -96,6 +100,11 @@ def test_unlearning_run_shows_privleak_and_relearning(fixture_pages):
     assert "<td>forget</td><td>start</td><td>nf4</td><td>0.50 (10.00)</td><td>1.00 (8.00)</td><td>1.00 (5.00)</td>" \
         in relearning
     assert "the table measures the other 6" in relearning
+    assert "<td>forget extraction@k</td><td>1.00</td><td>0.00</td><td>0.25</td><td>–</td>" in \
+        section_html(page, "unlearning")
+    # the forget canaries' ROC of fp, nf4, int4_rtn and the start model, side by side
+    assert status["deployments_roc"] == "present" and figures_in(page, "deployments_roc") == 1
+    assert "ptq_gap.json" in section_html(page, "deployments_roc")
 
 
 def test_privleak_refused_says_why(tmp_path):
@@ -134,7 +143,7 @@ def test_real_dp_ogd_and_unlearning_runs_show_their_sections(tmp_path):
 
     runs = toy_runs(tmp_path)
     expected = {"dp": {"privacy": 1, "deployments_roc": 1}, "ogd": {"separation": 3, "deployments_roc": 1},
-                "unlearn": {"unlearning": 2, "privleak": 1}}
+                "unlearn": {"unlearning": 2, "privleak": 1, "deployments_roc": 1}}
     for name, sections in expected.items():
         page_path = runs[name] / "report.html"
         page = page_path.read_text()
@@ -142,3 +151,10 @@ def test_real_dp_ogd_and_unlearning_runs_show_their_sections(tmp_path):
             assert section_status(page)[key] == "present", (name, key)
             assert figures_in(page, key) >= figures, (name, key)
         chromium_screenshot(page_path, tmp_path / f"{name}.png", height=6000)
+    # the configs' attacks reach the tables: RMIA and the audit beside ε (DP), the forget
+    # canaries' RMIA per deployment and the ROC of every deployment and the start model (unlearning)
+    privacy = html.unescape(section_html(runs["dp"].joinpath("report.html").read_text(), "privacy"))
+    assert "<th>audit ε ≥</th>" in privacy and "<th>RMIA AUC ± SE</th>" in privacy
+    unlearning = html.unescape(section_html(runs["unlearn"].joinpath("report.html").read_text(), "unlearning"))
+    assert "<td>forget RMIA AUC ± SE</td>" in unlearning and "<td>forget extraction@k</td>" in unlearning
+    assert "ptq_gap.json" in section_html(runs["unlearn"].joinpath("report.html").read_text(), "deployments_roc")

@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="news", help="MUSE: news or books")
     p.add_argument("--metrics", default=",".join(MUSE_METRICS), help="MUSE: comma-separated subset")
     p.add_argument("--max-new-tokens", type=int, default=128, help="TOFU: greedy tokens per answer (ROUGE)")
+    p.add_argument("--rouge-stemmer", default="none",
+                   help="TOFU: none, or porter (the Porter stemmer on ROUGE-L's words, as TOFU's code)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N rows of each split only (quick checks)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all available cores)")
@@ -61,7 +63,7 @@ def _load(path: str, setting: str):
 
 def run_tofu(args) -> tuple[dict, str]:
     cfg = TofuEvalConfig(forget=args.forget_split, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, limit=args.limit)
+                         batch_size=args.batch_size, limit=args.limit, rouge_stemmer=args.rouge_stemmer)
     sets = load_tofu_eval_sets(cfg.forget, None if args.data == "hub" else args.data, cfg.limit)
     models = {"model": args.model, **({"retain_model": args.retain_model} if args.retain_model else {})}
     scores = {role: tofu_eval.score_model(*_load(path, f"--{role.replace('_', '-')}"), sets, cfg)
@@ -76,7 +78,7 @@ def run_tofu(args) -> tuple[dict, str]:
     notes += [LIMIT_NOTE.format(n=cfg.limit)] if cfg.limit else []
     record = {"benchmark": "tofu", "forget_split": cfg.forget, "data": args.data, "models": models,
               "config": {"max_new_tokens": cfg.max_new_tokens, "answer_eos": cfg.answer_eos, "limit": cfg.limit,
-                         "qa_format": vars(cfg.qa_format)}, "results": summaries}
+                         "rouge_stemmer": cfg.rouge_stemmer, "qa_format": vars(cfg.qa_format)}, "results": summaries}
     return record, tofu_table({models[r]: s for r, s in summaries.items()}, notes)
 
 

@@ -8,6 +8,7 @@ from ortho_train.settings import SettingError
 
 ForgetSplit = Literal["forget01", "forget05", "forget10"]
 Corpus = Literal["news", "books"]
+RougeStemmer = Literal["none", "porter"]
 MuseMetric = Literal["verbmem_f", "knowmem_f", "knowmem_r", "privleak"]
 MUSE_METRICS: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
@@ -47,6 +48,9 @@ class TofuEvalConfig:
         answer_eos: score the tokenizer's EOS after each answer (TOFU's collator does).
         limit: evaluate the first `limit` questions of each set only (quick checks; the numbers
             are then not the benchmark's).
+        rouge_stemmer: "porter" stems the words of ROUGE-L longer than 3 characters with the
+            published Porter stemmer (`metrics.porter`), as TOFU's code does with `rouge-score`'s
+            `use_stemmer=True`; "none" compares the words as written.
     """
     forget: ForgetSplit = "forget10"
     qa_format: QAFormat = field(default_factory=QAFormat)
@@ -54,10 +58,13 @@ class TofuEvalConfig:
     answer_eos: bool = True
     batch_size: int = 8
     limit: int | None = None
+    rouge_stemmer: RougeStemmer = "none"
 
     def __post_init__(self):
         if self.forget not in ("forget01", "forget05", "forget10"):
             raise SettingError(f"--forget-split={self.forget!r}: choose forget01, forget05 or forget10")
+        if self.rouge_stemmer not in ("none", "porter"):
+            raise SettingError(f"--rouge-stemmer={self.rouge_stemmer!r}: choose none or porter")
         _positive("--max-new-tokens", self.max_new_tokens)
         _positive("--batch-size", self.batch_size)
         _positive("--limit", self.limit, allow_none=True)

@@ -5,7 +5,8 @@ scores, for each question q (prompt `QAFormat.prompt(q)`):
 - ℓ(answer), ℓ(reference) and ℓ(each perturbed answer) (`metrics.answer_scoring`: mean
   log-probability of the answer's tokens, the answer tag and, by default, EOS included);
 - ROUGE-L recall of its greedy answer (prompt + answer tag, `max_new_tokens`, cut at EOS) against
-  the true answer, on words (`metrics.rouge.rouge_tokens`; no stemming, unlike TOFU's code).
+  the true answer, on words (`metrics.rouge.rouge_tokens`; with `rouge_stemmer="porter"` the words
+  are stemmed as TOFU's code does, with the published Porter stemmer `metrics.porter`; default none).
 `summarise` turns these into the paper's numbers (`metrics.tofu`); `forget_quality` needs a
 model trained on the retain split only, scored on the same forget set.
 """
@@ -22,6 +23,7 @@ from ortho_train.benchmarks_data.tofu import TofuQA
 from ortho_train.measurement.benchmarks.config import TofuEvalConfig
 from ortho_train.measurement.benchmarks.text_io import encode_pair, greedy_answers
 from ortho_train.metrics.answer_scoring import answer_mean_logprobs
+from ortho_train.metrics.porter import porter_stem
 from ortho_train.metrics.rouge import text_rouge_l
 from ortho_train.metrics.tofu import (answer_probability, forget_quality, model_utility, normalised_answer_probability,
                                       truth_ratio_score, truth_ratios)
@@ -65,7 +67,8 @@ def score_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[
     flat = _mean_logps(model, tokenizer, cfg, [(it.question, p) for it in items for p in it.perturbed])
     prompts = [cfg.qa_format.prompt(it.question) + cfg.qa_format.answer_start for it in items]
     generated = greedy_answers(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size)
-    rouge = [text_rouge_l(g, it.answer).recall for g, it in zip(generated, items)]
+    stem = porter_stem if cfg.rouge_stemmer == "porter" else None
+    rouge = [text_rouge_l(g, it.answer, stem).recall for g, it in zip(generated, items)]
     return TofuSetScores(answer, reference, flat.reshape(len(items), m), rouge)  # perturbed (N, m)
 
 
